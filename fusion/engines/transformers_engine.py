@@ -1,0 +1,350 @@
+"""Transformers backend of the engine protocol: one model, its own thread, KV kept per request.
+
+What a fusion step costs here, per model: one forward per generated token, plus one
+forward that scores every other model's candidate side by side (all candidates packed
+into one sequence after the shared context, each seeing the context and itself only).
+Nothing is thrown away that a later call can use:
+
+- tokens generated past a segment boundary stay as look-ahead (with their KV) and are
+  reused when this model's own candidate wins;
+- the scoring forward over the winning candidate already produced its KV and the
+  next-token distribution after it, so committing it moves a few cache slots and the
+  next generation starts without a forward;
+- committed text the engine has not seen is fed lazily with the next forward.
+
+Each engine runs its PyTorch work on one dedicated thread (``threads`` intra-op threads),
+so several models run side by side on separate cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from fusion.engine import EngineError, Generation, StopCheck
+from fusion.engines.kv_arena import ArenaCache
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _inference(fn: Callable[..., T], *args: Any) -> T:
+    # Cache tensors are created under inference mode, so every later in-place edit of
+    # them (appends, slot moves) must run under it too.
+    with torch.inference_mode():
+        return fn(*args)
+
+
+@dataclass
+class _Block:
+    ids: tuple[int, ...]
+    start: int  # first cache slot
+    after: torch.Tensor  # log-probs of the next token after the block
+
+
+@dataclass
+class TransformersState:
+    """Per-request state: the cache plus what was computed past the committed context."""
+
+    request_id: str
+    cache: ArenaCache
+    committed: int = 0  # committed tokens that are in the cache
+    pending: list[int] = field(default_factory=list)  # committed, not yet fed
+    next_lp: torch.Tensor | None = None  # log-probs after the committed context
+    ahead: list[int] = field(default_factory=list)  # greedy tokens after the context
+    ahead_lp: list[float] = field(default_factory=list)
+    ahead_dists: list[torch.Tensor] = field(default_factory=list)  # dist before each
+    ahead_fed: int = 0  # look-ahead tokens whose KV follows the committed slots
+    blocks: list[_Block] = field(default_factory=list)
+    cancelled: bool = False
+    forwards: int = 0
+    fed_tokens: int = 0
+
+    @property
+    def context_len(self) -> int:
+        return self.committed + len(self.pending)
+
+
+class TransformersEngine:
+    """Engine protocol on a Hugging Face causal LM (CPU fp32 by default)."""
+
+    def __init__(
+        self,
+        name: str,
+        model_dir: str | Path,
+        *,
+        threads: int = 1,
+        device: str = "auto",
+        dtype: str = "float32",
+    ) -> None:
+        self.name = name
+        self.model_dir = Path(model_dir)
+        self.threads = max(1, threads)
+        self.device = device
+        self.dtype = dtype
+        self.max_model_len = 0
+        self._model: Any = None
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=f"engine-{name}",
+            initializer=torch.set_num_threads,
+            initargs=(self.threads,),
+        )
+        self._sliding_window: int | None = None
+        self._dead: BaseException | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._run(self._load)
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        started = time.monotonic()
+        model = AutoModelForCausalLM.from_pretrained(
+            str(self.model_dir), dtype=getattr(torch, self.dtype)
+        )
+        model.to(device).eval()
+        config = model.config.get_text_config()
+        self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 0)
+        layer_types = getattr(config, "layer_types", None) or []
+        if "sliding_attention" in layer_types:
+            self._sliding_window = int(config.sliding_window)
+        self._num_layers = int(config.num_hidden_layers)
+        self._device = torch.device(device)
+        self._model = model
+        log.info(
+            "engine %s: loaded %s on %s in %.1f s (%d threads)",
+            self.name, self.model_dir.name, device, time.monotonic() - started, self.threads,
+        )
+
+    async def shutdown(self) -> None:
+        self._model = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineError(f"engine {self.name} failed: {self._dead}")
+        if self._model is None:
+            raise EngineError(f"engine {self.name} is not loaded")
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._executor, functools.partial(_inference, fn, *args)
+            )
+        except (EngineError, asyncio.CancelledError):
+            raise
+        except MemoryError as exc:
+            raise EngineError(f"engine {self.name}: out of memory") from exc
+        except Exception as exc:
+            raise EngineError(f"engine {self.name}: {type(exc).__name__}: {exc}") from exc
+
+    # -- protocol -----------------------------------------------------------------------
+    async def open(self, request_id: str, prompt_ids: Sequence[int]) -> TransformersState:
+        if self._model is None:
+            raise EngineError(f"engine {self.name} is not loaded")
+        if not prompt_ids:
+            raise EngineError(f"engine {self.name}: empty prompt")
+        return TransformersState(
+            request_id=request_id, cache=ArenaCache(self._num_layers), pending=list(prompt_ids)
+        )
+
+    async def generate(
+        self,
+        state: TransformersState,
+        max_tokens: int,
+        stop_ids: frozenset[int],
+        should_stop: StopCheck,
+    ) -> Generation:
+        return await self._run(self._generate, state, max_tokens, stop_ids, should_stop)
+
+    async def score(
+        self, state: TransformersState, candidates: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        if not candidates:
+            return []
+        return await self._run(self._score, state, [tuple(c) for c in candidates])
+
+    async def commit(self, state: TransformersState, ids: Sequence[int]) -> None:
+        # Bookkeeping only (slot moves are a few tokens); runs on the engine thread so it
+        # is ordered with the forwards of this state.
+        await self._run(self._commit, state, tuple(ids))
+
+    async def release(self, state: TransformersState) -> None:
+        state.cancelled = True  # a running generation stops at its next token
+        await self._run(state.cache.truncate, 0)
+
+    # -- forwards -----------------------------------------------------------------------
+    def _forward(
+        self, st: TransformersState, blocks: Sequence[Sequence[int]], visible: int, last_only: bool
+    ) -> torch.Tensor:
+        """Feed ``blocks`` after the cache end; each sees cache slots ``[0, visible)`` and
+        its own earlier tokens, at positions starting from ``visible``. Returns log-probs
+        [tokens, vocab] (only the last row when ``last_only``)."""
+        if st.cancelled:
+            raise asyncio.CancelledError()
+        start = st.cache.length
+        ids = [t for b in blocks for t in b]
+        n = len(ids)
+        block_start = torch.empty(n, dtype=torch.long)
+        offset = 0
+        for b in blocks:
+            block_start[offset : offset + len(b)] = start + offset
+            offset += len(b)
+        q_slot = torch.arange(start, start + n)
+        positions = visible + (q_slot - block_start)
+        kv = torch.arange(start + n)
+        allowed = (kv[None, :] < visible) | (
+            (kv[None, :] >= block_start[:, None]) & (kv[None, :] <= q_slot[:, None])
+        )
+        model_dtype = next(self._model.parameters()).dtype
+        masks: Any = self._additive(allowed, model_dtype)
+        if self._sliding_window is not None:
+            kv_pos = kv.clone()
+            kv_pos[start:] = positions
+            in_window = (positions[:, None] - kv_pos[None, :]) < self._sliding_window
+            masks = {
+                "full_attention": masks,
+                "sliding_attention": self._additive(allowed & in_window, model_dtype),
+            }
+        out = self._model(
+            input_ids=torch.tensor([ids], device=self._device),
+            position_ids=positions[None, :].to(self._device),
+            attention_mask=masks,
+            past_key_values=st.cache,
+            use_cache=True,
+            logits_to_keep=1 if last_only else 0,
+        )
+        st.forwards += 1
+        st.fed_tokens += n
+        return torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
+
+    def _additive(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        mask = torch.zeros(allowed.shape, dtype=dtype)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[None, None].to(self._device)
+
+    def _feed_pending(self, st: TransformersState) -> None:
+        st.cache.truncate(st.committed)
+        st.blocks = []
+        st.ahead_fed = 0
+        dists = self._forward(st, [st.pending], st.committed, last_only=True)
+        st.committed += len(st.pending)
+        st.pending = []
+        st.next_lp = dists[-1]
+        if st.ahead:
+            st.ahead_dists[0] = st.next_lp
+
+    def _drop_blocks(self, st: TransformersState) -> None:
+        st.cache.truncate(st.committed + st.ahead_fed)
+        st.blocks = []
+
+    # -- generate -----------------------------------------------------------------------
+    def _generate(
+        self,
+        st: TransformersState,
+        max_tokens: int,
+        stop_ids: frozenset[int],
+        should_stop: StopCheck,
+    ) -> Generation:
+        self._drop_blocks(st)
+        if st.pending:
+            self._feed_pending(st)
+        out: list[int] = []
+        lps: list[float] = []
+        stopped_on: int | None = None
+        while len(out) < max_tokens:
+            i = len(out)
+            if i >= len(st.ahead):
+                dist = st.next_lp if i == 0 else self._dist_after_ahead(st, i)
+                assert dist is not None
+                tok = int(torch.argmax(dist))
+                st.ahead.append(tok)
+                st.ahead_lp.append(float(dist[tok]))
+                st.ahead_dists.append(dist)
+            out.append(st.ahead[i])
+            lps.append(st.ahead_lp[i])
+            if out[-1] in stop_ids:
+                stopped_on = out[-1]
+                break
+            if should_stop(out):
+                break
+        return Generation(ids=tuple(out), logprobs=tuple(lps), stopped_on=stopped_on)
+
+    def _dist_after_ahead(self, st: TransformersState, i: int) -> torch.Tensor:
+        """Distribution of the token after ``ahead[:i]``: feeds the unfed look-ahead."""
+        st.cache.truncate(st.committed + st.ahead_fed)
+        todo = st.ahead[st.ahead_fed : i]
+        dists = self._forward(st, [todo], st.committed + st.ahead_fed, last_only=True)
+        st.ahead_fed = i
+        return dists[-1]
+
+    # -- score --------------------------------------------------------------------------
+    def _score(self, st: TransformersState, candidates: list[tuple[int, ...]]) -> list[list[float]]:
+        self._drop_blocks(st)
+        if st.pending:
+            self._feed_pending(st)
+        assert st.next_lp is not None
+        start = st.cache.length
+        dists = self._forward(st, candidates, st.committed, last_only=False)
+        results: list[list[float]] = []
+        offset = 0
+        for cand in candidates:
+            n = len(cand)
+            lps = [float(st.next_lp[cand[0]])]
+            lps += [float(dists[offset + j - 1][cand[j]]) for j in range(1, n)]
+            results.append(lps)
+            st.blocks.append(_Block(ids=cand, start=start + offset, after=dists[offset + n - 1]))
+            offset += n
+        return results
+
+    # -- commit -------------------------------------------------------------------------
+    def _commit(self, st: TransformersState, ids: tuple[int, ...]) -> None:
+        n = len(ids)
+        if n == 0:
+            return
+        block = next((b for b in st.blocks if b.ids == ids), None)
+        if not st.pending and n <= len(st.ahead) and tuple(st.ahead[:n]) == ids:
+            self._commit_ahead(st, n)
+        elif block is not None and not st.pending:
+            st.cache.move(block.start, st.committed, n)
+            st.cache.truncate(st.committed + n)
+            st.committed += n
+            st.next_lp = block.after
+            self._clear_ahead(st)
+        else:
+            st.cache.truncate(st.committed)
+            st.pending.extend(ids)
+            st.next_lp = None
+            self._clear_ahead(st)
+        st.blocks = []
+
+    def _commit_ahead(self, st: TransformersState, n: int) -> None:
+        st.cache.truncate(st.committed + st.ahead_fed)
+        kept = min(st.ahead_fed, n)
+        st.committed += kept
+        st.ahead_fed -= kept
+        if n > kept:
+            st.pending = list(st.ahead[kept:n])
+        st.next_lp = st.ahead_dists[n] if n < len(st.ahead) and not st.pending else None
+        st.ahead = st.ahead[n:]
+        st.ahead_lp = st.ahead_lp[n:]
+        st.ahead_dists = st.ahead_dists[n:]
+
+    @staticmethod
+    def _clear_ahead(st: TransformersState) -> None:
+        st.ahead, st.ahead_lp, st.ahead_dists, st.ahead_fed = [], [], [], 0
