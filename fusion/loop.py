@@ -1,0 +1,357 @@
+"""The Cool-Fusion loop: propose, score, select, commit (paper §2), and Rerank / Cool+R.
+
+``Fuser.run`` is an async generator of ``Segment``s. For ``cool`` / ``cool_shortest`` it
+yields one per selected segment as soon as it is chosen; ``rerank`` and ``cool_rerank``
+can only choose at the end and yield the whole answer as one segment. A model whose
+engine fails is dropped from the request (recorded in the usage) while others remain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fusion.engine import EngineError, StateHandle
+from fusion.models import SourceModel
+from fusion.proposals import Proposal, propose
+from fusion.stops import StopStringTracker
+from fusion.types import (
+    FusionOutcome,
+    FusionParams,
+    ModelUsage,
+    Prompt,
+    ScoredCandidate,
+    Segment,
+    perplexity,
+)
+from tokenizers_align import IncrementalCodec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class FusionError(RuntimeError):
+    """No source model is left to continue the request."""
+
+
+@dataclass
+class _Run:
+    """Per-request working state of every model still taking part."""
+
+    params: FusionParams
+    prompt: Prompt
+    models: list[SourceModel]
+    states: dict[str, StateHandle] = field(default_factory=dict)
+    codecs: dict[str, IncrementalCodec] = field(default_factory=dict)
+    outcome: FusionOutcome = field(default_factory=FusionOutcome)
+    # per scoring model: log-probs of every committed winner, for Cool+R
+    fused_logprobs: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    text: str
+    ended: bool
+    proposals: tuple[Proposal, ...]
+
+
+class Fuser:
+    """Runs fused generation over a fixed set of source models."""
+
+    def __init__(self, models: Sequence[SourceModel], window_pieces: int = 4) -> None:
+        self.models = {m.name: m for m in models}
+        self.window_pieces = window_pieces
+
+    def select(self, names: Sequence[str] | None) -> list[SourceModel]:
+        if not names:
+            return list(self.models.values())
+        return [self.models[n] for n in names]
+
+    async def run(
+        self, prompt: Prompt, params: FusionParams, outcome: FusionOutcome | None = None
+    ) -> AsyncIterator[Segment]:
+        run = _Run(params, prompt, self.select(params.models), outcome=outcome or FusionOutcome())
+        run.outcome.usage = {m.name: ModelUsage() for m in run.models}
+        try:
+            await self._open(run)
+            if params.method in ("cool", "cool_shortest"):
+                async for seg in self._cool(run, emit=True):
+                    yield seg
+            elif params.method == "rerank":
+                yield await self._rerank(run, fused=None)
+            else:
+                async for _ in self._cool(run, emit=False):
+                    pass
+                fused_text = run.outcome.text
+                yield await self._rerank(run, fused=fused_text)
+        finally:
+            await self._release(run)
+
+    # -- set-up ---------------------------------------------------------------------------
+    async def _open(self, run: _Run, request_id: str | None = None) -> None:
+        rid = request_id or uuid.uuid4().hex
+        await self._release(run)
+        prompt_ids: dict[str, list[int]] = {}
+        for m in run.models:
+            if run.prompt.messages is not None:
+                prompt_ids[m.name] = m.chat_prompt_ids(run.prompt.messages)
+                codec = IncrementalCodec(m.tokenizer, "", self.window_pieces)
+            else:
+                prompt_ids[m.name] = m.completion_prompt_ids(run.prompt.text or "")
+                codec = IncrementalCodec.after_prompt(m.tokenizer, run.prompt.text or "")
+            run.codecs[m.name] = codec
+            run.outcome.usage[m.name].prompt_tokens = len(prompt_ids[m.name])
+            run.fused_logprobs[m.name] = []
+        opened = await self._each(
+            run, lambda m: m.engine.open(f"{rid}-{m.name}", prompt_ids[m.name])
+        )
+        run.states.update(opened)
+
+    async def _release(self, run: _Run) -> None:
+        states, run.states = run.states, {}
+        for name, state in states.items():
+            try:
+                await self.models[name].engine.release(state)
+            except Exception:  # releasing must never mask the request's own outcome
+                log.warning("releasing state of %s failed", name, exc_info=True)
+
+    async def _each(
+        self, run: _Run, work: object, only: Sequence[SourceModel] | None = None
+    ) -> dict[str, T]:
+        """Run ``work(model)`` for every active model concurrently; drop models that fail."""
+        models = list(only if only is not None else run.models)
+        coros: list[Awaitable[T]] = [work(m) for m in models]  # type: ignore[operator]
+        results = await asyncio.gather(*coros, return_exceptions=True)
+        out: dict[str, T] = {}
+        for m, res in zip(models, results):
+            if isinstance(res, asyncio.CancelledError):
+                raise res
+            if isinstance(res, BaseException):
+                self._drop(run, m, res)
+            else:
+                out[m.name] = res
+        if not run.models:
+            raise FusionError("every source model failed: " + "; ".join(
+                f"{n}: {u.dropped}" for n, u in run.outcome.usage.items() if u.dropped
+            ))
+        return out
+
+    def _drop(self, run: _Run, m: SourceModel, exc: BaseException) -> None:
+        if not isinstance(exc, Exception):
+            raise exc
+        log.warning("source model %s dropped from request: %s", m.name, exc)
+        run.outcome.usage[m.name].dropped = str(exc) or type(exc).__name__
+        run.models = [x for x in run.models if x.name != m.name]
+        state = run.states.pop(m.name, None)
+        if state is not None:
+            asyncio.ensure_future(m.engine.release(state))
+
+    # -- Cool -----------------------------------------------------------------------------
+    async def _cool(self, run: _Run, emit: bool) -> AsyncIterator[Segment]:
+        params = run.params
+        tracker = StopStringTracker(params.stop)
+        index = 0
+        strip_leading = run.prompt.is_chat
+        while True:
+            started = time.monotonic()
+            budget = params.max_tokens - run.outcome.completion_tokens
+            if budget <= 0:
+                run.outcome.finish_reason = "length"
+                break
+            cap = min(params.max_segment_tokens, budget)
+            candidates = await self._propose_all(run, cap, budget)
+            if not candidates:
+                run.outcome.finish_reason = "stop"
+                break
+            scored, logprobs = await self._score_all(run, candidates)
+            best = min(range(len(candidates)), key=lambda i: scored[i].mean_perplexity)
+            win = candidates[best]
+            for name, lps in logprobs.items():
+                run.fused_logprobs[name].extend(lps[best])
+            lead = win.proposals[0]
+            tokens = _content_tokens(lead)
+            run.outcome.completion_tokens += tokens
+            run.outcome.usage[lead.model].segments_won += 1
+            finish = None
+            if win.ended:
+                finish = "stop"
+            elif lead.hit_cap and cap == budget:
+                finish = "length"
+            else:
+                await self._commit_all(run, win)
+            piece = tracker.feed(win.text)
+            if tracker.stopped:
+                finish = "stop"
+            if finish is not None:
+                piece += tracker.flush()
+            if strip_leading:
+                stripped = piece.lstrip()
+                strip_leading = not stripped
+                piece = stripped
+            run.outcome.text = tracker.text
+            run.outcome.segments += 1
+            if emit:
+                yield Segment(
+                    index=index,
+                    text=piece,
+                    winner=lead.model,
+                    candidates=tuple(scored),
+                    tokens=tokens,
+                    finish_reason=finish,
+                    step_seconds=time.monotonic() - started,
+                )
+            index += 1
+            if finish is not None:
+                run.outcome.finish_reason = finish
+                break
+
+    async def _propose_all(self, run: _Run, cap: int, budget: int) -> list[_Candidate]:
+        shortest = run.params.method == "cool_shortest"
+        adapters = [m.tokenizer for m in run.models]
+
+        async def one(m: SourceModel) -> Proposal:
+            return await propose(
+                m,
+                run.states[m.name],
+                run.codecs[m.name],
+                [m.tokenizer] if shortest else adapters,
+                cap=cap,
+                stop_strings=m.stop_strings,
+                until_boundary=True,
+            )
+
+        proposals = await self._each(run, one)
+        for name, p in proposals.items():
+            run.outcome.usage[name].generated_tokens += p.generated
+        return _group(p for m in run.models if (p := proposals.get(m.name)) is not None)
+
+    async def _score_all(
+        self, run: _Run, candidates: list[_Candidate]
+    ) -> tuple[list[ScoredCandidate], dict[str, list[list[float]]]]:
+        """Every candidate's perplexity under every model, and the log-probs behind them."""
+        chat = run.prompt.is_chat
+
+        def ids_for(m: SourceModel, c: _Candidate) -> list[int]:
+            ids = run.codecs[m.name].encode_next(c.text) if c.text else []
+            end = m.end_id(chat)
+            return ids + [end] if c.ended and end is not None else ids
+
+        async def one(m: SourceModel) -> list[list[float]]:
+            own = [_own_logprobs(c, m.name) for c in candidates]
+            todo = [i for i, lp in enumerate(own) if lp is None]
+            batch = [ids_for(m, candidates[i]) for i in todo]
+            scores = await m.engine.score(run.states[m.name], batch) if batch else []
+            run.outcome.usage[m.name].scored_tokens += sum(len(b) for b in batch)
+            for i, s in zip(todo, scores):
+                own[i] = s
+            return [list(lp or []) for lp in own]
+
+        per_model = await self._each(run, one)
+        scored: list[ScoredCandidate] = []
+        for i, c in enumerate(candidates):
+            ppl = tuple(
+                (name, perplexity(lps[i], run.params.ppl_mode)) for name, lps in per_model.items()
+            )
+            mean = sum(p for _, p in ppl) / len(ppl)
+            scored.append(
+                ScoredCandidate(c.text, tuple(p.model for p in c.proposals), c.ended, ppl, mean)
+            )
+        return scored, per_model
+
+    async def _commit_all(self, run: _Run, win: _Candidate) -> None:
+        by_model = {p.model: p for p in win.proposals}
+
+        async def one(m: SourceModel) -> None:
+            own = by_model.get(m.name)
+            codec = run.codecs[m.name]
+            if own is not None and own.own_ids is not None:
+                ids = list(own.own_ids)
+            else:
+                ids = codec.encode_next(win.text)
+            await m.engine.commit(run.states[m.name], ids)
+            codec.commit(win.text)
+
+        await self._each(run, one)
+
+    # -- Rerank and Cool+R ----------------------------------------------------------------
+    async def _rerank(self, run: _Run, fused: str | None) -> Segment:
+        started = time.monotonic()
+        params = run.params
+        fused_lps = {n: list(v) for n, v in run.fused_logprobs.items()}
+        fused_ended = run.outcome.finish_reason == "stop"
+        if fused is not None:
+            await self._open(run)
+
+        async def one(m: SourceModel) -> Proposal:
+            return await propose(
+                m,
+                run.states[m.name],
+                run.codecs[m.name],
+                [m.tokenizer],
+                cap=params.max_tokens,
+                stop_strings=(*m.stop_strings, *params.stop),
+                until_boundary=False,
+            )
+
+        proposals = await self._each(run, one)
+        for name, p in proposals.items():
+            run.outcome.usage[name].generated_tokens += p.generated
+        candidates = _group(proposals[m.name] for m in run.models if m.name in proposals)
+        scored, _ = await self._score_all(run, candidates)
+        if fused is not None:
+            scored.append(self._score_fused(run, fused, fused_ended, fused_lps))
+        best = min(range(len(scored)), key=lambda i: scored[i].mean_perplexity)
+        win = scored[best]
+        if fused is not None and best == len(scored) - 1:
+            tokens, ended, hit_cap = run.outcome.completion_tokens, fused_ended, not fused_ended
+        else:
+            lead = candidates[best].proposals[0]
+            tokens, ended, hit_cap = _content_tokens(lead), candidates[best].ended, lead.hit_cap
+        tracker = StopStringTracker(params.stop)
+        text = tracker.feed(win.text) + tracker.flush()
+        if run.prompt.is_chat:
+            text = text.lstrip()
+        finish = "stop" if ended or tracker.stopped or not hit_cap else "length"
+        run.outcome.text, run.outcome.finish_reason = text, finish
+        run.outcome.completion_tokens = tokens
+        run.outcome.segments = 1
+        run.outcome.usage[win.proposers[0]].segments_won += 1
+        return Segment(0, text, win.proposers[0], tuple(scored), tokens, finish,
+                       time.monotonic() - started)
+
+    def _score_fused(
+        self, run: _Run, text: str, ended: bool, lps: dict[str, list[float]]
+    ) -> ScoredCandidate:
+        ppl = tuple(
+            (m.name, perplexity(lps.get(m.name, []), run.params.ppl_mode)) for m in run.models
+        )
+        return ScoredCandidate(text, ("fusion",), ended, ppl, sum(p for _, p in ppl) / len(ppl))
+
+
+def _content_tokens(p: Proposal) -> int:
+    """Tokens of a proposal's text in its proposer's tokenization (not its end token)."""
+    if p.own_ids is None:
+        return p.generated
+    return len(p.own_ids) - (1 if p.ended else 0)
+
+
+def _own_logprobs(c: _Candidate, model: str) -> tuple[float, ...] | None:
+    for p in c.proposals:
+        if p.model == model and p.own_logprobs is not None:
+            return p.own_logprobs
+    return None
+
+
+def _group(proposals: object) -> list[_Candidate]:
+    """Distinct (text, ended) candidates, in model order, each with its proposers."""
+    groups: dict[tuple[str, bool], list[Proposal]] = {}
+    for p in proposals:  # type: ignore[attr-defined]
+        if not p.text and not p.ended:
+            continue
+        groups.setdefault((p.text, p.ended), []).append(p)
+    return [_Candidate(t, e, tuple(ps)) for (t, e), ps in groups.items()]

@@ -1,0 +1,88 @@
+"""One model's candidate for a fusion step (Cool-Fusion §2.2, the TextGen component).
+
+The model generates greedily until its decoded text holds a prefix that ends at a common
+word boundary (or its own, for ``cool_shortest``); that prefix is its candidate. Tokens
+generated past the boundary stay in the engine as look-ahead. With ``until_boundary``
+off it writes a whole continuation (Rerank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fusion.engine import StateHandle
+from fusion.models import SourceModel
+from tokenizers_align import (
+    IncrementalCodec,
+    TokenizerAdapter,
+    complete_text,
+    first_common_boundary,
+    stable_cut,
+)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    model: str
+    text: str
+    ended: bool  # the model ended its answer here (end token or one of its stop strings)
+    own_ids: tuple[int, ...] | None  # its tokens for exactly ``text`` (+ end token), if any
+    own_logprobs: tuple[float, ...] | None
+    generated: int
+    hit_cap: bool  # generation stopped at the token cap
+
+
+async def propose(
+    model: SourceModel,
+    state: StateHandle,
+    codec: IncrementalCodec,
+    boundary_adapters: Sequence[TokenizerAdapter],
+    *,
+    cap: int,
+    stop_strings: Sequence[str],
+    until_boundary: bool,
+) -> Proposal:
+    """Generate ``model``'s candidate after the shared text."""
+    tail = codec.tail_text
+    texts: list[str] = []  # decoded text after each generated token
+    found: dict[str, int] = {}
+
+    def should_stop(ids: Sequence[int]) -> bool:
+        text = complete_text(codec.decode_next(list(ids)))
+        texts.append(text)
+        for stop in stop_strings:
+            at = text.find(stop)
+            if at >= 0:
+                found["stop"] = at if "stop" not in found else min(at, found["stop"])
+        if "stop" in found:
+            return True
+        if until_boundary:
+            p = first_common_boundary(tail + text, len(tail), boundary_adapters)
+            if p is not None:
+                found["cut"] = p - len(tail)
+                return True
+        return False
+
+    gen = await model.engine.generate(state, cap, model.stop_ids, should_stop)
+    ids, lps = gen.ids, gen.logprobs
+    if gen.stopped_on is not None:
+        text = texts[-1] if texts else ""
+        return Proposal(model.name, text, True, ids, lps, len(ids), False)
+    if "stop" in found:
+        # ended by a turn marker it wrote as text: scored with each model's end token,
+        # its own included, since it never generated one
+        return Proposal(model.name, texts[-1][: found["stop"]], True, None, None, len(ids), False)
+    last = texts[-1] if texts else ""
+    if "cut" in found:
+        text = last[: found["cut"]]
+    elif until_boundary and len(ids) >= cap:
+        text = last[: stable_cut(tail + last, len(tail), boundary_adapters) - len(tail)]
+    else:
+        text = last
+    own = next((k + 1 for k, t in enumerate(texts) if t == text), None)
+    if own is None:
+        return Proposal(model.name, text, False, None, None, len(ids), len(ids) >= cap)
+    return Proposal(
+        model.name, text, False, ids[:own], lps[:own], len(ids), "cut" not in found
+    )

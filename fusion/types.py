@@ -1,0 +1,97 @@
+"""Small frozen value types that flow through the fusion loop (no I/O, no framework)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Method = Literal["cool", "cool_shortest", "rerank", "cool_rerank"]
+METHODS: tuple[Method, ...] = ("cool", "cool_shortest", "rerank", "cool_rerank")
+PplMode = Literal["mean", "sum"]
+FinishReason = Literal["stop", "length"]
+
+
+def perplexity(logprobs: Sequence[float], mode: PplMode = "mean") -> float:
+    """Perplexity of a token sequence from its log-probabilities.
+
+    ``mean`` (default): exp of the mean token NLL, the usual definition, which does not
+    favour short candidates. ``sum``: exp of the summed NLL, as the paper's Eq. 1-2 print.
+    """
+    if not logprobs:
+        return math.inf
+    nll = -sum(logprobs)
+    if mode == "mean":
+        nll /= len(logprobs)
+    return math.exp(min(nll, 700.0))
+
+
+@dataclass(frozen=True)
+class FusionParams:
+    """What one fused generation should do."""
+
+    method: Method = "cool"
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    max_segment_tokens: int = 16
+    ppl_mode: PplMode = "mean"
+    models: tuple[str, ...] | None = None  # a subset of the source models, by name
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Either a chat conversation or a raw completion prompt."""
+
+    messages: tuple[dict[str, str], ...] | None = None
+    text: str | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass(frozen=True)
+class ScoredCandidate:
+    """One distinct candidate text and how every model judged it."""
+
+    text: str
+    proposers: tuple[str, ...]
+    ended: bool  # the proposer ended its answer here (end-of-sequence or a model stop)
+    perplexities: tuple[tuple[str, float], ...]  # (scoring model, perplexity)
+    mean_perplexity: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One selected piece of the fused answer, with its provenance."""
+
+    index: int
+    text: str  # text to emit now (held-back stop-string prefixes are not included)
+    winner: str
+    candidates: tuple[ScoredCandidate, ...]
+    tokens: int  # tokens of the winning candidate in its proposer's tokenization
+    finish_reason: FinishReason | None = None
+    step_seconds: float = 0.0
+
+
+@dataclass
+class ModelUsage:
+    """Tokens one source model handled for a request."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    scored_tokens: int = 0
+    segments_won: int = 0
+    dropped: str | None = None  # why the model left the request, if it did
+
+
+@dataclass
+class FusionOutcome:
+    """Filled in while the loop runs; complete once it has finished."""
+
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    usage: dict[str, ModelUsage] = field(default_factory=dict)
+    segments: int = 0

@@ -1,0 +1,1 @@
+"""HTTP layer: the OpenAI-compatible FastAPI app, its config and engine wiring."""

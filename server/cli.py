@@ -1,0 +1,104 @@
+"""Command line: ``fusion-server serve`` and ``fusion-server generate``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from fusion.loop import Fuser
+from fusion.types import METHODS, FusionOutcome, FusionParams, Prompt, Segment
+from server.config import AppConfig, ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusion-server", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve.add_argument("--config", default="config.yaml")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+
+    gen = sub.add_parser("generate", help="print one fused answer")
+    gen.add_argument("prompt")
+    gen.add_argument("--config", default="config.yaml")
+    gen.add_argument("--method", choices=METHODS)
+    gen.add_argument("--models", help="comma-separated subset of source models")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--raw", action="store_true", help="complete the text instead of chatting")
+    gen.add_argument("--trace", action="store_true", help="show every segment's candidates")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    pairs = (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)))
+    server = {k: v for k, v in pairs if v is not None}
+    return {"server": server} if server else {}
+
+
+def _print_trace(seg: Segment) -> None:
+    print(f"\n[segment {seg.index}] winner={seg.winner} {seg.step_seconds * 1000:.0f} ms",
+          file=sys.stderr)
+    for c in sorted(seg.candidates, key=lambda c: c.mean_perplexity):
+        scores = " ".join(f"{name}={ppl:.2f}" for name, ppl in c.perplexities)
+        end = " <end>" if c.ended else ""
+        print(f"   {c.mean_perplexity:10.2f}  {c.text!r}{end}  by {','.join(c.proposers)}  [{scores}]",
+              file=sys.stderr)
+
+
+async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
+    from server.engines import load_models, shutdown_models
+
+    models = await load_models(config)
+    try:
+        fuser = Fuser(models, window_pieces=config.fusion.window_pieces)
+        params = FusionParams(
+            method=args.method or config.fusion.method,
+            max_tokens=args.max_tokens,
+            max_segment_tokens=config.fusion.max_segment_tokens,
+            ppl_mode=config.fusion.ppl_mode,
+            models=tuple(args.models.split(",")) if args.models else None,
+        )
+        prompt = (
+            Prompt(text=args.prompt)
+            if args.raw
+            else Prompt(messages=({"role": "user", "content": args.prompt},))
+        )
+        outcome = FusionOutcome()
+        async for seg in fuser.run(prompt, params, outcome):
+            if args.trace:
+                _print_trace(seg)
+            print(seg.text, end="", flush=True)
+        print()
+        wins = ", ".join(f"{n}: {u.segments_won}" for n, u in outcome.usage.items())
+        print(f"[{outcome.segments} segments, {outcome.completion_tokens} tokens, "
+              f"finish={outcome.finish_reason}; segments won: {wins}]", file=sys.stderr)
+    finally:
+        await shutdown_models(models)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, **_overrides(args))
+        if args.command == "generate":
+            return asyncio.run(_generate(config, args))
+        from server.app import serve
+
+        return serve(config)
+    except ConfigError as exc:
+        print(f"fusion-server: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

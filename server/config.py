@@ -1,0 +1,174 @@
+"""The server's configuration: one typed model read from YAML, env vars and CLI flags.
+
+Precedence: CLI flags > environment (``FUSION_`` prefix, ``__`` between nested names,
+e.g. ``FUSION_SERVER__PORT=9000``) > ``config.yaml``. A wrong value fails at start
+with the dotted name of the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from fusion.types import METHODS, Method, PplMode
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineOptions(_Strict):
+    """Per-model engine settings; each engine reads the ones it knows."""
+
+    threads: int = Field(1, ge=1, description="Intra-op CPU threads for this model (transformers).")
+    device: str = Field("auto", description="'auto' (GPU if present), 'cpu' or 'cuda[:N]'.")
+    dtype: str = Field("float32", description="Weights dtype: float32 (CPU), bfloat16, float16.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length cap (vLLM).")
+    gpu_memory_utilization: float = Field(
+        0.28, gt=0, le=1, description="Share of GPU memory for this engine (vLLM)."
+    )
+    kv_cache_space_gib: float = Field(
+        1.0, gt=0, description="KV cache size in GiB on CPU (vLLM: VLLM_CPU_KVCACHE_SPACE)."
+    )
+    cpu_threads_bind: str | None = Field(
+        None, description="CPU cores for this engine, e.g. '0' or '0-1' (vLLM on CPU)."
+    )
+    enforce_eager: bool = Field(True, description="Skip graph compilation (vLLM).")
+    block_size: int = Field(32, ge=1, description="KV block size (vLLM prefix caching).")
+
+
+class ModelConfig(_Strict):
+    """One source model."""
+
+    name: str = Field(..., min_length=1, description="Name used in /v1/models and requests.")
+    source: str = Field(
+        ..., min_length=1,
+        description="pip:<name> (a pip-shipped model), gguf:<file>, hf:<folder> or a folder path.",
+    )
+    engine: Literal["transformers", "vllm"] = Field("transformers", description="Backend.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template; default: the model's own, else a plain one."
+    )
+    stop: list[str] = Field(
+        default_factory=list, description="Strings that end this model's candidates."
+    )
+    options: EngineOptions = Field(default_factory=EngineOptions)  # type: ignore[arg-type]
+
+
+class FusionConfig(_Strict):
+    """Defaults of the fused model."""
+
+    name: str = Field("fusion", min_length=1, description="Model name of the fused model.")
+    method: Method = Field("cool", description=f"Default method: one of {', '.join(METHODS)}.")
+    max_segment_tokens: int = Field(
+        16, ge=1, le=256, description="Token cap per model per segment before a forced cut."
+    )
+    ppl_mode: PplMode = Field("mean", description="Perplexity: 'mean' token NLL or 'sum'.")
+    window_pieces: int = Field(
+        4, ge=1, description="Committed segments kept for incremental tokenisation."
+    )
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request omits it.")
+
+
+class ServerConfig(_Strict):
+    """HTTP server settings."""
+
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="Bind port.")
+    api_keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys.")
+    api_key_file: Path | None = Field(None, description="File with one API key per line.")
+    cors_origins: list[str] = Field(default_factory=list, description="CORS origins (off if empty).")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
+    max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask.")
+    max_concurrent: int = Field(4, ge=1, description="Requests generating at once.")
+    max_queue: int = Field(16, ge=0, description="Requests waiting beyond those; more get 429.")
+    keepalive_seconds: float = Field(15.0, gt=0, description="SSE keep-alive comment interval.")
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description="In-flight time on SIGTERM.")
+    log_text: bool = Field(False, description="Log prompt and completion text (off by default).")
+
+
+class AppConfig(BaseSettings):
+    """The whole configuration (``config.yaml``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FUSION_", env_nested_delimiter="__", extra="forbid", yaml_file=None
+    )
+
+    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    models: list[ModelConfig] = Field(..., min_length=1, description="The source models.")
+    fusion: FusionConfig = Field(default_factory=FusionConfig)  # type: ignore[arg-type]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        names = [m.name for m in models]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"model names must be unique: {', '.join(sorted(dup))}")
+        return models
+
+    @model_validator(mode="after")
+    def _fusion_name_free(self) -> AppConfig:
+        if self.fusion.name in {m.name for m in self.models}:
+            raise ValueError(f"fusion.name {self.fusion.name!r} is also a source model's name")
+        return self
+
+    def all_api_keys(self) -> list[str]:
+        keys = list(self.server.api_keys)
+        if self.server.api_key_file is not None:
+            keys += [k.strip() for k in self.server.api_key_file.read_text().splitlines()]
+        env = os.environ.get("FUSION_API_KEY")
+        if env:
+            keys.append(env)
+        return [k for k in keys if k]
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> AppConfig:
+    """Load ``path`` (YAML), then env vars, then ``overrides`` (e.g. from CLI flags).
+
+    ``overrides`` use nested dicts: ``server={"port": 9000}``.
+    """
+    source = str(path) if path else "defaults"
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist")
+
+    class _FromFile(AppConfig):
+        model_config = SettingsConfigDict(**{**AppConfig.model_config, "yaml_file": path})
+
+    try:
+        loaded = _FromFile(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+    return AppConfig.model_construct(**{k: getattr(loaded, k) for k in AppConfig.model_fields})
