@@ -193,7 +193,7 @@ class Fuser:
                 stripped = piece.lstrip()
                 strip_leading = not stripped
                 piece = stripped
-            run.outcome.text = tracker.text
+            run.outcome.text += piece
             run.outcome.segments += 1
             if emit:
                 yield Segment(
@@ -320,7 +320,8 @@ class Fuser:
         run.outcome.text, run.outcome.finish_reason = text, finish
         run.outcome.completion_tokens = tokens
         run.outcome.segments = 1
-        run.outcome.usage[win.proposers[0]].segments_won += 1
+        if win.proposers[0] in run.outcome.usage:  # "fusion" itself may win Cool+R
+            run.outcome.usage[win.proposers[0]].segments_won += 1
         return Segment(0, text, win.proposers[0], tuple(scored), tokens, finish,
                        time.monotonic() - started)
 

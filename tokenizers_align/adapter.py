@@ -43,7 +43,7 @@ class TokenizerAdapter:
     """Text/ids conversion and word boundaries for one tokenizer."""
 
     name: str
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer = field(repr=False)
     bos_id: int | None = None
     add_bos: bool = False
     eos_ids: tuple[int, ...] = ()

@@ -1,0 +1,112 @@
+"""A scripted engine for unit tests of the loop: the one fake, at the engine boundary.
+
+It "wants" to write a fixed text. Generation continues that text greedily in its real
+tokenizer's tokens (ending with its end token); scoring gives tokens that agree with the
+text a high log-probability and others a low one. So its perplexity of a candidate says
+how close the candidate is to what it would have written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fusion.engine import EngineError, Generation, StopCheck
+from tokenizers_align import TokenizerAdapter
+
+GOOD, BAD = -0.05, -3.0
+
+
+@dataclass
+class FakeState:
+    request_id: str
+    prompt: list[int]
+    committed: list[int] = field(default_factory=list)
+    released: bool = False
+
+
+class ScriptedEngine:
+    def __init__(
+        self,
+        name: str,
+        adapter: TokenizerAdapter,
+        script: str,
+        *,
+        end_id: int,
+        fail_at_call: int | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.adapter = adapter
+        self.script = script
+        self.end_id = end_id
+        self.fail_at_call = fail_at_call
+        self.delay = delay
+        self.calls = 0
+        self.states: list[FakeState] = []
+        self.commits: list[list[int]] = []
+        self.scored: list[list[list[int]]] = []
+
+    async def _tick(self) -> None:
+        self.calls += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_at_call is not None and self.calls >= self.fail_at_call:
+            raise EngineError(f"{self.name} failed on purpose")
+
+    def _written(self, st: FakeState) -> str:
+        return self.adapter.decode(st.committed)
+
+    def _rest(self, st: FakeState) -> list[int] | None:
+        """Tokens of the script after what is committed (None if it went elsewhere)."""
+        written = self._written(st)
+        if not self.script.startswith(written):
+            return None
+        return self.adapter.encode(self.script)[len(self.adapter.encode(written)) :]
+
+    async def start(self) -> None: ...
+    async def check_health(self) -> None: ...
+    async def shutdown(self) -> None: ...
+
+    async def open(self, request_id: str, prompt_ids: Sequence[int]) -> FakeState:
+        await self._tick()
+        st = FakeState(request_id, list(prompt_ids))
+        self.states.append(st)
+        return st
+
+    async def generate(
+        self, state: FakeState, max_tokens: int, stop_ids: frozenset[int], should_stop: StopCheck
+    ) -> Generation:
+        await self._tick()
+        rest = self._rest(state)
+        plan = (rest if rest is not None else self.adapter.encode(" off script")) + [self.end_id]
+        out: list[int] = []
+        for tok in plan[:max_tokens]:
+            out.append(tok)
+            if tok in stop_ids or should_stop(out):
+                break
+        return Generation(tuple(out), tuple(GOOD for _ in out), out[-1] if out[-1] in stop_ids else None)
+
+    async def score(self, state: FakeState, candidates: Sequence[Sequence[int]]) -> list[list[float]]:
+        await self._tick()
+        self.scored.append([list(c) for c in candidates])
+        rest = self._rest(state)
+        out = []
+        for cand in candidates:
+            want = (rest or []) + [self.end_id]
+            lps = []
+            agree = rest is not None
+            for j, tok in enumerate(cand):
+                agree = agree and j < len(want) and want[j] == tok
+                lps.append(GOOD if agree else BAD)
+            out.append(lps)
+        return out
+
+    async def commit(self, state: FakeState, ids: Sequence[int]) -> None:
+        await self._tick()
+        state.committed.extend(ids)
+        self.commits.append(list(ids))
+
+    async def release(self, state: FakeState) -> None:
+        state.released = True

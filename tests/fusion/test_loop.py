@@ -1,0 +1,161 @@
+"""The fusion loop against scripted engines with real tokenizers."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusion.loop import Fuser, FusionError
+from fusion.types import FusionOutcome, FusionParams, Prompt, Segment
+
+CHAT = Prompt(messages=({"role": "user", "content": "Say something."},))
+
+
+async def run(fuser: Fuser, params: FusionParams, prompt: Prompt = CHAT):
+    outcome = FusionOutcome()
+    segments: list[Segment] = [s async for s in fuser.run(prompt, params, outcome)]
+    return segments, outcome
+
+
+async def test_models_that_agree_write_their_text(make_model):
+    script = "The cat sat on the mat."
+    models = [make_model(t, script) for t in ("smollm2-135m", "gemma3-270m", "qwen2.5-0.5b")]
+    segments, outcome = await run(Fuser(models), FusionParams())
+    assert "".join(s.text for s in segments) == script == outcome.text
+    assert outcome.finish_reason == "stop"
+    assert all(len(s.candidates) == 1 and len(s.candidates[0].proposers) == 3 for s in segments)
+
+
+async def test_lowest_average_perplexity_wins(make_model):
+    models = [
+        make_model("smollm2-135m", "The cat sat on the mat."),
+        make_model("gemma3-270m", "The cat sat on the rug."),
+        make_model("qwen2.5-0.5b", "The cat sat on the mat."),
+    ]
+    segments, outcome = await run(Fuser(models), FusionParams())
+    assert outcome.text == "The cat sat on the mat."
+    split = next(s for s in segments if len(s.candidates) > 1)
+    by_text = {c.text: c for c in split.candidates}
+    assert set(by_text) == {" mat.", " rug."}
+    assert by_text[" mat."].mean_perplexity < by_text[" rug."].mean_perplexity
+    assert split.winner in ("smollm2-135m", "qwen2.5-0.5b")
+    assert dict(by_text[" rug."].perplexities)["gemma3-270m"] < 1.1  # its own view
+
+
+async def test_segments_end_at_word_boundaries_of_every_tokenizer(make_model, default_adapters):
+    script = "Multi-tasking, naïve café: 3+5=8 and x**2!\n\nDone 你好 🙂."
+    models = [make_model(t, script) for t in ("smollm2-135m", "gemma3-270m", "qwen2.5-0.5b")]
+    segments, outcome = await run(Fuser(models), FusionParams())
+    assert outcome.text == script
+    cut = 0
+    for seg in segments[:-1]:
+        cut += len(seg.text)
+        for adapter in default_adapters.values():
+            assert cut in adapter.word_ends(script), (adapter.name, script[:cut])
+
+
+async def test_shortest_variant_cuts_at_the_proposers_own_boundary(make_model):
+    script = "3+5=8 is right."
+    pair = [make_model("smollm2-135m", script), make_model("gemma3-270m", script)]
+    cool, _ = await run(Fuser(pair), FusionParams(method="cool"))
+    shortest, _ = await run(Fuser(pair), FusionParams(method="cool_shortest"))
+    # Gemma has no word boundary inside "3+5=8"; SmolLM2 splits digits and symbols
+    assert cool[0].text == "3+5=8"
+    assert {c.text for c in shortest[0].candidates} == {"3", "3+5=8"}
+
+
+async def test_max_tokens_finishes_with_length(make_model):
+    script = "one two three four five six seven eight nine ten"
+    models = [make_model(t, script) for t in ("smollm2-135m", "qwen2.5-0.5b")]
+    _, outcome = await run(Fuser(models), FusionParams(max_tokens=4))
+    assert outcome.finish_reason == "length"
+    assert outcome.completion_tokens == 4
+    assert outcome.text == "one two three four"
+
+
+async def test_stop_string_across_segments_is_never_emitted(make_model):
+    script = "Hello there. STOP here"
+    models = [make_model(t, script) for t in ("smollm2-135m", "gemma3-270m")]
+    segments, outcome = await run(Fuser(models), FusionParams(stop=("there. ST",)))
+    emitted = "".join(s.text for s in segments)
+    assert emitted == "Hello " == outcome.text
+    assert outcome.finish_reason == "stop"
+    assert segments[-1].finish_reason == "stop"
+
+
+async def test_ended_candidates_are_scored_with_each_models_end_token(make_model):
+    models = [make_model("smollm2-135m", "Yes."), make_model("qwen2.5-0.5b", "Yes!")]
+    await run(Fuser(models), FusionParams())
+    for m in models:
+        end = m.chat_end_id
+        ended = [c for batch in m.engine.scored for c in batch if c and c[-1] == end]
+        assert ended, m.name
+
+
+async def test_chat_answers_start_without_leading_whitespace(make_model):
+    models = [make_model("qwen2.5-0.5b", "  Hi there")]
+    _, outcome = await run(Fuser(models), FusionParams())
+    assert outcome.text.startswith("Hi there")
+
+
+async def test_a_failing_model_is_dropped_and_the_answer_completes(make_model):
+    script = "The cat sat on the mat."
+    models = [
+        make_model("smollm2-135m", script),
+        make_model("gemma3-270m", script, fail_at_call=4),
+        make_model("qwen2.5-0.5b", script),
+    ]
+    segments, outcome = await run(Fuser(models), FusionParams())
+    assert outcome.text == script
+    assert outcome.usage["gemma3-270m"].dropped
+    assert not outcome.usage["smollm2-135m"].dropped
+    assert all(p != "gemma3-270m" for s in segments[-1:] for c in s.candidates for p in c.proposers)
+
+
+async def test_no_model_left_raises(make_model):
+    models = [make_model(t, "x y z", fail_at_call=2) for t in ("smollm2-135m", "qwen2.5-0.5b")]
+    with pytest.raises(FusionError, match="every source model failed"):
+        await run(Fuser(models), FusionParams())
+
+
+async def test_states_are_released_when_the_consumer_stops_early(make_model):
+    script = "one two three four five six"
+    models = [make_model(t, script) for t in ("smollm2-135m", "qwen2.5-0.5b")]
+    gen = Fuser(models).run(CHAT, FusionParams())
+    first = await gen.__anext__()
+    assert first.text
+    await gen.aclose()
+    for m in models:
+        assert m.engine.states and all(s.released for s in m.engine.states)
+
+
+async def test_rerank_picks_the_continuation_most_models_agree_with(make_model):
+    models = [
+        make_model("smollm2-135m", "Paris is the capital."),
+        make_model("gemma3-270m", "Lyon, maybe."),
+        make_model("qwen2.5-0.5b", "Paris is the capital."),
+    ]
+    segments, outcome = await run(Fuser(models), FusionParams(method="rerank"))
+    assert len(segments) == 1
+    assert outcome.text == "Paris is the capital."
+    assert {c.text for c in segments[0].candidates} == {"Paris is the capital.", "Lyon, maybe."}
+
+
+async def test_cool_rerank_adds_the_fused_text_as_a_candidate(make_model):
+    models = [
+        make_model("smollm2-135m", "The cat sat on the mat."),
+        make_model("gemma3-270m", "The cat sat on the rug."),
+        make_model("qwen2.5-0.5b", "The cat sat on the mat."),
+    ]
+    segments, outcome = await run(Fuser(models), FusionParams(method="cool_rerank"))
+    fused = [c for c in segments[0].candidates if c.proposers == ("fusion",)]
+    assert len(fused) == 1 and fused[0].text == "The cat sat on the mat."
+    assert outcome.text == "The cat sat on the mat."
+    for m in models:  # the cool pass and the rerank pass each opened (and released) states
+        assert len(m.engine.states) == 2 and all(s.released for s in m.engine.states)
+
+
+async def test_single_model_is_its_own_greedy_text(make_model):
+    model = make_model("gemma3-270m", "Only me, talking.")
+    segments, outcome = await run(Fuser([model]), FusionParams(models=("gemma3-270m",)))
+    assert outcome.text == "Only me, talking."
+    assert model.engine.scored == []  # nothing to compare against: no scoring pass
