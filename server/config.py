@@ -55,7 +55,8 @@ class ModelConfig(_Strict):
 
     name: str = Field(..., min_length=1, description="Name used in /v1/models and requests.")
     source: str = Field(
-        ..., min_length=1,
+        ...,
+        min_length=1,
         description="pip:<name> (a pip-shipped model), gguf:<file>, hf:<folder> or a folder path.",
     )
     engine: Literal["transformers", "vllm"] = Field("transformers", description="Backend.")
@@ -90,7 +91,9 @@ class ServerConfig(_Strict):
     port: int = Field(8000, ge=0, le=65535, description="Bind port.")
     api_keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys.")
     api_key_file: Path | None = Field(None, description="File with one API key per line.")
-    cors_origins: list[str] = Field(default_factory=list, description="CORS origins (off if empty).")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="CORS origins (off if empty)."
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask.")
     max_concurrent: int = Field(4, ge=1, description="Requests generating at once.")

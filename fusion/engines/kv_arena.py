@@ -16,14 +16,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicLayer,
+    LinearAttentionCacheLayerMixin,
+)
 
 
 class ArenaLayer(DynamicLayer):
     """One layer's keys/values in a growable buffer of shape [batch, heads, capacity, dim]."""
 
+    keys: torch.Tensor
+    values: torch.Tensor
+
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -79,16 +87,18 @@ class ArenaCache(Cache):
     """A cache of ``ArenaLayer``s with span operations across all layers."""
 
     def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[ArenaLayer() for _ in range(num_layers)])
+        self.arena = [ArenaLayer() for _ in range(num_layers)]
+        layers: list[CacheLayerMixin | LinearAttentionCacheLayerMixin] = list(self.arena)
+        super().__init__(layers=layers)
 
     @property
     def length(self) -> int:
-        return self.layers[0].length if self.layers else 0  # type: ignore[no-any-return]
+        return self.arena[0].length if self.arena else 0
 
     def truncate(self, length: int) -> None:
-        for layer in self.layers:
-            layer.truncate(length)  # type: ignore[attr-defined]
+        for layer in self.arena:
+            layer.truncate(length)
 
     def move(self, src: int, dst: int, count: int) -> None:
-        for layer in self.layers:
-            layer.move(src, dst, count)  # type: ignore[attr-defined]
+        for layer in self.arena:
+            layer.move(src, dst, count)

@@ -64,6 +64,7 @@ class TransformersState:
     ahead_lp: list[float] = field(default_factory=list)
     ahead_dists: list[torch.Tensor] = field(default_factory=list)  # dist before each
     ahead_fed: int = 0  # look-ahead tokens whose KV follows the committed slots
+    ahead_next: torch.Tensor | None = None  # log-probs after the last look-ahead token
     blocks: list[_Block] = field(default_factory=list)
     cancelled: bool = False
     forwards: int = 0
@@ -116,7 +117,8 @@ class TransformersEngine:
         model = AutoModelForCausalLM.from_pretrained(
             str(self.model_dir), dtype=getattr(torch, self.dtype)
         )
-        model.to(device).eval()
+        model = model.to(device)  # type: ignore[arg-type]
+        model.eval()
         config = model.config.get_text_config()
         self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 0)
         layer_types = getattr(config, "layer_types", None) or []
@@ -127,7 +129,11 @@ class TransformersEngine:
         self._model = model
         log.info(
             "engine %s: loaded %s on %s in %.1f s (%d threads)",
-            self.name, self.model_dir.name, device, time.monotonic() - started, self.threads,
+            self.name,
+            self.model_dir.name,
+            device,
+            time.monotonic() - started,
+            self.threads,
         )
 
     async def shutdown(self) -> None:
@@ -190,37 +196,26 @@ class TransformersEngine:
 
     # -- forwards -----------------------------------------------------------------------
     def _forward(
-        self, st: TransformersState, blocks: Sequence[Sequence[int]], visible: int, last_only: bool
+        self, st: TransformersState, blocks: Sequence[tuple[Sequence[int], int]], last_only: bool
     ) -> torch.Tensor:
-        """Feed ``blocks`` after the cache end; each sees cache slots ``[0, visible)`` and
-        its own earlier tokens, at positions starting from ``visible``. Returns log-probs
-        [tokens, vocab] (only the last row when ``last_only``)."""
+        """Feed ``blocks`` of (ids, visible) after the cache end; each block sees cache
+        slots ``[0, visible)`` and its own earlier tokens, at positions from ``visible``.
+        Returns log-probs [tokens, vocab] (only the last row when ``last_only``)."""
         if st.cancelled:
             raise asyncio.CancelledError()
         start = st.cache.length
-        ids = [t for b in blocks for t in b]
+        ids = [t for b, _ in blocks for t in b]
         n = len(ids)
         block_start = torch.empty(n, dtype=torch.long)
+        visible = torch.empty(n, dtype=torch.long)
         offset = 0
-        for b in blocks:
+        for b, vis in blocks:
             block_start[offset : offset + len(b)] = start + offset
+            visible[offset : offset + len(b)] = vis
             offset += len(b)
-        q_slot = torch.arange(start, start + n)
-        positions = visible + (q_slot - block_start)
-        kv = torch.arange(start + n)
-        allowed = (kv[None, :] < visible) | (
-            (kv[None, :] >= block_start[:, None]) & (kv[None, :] <= q_slot[:, None])
-        )
-        model_dtype = next(self._model.parameters()).dtype
-        masks: Any = self._additive(allowed, model_dtype)
-        if self._sliding_window is not None:
-            kv_pos = kv.clone()
-            kv_pos[start:] = positions
-            in_window = (positions[:, None] - kv_pos[None, :]) < self._sliding_window
-            masks = {
-                "full_attention": masks,
-                "sliding_attention": self._additive(allowed & in_window, model_dtype),
-            }
+        positions = visible + (torch.arange(start, start + n) - block_start)
+        plain = len(blocks) == 1 and blocks[0][1] == start
+        masks = None if plain else self._masks(start, n, visible, block_start, positions)
         out = self._model(
             input_ids=torch.tensor([ids], device=self._device),
             position_ids=positions[None, :].to(self._device),
@@ -233,6 +228,32 @@ class TransformersEngine:
         st.fed_tokens += n
         return torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
 
+    def _masks(
+        self,
+        start: int,
+        n: int,
+        visible: torch.Tensor,
+        block_start: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> Any:
+        """Attention masks for packed blocks. (A plain causal append gets none: transformers
+        builds its own, which keeps SDPA's fast paths, no mask for one token, native GQA.)"""
+        q_slot = torch.arange(start, start + n)
+        kv = torch.arange(start + n)
+        allowed = (kv[None, :] < visible[:, None]) | (
+            (kv[None, :] >= block_start[:, None]) & (kv[None, :] <= q_slot[:, None])
+        )
+        dtype = next(self._model.parameters()).dtype
+        if self._sliding_window is None:
+            return self._additive(allowed, dtype)
+        kv_pos = kv.clone()
+        kv_pos[start:] = positions
+        in_window = (positions[:, None] - kv_pos[None, :]) < self._sliding_window
+        return {
+            "full_attention": self._additive(allowed, dtype),
+            "sliding_attention": self._additive(allowed & in_window, dtype),
+        }
+
     def _additive(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         mask = torch.zeros(allowed.shape, dtype=dtype)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
@@ -242,7 +263,8 @@ class TransformersEngine:
         st.cache.truncate(st.committed)
         st.blocks = []
         st.ahead_fed = 0
-        dists = self._forward(st, [st.pending], st.committed, last_only=True)
+        st.ahead_next = None
+        dists = self._forward(st, [(st.pending, st.committed)], last_only=True)
         st.committed += len(st.pending)
         st.pending = []
         st.next_lp = dists[-1]
@@ -270,7 +292,13 @@ class TransformersEngine:
         while len(out) < max_tokens:
             i = len(out)
             if i >= len(st.ahead):
-                dist = st.next_lp if i == 0 else self._dist_after_ahead(st, i)
+                if i == 0:
+                    dist = st.next_lp
+                elif st.ahead_fed == i and st.ahead_next is not None:
+                    dist = st.ahead_next  # fed along with the last scoring pass
+                else:
+                    dist = self._dist_after_ahead(st, i)
+                st.ahead_next = None
                 assert dist is not None
                 tok = int(torch.argmax(dist))
                 st.ahead.append(tok)
@@ -289,7 +317,7 @@ class TransformersEngine:
         """Distribution of the token after ``ahead[:i]``: feeds the unfed look-ahead."""
         st.cache.truncate(st.committed + st.ahead_fed)
         todo = st.ahead[st.ahead_fed : i]
-        dists = self._forward(st, [todo], st.committed + st.ahead_fed, last_only=True)
+        dists = self._forward(st, [(todo, st.committed + st.ahead_fed)], last_only=True)
         st.ahead_fed = i
         return dists[-1]
 
@@ -299,8 +327,17 @@ class TransformersEngine:
         if st.pending:
             self._feed_pending(st)
         assert st.next_lp is not None
-        start = st.cache.length
-        dists = self._forward(st, candidates, st.committed, last_only=False)
+        # The unfed look-ahead rides along in the same forward (nearly free when batched):
+        # if this model's own candidate wins, its next generation needs no forward.
+        extra = st.ahead[st.ahead_fed :] if st.ahead_next is None else []
+        blocks: list[tuple[Sequence[int], int]] = [(extra, st.committed + st.ahead_fed)]
+        blocks = blocks[: 1 if extra else 0] + [(c, st.committed) for c in candidates]
+        start = st.cache.length + len(extra)
+        dists = self._forward(st, blocks, last_only=False)
+        if extra:
+            st.ahead_fed = len(st.ahead)
+            st.ahead_next = dists[len(extra) - 1]
+            dists = dists[len(extra) :]
         results: list[list[float]] = []
         offset = 0
         for cand in candidates:
@@ -340,7 +377,13 @@ class TransformersEngine:
         st.ahead_fed -= kept
         if n > kept:
             st.pending = list(st.ahead[kept:n])
-        st.next_lp = st.ahead_dists[n] if n < len(st.ahead) and not st.pending else None
+        if st.pending:
+            st.next_lp = None
+        elif n < len(st.ahead):
+            st.next_lp = st.ahead_dists[n]
+        else:
+            st.next_lp = st.ahead_next
+            st.ahead_next = None
         st.ahead = st.ahead[n:]
         st.ahead_lp = st.ahead_lp[n:]
         st.ahead_dists = st.ahead_dists[n:]
@@ -348,3 +391,4 @@ class TransformersEngine:
     @staticmethod
     def _clear_ahead(st: TransformersState) -> None:
         st.ahead, st.ahead_lp, st.ahead_dists, st.ahead_fed = [], [], [], 0
+        st.ahead_next = None

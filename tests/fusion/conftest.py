@@ -15,7 +15,9 @@ TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfo
 def make_model(default_adapters: dict[str, TokenizerAdapter]) -> Callable[..., SourceModel]:
     """A source model with a real tokenizer and a scripted engine."""
 
-    def make(tokenizer: str, script: str, name: str | None = None, **engine_kw: object) -> SourceModel:
+    def make(
+        tokenizer: str, script: str, name: str | None = None, **engine_kw: object
+    ) -> SourceModel:
         adapter = default_adapters[tokenizer]
         end_id = adapter.eos_ids[0]
         engine = ScriptedEngine(name or tokenizer, adapter, script, end_id=end_id, **engine_kw)

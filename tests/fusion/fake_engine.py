@@ -86,9 +86,13 @@ class ScriptedEngine:
             out.append(tok)
             if tok in stop_ids or should_stop(out):
                 break
-        return Generation(tuple(out), tuple(GOOD for _ in out), out[-1] if out[-1] in stop_ids else None)
+        return Generation(
+            tuple(out), tuple(GOOD for _ in out), out[-1] if out[-1] in stop_ids else None
+        )
 
-    async def score(self, state: FakeState, candidates: Sequence[Sequence[int]]) -> list[list[float]]:
+    async def score(
+        self, state: FakeState, candidates: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
         await self._tick()
         self.scored.append([list(c) for c in candidates])
         rest = self._rest(state)

@@ -156,6 +156,6 @@ async def test_cool_rerank_adds_the_fused_text_as_a_candidate(make_model):
 
 async def test_single_model_is_its_own_greedy_text(make_model):
     model = make_model("gemma3-270m", "Only me, talking.")
-    segments, outcome = await run(Fuser([model]), FusionParams(models=("gemma3-270m",)))
+    _, outcome = await run(Fuser([model]), FusionParams(models=("gemma3-270m",)))
     assert outcome.text == "Only me, talking."
     assert model.engine.scored == []  # nothing to compare against: no scoring pass

@@ -40,8 +40,9 @@ async def test_trio_writes_fluent_text_that_several_models_win(real_models, defa
             assert cut in adapter.word_ends(full), (adapter.name, full[:cut])
 
 
-@pytest.mark.parametrize("pair", list(itertools.combinations(
-    ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"], 2)))
+@pytest.mark.parametrize(
+    "pair", list(itertools.combinations(["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"], 2))
+)
 async def test_every_pair_fuses(real_models, pair):
     models = [real_models[n] for n in pair]
     segments, outcome = await fuse(models, SEA, max_tokens=24)
@@ -82,10 +83,23 @@ async def test_completion_prompt_continues_the_text(real_models):
 
 def test_cli_generate_prints_text_and_trace(model_dirs, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "server", "--log-level", "WARNING", "generate", "--trace",
-         "--max-tokens", "12", "--models", "smollm2-135m,qwen2.5-0.5b",
-         "What is 2 plus 2?"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--log-level",
+            "WARNING",
+            "generate",
+            "--trace",
+            "--max-tokens",
+            "12",
+            "--models",
+            "smollm2-135m,qwen2.5-0.5b",
+            "What is 2 plus 2?",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from tokenizers_align import TokenizerAdapter, complete_text
@@ -9,7 +11,7 @@ from tokenizers_align import TokenizerAdapter, complete_text
 
 def words(adapter: TokenizerAdapter, text: str) -> list[str]:
     ends = [0, *adapter.word_ends(text), len(text)]
-    return [text[a:b] for a, b in zip(ends, ends[1:])]
+    return [text[a:b] for a, b in itertools.pairwise(ends)]
 
 
 def test_byte_level_words_follow_the_pretokenizer(default_adapters):
@@ -21,7 +23,8 @@ def test_byte_level_words_follow_the_pretokenizer(default_adapters):
 def test_sentencepiece_words_split_at_whitespace_edges(default_adapters):
     gemma = default_adapters["gemma3-270m"]
     assert not gemma.splits_words  # its pre-tokenizer splits on " " after "▁" replaced it
-    assert words(gemma, "Hello world, it's\n\nfine") == ["Hello", " world,", " it's", "\n\n", "fine"]
+    expected = ["Hello", " world,", " it's", "\n\n", "fine"]
+    assert words(gemma, "Hello world, it's\n\nfine") == expected
 
 
 def test_llama2_dummy_prefix_and_byte_fallback(all_adapters):
@@ -48,7 +51,10 @@ def test_incomplete_utf8_is_cut_before_analysis(default_adapters):
     assert all(p <= len(complete_text(partial)) for p in smol.word_ends(partial))
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "llama3", "llama2"])
+ALL = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "llama3", "llama2"]
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_word_ends_are_token_boundaries_that_round_trip(all_adapters, name):
     adapter = all_adapters[name]
     text = "def f(x):\n    return x**2  # 12345 café 你好 🙂\ttab"
