@@ -28,6 +28,21 @@ class Generation:
     stopped_on: int | None = None  # the stop token id that ended generation, if any
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a model picks its tokens: greedy at temperature 0 (the default)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+GREEDY = Sampling()
+
 # Called with all ids generated so far in this call; True stops generation there.
 StopCheck = Callable[[Sequence[int]], bool]
 
@@ -57,9 +72,11 @@ class Engine(Protocol):
         max_tokens: int,
         stop_ids: frozenset[int],
         should_stop: StopCheck,
+        sampling: Sampling = GREEDY,
     ) -> Generation:
-        """M2: greedy tokens after the state's context, until a stop id, ``should_stop``
-        or ``max_tokens``. Does not change the committed context."""
+        """M2: tokens after the state's context (greedy unless ``sampling`` says otherwise),
+        until a stop id, ``should_stop`` or ``max_tokens``. Does not change the committed
+        context; tokens past what is later committed may be kept as look-ahead."""
 
     async def score(
         self, state: StateHandle, candidates: Sequence[Sequence[int]]

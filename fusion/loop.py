@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from fusion.engine import StateHandle
+from fusion.engine import Sampling, StateHandle
 from fusion.models import SourceModel
 from fusion.proposals import Proposal, propose
 from fusion.stops import StopStringTracker
@@ -220,6 +220,7 @@ class Fuser:
                 cap=cap,
                 stop_strings=m.stop_strings,
                 until_boundary=True,
+                sampling=_model_sampling(run, m),
             )
 
         proposals = await self._each(run, one)
@@ -292,6 +293,7 @@ class Fuser:
                 cap=params.max_tokens,
                 stop_strings=(*m.stop_strings, *params.stop),
                 until_boundary=False,
+                sampling=_model_sampling(run, m),
             )
 
         proposals = await self._each(run, one)
@@ -329,6 +331,15 @@ class Fuser:
             (m.name, perplexity(lps.get(m.name, []), run.params.ppl_mode)) for m in run.models
         )
         return ScoredCandidate(text, ("fusion",), ended, ppl, sum(p for _, p in ppl) / len(ppl))
+
+
+def _model_sampling(run: _Run, m: SourceModel) -> Sampling:
+    """The request's sampling for one model: a seed of its own, so models differ."""
+    sampling = run.params.sampling
+    if sampling.greedy or sampling.seed is None:
+        return sampling
+    offset = list(run.outcome.usage).index(m.name)
+    return Sampling(sampling.temperature, sampling.top_p, sampling.seed + offset)
 
 
 def _content_tokens(p: Proposal) -> int:

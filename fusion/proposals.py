@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fusion.engine import StateHandle
+from fusion.engine import GREEDY, Sampling, StateHandle
 from fusion.models import SourceModel
 from tokenizers_align import (
     IncrementalCodec,
@@ -42,6 +42,7 @@ async def propose(
     cap: int,
     stop_strings: Sequence[str],
     until_boundary: bool,
+    sampling: Sampling = GREEDY,
 ) -> Proposal:
     """Generate ``model``'s candidate after the shared text."""
     tail = codec.tail_text
@@ -64,7 +65,7 @@ async def propose(
                 return True
         return False
 
-    gen = await model.engine.generate(state, cap, model.stop_ids, should_stop)
+    gen = await model.engine.generate(state, cap, model.stop_ids, should_stop, sampling)
     ids, lps = gen.ids, gen.logprobs
     if gen.stopped_on is not None:
         text = texts[-1] if texts else ""

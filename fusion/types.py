@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fusion.engine import GREEDY, Sampling
+
 Method = Literal["cool", "cool_shortest", "rerank", "cool_rerank"]
 METHODS: tuple[Method, ...] = ("cool", "cool_shortest", "rerank", "cool_rerank")
 PplMode = Literal["mean", "sum"]
@@ -37,6 +39,7 @@ class FusionParams:
     max_segment_tokens: int = 16
     ppl_mode: PplMode = "mean"
     models: tuple[str, ...] | None = None  # a subset of the source models, by name
+    sampling: Sampling = GREEDY  # each source model samples its own candidates this way
 
 
 @dataclass(frozen=True)

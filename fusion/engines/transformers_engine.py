@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from fusion.engine import EngineError, Generation, StopCheck
+from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
 from fusion.engines.kv_arena import ArenaCache
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class TransformersState:
     ahead_next: torch.Tensor | None = None  # log-probs after the last look-ahead token
     blocks: list[_Block] = field(default_factory=list)
     cancelled: bool = False
+    generator: torch.Generator | None = None  # sampling RNG, seeded once per request
     forwards: int = 0
     fed_tokens: int = 0
 
@@ -175,8 +176,9 @@ class TransformersEngine:
         max_tokens: int,
         stop_ids: frozenset[int],
         should_stop: StopCheck,
+        sampling: Sampling = GREEDY,
     ) -> Generation:
-        return await self._run(self._generate, state, max_tokens, stop_ids, should_stop)
+        return await self._run(self._generate, state, max_tokens, stop_ids, should_stop, sampling)
 
     async def score(
         self, state: TransformersState, candidates: Sequence[Sequence[int]]
@@ -282,6 +284,7 @@ class TransformersEngine:
         max_tokens: int,
         stop_ids: frozenset[int],
         should_stop: StopCheck,
+        sampling: Sampling = GREEDY,
     ) -> Generation:
         self._drop_blocks(st)
         if st.pending:
@@ -300,7 +303,7 @@ class TransformersEngine:
                     dist = self._dist_after_ahead(st, i)
                 st.ahead_next = None
                 assert dist is not None
-                tok = int(torch.argmax(dist))
+                tok = self._pick(st, dist, sampling)
                 st.ahead.append(tok)
                 st.ahead_lp.append(float(dist[tok]))
                 st.ahead_dists.append(dist)
@@ -312,6 +315,23 @@ class TransformersEngine:
             if should_stop(out):
                 break
         return Generation(ids=tuple(out), logprobs=tuple(lps), stopped_on=stopped_on)
+
+    @staticmethod
+    def _pick(st: TransformersState, dist: torch.Tensor, sampling: Sampling) -> int:
+        if sampling.greedy:
+            return int(torch.argmax(dist))
+        if st.generator is None:
+            st.generator = torch.Generator()
+            if sampling.seed is not None:
+                st.generator.manual_seed(sampling.seed)
+            else:
+                st.generator.seed()
+        probs = torch.softmax(dist / sampling.temperature, dim=-1)
+        if sampling.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=st.generator))
 
     def _dist_after_ahead(self, st: TransformersState, i: int) -> torch.Tensor:
         """Distribution of the token after ``ahead[:i]``: feeds the unfed look-ahead."""

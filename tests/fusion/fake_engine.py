@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fusion.engine import EngineError, Generation, StopCheck
+from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
 from tokenizers_align import TokenizerAdapter
 
 GOOD, BAD = -0.05, -3.0
@@ -76,7 +76,12 @@ class ScriptedEngine:
         return st
 
     async def generate(
-        self, state: FakeState, max_tokens: int, stop_ids: frozenset[int], should_stop: StopCheck
+        self,
+        state: FakeState,
+        max_tokens: int,
+        stop_ids: frozenset[int],
+        should_stop: StopCheck,
+        sampling: Sampling = GREEDY,
     ) -> Generation:
         await self._tick()
         rest = self._rest(state)

@@ -1,0 +1,116 @@
+"""OpenAI request models for the endpoints we serve (pydantic v2, unknown fields allowed).
+
+Standard fields follow the OpenAI API; ``null`` is accepted for every optional one. The
+extension field ``fusion`` (``extra_body={"fusion": {...}}`` in the SDK) steers the fused
+model: method, a subset of source models, segment cap, and whether to return the trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fusion.types import Method, PplMode
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class FusionOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method | None = Field(None, description="cool, cool_shortest, rerank, cool_rerank")
+    models: list[str] | None = Field(None, min_length=1, description="Source models to fuse.")
+    max_segment_tokens: int | None = Field(None, ge=1, le=256)
+    ppl_mode: PplMode | None = None
+    trace: bool = Field(False, description="Return every segment's candidates and scores.")
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool | None = False
+
+
+class ContentPart(OpenAIModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"content part type {part.type!r} is not supported (text only)")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class _Sampling(OpenAIModel):
+    model: str = Field(..., min_length=1)
+    stop: str | list[str] | None = None
+    n: int | None = Field(1, ge=1, le=16)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    user: str | None = None
+    fusion: FusionOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop strings")
+        return v
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0)
+
+    def max_new(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0)
+    suffix: str | None = None
+
+    def prompts(self) -> list[str]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, str) for p in self.prompt):
+            return [str(p) for p in self.prompt]
+        raise ValueError(
+            "token-id prompts are not supported: the fused models use different tokenizers; "
+            "send text"
+        )
+
+
+def error_body(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """The OpenAI error envelope."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

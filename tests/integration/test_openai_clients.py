@@ -1,0 +1,128 @@
+"""The official OpenAI SDK (sync and async) and curl against `fusion-server serve` on
+loopback, with the three real default models."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+MESSAGES = [{"role": "user", "content": "Name three fruits."}]
+
+
+@pytest.fixture(scope="module")
+def server_url(model_dirs) -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "FUSION_SERVER__MAX_CONCURRENT": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--config", "config.yaml", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.5)
+        else:
+            pytest.fail("server did not become ready")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_sync_sdk_plain_and_streamed_answers_are_equal(server_url):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server_url}/v1", api_key="unused")
+    assert "fusion" in [m.id for m in client.models.list().data]
+    plain = client.chat.completions.create(model="fusion", messages=MESSAGES, max_tokens=16)
+    text = plain.choices[0].message.content
+    assert text and plain.usage.completion_tokens > 0
+    stream = client.chat.completions.create(
+        model="fusion",
+        messages=MESSAGES,
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+async def test_async_sdk_streams_completions_and_traces(server_url):
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{server_url}/v1", api_key="unused")
+    stream = await client.completions.create(
+        model="fusion", prompt="The capital of France is", max_tokens=6, stream=True
+    )
+    text = "".join([c.choices[0].text async for c in stream])
+    assert "Paris" in text
+    traced = await client.chat.completions.create(
+        model="fusion",
+        messages=MESSAGES,
+        max_tokens=8,
+        extra_body={"fusion": {"trace": True, "method": "cool"}},
+    )
+    segments = traced.model_dump()["choices"][0]["fusion"]["segments"]
+    assert segments and all(s["candidates"] for s in segments)
+    single = await client.chat.completions.create(
+        model="qwen2.5-0.5b", messages=MESSAGES, max_tokens=8
+    )
+    assert single.choices[0].message.content
+
+
+def test_curl_streams_sse_until_done(server_url):
+    body = json.dumps({"model": "fusion", "messages": MESSAGES, "max_tokens": 8, "stream": True})
+    proc = subprocess.run(
+        [
+            "curl",
+            "-sN",
+            f"{server_url}/v1/chat/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][6:])
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_sdk_sees_openai_errors(server_url):
+    from openai import BadRequestError, NotFoundError, OpenAI
+
+    client = OpenAI(base_url=f"{server_url}/v1", api_key="unused")
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="nope", messages=MESSAGES)
+    with pytest.raises(BadRequestError) as err:
+        client.chat.completions.create(model="fusion", messages=MESSAGES, max_tokens=-5)
+    assert err.value.status_code == 400

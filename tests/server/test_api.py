@@ -1,0 +1,281 @@
+"""The HTTP API in-process: shapes, streaming, errors, limits (scripted engines)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tests.server.conftest import SCRIPT
+
+CHAT = {"model": "fusion", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def sse_events(body: str) -> list[str]:
+    return [line[len("data: ") :] for line in body.splitlines() if line.startswith("data: ")]
+
+
+async def test_models_lists_the_fused_model_and_every_source(client):
+    async with client() as http:
+        r = await http.get("/v1/models")
+        ids = [m["id"] for m in r.json()["data"]]
+        assert ids == ["fusion", "smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]
+        assert (await http.get("/v1/models/qwen2.5-0.5b")).json()["id"] == "qwen2.5-0.5b"
+        missing = await http.get("/v1/models/nope")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "model_not_found"
+
+
+async def test_chat_completion_shape_and_usage(client):
+    async with client() as http:
+        r = await http.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200
+        body = r.json()
+        assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+        choice = body["choices"][0]
+        assert choice["message"] == {"role": "assistant", "content": SCRIPT}
+        assert choice["finish_reason"] == "stop"
+        usage = body["usage"]
+        assert usage["completion_tokens"] > 0
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert set(usage["models"]) == {"smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"}
+        assert all(m["generated_tokens"] > 0 for m in usage["models"].values())
+
+
+async def test_unknown_fields_ignored_nulls_accepted_and_text_parts_joined(client):
+    async with client() as http:
+        r = await http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "fusion",
+                "frobnicate": 3,
+                "max_tokens": None,
+                "stop": None,
+                "seed": None,
+                "temperature": 0,
+                "stream_options": None,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                    }
+                ],
+            },
+        )
+        assert r.status_code == 200, r.text
+
+
+async def test_bad_requests_get_400_with_the_openai_envelope(client):
+    cases = [
+        {"model": "fusion"},
+        {"model": "fusion", "messages": []},
+        {"model": "fusion", "messages": [{"role": "wizard", "content": "x"}]},
+        {**CHAT, "max_tokens": -1},
+        {**CHAT, "max_tokens": "many"},
+        {**CHAT, "n": 0},
+        {**CHAT, "temperature": 7},
+        {**CHAT, "max_tokens": 10**9},
+        {**CHAT, "logprobs": True},
+        {**CHAT, "fusion": {"method": "vote"}},
+        {**CHAT, "fusion": {"models": ["nope"]}},
+        {
+            "model": "fusion",
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ],
+        },
+    ]
+    async with client() as http:
+        for case in cases:
+            r = await http.post("/v1/chat/completions", json=case)
+            assert r.status_code == 400, (case, r.text)
+            err = r.json()["error"]
+            assert err["message"] and err["type"] == "invalid_request_error"
+        r = await http.post(
+            "/v1/chat/completions",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+        r = await http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"})
+        assert r.status_code == 404
+
+
+async def test_logprobs_refusal_says_why(client):
+    async with client() as http:
+        r = await http.post("/v1/chat/completions", json={**CHAT, "logprobs": True})
+        assert "tokenizers" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "logprobs"
+
+
+async def test_completions_with_prompt_list_n_and_echo(client):
+    async with client() as http:
+        r = await http.post(
+            "/v1/completions",
+            json={"model": "fusion", "prompt": ["A", "B"], "n": 2, "echo": True, "max_tokens": 4},
+        )
+        body = r.json()
+        assert body["object"] == "text_completion"
+        assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+        assert body["choices"][0]["text"].startswith("A")
+        assert body["choices"][2]["text"].startswith("B")
+        assert all(c["finish_reason"] == "length" for c in body["choices"])
+        bad = await http.post("/v1/completions", json={"model": "fusion", "prompt": [1, 2]})
+        assert bad.status_code == 400 and "token-id" in bad.json()["error"]["message"]
+
+
+async def test_stop_string_spanning_segments_is_cut_and_not_emitted(client):
+    async with client() as http:
+        body = {**CHAT, "stop": ["mat. It"]}
+        r = await http.post("/v1/chat/completions", json=body)
+        assert r.json()["choices"][0]["message"]["content"] == "The cat sat on the "
+        streamed = await http.post("/v1/chat/completions", json={**body, "stream": True})
+        text = "".join(
+            json.loads(e)["choices"][0]["delta"].get("content", "")
+            for e in sse_events(streamed.text)[:-1]
+            if json.loads(e)["choices"]
+        )
+        assert text == "The cat sat on the "
+
+
+async def test_stream_chunks_one_per_segment_and_equal_the_plain_answer(client):
+    async with client() as http:
+        plain = (await http.post("/v1/chat/completions", json=CHAT)).json()
+        streamed = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        r = await http.post("/v1/chat/completions", json=streamed)
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers.get("x-accel-buffering") == "no"
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        content = [c for c in chunks[1:] if c["choices"] and "content" in c["choices"][0]["delta"]]
+        assert len(content) >= 8  # one per segment, not one blob
+        assert (
+            "".join(c["choices"][0]["delta"]["content"] for c in content)
+            == plain["choices"][0]["message"]["content"]
+        )
+        assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+        no_usage = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        assert all(json.loads(e).get("usage") is None for e in sse_events(no_usage.text)[:-1])
+
+
+async def test_trace_carries_candidates_and_perplexities(client, trio):
+    models = trio()
+    models[1] = trio("The cat sat on the rug. It was warm.")[1]
+    async with client(models=models) as http:
+        body = {**CHAT, "fusion": {"trace": True}}
+        plain = (await http.post("/v1/chat/completions", json=body)).json()
+        segments = plain["choices"][0]["fusion"]["segments"]
+        split = next(s for s in segments if len(s["candidates"]) > 1)
+        assert {c["text"] for c in split["candidates"]} == {" mat.", " rug."}
+        assert set(split["candidates"][0]["perplexities"]) == {
+            "smollm2-135m",
+            "gemma3-270m",
+            "qwen2.5-0.5b",
+        }
+        streamed = await http.post("/v1/chat/completions", json={**body, "stream": True})
+        traced = [json.loads(e) for e in sse_events(streamed.text)[1:-2]]
+        assert all("fusion" in c["choices"][0] for c in traced)
+
+
+async def test_single_source_model_by_name(client):
+    async with client() as http:
+        r = await http.post("/v1/chat/completions", json={**CHAT, "model": "gemma3-270m"})
+        usage = r.json()["usage"]["models"]
+        assert list(usage) == ["gemma3-270m"]
+
+
+async def test_api_keys_guard_v1_but_not_health(client):
+    async with client(api_keys=["s3cret"]) as http:
+        assert (await http.get("/health")).status_code == 200
+        r = await http.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        wrong = await http.get("/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        ok = await http.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+
+
+async def test_oversized_body_is_413(client):
+    async with client(max_body_bytes=2048) as http:
+        big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
+        r = await http.post("/v1/chat/completions", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+async def test_context_length_exceeded(client, trio):
+    models = [m.__class__(**{**m.__dict__, "max_model_len": 64}) for m in trio()]
+    async with client(models=models) as http:
+        r = await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 60})
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_full_queue_answers_429_with_retry_after(client, trio):
+    async with client(models=trio(delay=0.05), max_concurrent=1, max_queue=0) as http:
+        first = asyncio.ensure_future(http.post("/v1/chat/completions", json=CHAT))
+        await asyncio.sleep(0.1)
+        second = await http.post("/v1/chat/completions", json=CHAT)
+        assert second.status_code == 429 and second.headers["retry-after"]
+        assert (await first).status_code == 200
+
+
+async def test_concurrent_requests_are_all_served(client, trio):
+    async with client(models=trio(delay=0.01), max_concurrent=4) as http:
+        rs = await asyncio.gather(*(http.post("/v1/chat/completions", json=CHAT) for _ in range(4)))
+        assert [r.status_code for r in rs] == [200] * 4
+        assert len({r.json()["choices"][0]["message"]["content"] for r in rs}) == 1
+
+
+async def test_engine_failure_mid_stream_is_an_error_event_then_done(client, trio):
+    async with client(models=trio(fail_at_call=6)) as http:
+        r = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert err["code"] == "engine_unavailable" and "failed" in err["message"]
+        plain = await http.post("/v1/chat/completions", json=CHAT)
+        assert plain.status_code == 503
+
+
+async def test_one_failing_model_does_not_fail_the_request(client, trio):
+    models = trio()
+    models[1] = trio(fail_at_call=4)[1]
+    async with client(models=models) as http:
+        r = await http.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == SCRIPT
+        assert "dropped" in r.json()["usage"]["models"]["gemma3-270m"]
+
+
+async def test_health_is_503_while_loading_failed_or_an_engine_is_down(make_config, trio):
+    from server.app import create_app
+
+    models = trio()
+    app = create_app(make_config(), models=models)
+    import httpx
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        assert (await http.get("/health")).status_code == 503  # lifespan not started
+        assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 503
+        async with app.router.lifespan_context(app):
+            await asyncio.sleep(0.05)
+            assert (await http.get("/health")).status_code == 200
+
+            async def down() -> None:
+                raise RuntimeError("engine process died")
+
+            models[0].engine.check_health = down
+            r = await http.get("/health")
+            assert r.status_code == 503 and "smollm2-135m" in r.json()["engines"]
+
+
+async def test_metrics_count_requests_segments_and_wins(client):
+    async with client() as http:
+        await http.post("/v1/chat/completions", json=CHAT)
+        text = (await http.get("/metrics")).text
+        assert 'fusion_requests_total{endpoint="chat",model="fusion",status="200"} 1.0' in text
+        assert "fusion_segment_wins_total" in text and "fusion_step_seconds_bucket" in text
+        assert 'fusion_tokens_total{kind="scored"' in text or "fusion_tokens_total" in text
