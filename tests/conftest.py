@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from fusion.models import ChatTemplate, SourceModel
 from fusion.sources import resolve_source
 from tests.fixtures import extra_tokenizers
+from tests.fusion.fake_engine import ScriptedEngine
 from tokenizers_align import TokenizerAdapter
+
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 
 DEFAULT_SOURCES = {
     "smollm2-135m": "pip:smollm2-135m-instruct",
@@ -55,3 +60,24 @@ def real_models(model_dirs: dict[str, Path]):
         return models
 
     return {m.name: m for m in asyncio.run(load())}
+
+
+@pytest.fixture
+def make_model(default_adapters: dict[str, TokenizerAdapter]) -> Callable[..., SourceModel]:
+    """A source model with a real tokenizer and a scripted engine."""
+
+    def make(
+        tokenizer: str, script: str, name: str | None = None, **engine_kw: object
+    ) -> SourceModel:
+        adapter = default_adapters[tokenizer]
+        end_id = adapter.eos_ids[0]
+        engine = ScriptedEngine(name or tokenizer, adapter, script, end_id=end_id, **engine_kw)
+        return SourceModel(
+            name=name or tokenizer,
+            engine=engine,
+            tokenizer=adapter,
+            chat_template=ChatTemplate(TEMPLATE),
+            chat_end_id=end_id,
+        )
+
+    return make

@@ -12,8 +12,6 @@ import pytest
 from server.app import create_app
 from server.config import load_config
 
-pytest_plugins = ["tests.fusion.conftest"]
-
 SCRIPT = "The cat sat on the mat. It was warm."
 
 
