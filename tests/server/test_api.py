@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from tests.server.conftest import SCRIPT
+from tests.conftest import SCRIPT
 
 CHAT = {"model": "fusion", "messages": [{"role": "user", "content": "hi"}]}
 

