@@ -103,7 +103,7 @@ class VllmEngine:
             enable_prefix_caching=True,
             block_size=int(opts.get("block_size") or 32),
             enforce_eager=bool(opts.get("enforce_eager", True)),
-            dtype=dtype,
+            dtype=dtype,  # type: ignore[arg-type]
             disable_log_stats=True,
             seed=0,
             **extra,
@@ -155,7 +155,9 @@ class VllmEngine:
             await self._llm.abort(live)
 
     # -- requests -------------------------------------------------------------------------
-    async def _request(self, st: VllmState, prompt: list[int], params: Any) -> AsyncIterator[Any]:
+    async def _request(
+        self, st: VllmState, prompt: list[int], params: Any
+    ) -> AsyncGenerator[Any, None]:
         """Yield outputs of one vLLM request; abort it if the caller stops early."""
         from vllm.inputs import TokensPrompt
 
