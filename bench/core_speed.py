@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from fusion.loop import Fuser
 from fusion.types import FusionOutcome, FusionParams, Prompt
 from server.config import load_config

