@@ -219,10 +219,12 @@ class VllmEngine:
         )
         st.ahead_sampled = True
         done = False
+        logged = False
         prompt = st.ids + st.ahead
         async with contextlib.aclosing(self._request(st, prompt, params)) as stream:
             async for res in stream:
-                if res.num_cached_tokens is not None and not done:
+                if not logged and res.num_cached_tokens is not None:
+                    logged = True
                     st.prefill.append((len(prompt), res.num_cached_tokens))
                     self.prefill_log.append(st.prefill[-1])
                 c = res.outputs[0]
