@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from fusion.engine import Sampling, StateHandle
+from fusion.engine import EngineError, Sampling, StateHandle
 from fusion.models import SourceModel
 from fusion.proposals import Proposal, propose
 from fusion.stops import StopStringTracker
@@ -124,7 +124,9 @@ class Fuser:
     async def _each(self, run: _Run, work: Callable[[SourceModel], Awaitable[T]]) -> dict[str, T]:
         """Run ``work(model)`` for every active model concurrently; drop models that fail."""
         models = list(run.models)
-        results = await asyncio.gather(*(work(m) for m in models), return_exceptions=True)
+        results = await asyncio.gather(
+            *(_bounded(m, work(m)) for m in models), return_exceptions=True
+        )
         out: dict[str, T] = {}
         for m, res in zip(models, results):
             if isinstance(res, asyncio.CancelledError):
@@ -331,6 +333,18 @@ class Fuser:
             (m.name, perplexity(lps.get(m.name, []), run.params.ppl_mode)) for m in run.models
         )
         return ScoredCandidate(text, ("fusion",), ended, ppl, sum(p for _, p in ppl) / len(ppl))
+
+
+async def _bounded(m: SourceModel, work: Awaitable[T]) -> T:
+    """``work`` under the model's per-step timeout: a hung model is dropped, not awaited."""
+    if m.step_timeout is None:
+        return await work
+    try:
+        return await asyncio.wait_for(work, m.step_timeout)
+    except TimeoutError:
+        raise EngineError(
+            f"engine {m.name}: no answer within its step timeout ({m.step_timeout:g} s)"
+        ) from None
 
 
 def _model_sampling(run: _Run, m: SourceModel) -> Sampling:

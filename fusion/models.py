@@ -81,6 +81,7 @@ class SourceModel:
     stop_strings: tuple[str, ...] = ()  # end this model's candidates (its own turn markers)
     chat_end_id: int | None = None  # token that ends an assistant turn
     max_model_len: int = 0
+    step_timeout: float | None = None  # seconds one engine call may take before a drop
 
     @property
     def stop_ids(self) -> frozenset[int]:
@@ -110,6 +111,7 @@ def build_source_model(
     chat_template: str | None = None,
     stop_strings: Sequence[str] = (),
     max_model_len: int = 0,
+    step_timeout: float | None = None,
 ) -> SourceModel:
     """A ``SourceModel`` from an HF folder: its tokenizer, template and turn-end token."""
     tokenizer = TokenizerAdapter.from_dir(model_dir, name=name)
@@ -135,4 +137,5 @@ def build_source_model(
         stop_strings=stops,
         chat_end_id=chat_end_id,
         max_model_len=max_model_len,
+        step_timeout=step_timeout,
     )

@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -227,37 +228,36 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
                 ping=config.server.keepalive_seconds,
                 headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
             )
-        timer = state.metrics.latency.labels(endpoint).time()
+        started = time.monotonic()
+        status = "499"
         try:
-            with timer:
-                await _until_disconnected(request, service.run_all(job))
-            state.metrics.requests.labels(endpoint, job.model, "200").inc()
+            await _until_disconnected(request, service.run_all(job))
+            status = "200"
             return JSONResponse(service.response(job))
         except Exception as exc:
             err = to_api_error(exc)
-            state.metrics.requests.labels(endpoint, job.model, str(err.status)).inc()
+            status = str(err.status)
             raise err from exc
         finally:
             state.admission.release()
+            _finish(service, job, endpoint, status, started)
 
     async def _stream(
         service: FusionService, job: Job, endpoint: str
     ) -> AsyncIterator[dict[str, str]]:
         assert state.admission is not None
         status = "200"
+        started = time.monotonic()
         try:
-            with state.metrics.latency.labels(endpoint).time():
-                for choice in job.choices:
-                    if job.kind == "chat":
-                        yield _data(service.chunk(job, choice.index, "", role=True))
-                    async for seg in service.segments(choice):
-                        if seg.text or job.trace:
-                            yield _data(service.chunk(job, choice.index, seg.text, seg=seg))
-                    yield _data(
-                        service.chunk(job, choice.index, finish=choice.outcome.finish_reason)
-                    )
-                if job.include_usage:
-                    yield _data(service.usage_chunk(job))
+            for choice in job.choices:
+                if job.kind == "chat":
+                    yield _data(service.chunk(job, choice.index, "", role=True))
+                async for seg in service.segments(choice):
+                    if seg.text or job.trace:
+                        yield _data(service.chunk(job, choice.index, seg.text, seg=seg))
+                yield _data(service.chunk(job, choice.index, finish=choice.outcome.finish_reason))
+            if job.include_usage:
+                yield _data(service.usage_chunk(job))
         except (asyncio.CancelledError, GeneratorExit):
             status = "499"  # the client went away; the fusion run released its engines
             raise
@@ -266,9 +266,17 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
             status = str(err.status)
             yield _data(err.body())
         finally:
-            state.metrics.requests.labels(endpoint, job.model, status).inc()
             state.admission.release()
+            _finish(service, job, endpoint, status, started)
         yield {"data": "[DONE]"}
+
+    def _finish(
+        service: FusionService, job: Job, endpoint: str, status: str, started: float
+    ) -> None:
+        elapsed = time.monotonic() - started
+        state.metrics.requests.labels(endpoint, job.model, status).inc()
+        state.metrics.latency.labels(endpoint).observe(elapsed)
+        service.log_done(job, elapsed, status)
 
     return app
 

@@ -75,6 +75,12 @@ class ModelConfig(_Strict):
     stop: list[str] = Field(
         default_factory=list, description="Strings that end this model's candidates."
     )
+    step_timeout_seconds: float | None = Field(
+        300.0,
+        gt=0,
+        description="Longest one engine call may take (a step; a whole continuation for "
+        "rerank) before the model is dropped from the request; null: no limit.",
+    )
     options: EngineOptions = Field(default_factory=EngineOptions)  # type: ignore[arg-type]
 
 

@@ -36,7 +36,12 @@ async def load_models(config: AppConfig) -> list[SourceModel]:
             engine = make_engine(mc, str(folder))
             models.append(
                 build_source_model(
-                    mc.name, engine, folder, chat_template=mc.chat_template, stop_strings=mc.stop
+                    mc.name,
+                    engine,
+                    folder,
+                    chat_template=mc.chat_template,
+                    stop_strings=mc.stop,
+                    step_timeout=mc.step_timeout_seconds,
                 )
             )
             await engine.start()

@@ -8,6 +8,7 @@ here they become ``chat.completion`` / ``text_completion`` objects and stream ch
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
@@ -23,6 +24,8 @@ from server.config import AppConfig
 from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, FusionOptions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -251,6 +254,27 @@ class FusionService:
             self.metrics.segment(choice.params.method, seg)
             yield seg
         self.metrics.outcome(choice.params.method, choice.outcome)
+
+    def log_done(self, job: Job, seconds: float, status: str) -> None:
+        """One line per request; prompt and completion text only when ``log_text`` is on."""
+        tokens = sum(c.outcome.completion_tokens for c in job.choices)
+        log.info(
+            "%s model=%s choices=%d tokens=%d status=%s %.2fs",
+            self._id(job),
+            job.model,
+            len(job.choices),
+            tokens,
+            status,
+            seconds,
+        )
+        if self.config.server.log_text:
+            for c in job.choices:
+                log.info(
+                    "%s prompt=%r completion=%r",
+                    self._id(job),
+                    c.prompt.messages or c.prompt.text,
+                    c.outcome.text,
+                )
 
     async def run_all(self, job: Job) -> None:
         async def one(choice: Choice) -> None:

@@ -159,3 +159,15 @@ async def test_single_model_is_its_own_greedy_text(make_model):
     _, outcome = await run(Fuser([model]), FusionParams(models=("gemma3-270m",)))
     assert outcome.text == "Only me, talking."
     assert model.engine.scored == []  # nothing to compare against: no scoring pass
+
+
+async def test_a_hung_model_is_dropped_after_its_step_timeout(make_model):
+    import dataclasses
+
+    script = "The cat sat on the mat."
+    slow = make_model("gemma3-270m", script, delay=5.0)
+    slow = dataclasses.replace(slow, step_timeout=0.2)
+    models = [make_model("smollm2-135m", script), slow, make_model("qwen2.5-0.5b", script)]
+    _, outcome = await run(Fuser(models), FusionParams())
+    assert outcome.text == script
+    assert "step timeout" in (outcome.usage["gemma3-270m"].dropped or "")
