@@ -227,6 +227,9 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
                 _stream(service, job, endpoint),
                 ping=config.server.keepalive_seconds,
                 headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
+                # on SIGTERM a stream may finish within the grace period (uvicorn's own
+                # graceful-shutdown timeout is the same grace, plus a second)
+                shutdown_grace_period=config.server.shutdown_grace_seconds,
             )
         started = time.monotonic()
         status = "499"
@@ -287,13 +290,20 @@ def _data(obj: dict[str, Any]) -> dict[str, str]:
 
 def serve(config: AppConfig) -> int:
     """Run the server with uvicorn until SIGINT/SIGTERM."""
+    return serve_app(config, None)
+
+
+def serve_app(config: AppConfig, models: list[SourceModel] | None) -> int:
+    """Serve ``create_app(config, models)``. SIGTERM stops accepting connections, lets
+    in-flight requests and streams finish within ``shutdown_grace_seconds``, then closes
+    every engine in the app's lifespan."""
     import uvicorn
 
-    app = create_app(config)
+    app = create_app(config, models)
     host, port = config.server.host, config.server.port
     print(
         f"fusion-server: serving http://{host}:{port}/v1 (fused model {config.fusion.name!r};"
-        f" health at /health, ready once the models are loaded)",
+        " health at /health, ready once the models are loaded)",
         flush=True,
     )
     uvicorn.run(
@@ -301,6 +311,6 @@ def serve(config: AppConfig) -> int:
         host=host,
         port=port,
         log_level="info",
-        timeout_graceful_shutdown=int(config.server.shutdown_grace_seconds),
+        timeout_graceful_shutdown=int(config.server.shutdown_grace_seconds) + 1,
     )
     return 0
