@@ -113,13 +113,21 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
     """The app; ``models`` injects already running source models (tests), else the
     configured ones are loaded at start-up and shut down at exit."""
     state = ServerState(config)
+    state.admission = Admission(
+        config.server.max_concurrent, config.server.max_queue, state.metrics
+    )
     keys = config.all_api_keys()
+    if models is not None:  # already running: serve at once
+        state.models = models
+        state.service = FusionService(config, models, state.metrics)
 
     async def load() -> None:
         from server.engines import load_models
 
+        if models is not None:
+            return
         try:
-            loaded = models if models is not None else await load_models(config)
+            loaded = await load_models(config)
         except Exception as exc:
             state.load_error = f"loading the source models failed: {exc}"
             log.error("%s", state.load_error)
@@ -135,17 +143,14 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.admission = Admission(
-            config.server.max_concurrent, config.server.max_queue, state.metrics
-        )
         loader = asyncio.ensure_future(load())
         try:
             yield
         finally:
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
-            state.service = None
             if models is None:
+                state.service = None
                 from server.engines import shutdown_models
 
                 await shutdown_models(state.models)

@@ -28,6 +28,27 @@ DEFAULT_SOURCES = {
 }
 
 
+def make_scripted_models(
+    adapters: dict[str, TokenizerAdapter], script: str, **engine_kw: Any
+) -> list[SourceModel]:
+    """Source models with real tokenizers and scripted engines (the engine boundary)."""
+    models = []
+    for name in ("smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"):
+        adapter = adapters[name]
+        end_id = adapter.eos_ids[0]
+        engine = ScriptedEngine(name, adapter, script, end_id=end_id, **engine_kw)
+        models.append(
+            SourceModel(
+                name=name,
+                engine=engine,
+                tokenizer=adapter,
+                chat_template=ChatTemplate(TEMPLATE),
+                chat_end_id=end_id,
+            )
+        )
+    return models
+
+
 @pytest.fixture(scope="session")
 def model_dirs() -> dict[str, Path]:
     """HF folders of the three default models (converted once, then cached)."""
