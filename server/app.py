@@ -202,6 +202,10 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        for m in state.models:
+            open_states = getattr(m.engine, "open_states", None)
+            if open_states is not None:
+                state.metrics.open_states.labels(m.name).set(open_states)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=v1)

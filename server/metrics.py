@@ -37,6 +37,12 @@ class Metrics:
         self.engine_up = Gauge(
             "fusion_engine_up", "1 if a source engine is healthy", ["source"], registry=r
         )
+        self.open_states = Gauge(
+            "fusion_engine_open_states",
+            "Request states open in a source engine",
+            ["source"],
+            registry=r,
+        )
         self.dropped = Counter(
             "fusion_model_dropped", "Source models dropped mid-request", ["source"], registry=r
         )

@@ -103,6 +103,7 @@ class TransformersEngine:
         )
         self._sliding_window: int | None = None
         self._dead: BaseException | None = None
+        self.open_states = 0  # requests holding a state here (metrics, leak checks)
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -166,6 +167,7 @@ class TransformersEngine:
             raise EngineError(f"engine {self.name} is not loaded")
         if not prompt_ids:
             raise EngineError(f"engine {self.name}: empty prompt")
+        self.open_states += 1
         return TransformersState(
             request_id=request_id, cache=ArenaCache(self._num_layers), pending=list(prompt_ids)
         )
@@ -193,6 +195,8 @@ class TransformersEngine:
         await self._run(self._commit, state, tuple(ids))
 
     async def release(self, state: TransformersState) -> None:
+        if not state.cancelled:
+            self.open_states -= 1
         state.cancelled = True  # a running generation stops at its next token
         await self._run(state.cache.truncate, 0)
 

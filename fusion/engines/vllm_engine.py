@@ -80,6 +80,7 @@ class VllmEngine:
         self._dead: str | None = None
         # (prompt tokens, prefix-cached tokens) of recent requests, for benchmarks/metrics
         self.prefill_log: deque[tuple[int, int]] = deque(maxlen=100_000)
+        self.open_states = 0  # requests holding a state here (metrics, leak checks)
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -149,9 +150,12 @@ class VllmEngine:
     async def open(self, request_id: str, prompt_ids: Sequence[int]) -> VllmState:
         if self._llm is None:
             raise EngineError(f"engine {self.name} is not loaded")
+        self.open_states += 1
         return VllmState(request_id=request_id, ids=list(prompt_ids))
 
     async def release(self, state: VllmState) -> None:
+        if not state.cancelled:
+            self.open_states -= 1
         state.cancelled = True
         live, state.live = list(state.live), set()
         if live and self._llm is not None:
