@@ -188,6 +188,12 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
         if service is None:
             why = state.load_error or "loading"
             return JSONResponse({"status": why}, status_code=503)
+        unhealthy = await _engine_health()
+        if unhealthy:
+            return JSONResponse({"status": "unhealthy", "engines": unhealthy}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def _engine_health() -> dict[str, str]:
         unhealthy = {}
         for m in state.models:
             try:
@@ -196,12 +202,11 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
             except Exception as exc:
                 state.metrics.engine_up.labels(m.name).set(0)
                 unhealthy[m.name] = str(exc)
-        if unhealthy:
-            return JSONResponse({"status": "unhealthy", "engines": unhealthy}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return unhealthy
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        await _engine_health()
         for m in state.models:
             open_states = getattr(m.engine, "open_states", None)
             if open_states is not None:

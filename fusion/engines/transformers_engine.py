@@ -103,6 +103,7 @@ class TransformersEngine:
         )
         self._sliding_window: int | None = None
         self._dead: BaseException | None = None
+        self._failures = 0
         self.open_states = 0  # requests holding a state here (metrics, leak checks)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -151,15 +152,26 @@ class TransformersEngine:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(
+            result = await loop.run_in_executor(
                 self._executor, functools.partial(_inference, fn, *args)
             )
         except (EngineError, asyncio.CancelledError):
             raise
-        except MemoryError as exc:
-            raise EngineError(f"engine {self.name}: out of memory") from exc
         except Exception as exc:
-            raise EngineError(f"engine {self.name}: {type(exc).__name__}: {exc}") from exc
+            self._failed(exc)
+            what = "out of memory" if isinstance(exc, MemoryError) else f"{type(exc).__name__}"
+            raise EngineError(f"engine {self.name}: {what}: {exc}") from exc
+        if fn in (self._generate, self._score):  # model work succeeded: healthy again
+            self._failures = 0
+            self._dead = None
+        return result
+
+    def _failed(self, exc: BaseException) -> None:
+        # One failure may belong to one request's input; several in a row mean the
+        # engine itself is broken: /health reports it until a call succeeds again.
+        self._failures += 1
+        if self._failures >= 3:
+            self._dead = exc
 
     # -- protocol -----------------------------------------------------------------------
     async def open(self, request_id: str, prompt_ids: Sequence[int]) -> TransformersState:

@@ -94,3 +94,32 @@ async def test_release_stops_a_running_generation(real_models):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert len(state.ahead) < 400
+
+
+async def test_repeated_failures_make_the_engine_unhealthy_until_it_recovers(model_dirs):
+    from fusion.engine import EngineError
+    from fusion.engines.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine("smollm2-135m", model_dirs["smollm2-135m"])
+    await engine.start()
+    healthy_forward = engine._model.forward
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    engine._model.forward = broken
+    for i in range(3):
+        state = await engine.open(f"f{i}", [1, 2, 3])
+        with pytest.raises(EngineError, match="device lost"):
+            await engine.generate(state, 2, frozenset(), lambda ids: False)
+        await engine.release(state)
+    with pytest.raises(EngineError, match="failed"):
+        await engine.check_health()
+    engine._model.forward = healthy_forward
+    state = await engine.open("ok", [1, 2, 3])
+    await engine.generate(state, 2, frozenset(), lambda ids: False)
+    await engine.check_health()
+    assert engine.open_states == 1
+    await engine.release(state)
+    assert engine.open_states == 0
+    await engine.shutdown()
