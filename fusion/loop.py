@@ -67,6 +67,7 @@ class Fuser:
     def __init__(self, models: Sequence[SourceModel], window_pieces: int = 4) -> None:
         self.models = {m.name: m for m in models}
         self.window_pieces = window_pieces
+        self._releasing: set[asyncio.Future[None]] = set()  # releases outliving their request
 
     def select(self, names: Sequence[str] | None) -> list[SourceModel]:
         if not names:
@@ -114,7 +115,20 @@ class Fuser:
         run.states.update(opened)
 
     async def _release(self, run: _Run) -> None:
+        """Release every engine state of the run, even while the request is cancelled.
+
+        A disconnect cancels the request through anyio (sse-starlette), where every later
+        await in the cancelled scope raises again; the releases therefore run in their
+        own shielded task and finish whatever happens to the caller."""
         states, run.states = run.states, {}
+        if not states:
+            return
+        task = asyncio.ensure_future(self._release_states(states))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+        await asyncio.shield(task)
+
+    async def _release_states(self, states: dict[str, StateHandle]) -> None:
         for name, state in states.items():
             try:
                 await self.models[name].engine.release(state)

@@ -182,9 +182,11 @@ class VllmEngine:
             self._dead = str(exc)
             raise EngineError(f"engine {self.name}: {type(exc).__name__}: {exc}") from exc
         finally:
-            st.live.discard(rid)
+            # under a cancelled anyio scope these awaits raise again: the id then stays
+            # in ``live`` and the (shielded) release aborts it
             await gen.aclose()
             await self._llm.abort(rid)
+            st.live.discard(rid)
 
     async def generate(
         self,

@@ -118,4 +118,7 @@ class ScriptedEngine:
         self.commits.append(list(ids))
 
     async def release(self, state: FakeState) -> None:
+        # real engines await work here (a thread hop, an abort call), so must the fake:
+        # a release that is cancelled half-way would otherwise go unnoticed
+        await asyncio.sleep(0)
         state.released = True
