@@ -320,11 +320,13 @@ def serve_app(config: AppConfig, models: list[SourceModel] | None) -> int:
         " health at /health, ready once the models are loaded)",
         flush=True,
     )
+    # uvicorn logs at the level given to the CLI (--log-level), access lines included
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     uvicorn.run(
         app,
         host=host,
         port=port,
-        log_level="info",
+        log_level=level if level in ("debug", "info", "warning", "error") else "info",
         timeout_graceful_shutdown=int(config.server.shutdown_grace_seconds) + 1,
     )
     return 0
