@@ -9,10 +9,11 @@ engine fails is dropped from the request (recorded in the usage) while others re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -76,19 +77,21 @@ class Fuser:
 
     async def run(
         self, prompt: Prompt, params: FusionParams, outcome: FusionOutcome | None = None
-    ) -> AsyncIterator[Segment]:
+    ) -> AsyncGenerator[Segment, None]:
         run = _Run(params, prompt, self.select(params.models), outcome=outcome or FusionOutcome())
         run.outcome.usage = {m.name: ModelUsage() for m in run.models}
         try:
             await self._open(run)
             if params.method in ("cool", "cool_shortest"):
-                async for seg in self._cool(run, emit=True):
-                    yield seg
+                async with contextlib.aclosing(self._cool(run, emit=True)) as segments:
+                    async for seg in segments:
+                        yield seg
             elif params.method == "rerank":
                 yield await self._rerank(run, fused=None)
             else:
-                async for _ in self._cool(run, emit=False):
-                    pass
+                async with contextlib.aclosing(self._cool(run, emit=False)) as segments:
+                    async for _ in segments:
+                        pass
                 fused_text = run.outcome.text
                 yield await self._rerank(run, fused=fused_text)
         finally:
@@ -109,10 +112,14 @@ class Fuser:
             run.codecs[m.name] = codec
             run.outcome.usage[m.name].prompt_tokens = len(prompt_ids[m.name])
             run.fused_logprobs[m.name] = []
-        opened = await self._each(
-            run, lambda m: m.engine.open(f"{rid}-{m.name}", prompt_ids[m.name])
-        )
-        run.states.update(opened)
+
+        async def open_one(m: SourceModel) -> StateHandle:
+            state = await m.engine.open(f"{rid}-{m.name}", prompt_ids[m.name])
+            # recorded at once: a request cancelled while others still open must release it
+            run.states[m.name] = state
+            return state
+
+        await self._each(run, open_one)
 
     async def _release(self, run: _Run) -> None:
         """Release every engine state of the run, even while the request is cancelled.
@@ -165,7 +172,7 @@ class Fuser:
         run.models = [x for x in run.models if x.name != m.name]
 
     # -- Cool -----------------------------------------------------------------------------
-    async def _cool(self, run: _Run, emit: bool) -> AsyncIterator[Segment]:
+    async def _cool(self, run: _Run, emit: bool) -> AsyncGenerator[Segment, None]:
         params = run.params
         tracker = StopStringTracker(params.stop)
         index = 0

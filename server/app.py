@@ -10,6 +10,7 @@ followed by ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -23,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from fusion.models import SourceModel
 from server.admission import Admission
@@ -237,8 +239,13 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
         assert state.admission is not None
         await state.admission.acquire()
         if job.stream:
+            events = _stream(service, job, endpoint)
             return EventSourceResponse(
-                _stream(service, job, endpoint),
+                events,
+                # When the client leaves, sse-starlette cancels the sending task and drops
+                # the iterator, possibly suspended at a yield: closing it here runs the
+                # fusion run's cleanup (engine releases) instead of leaving it to the GC.
+                background=BackgroundTask(events.aclose),
                 ping=config.server.keepalive_seconds,
                 headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
                 # on SIGTERM a stream may finish within the grace period (uvicorn's own
@@ -269,9 +276,12 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
             for choice in job.choices:
                 if job.kind == "chat":
                     yield _data(service.chunk(job, choice.index, "", role=True))
-                async for seg in service.segments(choice):
-                    if seg.text or job.trace:
-                        yield _data(service.chunk(job, choice.index, seg.text, seg=seg))
+                # aclosing: when the client leaves, this generator is closed at a yield,
+                # and only an explicit close reaches the fusion run's engine release
+                async with contextlib.aclosing(service.segments(choice)) as segments:
+                    async for seg in segments:
+                        if seg.text or job.trace:
+                            yield _data(service.chunk(job, choice.index, seg.text, seg=seg))
                 yield _data(service.chunk(job, choice.index, finish=choice.outcome.finish_reason))
             if job.include_usage:
                 yield _data(service.usage_chunk(job))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -76,10 +77,11 @@ async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
             else Prompt(messages=({"role": "user", "content": args.prompt},))
         )
         outcome = FusionOutcome()
-        async for seg in fuser.run(prompt, params, outcome):
-            if args.trace:
-                _print_trace(seg)
-            print(seg.text, end="", flush=True)
+        async with contextlib.aclosing(fuser.run(prompt, params, outcome)) as segments:
+            async for seg in segments:
+                if args.trace:
+                    _print_trace(seg)
+                print(seg.text, end="", flush=True)
         print()
         wins = ", ".join(f"{n}: {u.segments_won}" for n, u in outcome.usage.items())
         print(

@@ -8,6 +8,7 @@ here they become ``chat.completion`` / ``text_completion`` objects and stream ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -249,10 +250,12 @@ class FusionService:
 
     # -- running --------------------------------------------------------------------------
     async def segments(self, choice: Choice) -> AsyncIterator[Segment]:
-        async for seg in self.fuser.run(choice.prompt, choice.params, choice.outcome):
-            choice.segments.append(seg)
-            self.metrics.segment(choice.params.method, seg)
-            yield seg
+        run = self.fuser.run(choice.prompt, choice.params, choice.outcome)
+        async with contextlib.aclosing(run) as segments:
+            async for seg in segments:
+                choice.segments.append(seg)
+                self.metrics.segment(choice.params.method, seg)
+                yield seg
         self.metrics.outcome(choice.params.method, choice.outcome)
 
     def log_done(self, job: Job, seconds: float, status: str) -> None:
@@ -278,8 +281,9 @@ class FusionService:
 
     async def run_all(self, job: Job) -> None:
         async def one(choice: Choice) -> None:
-            async for _ in self.segments(choice):
-                pass
+            async with contextlib.aclosing(self.segments(choice)) as segments:
+                async for _ in segments:
+                    pass
 
         await asyncio.gather(*(one(c) for c in job.choices))
 

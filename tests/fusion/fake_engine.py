@@ -65,6 +65,10 @@ class ScriptedEngine:
             return None
         return self.adapter.encode(self.script)[len(self.adapter.encode(written)) :]
 
+    @property
+    def open_states(self) -> int:
+        return sum(not st.released for st in self.states)
+
     async def start(self) -> None: ...
     async def check_health(self) -> None: ...
     async def shutdown(self) -> None: ...

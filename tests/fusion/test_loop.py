@@ -171,3 +171,27 @@ async def test_a_hung_model_is_dropped_after_its_step_timeout(make_model):
     _, outcome = await run(Fuser(models), FusionParams())
     assert outcome.text == script
     assert "step timeout" in (outcome.usage["gemma3-270m"].dropped or "")
+
+
+async def test_cancel_while_opening_releases_the_states_already_opened(make_model):
+    """Regression (found by bench/load.py): a client that left before the first segment
+    cancelled the run while engines were still opening; the states opened so far were
+    never released."""
+    import asyncio
+
+    script = "one two three"
+    fast = make_model("smollm2-135m", script)
+    slow = make_model("qwen2.5-0.5b", script, delay=5.0)
+    fuser = Fuser([fast, slow])
+
+    async def consume() -> None:
+        async for _ in fuser.run(CHAT, FusionParams()):
+            pass
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.sleep(0.2)  # fast has opened; slow is still opening
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    assert len(fast.engine.states) == 1 and fast.engine.states[0].released

@@ -94,3 +94,31 @@ def test_streams_longer_than_the_grace_period_are_cut_and_the_server_exits(model
     # uvicorn re-raises the signal once shut down, so the exit status is "terminated"
     assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
     assert time.monotonic() - started < 20
+
+
+def test_disconnected_streams_free_every_engine_state_in_a_real_server(model_dirs):
+    """Regression: a client leaving mid-stream left the fusion run suspended at a yield
+    (sse-starlette never closes its body iterator) and every engine state open."""
+    proc, url = start(grace=5, delay=0.05)
+    body = {
+        "model": "fusion",
+        "messages": [{"role": "user", "content": "count"}],
+        "max_tokens": 100,
+        "stream": True,
+    }
+    try:
+        # leave after the role chunk (while engines open) and after the first content
+        for marker in ('"role"', '"content": "one"', '"role"', '"content": "one"'):
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if marker in line:
+                        break
+        time.sleep(1.5)
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        open_states = [
+            ln for ln in metrics.splitlines() if ln.startswith("fusion_engine_open_states{")
+        ]
+        assert open_states and all(ln.endswith(" 0.0") for ln in open_states), open_states
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
