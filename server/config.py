@@ -47,6 +47,11 @@ class EngineOptions(_Strict):
         None, description="CPU cores for this engine, e.g. '0' or '0-1' (vLLM on CPU)."
     )
     enforce_eager: bool = Field(True, description="Skip graph compilation (vLLM).")
+    gpu: str | None = Field(
+        None,
+        description="GPU(s) for this engine's processes, e.g. '1' (vLLM: its "
+        "CUDA_VISIBLE_DEVICES), for one engine per GPU; default: share the visible GPUs.",
+    )
     block_size: int = Field(
         32, ge=1, description="KV block size (vLLM prefix caching; a multiple of 32 on CPU)."
     )

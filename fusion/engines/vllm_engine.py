@@ -90,6 +90,8 @@ class VllmEngine:
         opts = self.options
         on_cpu = current_platform.is_cpu()
         env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+        if opts.get("gpu") is not None and not on_cpu:
+            env["CUDA_VISIBLE_DEVICES"] = str(opts["gpu"])
         if on_cpu:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(opts.get("kv_cache_space_gib") or 1)))
             if opts.get("cpu_threads_bind"):
