@@ -333,17 +333,25 @@ class FusionService:
                 body["fusion"] = {"segments": [trace_of(s) for s in c.segments]}
             choices.append(body)
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
+        return self._envelope(job, obj, choices, usage=self.usage(job))
+
+    def _id(self, job: Job) -> str:
+        return ("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.id
+
+    def _envelope(
+        self, job: Job, obj: str, choices: list[dict[str, Any]], **extra: Any
+    ) -> dict[str, Any]:
         return {
             "id": self._id(job),
             "object": obj,
             "created": job.created,
             "model": job.model,
             "choices": choices,
-            "usage": self.usage(job),
+            **extra,
         }
 
-    def _id(self, job: Job) -> str:
-        return ("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.id
+    def _chunk_object(self, job: Job) -> str:
+        return "chat.completion.chunk" if job.kind == "chat" else "text_completion"
 
     def chunk(
         self,
@@ -365,22 +373,7 @@ class FusionService:
             body["text"] = delta or ""
         if seg is not None and job.trace:
             body["fusion"] = {"segments": [trace_of(seg)]}
-        obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
-        return {
-            "id": self._id(job),
-            "object": obj,
-            "created": job.created,
-            "model": job.model,
-            "choices": [body],
-        }
+        return self._envelope(job, self._chunk_object(job), [body])
 
     def usage_chunk(self, job: Job) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
-        return {
-            "id": self._id(job),
-            "object": obj,
-            "created": job.created,
-            "model": job.model,
-            "choices": [],
-            "usage": self.usage(job),
-        }
+        return self._envelope(job, self._chunk_object(job), [], usage=self.usage(job))

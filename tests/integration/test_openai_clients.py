@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
+
+from tests.fixtures.processes import free_port, launch
 
 pytestmark = pytest.mark.integration
 MESSAGES = [{"role": "user", "content": "Name three fruits."}]
@@ -20,30 +18,11 @@ MESSAGES = [{"role": "user", "content": "Name three fruits."}]
 
 @pytest.fixture(scope="module")
 def server_url(model_dirs) -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "FUSION_SERVER__MAX_CONCURRENT": "2"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--config", "config.yaml", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    args = ["server", "serve", "--config", "config.yaml", "--port", str(port)]
+    proc, url = launch(args, port, env=env)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.5)
-        else:
-            pytest.fail("server did not become ready")
         yield url
     finally:
         proc.terminate()

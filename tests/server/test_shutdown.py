@@ -4,46 +4,27 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import httpx
 
+from tests.fixtures.processes import free_port, launch
 from tests.fixtures.scripted_server import SCRIPT
 
 
 def start(grace: float, delay: float) -> tuple[subprocess.Popen[str], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.fixtures.scripted_server",
-            "--port",
-            str(port),
-            "--grace",
-            str(grace),
-            "--delay",
-            str(delay),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("scripted server did not start")
+    port = free_port()
+    args = [
+        "tests.fixtures.scripted_server",
+        "--port",
+        str(port),
+        "--grace",
+        str(grace),
+        "--delay",
+        str(delay),
+    ]
+    return launch(args, port, timeout=60)
 
 
 def test_sigterm_lets_an_in_flight_stream_finish_then_exits(model_dirs):
