@@ -159,3 +159,28 @@ async def test_server_streams_a_fused_answer_from_vllm_engines(vllm_models, live
             if json.loads(e)["choices"]
         )
         assert text.strip()
+
+
+async def test_shutdown_leaves_no_engine_processes(model_dirs):
+    import psutil
+
+    from fusion.engines.vllm_engine import VllmEngine
+
+    engine = VllmEngine(
+        "smollm2-135m",
+        model_dirs["smollm2-135m"],
+        {"kv_cache_space_gib": 1, "cpu_threads_bind": "0"},
+    )
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    await engine.start()
+    # multiprocessing's resource tracker is one helper per parent process (it exits with
+    # the parent), not an engine process
+    spawned = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())
+    ]
+    assert spawned  # vLLM runs its engine core in processes of its own
+    await engine.shutdown()
+    _, alive = psutil.wait_procs(spawned, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
