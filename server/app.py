@@ -325,10 +325,11 @@ def serve_app(config: AppConfig, models: list[SourceModel] | None) -> int:
 
     app = create_app(config, models)
     host, port = config.server.host, config.server.port
-    print(
-        f"fusion-server: serving http://{host}:{port}/v1 (fused model {config.fusion.name!r};"
-        " health at /health, ready once the models are loaded)",
-        flush=True,
+    log.info(
+        "serving http://%s:%d/v1 (fused model %r; /health answers 200 once the models are loaded)",
+        host,
+        port,
+        config.fusion.name,
     )
     # uvicorn logs at the level given to the CLI (--log-level), access lines included
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
