@@ -53,6 +53,14 @@ class _Run:
     outcome: FusionOutcome = field(default_factory=FusionOutcome)
     # per scoring model: log-probs of every committed winner, for Cool+R
     fused_logprobs: dict[str, list[float]] = field(default_factory=dict)
+    # this step's candidate encodings per (model, text): scoring and committing share them
+    encoded: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    def encode(self, model: str, text: str) -> list[int]:
+        key = (model, text)
+        if key not in self.encoded:
+            self.encoded[key] = self.codecs[model].encode_next(text)
+        return self.encoded[key]
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,7 @@ class Fuser:
             run.codecs[m.name] = codec
             run.outcome.usage[m.name].prompt_tokens = len(prompt_ids[m.name])
             run.fused_logprobs[m.name] = []
+        run.encoded.clear()
 
         async def open_one(m: SourceModel) -> StateHandle:
             state = await m.engine.open(f"{rid}-{m.name}", prompt_ids[m.name])
@@ -258,7 +267,7 @@ class Fuser:
         chat = run.prompt.is_chat
 
         def ids_for(m: SourceModel, c: _Candidate) -> list[int]:
-            ids = run.codecs[m.name].encode_next(c.text) if c.text else []
+            ids = run.encode(m.name, c.text) if c.text else []
             end = m.end_id(chat)
             return [*ids, end] if c.ended and end is not None else ids
 
@@ -292,11 +301,12 @@ class Fuser:
             if own is not None and own.own_ids is not None:
                 ids = list(own.own_ids)
             else:
-                ids = codec.encode_next(win.text)
+                ids = run.encode(m.name, win.text)
             await m.engine.commit(run.states[m.name], ids)
             codec.commit(win.text)
 
         await self._each(run, one)
+        run.encoded.clear()  # every codec's tail moved on
 
     # -- Rerank and Cool+R ----------------------------------------------------------------
     async def _rerank(self, run: _Run, fused: str | None) -> Segment:
