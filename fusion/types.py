@@ -66,6 +66,29 @@ class ScoredCandidate:
 
 
 @dataclass(frozen=True)
+class StepTimings:
+    """Where one fusion step's wall time went (seconds).
+
+    ``generate``, ``score`` and ``commit`` are the wall times of those phases, models
+    running concurrently, less the tokenizer work inside them; ``align`` is that tokenizer
+    work (decoding, word-boundary checks, encoding candidates) summed over the models;
+    ``other`` is the rest (selection, stop strings, bookkeeping). ``per_model`` is each
+    model's own busy time in the step, so the slowest one is the step's critical path.
+    """
+
+    generate: float = 0.0
+    score: float = 0.0
+    commit: float = 0.0
+    align: float = 0.0
+    other: float = 0.0
+    per_model: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def total(self) -> float:
+        return self.generate + self.score + self.commit + self.align + self.other
+
+
+@dataclass(frozen=True)
 class Segment:
     """One selected piece of the fused answer, with its provenance."""
 
@@ -76,6 +99,8 @@ class Segment:
     tokens: int  # tokens of the winning candidate in its proposer's tokenization
     finish_reason: FinishReason | None = None
     step_seconds: float = 0.0
+    timings: StepTimings = field(default_factory=StepTimings)
+    context_tokens: int = 0  # prompt + answer tokens before this step (first model's tokens)
 
 
 @dataclass
@@ -98,3 +123,12 @@ class FusionOutcome:
     finish_reason: FinishReason | None = None
     usage: dict[str, ModelUsage] = field(default_factory=dict)
     segments: int = 0
+    # summed over every step, Cool+R's unemitted ones included: phase -> seconds
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    model_seconds: dict[str, float] = field(default_factory=dict)
+
+    def add_timings(self, t: StepTimings) -> None:
+        for phase in ("generate", "score", "commit", "align", "other"):
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + getattr(t, phase)
+        for name, secs in t.per_model:
+            self.model_seconds[name] = self.model_seconds.get(name, 0.0) + secs

@@ -18,11 +18,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
@@ -40,6 +42,8 @@ from server.errors import (
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.serving import FusionService, Job
+
+PLAYGROUND = Path(__file__).parent / "static" / "playground"
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -215,6 +219,17 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
                 state.metrics.open_states.labels(m.name).set(open_states)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/v1/fusion/stats", dependencies=v1)
+    async def fusion_stats() -> dict[str, Any]:
+        """Per source model, over fused segments since start: share won, perplexity, latency."""
+        return state.metrics.source_stats()
+
+    @app.get("/playground", include_in_schema=False)
+    async def playground_page() -> Response:
+        return RedirectResponse("/playground/")
+
+    app.mount("/playground/", StaticFiles(directory=PLAYGROUND, html=True), name="playground")
+
     @app.get("/v1/models", dependencies=v1)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": state.ready_service().model_cards()}
@@ -326,10 +341,13 @@ def serve_app(config: AppConfig, models: list[SourceModel] | None) -> int:
     app = create_app(config, models)
     host, port = config.server.host, config.server.port
     log.info(
-        "serving http://%s:%d/v1 (fused model %r; /health answers 200 once the models are loaded)",
+        "serving http://%s:%d/v1 (fused model %r; /health answers 200 once the models are loaded)"
+        "; playground: http://%s:%d/playground",
         host,
         port,
         config.fusion.name,
+        host,
+        port,
     )
     # uvicorn logs at the level given to the CLI (--log-level), access lines included
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()

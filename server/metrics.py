@@ -1,10 +1,35 @@
-"""Prometheus metrics of one app instance (its own registry: no module-level state)."""
+"""Prometheus metrics of one app instance (its own registry: no module-level state),
+and the per-source-model statistics the playground shows (``/v1/fusion/stats``)."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from fusion.types import FusionOutcome, Segment
+
+
+@dataclass
+class SourceStats:
+    """One source model's record over the fused segments (two or more models taking part)."""
+
+    steps: int = 0  # fused steps it took part in
+    won: int = 0
+    proposed: int = 0  # candidates it proposed that had a finite perplexity
+    perplexity_sum: float = 0.0  # of those candidates, averaged over the scoring models
+    busy_seconds: float = 0.0  # its own generate + score + commit time in those steps
+
+    def as_dict(self, fused_segments: int) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "segments_won": self.won,
+            "share_won": self.won / fused_segments if fused_segments else 0.0,
+            "mean_perplexity": self.perplexity_sum / self.proposed if self.proposed else None,
+            "mean_step_ms": 1000 * self.busy_seconds / self.steps if self.steps else None,
+        }
 
 
 class Metrics:
@@ -46,11 +71,63 @@ class Metrics:
         self.dropped = Counter(
             "fusion_model_dropped", "Source models dropped mid-request", ["source"], registry=r
         )
+        self.win_share = Gauge(
+            "fusion_source_win_share",
+            "Share of fused segments (two or more models) won by each source model",
+            ["source"],
+            registry=r,
+        )
+        self.candidate_ppl = Histogram(
+            "fusion_source_candidate_perplexity",
+            "Perplexity of each source's candidates in fused steps, averaged over the models "
+            "(the selection criterion; _sum/_count is the mean)",
+            ["source"],
+            registry=r,
+            buckets=(1.1, 1.25, 1.5, 2, 3, 5, 10, 30, 100, 1000),
+        )
+        self.source_step = Histogram(
+            "fusion_source_step_seconds",
+            "Each source model's own busy time per fused step (generate + score + commit)",
+            ["source"],
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+        )
+        self.sources: dict[str, SourceStats] = {}
+        self.fused_segments = 0
 
     def segment(self, model: str, seg: Segment) -> None:
         self.segments.labels(model).inc()
         self.wins.labels(seg.winner).inc()
         self.step.observe(seg.step_seconds)
+        if seg.candidates and len(seg.candidates[0].perplexities) > 1:
+            self._fused_segment(seg)
+
+    def _fused_segment(self, seg: Segment) -> None:
+        self.fused_segments += 1
+        busy = dict(seg.timings.per_model)
+        for name, _ in seg.candidates[0].perplexities:
+            stats = self.sources.setdefault(name, SourceStats())
+            stats.steps += 1
+            stats.won += name == seg.winner
+            if name in busy:
+                stats.busy_seconds += busy[name]
+                self.source_step.labels(name).observe(busy[name])
+        for c in seg.candidates:
+            if not math.isfinite(c.mean_perplexity):
+                continue
+            for name in c.proposers:
+                if name in self.sources:
+                    self.sources[name].proposed += 1
+                    self.sources[name].perplexity_sum += c.mean_perplexity
+                    self.candidate_ppl.labels(name).observe(c.mean_perplexity)
+        for name, stats in self.sources.items():
+            self.win_share.labels(name).set(stats.won / self.fused_segments)
+
+    def source_stats(self) -> dict[str, Any]:
+        return {
+            "fused_segments": self.fused_segments,
+            "sources": {n: s.as_dict(self.fused_segments) for n, s in self.sources.items()},
+        }
 
     def outcome(self, model: str, outcome: FusionOutcome) -> None:
         self.tokens.labels(model, "completion").inc(outcome.completion_tokens)

@@ -65,6 +65,12 @@ def trace_of(seg: Segment) -> dict[str, Any]:
         "text": seg.text,
         "winner": seg.winner,
         "step_ms": round(seg.step_seconds * 1000, 1),
+        "timings_ms": {
+            phase: round(getattr(seg.timings, phase) * 1000, 1)
+            for phase in ("generate", "score", "align", "commit", "other")
+        },
+        "model_ms": {name: round(s * 1000, 1) for name, s in seg.timings.per_model},
+        "context_tokens": seg.context_tokens,
         "candidates": [
             {
                 "text": c.text,

@@ -195,3 +195,37 @@ async def test_cancel_while_opening_releases_the_states_already_opened(make_mode
         await task
     await asyncio.sleep(0.05)
     assert len(fast.engine.states) == 1 and fast.engine.states[0].released
+
+
+async def test_step_timings_split_each_step_and_name_the_slow_model(make_model):
+    models = [
+        make_model("smollm2-135m", "The cat sat on the mat."),
+        make_model("gemma3-270m", "The cat sat on the rug.", delay=0.02),
+        make_model("qwen2.5-0.5b", "The cat sat on the mat."),
+    ]
+    segments, outcome = await run(Fuser(models), FusionParams())
+    for s in segments:
+        t = s.timings
+        phases = (t.generate, t.score, t.commit, t.align, t.other)
+        assert all(p >= 0 for p in phases)
+        assert s.step_seconds == pytest.approx(sum(phases))
+        busy = dict(t.per_model)
+        assert set(busy) == {m.name for m in models}
+        # gemma sleeps 20 ms per engine call: it is every step's critical path
+        assert busy["gemma3-270m"] == max(busy.values()) and busy["gemma3-270m"] >= 0.04
+        assert t.generate >= 0.02
+    contexts = [s.context_tokens for s in segments]
+    assert contexts == sorted(contexts) and contexts[0] > 0 and contexts[-1] > contexts[0]
+    total = sum(outcome.phase_seconds.values())
+    assert total == pytest.approx(sum(s.step_seconds for s in segments), rel=0.05)
+    assert outcome.model_seconds["gemma3-270m"] >= 0.04 * len(segments)
+
+
+async def test_cool_rerank_timings_include_its_unemitted_cool_steps(make_model):
+    models = [
+        make_model("smollm2-135m", "The cat sat on the mat.", delay=0.01),
+        make_model("gemma3-270m", "The cat sat on the rug.", delay=0.01),
+    ]
+    segments, outcome = await run(Fuser(models), FusionParams(method="cool_rerank"))
+    assert len(segments) == 1
+    assert sum(outcome.phase_seconds.values()) > segments[0].step_seconds
