@@ -199,7 +199,9 @@ def main() -> int:
     ap.add_argument("--url", help="a running server (default: start one with --config)")
     ap.add_argument("--api-key")
     ap.add_argument("--config", default="config.yaml")
-    ap.add_argument("--limit", type=int, default=25, help="questions (default 25, ~50 min here)")
+    ap.add_argument(
+        "--limit", type=int, default=20, help="questions (default 20: under an hour here)"
+    )
     ap.add_argument("--systems", type=lambda s: s.split(","), help="default: all")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--concurrency", type=int, default=2, help="requests in flight")

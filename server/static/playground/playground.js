@@ -8,6 +8,7 @@ const FUSION_COLOUR = "#868e96"; // Cool+R: the fused answer itself won the rera
 const KEY_STORE = "fusion-playground-api-key";
 
 const $ = (sel) => document.querySelector(sel);
+const shortName = (name) => name.split("-")[0];
 const el = (tag, attrs = {}, ...children) => {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
@@ -124,9 +125,9 @@ async function refreshStats() {
       const x = stats.sources[s];
       const fmt = (v, f) => (v === null || v === undefined ? "—" : f(v));
       body.append(el("tr", { "data-model": s },
-        el("td", {}, el("span", { class: "swatch", style: `--c:${state.colours[s]};display:inline-block` }), " ", s),
+        el("td", { class: "name", title: s }, el("span", { class: "swatch", style: `--c:${state.colours[s]}` }), " ", shortName(s)),
         el("td", { class: "num" }, x ? `${(100 * x.share_won).toFixed(0)}%` : "—"),
-        el("td", { class: "num" }, x ? fmt(x.mean_perplexity, (v) => v.toFixed(2)) : "—"),
+        el("td", { class: "num" }, x ? fmt(x.mean_perplexity, (v) => (v < 100 ? v.toFixed(2) : v.toFixed(0))) : "—"),
         el("td", { class: "num" }, x ? fmt(x.mean_step_ms, (v) => v.toFixed(0)) : "—")));
     }
   } catch (_) { /* stats are a nicety; the chat works without them */ }
@@ -236,13 +237,13 @@ function showDetails(span) {
   span.classList.add("selected");
   const seg = span._trace;
   const scorers = Object.keys((seg.candidates[0] || { perplexities: {} }).perplexities);
-  const fmt = (v) => (v === null || v === undefined ? "∞" : v.toFixed(3));
+  const fmt = (v) => (v === null || v === undefined ? "∞" : v < 1000 ? v.toFixed(3) : v.toExponential(1));
   const head = el("tr", {}, el("th", {}, "candidate"), el("th", {}, "proposed by"),
-    ...scorers.map((m) => el("th", { class: "num", title: `perplexity under ${m}` }, m.split("-")[0])),
+    ...scorers.map((m) => el("th", { class: "num", title: `perplexity under ${m}` }, shortName(m))),
     el("th", { class: "num" }, "mean"));
   const rows = seg.candidates.map((c) => el("tr", { class: c.proposers.includes(seg.winner) ? "winner" : "" },
     el("td", { class: "cand-text" }, JSON.stringify(c.text) + (c.ended ? " ⏎end" : "")),
-    el("td", {}, c.proposers.join(", ")),
+    el("td", { title: c.proposers.join(", ") }, c.proposers.map(shortName).join(", ")),
     ...scorers.map((m) => el("td", { class: "num" }, fmt(c.perplexities[m]))),
     el("td", { class: "num" }, fmt(c.mean_perplexity))));
   const timings = seg.timings_ms
