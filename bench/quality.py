@@ -118,6 +118,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def read_answers(args: argparse.Namespace, path: Path | None = None) -> list[dict[str, Any]]:
+    """Rows already written with this run's settings (a resumed run skips them)."""
+    rows = read_jsonl(path or args.results)
+    return [r for r in rows if r.get("max_tokens", 256) == args.max_tokens]
+
+
 def generate(args: argparse.Namespace, items: list[dict[str, str]], shots: list[dict[str, str]]
              ) -> None:
     proc = None
@@ -127,7 +133,7 @@ def generate(args: argparse.Namespace, items: list[dict[str, str]], shots: list[
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         todo_systems = systems(url, headers, args.systems)
-        done = {(r["system"], r["index"]) for r in read_jsonl(args.results)}
+        done = {(r["system"], r["index"]) for r in read_answers(args)}
         jobs = [
             (i, s) for i in range(len(items)) for s in todo_systems if (s["system"], i) not in done
         ]
@@ -144,7 +150,8 @@ def generate(args: argparse.Namespace, items: list[dict[str, str]], shots: list[
                 res = ask(http, url, s, fewshot_prompt(shots, item["question"]), args.max_tokens)
                 want, got = reference(item["answer"]), extract(res["text"])
                 return {"system": s["system"], "method": s["method"], "index": i,
-                        "reference": want, "extracted": got, "correct": got == want, **res}
+                        "max_tokens": args.max_tokens, "reference": want, "extracted": got,
+                        "correct": got == want, **res}
 
             for row in pool.map(run, jobs):
                 sink.write(json.dumps(row) + "\n")
@@ -163,8 +170,8 @@ async def perplexities(
     from server.engines import load_models, shutdown_models
     from tokenizers_align import IncrementalCodec
 
-    answers = read_jsonl(args.results)
-    done = {(r["system"], r["index"]) for r in read_jsonl(args.ppl)}
+    answers = read_answers(args)
+    done = {(r["system"], r["index"]) for r in read_answers(args, args.ppl)}
     by_q: dict[int, list[dict[str, Any]]] = {}
     for r in answers:
         if (r["system"], r["index"]) not in done and r["index"] < len(items) and r["text"].strip():
@@ -188,7 +195,8 @@ async def perplexities(
                     per_model[m.name] = [math.exp(-sum(x) / max(len(x), 1)) for x in lps]
                 for k, r in enumerate(rows):
                     ppl = {name: v[k] for name, v in per_model.items()}
-                    sink.write(json.dumps({"system": r["system"], "index": i, "ppl": ppl}) + "\n")
+                    row = {"system": r["system"], "index": i, "max_tokens": args.max_tokens}
+                    sink.write(json.dumps({**row, "ppl": ppl}) + "\n")
                 sink.flush()
     finally:
         await shutdown_models(models)
@@ -200,7 +208,7 @@ def main() -> int:
     ap.add_argument("--api-key")
     ap.add_argument("--config", default="config.yaml")
     ap.add_argument(
-        "--limit", type=int, default=20, help="questions (default 20: under an hour here)"
+        "--limit", type=int, default=10, help="questions (default 10: about an hour here)"
     )
     ap.add_argument("--systems", type=lambda s: s.split(","), help="default: all")
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -217,13 +225,14 @@ def main() -> int:
     generate(args, items, shots)
     if not args.no_ppl:
         asyncio.run(perplexities(args, items, shots))
-    answers = [r for r in read_jsonl(args.results) if r["index"] < len(items)]
-    ppl = [r for r in read_jsonl(args.ppl) if r["index"] < len(items)]
+    answers = [r for r in read_answers(args) if r["index"] < len(items)]
+    ppl = [r for r in read_answers(args, args.ppl) if r["index"] < len(items)]
     meta = {
         "command": "bench/quality.py " + " ".join(sys.argv[1:]),
         "when": time.ctime(),
         "config": args.config,
         "shots": SHOTS,
+        "max_tokens": args.max_tokens,
         "limit": len(items),
         "this_run_minutes": (time.perf_counter() - started) / 60,
     }

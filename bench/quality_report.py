@@ -19,7 +19,18 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def common_questions(answers: list[dict[str, Any]]) -> set[int]:
+    """Questions every system has answered: the systems are compared on the same ones."""
+    asked: dict[str, set[int]] = defaultdict(set)
+    for r in answers:
+        asked[r["system"]].add(r["index"])
+    return set.intersection(*asked.values()) if asked else set()
+
+
 def summary(answers: list[dict[str, Any]], ppl: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    common = common_questions(answers)
+    answers = [r for r in answers if r["index"] in common]
+    ppl = [r for r in ppl if r["index"] in common]
     by_system: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in answers:
         by_system[r["system"]].append(r)
@@ -103,9 +114,12 @@ def render(
     answers: list[dict[str, Any]], ppl: list[dict[str, Any]], meta: dict[str, Any], out: Path
 ) -> str:
     lines = summary(answers, ppl)
+    common = common_questions(answers)
+    answers = [r for r in answers if r["index"] in common]
     parts = [
         f"Run: {meta['when']}. Command: `{meta['command']}` (config `{meta['config']}`, "
-        f"{meta['shots']}-shot, {meta['limit']} questions).",
+        f"{meta['shots']}-shot, max_tokens {meta['max_tokens']}; {len(common)} of the "
+        f"{meta['limit']} questions asked have answers from every system and are counted).",
         markdown(lines),
     ]
     sources = [x["system"] for x in lines if x["source"]]

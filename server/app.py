@@ -141,10 +141,12 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
         state.models = loaded
         state.service = FusionService(config, loaded, state.metrics)
         log.info(
-            "ready: %d source models (%s); fused model %r",
+            "ready: %d source models (%s); fused model %r; playground: http://%s:%d/playground",
             len(loaded),
             ", ".join(m.name for m in loaded),
             config.fusion.name,
+            config.server.host,
+            config.server.port,
         )
 
     @asynccontextmanager
