@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Seque
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from fusion.clock import StepClock
 from fusion.engine import EngineError, Sampling, StateHandle
 from fusion.models import SourceModel
 from fusion.proposals import Proposal, propose
@@ -29,7 +30,6 @@ from fusion.types import (
     Prompt,
     ScoredCandidate,
     Segment,
-    StepTimings,
     perplexity,
 )
 from tokenizers_align import IncrementalCodec
@@ -56,9 +56,7 @@ class _Run:
     fused_logprobs: dict[str, list[float]] = field(default_factory=dict)
     # this step's candidate encodings per (model, text): scoring and committing share them
     encoded: dict[tuple[str, str], list[int]] = field(default_factory=dict)
-    # this step's clocks: tokenizer seconds (all models) and each model's busy seconds
-    align_seconds: float = 0.0
-    model_seconds: dict[str, float] = field(default_factory=dict)
+    clock: StepClock = field(default_factory=StepClock)  # the current step's timings
     context_tokens: int = 0  # the first model's prompt + committed answer tokens
 
     def encode(self, model: str, text: str) -> list[int]:
@@ -66,41 +64,8 @@ class _Run:
         if key not in self.encoded:
             started = time.perf_counter()
             self.encoded[key] = self.codecs[model].encode_next(text)
-            self.align_seconds += time.perf_counter() - started
+            self.clock.add_align(time.perf_counter() - started)
         return self.encoded[key]
-
-
-class _Phases:
-    """Splits one step's wall time into phases, tokenizer work counted apart."""
-
-    def __init__(self, run: _Run) -> None:
-        self.run = run
-        run.align_seconds = 0.0
-        run.model_seconds = {}
-        self.started = self.mark = time.perf_counter()
-        self.align_mark = 0.0
-        self.spent: dict[str, float] = {}
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        align = self.run.align_seconds - self.align_mark
-        self.spent[phase] = max(0.0, now - self.mark - align)
-        self.mark, self.align_mark = now, self.run.align_seconds
-
-    def timings(self) -> StepTimings:
-        wall = time.perf_counter() - self.started
-        align = min(self.run.align_seconds, wall)
-        named = sum(self.spent.values())
-        timings = StepTimings(
-            generate=self.spent.get("generate", 0.0),
-            score=self.spent.get("score", 0.0),
-            commit=self.spent.get("commit", 0.0),
-            align=align,
-            other=max(0.0, wall - named - align),
-            per_model=tuple(self.run.model_seconds.items()),
-        )
-        self.run.outcome.add_timings(timings)
-        return timings
 
 
 @dataclass(frozen=True)
@@ -201,8 +166,7 @@ class Fuser:
             try:
                 return await _bounded(m, work(m))
             finally:
-                spent = time.perf_counter() - started
-                run.model_seconds[m.name] = run.model_seconds.get(m.name, 0.0) + spent
+                run.clock.add_busy(m.name, time.perf_counter() - started)
 
         results = await asyncio.gather(*(timed(m) for m in models), return_exceptions=True)
         out: dict[str, T] = {}
@@ -235,7 +199,7 @@ class Fuser:
         index = 0
         strip_leading = run.prompt.is_chat
         while True:
-            phases = _Phases(run)
+            run.clock.start()
             context = run.context_tokens
             budget = params.max_tokens - run.outcome.completion_tokens
             if budget <= 0:
@@ -243,12 +207,12 @@ class Fuser:
                 break
             cap = min(params.max_segment_tokens, budget)
             candidates = await self._propose_all(run, cap, budget)
-            phases.lap("generate")
+            run.clock.lap("generate")
             if not candidates:
                 run.outcome.finish_reason = "stop"
                 break
             scored, logprobs = await self._score_all(run, candidates)
-            phases.lap("score")
+            run.clock.lap("score")
             best = min(range(len(candidates)), key=lambda i: scored[i].mean_perplexity)
             win = candidates[best]
             for name, lps in logprobs.items():
@@ -264,7 +228,7 @@ class Fuser:
                 finish = "length"
             else:
                 await self._commit_all(run, win)
-                phases.lap("commit")
+                run.clock.lap("commit")
             piece = tracker.feed(win.text)
             if tracker.stopped:
                 finish = "stop"
@@ -276,7 +240,8 @@ class Fuser:
                 piece = stripped
             run.outcome.text += piece
             run.outcome.segments += 1
-            timings = phases.timings()
+            timings = run.clock.timings()
+            run.outcome.add_timings(timings)
             if emit:
                 yield Segment(
                     index=index,
@@ -313,7 +278,7 @@ class Fuser:
         proposals = await self._each(run, one)
         for name, p in proposals.items():
             run.outcome.usage[name].generated_tokens += p.generated
-            run.align_seconds += p.align_seconds
+            run.clock.add_align(p.align_seconds)
         return _group(proposals[m.name] for m in run.models if m.name in proposals)
 
     async def _score_all(
@@ -368,7 +333,7 @@ class Fuser:
 
     # -- Rerank and Cool+R ----------------------------------------------------------------
     async def _rerank(self, run: _Run, fused: str | None) -> Segment:
-        phases = _Phases(run)
+        run.clock.start()
         context = run.context_tokens
         params = run.params
         fused_lps = {n: list(v) for n, v in run.fused_logprobs.items()}
@@ -391,11 +356,11 @@ class Fuser:
         proposals = await self._each(run, one)
         for name, p in proposals.items():
             run.outcome.usage[name].generated_tokens += p.generated
-            run.align_seconds += p.align_seconds
+            run.clock.add_align(p.align_seconds)
         candidates = _group(proposals[m.name] for m in run.models if m.name in proposals)
-        phases.lap("generate")
+        run.clock.lap("generate")
         scored, _ = await self._score_all(run, candidates)
-        phases.lap("score")
+        run.clock.lap("score")
         if fused is not None:
             scored.append(self._score_fused(run, fused, fused_ended, fused_lps))
         best = min(range(len(scored)), key=lambda i: scored[i].mean_perplexity)
@@ -415,7 +380,8 @@ class Fuser:
         run.outcome.segments = 1
         if win.proposers[0] in run.outcome.usage:  # "fusion" itself may win Cool+R
             run.outcome.usage[win.proposers[0]].segments_won += 1
-        timings = phases.timings()
+        timings = run.clock.timings()
+        run.outcome.add_timings(timings)
         return Segment(
             0,
             text,
