@@ -24,6 +24,7 @@ import asyncio
 import importlib.resources
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -178,7 +179,10 @@ async def perplexities(
             by_q.setdefault(r["index"], []).append(r)
     if not by_q:
         return
-    models = await load_models(load_config(args.config))
+    config = load_config(args.config)
+    for mc in config.models:  # the models score one after another: each may use every core
+        mc.options.threads = os.cpu_count() or 1
+    models = await load_models(config)
     try:
         with args.ppl.open("a") as sink:
             for i, rows in tqdm(sorted(by_q.items()), desc="perplexity pass", unit="question"):
@@ -208,7 +212,7 @@ def main() -> int:
     ap.add_argument("--api-key")
     ap.add_argument("--config", default="config.yaml")
     ap.add_argument(
-        "--limit", type=int, default=10, help="questions (default 10: about an hour here)"
+        "--limit", type=int, default=10, help="questions (default 10: under an hour here)"
     )
     ap.add_argument("--systems", type=lambda s: s.split(","), help="default: all")
     ap.add_argument("--max-tokens", type=int, default=256)
