@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import importlib.resources
 import json
-import math
 import os
 import re
 import sys
@@ -167,6 +166,7 @@ async def perplexities(
     args: argparse.Namespace, items: list[dict[str, str]], shots: list[dict[str, str]]
 ) -> None:
     """Each answer's perplexity under every source model, given its prompt; appended."""
+    from fusion.types import perplexity
     from server.config import load_config
     from server.engines import load_models, shutdown_models
     from tokenizers_align import IncrementalCodec
@@ -196,7 +196,7 @@ async def perplexities(
                         lps = await m.engine.score(state, cands)
                     finally:
                         await m.engine.release(state)
-                    per_model[m.name] = [math.exp(-sum(x) / max(len(x), 1)) for x in lps]
+                    per_model[m.name] = [perplexity(x) for x in lps]
                 for k, r in enumerate(rows):
                     ppl = {name: v[k] for name, v in per_model.items()}
                     row = {"system": r["system"], "index": i, "max_tokens": args.max_tokens}

@@ -76,7 +76,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%" if x >= 0.01 else f"{100 * x:.1f}%"
 
 
-def markdown(lines: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def markdown(lines: list[dict[str, Any]]) -> str:
     out = [
         "| engine | system | wall s | output tok/s | first segment s | ms/step | "
         "generate / score / align / commit / other | fused ÷ Σ singles |",
@@ -189,7 +189,7 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> str:
     text = "\n\n".join(
         [
             f"Machine: {meta['machine']}. Run: {meta['when']}. Command: `{meta['command']}`",
-            markdown(lines, meta),
+            markdown(lines),
             context_table(rows),
             "\n".join(f"![{f}]({f})" for f in files),
         ]

@@ -30,6 +30,7 @@ from fusion.types import (
     Prompt,
     ScoredCandidate,
     Segment,
+    StepTimings,
     perplexity,
 )
 from tokenizers_align import IncrementalCodec
@@ -58,6 +59,11 @@ class _Run:
     encoded: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     clock: StepClock = field(default_factory=StepClock)  # the current step's timings
     context_tokens: int = 0  # the first model's prompt + committed answer tokens
+
+    def close_step(self) -> StepTimings:
+        timings = self.clock.timings()
+        self.outcome.add_timings(timings)
+        return timings
 
     def encode(self, model: str, text: str) -> list[int]:
         key = (model, text)
@@ -240,8 +246,7 @@ class Fuser:
                 piece = stripped
             run.outcome.text += piece
             run.outcome.segments += 1
-            timings = run.clock.timings()
-            run.outcome.add_timings(timings)
+            timings = run.close_step()
             if emit:
                 yield Segment(
                     index=index,
@@ -250,7 +255,6 @@ class Fuser:
                     candidates=tuple(scored),
                     tokens=tokens,
                     finish_reason=finish,
-                    step_seconds=timings.total,
                     timings=timings,
                     context_tokens=context,
                 )
@@ -380,8 +384,6 @@ class Fuser:
         run.outcome.segments = 1
         if win.proposers[0] in run.outcome.usage:  # "fusion" itself may win Cool+R
             run.outcome.usage[win.proposers[0]].segments_won += 1
-        timings = run.clock.timings()
-        run.outcome.add_timings(timings)
         return Segment(
             0,
             text,
@@ -389,8 +391,7 @@ class Fuser:
             tuple(scored),
             tokens,
             finish,
-            timings.total,
-            timings=timings,
+            timings=run.close_step(),
             context_tokens=context,
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from fusion.engine import GREEDY, Sampling, StateHandle
 from fusion.models import SourceModel
@@ -47,34 +47,18 @@ async def propose(
     sampling: Sampling = GREEDY,
 ) -> Proposal:
     """Generate ``model``'s candidate after the shared text."""
-    clock = [0.0]
-    proposal = await _propose(
-        model, state, codec, boundary_adapters, cap, stop_strings, until_boundary, sampling, clock
-    )
-    return replace(proposal, align_seconds=clock[0])
-
-
-async def _propose(
-    model: SourceModel,
-    state: StateHandle,
-    codec: IncrementalCodec,
-    boundary_adapters: Sequence[TokenizerAdapter],
-    cap: int,
-    stop_strings: Sequence[str],
-    until_boundary: bool,
-    sampling: Sampling,
-    clock: list[float],
-) -> Proposal:
+    clock = 0.0  # seconds in decoding and boundary checks (the step's "align" time)
     tail = codec.tail_text
     texts: list[str] = []  # decoded text after each generated token
     found: dict[str, int] = {}
 
     def should_stop(ids: Sequence[int]) -> bool:
+        nonlocal clock
         started = time.perf_counter()
         try:
             return check(ids)
         finally:
-            clock[0] += time.perf_counter() - started
+            clock += time.perf_counter() - started
 
     def check(ids: Sequence[int]) -> bool:
         text = complete_text(codec.decode_next(list(ids)))
@@ -93,22 +77,26 @@ async def _propose(
         return False
 
     gen = await model.engine.generate(state, cap, model.stop_ids, should_stop, sampling)
-    ids, lps = gen.ids, gen.logprobs
+    ids, lps, n = gen.ids, gen.logprobs, len(gen.ids)
+
+    def made(text: str, ended: bool, own: int | None, hit_cap: bool) -> Proposal:
+        own_ids, own_lps = (ids[:own], lps[:own]) if own is not None else (None, None)
+        return Proposal(model.name, text, ended, own_ids, own_lps, n, hit_cap, clock)
+
     if gen.stopped_on is not None:
-        text = texts[-1] if texts else ""
-        return Proposal(model.name, text, True, ids, lps, len(ids), False)
+        return made(texts[-1] if texts else "", True, n, False)
     if "stop" in found:
         # ended by a turn marker it wrote as text: scored with each model's end token,
         # its own included, since it never generated one
-        return Proposal(model.name, texts[-1][: found["stop"]], True, None, None, len(ids), False)
+        return made(texts[-1][: found["stop"]], True, None, False)
     last = texts[-1] if texts else ""
     if "cut" in found:
         text = last[: found["cut"]]
-    elif until_boundary and len(ids) >= cap:
+    elif until_boundary and n >= cap:
         text = last[: stable_cut(tail + last, len(tail), boundary_adapters) - len(tail)]
     else:
         text = last
     own = next((k + 1 for k, t in enumerate(texts) if t == text), None)
     if own is None:
-        return Proposal(model.name, text, False, None, None, len(ids), len(ids) >= cap)
-    return Proposal(model.name, text, False, ids[:own], lps[:own], len(ids), "cut" not in found)
+        return made(text, False, None, n >= cap)
+    return made(text, False, own, "cut" not in found)

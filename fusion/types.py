@@ -98,9 +98,12 @@ class Segment:
     candidates: tuple[ScoredCandidate, ...]
     tokens: int  # tokens of the winning candidate in its proposer's tokenization
     finish_reason: FinishReason | None = None
-    step_seconds: float = 0.0
     timings: StepTimings = field(default_factory=StepTimings)
     context_tokens: int = 0  # prompt + answer tokens before this step (first model's tokens)
+
+    @property
+    def step_seconds(self) -> float:
+        return self.timings.total
 
 
 @dataclass
