@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,7 +255,7 @@ class FusionService:
         )
 
     # -- running --------------------------------------------------------------------------
-    async def segments(self, choice: Choice) -> AsyncIterator[Segment]:
+    async def segments(self, choice: Choice) -> AsyncGenerator[Segment, None]:
         run = self.fuser.run(choice.prompt, choice.params, choice.outcome)
         async with contextlib.aclosing(run) as segments:
             async for seg in segments:
