@@ -255,14 +255,14 @@ class FusionService:
         )
 
     # -- running --------------------------------------------------------------------------
-    async def segments(self, choice: Choice) -> AsyncGenerator[Segment, None]:
+    async def segments(self, job: Job, choice: Choice) -> AsyncGenerator[Segment, None]:
         run = self.fuser.run(choice.prompt, choice.params, choice.outcome)
         async with contextlib.aclosing(run) as segments:
             async for seg in segments:
                 choice.segments.append(seg)
-                self.metrics.segment(choice.params.method, seg)
+                self.metrics.segment(job.model, choice.params.method, seg)
                 yield seg
-        self.metrics.outcome(choice.params.method, choice.outcome)
+        self.metrics.outcome(job.model, choice.params.method, choice.outcome)
 
     def log_done(self, job: Job, seconds: float, status: str) -> None:
         """One line per request; prompt and completion text only when ``log_text`` is on."""
@@ -287,7 +287,7 @@ class FusionService:
 
     async def run_all(self, job: Job) -> None:
         async def one(choice: Choice) -> None:
-            async with contextlib.aclosing(self.segments(choice)) as segments:
+            async with contextlib.aclosing(self.segments(job, choice)) as segments:
                 async for _ in segments:
                     pass
 

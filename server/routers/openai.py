@@ -97,7 +97,7 @@ async def _stream(
                 yield _data(service.chunk(job, choice.index, "", role=True))
             # aclosing: when the client leaves, this generator is closed at a yield,
             # and only an explicit close reaches the fusion run's engine release
-            async with contextlib.aclosing(service.segments(choice)) as segments:
+            async with contextlib.aclosing(service.segments(job, choice)) as segments:
                 async for seg in segments:
                     if seg.text or job.trace:
                         yield _data(service.chunk(job, choice.index, seg.text, seg=seg))

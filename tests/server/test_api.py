@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.conftest import SCRIPT
 
 CHAT = {"model": "fusion", "messages": [{"role": "user", "content": "hi"}]}
@@ -284,10 +286,43 @@ async def test_health_is_503_when_loading_failed_or_an_engine_is_down(make_confi
         assert 'fusion_engine_up{source="smollm2-135m"} 0.0' in (await http.get("/metrics")).text
 
 
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The (labels, value) of every sample called ``name`` in a Prometheus exposition."""
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
 async def test_metrics_count_requests_segments_and_wins(client):
+    """Regression: the token assertion also held for a fresh ``Metrics()`` without traffic."""
     async with client() as http:
         await http.post("/v1/chat/completions", json=CHAT)
         text = (await http.get("/metrics")).text
-        assert 'fusion_requests_total{endpoint="chat",model="fusion",status="200"} 1.0' in text
-        assert "fusion_segment_wins_total" in text and "fusion_step_seconds_bucket" in text
-        assert 'fusion_tokens_total{kind="scored"' in text or "fusion_tokens_total" in text
+    requests = samples(text, "fusion_requests_total")
+    assert requests == [({"endpoint": "chat", "model": "fusion", "status": "200"}, 1.0)]
+    assert sum(v for _, v in samples(text, "fusion_segment_wins_total")) > 0
+    assert sum(v for _, v in samples(text, "fusion_step_seconds_count")) > 0
+    assert sum(v for _, v in samples(text, "fusion_tokens_total")) > 0
+    generated = [
+        v
+        for labels, v in samples(text, "fusion_source_tokens_total")
+        if labels["kind"] == "generated"
+    ]
+    assert len(generated) == 3 and all(v > 0 for v in generated)
+
+
+async def test_metrics_label_the_requested_model_and_the_method_separately(client):
+    """Regression: ``fusion_tokens{model="cool"}`` put the method where a model name belongs."""
+    async with client() as http:
+        await http.post("/v1/chat/completions", json=CHAT)
+        await http.post("/v1/chat/completions", json={**CHAT, "model": "gemma3-270m"})
+        text = (await http.get("/metrics")).text
+    for name in ("fusion_tokens_total", "fusion_segments_total"):
+        series = {(labels["model"], labels["method"]): v for labels, v in samples(text, name)}
+        assert set(series) == {("fusion", "cool"), ("gemma3-270m", "cool")}, name
+        assert all(v > 0 for v in series.values()), name
+    sources = {labels["source"] for labels, _ in samples(text, "fusion_source_tokens_total")}
+    assert sources == {"smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"}
