@@ -67,7 +67,12 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
     metrics = Metrics()
     state = ServerState(
         config,
-        Admission(config.server.max_concurrent, config.server.max_queue, metrics),
+        Admission(
+            metrics,
+            fused=config.server.max_concurrent,
+            single=config.server.max_concurrent_single,
+            max_queue=config.server.max_queue,
+        ),
         metrics,
         api_keys=config.all_api_keys(),
     )

@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fusion.engine import Sampling
@@ -36,6 +36,7 @@ class Choice:
     index: int
     prompt: Prompt
     params: FusionParams
+    prompt_index: int = 0  # which of the request's prompts (usage counts each once)
     echo: str = ""
     outcome: FusionOutcome = field(default_factory=FusionOutcome)
     segments: list[Segment] = field(default_factory=list)
@@ -51,6 +52,7 @@ class Job:
     stream: bool
     include_usage: bool
     trace: bool
+    single: bool = False  # runs one source model (its own admission lane)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -173,24 +175,70 @@ class FusionService:
     def _sampling(temperature: float | None, top_p: float | None, seed: int | None) -> Sampling:
         return Sampling(temperature=temperature or 0.0, top_p=top_p or 1.0, seed=seed)
 
-    def _check_context(self, prompt: Prompt, params: FusionParams) -> None:
+    def _check_choices(self, prompts: int, n: int) -> None:
+        cap = self.config.server.max_choices
+        if prompts * n > cap:
+            asked = f"{prompts} prompts × n={n}" if prompts > 1 else f"n={n}"
+            raise BadRequest(
+                f"this request asks for {prompts * n} choices ({asked}); this server allows "
+                f"at most {cap} per request",
+                param="n",
+            )
+
+    def _fit_context(self, prompt: Prompt, params: FusionParams, explicit: bool) -> FusionParams:
+        """Check the prompt in every source model's own tokens against its context length
+        (an engine may not check, and each tokenizer counts differently), as vLLM does: an
+        explicit ``max_tokens`` must fit after the prompt; without one the prompt must leave
+        room for at least one token, and the default is cut to the room left."""
+        room = params.max_tokens
         for m in self.fuser.select(params.models):
             limit = m.max_model_len
             if not limit:
                 continue
-            ids = (
+            n = len(
                 m.chat_prompt_ids(prompt.messages)
                 if prompt.messages is not None
                 else m.completion_prompt_ids(prompt.text or "")
             )
-            if len(ids) + params.max_tokens > limit:
+            where = "messages" if prompt.is_chat else "prompt"
+            head = f"This model's maximum context length is {limit} tokens (source model {m.name})."
+            if explicit and n + params.max_tokens > limit:
                 raise ContextLengthExceeded(
-                    f"This model's maximum context length is {limit} tokens (source model "
-                    f"{m.name}). However, you requested {len(ids) + params.max_tokens} tokens "
-                    f"({len(ids)} in the prompt, {params.max_tokens} for the completion). "
-                    "Please reduce the length of the prompt or of max_tokens.",
-                    param="messages" if prompt.is_chat else "prompt",
+                    f"{head} However, you requested {n + params.max_tokens} tokens ({n} in "
+                    f"the {where}, {params.max_tokens} for the completion). Please reduce "
+                    f"the length of the {where} or of max_tokens.",
+                    param=where,
                 )
+            if n >= limit:
+                raise ContextLengthExceeded(
+                    f"{head} However, the {where} alone is {n} tokens, which leaves no room "
+                    f"for the completion. Please reduce the length of the {where}.",
+                    param=where,
+                )
+            room = min(room, limit - n)
+        return params if room == params.max_tokens else replace(params, max_tokens=room)
+
+    def _choices(
+        self, prompts: list[Prompt], n: int, params: FusionParams, explicit: bool, echo: bool
+    ) -> list[Choice]:
+        """``n`` choices per prompt; with a seed, each choice of a prompt samples with its
+        own (the request's seed for the first), so they differ yet repeat per request."""
+        # the loop gives each source model seed + its index; a stride of that many keeps
+        # every (choice, model) seed distinct
+        stride = len(self.fuser.select(params.models))
+        sampling = params.sampling
+        choices: list[Choice] = []
+        for p_index, prompt in enumerate(prompts):
+            fitted = self._fit_context(prompt, params, explicit)
+            for j in range(n):
+                own = fitted
+                if sampling.seed is not None and j:
+                    own = replace(
+                        fitted, sampling=replace(sampling, seed=sampling.seed + j * stride)
+                    )
+                text = prompt.text if echo and prompt.text else ""
+                choices.append(Choice(len(choices), prompt, own, p_index, text))
+        return choices
 
     def chat_job(self, req: ChatCompletionRequest) -> Job:
         if req.logprobs or req.top_logprobs:
@@ -203,6 +251,7 @@ class FusionService:
             messages = tuple({"role": m.role, "content": m.text()} for m in req.messages)
         except ValueError as exc:
             raise BadRequest(str(exc), param="messages") from None
+        self._check_choices(1, req.n or 1)
         params = self._params(
             req.model,
             req.fusion,
@@ -211,8 +260,7 @@ class FusionService:
             self._sampling(req.temperature, req.top_p, req.seed),
         )
         prompt = Prompt(messages=messages)
-        self._check_context(prompt, params)
-        choices = [Choice(i, prompt, params) for i in range(req.n or 1)]
+        choices = self._choices([prompt], req.n or 1, params, req.max_new() is not None, False)
         return self._job("chat", req, choices)
 
     def completion_job(self, req: CompletionRequest) -> Job:
@@ -226,6 +274,7 @@ class FusionService:
             prompts = req.prompts()
         except ValueError as exc:
             raise BadRequest(str(exc), param="prompt") from None
+        self._check_choices(len(prompts), req.n or 1)
         params = self._params(
             req.model,
             req.fusion,
@@ -233,12 +282,13 @@ class FusionService:
             req.stop_list(),
             self._sampling(req.temperature, req.top_p, req.seed),
         )
-        choices = []
-        for text in prompts:
-            prompt = Prompt(text=text)
-            self._check_context(prompt, params)
-            for _ in range(req.n or 1):
-                choices.append(Choice(len(choices), prompt, params, text if req.echo else ""))
+        choices = self._choices(
+            [Prompt(text=t) for t in prompts],
+            req.n or 1,
+            params,
+            req.max_tokens is not None,
+            bool(req.echo),
+        )
         return self._job("text", req, choices)
 
     def _job(
@@ -252,6 +302,7 @@ class FusionService:
             bool(req.stream),
             bool(opts and opts.include_usage),
             bool(req.fusion and req.fusion.trace),
+            single=len(self.fuser.select(choices[0].params.models)) == 1,
         )
 
     # -- running --------------------------------------------------------------------------
@@ -293,6 +344,44 @@ class FusionService:
 
         await asyncio.gather(*(one(c) for c in job.choices))
 
+    async def chunks(self, job: Job) -> AsyncGenerator[dict[str, Any], None]:
+        """Every choice's stream chunks (role, one per segment, finish) as they come: the
+        choices run concurrently and their chunks interleave, each with its ``index``, as
+        in vLLM. The first failure ends the stream; closing it cancels every choice."""
+        queue: asyncio.Queue[dict[str, Any] | Exception | None] = asyncio.Queue()
+
+        async def one(choice: Choice) -> None:
+            try:
+                if job.kind == "chat":
+                    queue.put_nowait(self.chunk(job, choice.index, "", role=True))
+                async with contextlib.aclosing(self.segments(job, choice)) as segments:
+                    async for seg in segments:
+                        if seg.text or job.trace:
+                            queue.put_nowait(self.chunk(job, choice.index, seg.text, seg=seg))
+                reason = choice.outcome.finish_reason
+                queue.put_nowait(self.chunk(job, choice.index, finish=reason))
+            except Exception as exc:
+                queue.put_nowait(exc)
+            finally:
+                queue.put_nowait(None)
+
+        tasks = [asyncio.create_task(one(c)) for c in job.choices]
+        try:
+            running = len(tasks)
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            # each choice's fusion run releases its engine states on the way out
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     # -- job -> OpenAI objects ------------------------------------------------------------
     def usage(self, job: Job) -> dict[str, Any]:
         per_model: dict[str, dict[str, Any]] = {}
@@ -313,8 +402,13 @@ class FusionService:
                 agg["segments_won"] += u.segments_won
                 if u.dropped:
                     agg["dropped"] = u.dropped
-        first = next(iter(job.choices[0].outcome.usage.values()), None)
-        prompt = (first.prompt_tokens if first else 0) * len(job.choices)
+        # as OpenAI and vLLM count: each prompt once (not once per choice of n), in the
+        # first source model's tokens; usage.models counts what each engine processed
+        prompt = 0
+        for p_index in sorted({c.prompt_index for c in job.choices}):
+            first_choice = next(c for c in job.choices if c.prompt_index == p_index)
+            first = next(iter(first_choice.outcome.usage.values()), None)
+            prompt += first.prompt_tokens if first else 0
         completion = sum(c.outcome.completion_tokens for c in job.choices)
         return {
             "prompt_tokens": prompt,

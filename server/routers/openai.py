@@ -11,20 +11,23 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
+from server.admission import Permit
 from server.errors import to_api_error
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.serving import FusionService, Job
 from server.state import ServerState, require_key, server_state
 
 T = TypeVar("T")
+CLOSE_TIMEOUT_SECONDS = 30.0
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 State = Annotated[ServerState, Depends(server_state)]
@@ -52,26 +55,84 @@ async def completions(req: CompletionRequest, request: Request, state: State) ->
     return await _answer(state, service, service.completion_job(req), request, "completions")
 
 
+class _Admitted:
+    """One admitted request's end: its permit given back and the request counted, once,
+    whichever path gets there first (the handler, the stream's generator, its close)."""
+
+    def __init__(
+        self, state: ServerState, service: FusionService, job: Job, endpoint: str, permit: Permit
+    ) -> None:
+        self.state, self.service, self.job, self.endpoint = state, service, job, endpoint
+        self.permit = permit
+        self.started = time.monotonic()
+        self.done = False
+
+    def finish(self, status: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.permit.release()
+        elapsed = time.monotonic() - self.started
+        self.state.metrics.requests.labels(self.endpoint, self.job.model, status).inc()
+        self.state.metrics.latency.labels(self.endpoint).observe(elapsed)
+        self.service.log_done(self.job, elapsed, status)
+
+
+class _ClosingEventSource(EventSourceResponse):
+    """An event stream whose ``on_close`` runs however the response ends. sse-starlette
+    runs ``background`` only after a complete response and never starts the iterator when
+    the client is gone before the first event, so neither the generator's ``finally`` nor
+    a background task alone is guaranteed to run."""
+
+    def __init__(
+        self,
+        content: AsyncGenerator[dict[str, str], None],
+        on_close: Callable[[], Awaitable[None]],
+        **kw: Any,
+    ) -> None:
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # shielded: a cancelled response must still close; bounded: a hung engine
+            # release must not hold the connection's task for ever
+            with anyio.move_on_after(CLOSE_TIMEOUT_SECONDS, shield=True):
+                await self._on_close()
+
+
 async def _answer(
     state: ServerState, service: FusionService, job: Job, request: Request, endpoint: str
 ) -> Response:
-    await state.admission.acquire()
+    permit = await state.admission.acquire(len(job.choices), single=job.single)
+    admitted = _Admitted(state, service, job, endpoint, permit)
     if job.stream:
-        events = _stream(state, service, job, endpoint)
+        events = _stream(service, job, admitted)
+
+        async def close() -> None:
+            try:
+                # the client may have left with the iterator suspended at a yield:
+                # closing it runs the fusion runs' cleanup (engine releases)
+                await events.aclose()
+            finally:
+                admitted.finish("499")  # a no-op unless the stream never finished
+
         server = state.config.server
-        return EventSourceResponse(
-            events,
-            # When the client leaves, sse-starlette cancels the sending task and drops
-            # the iterator, possibly suspended at a yield: closing it here runs the
-            # fusion run's cleanup (engine releases) instead of leaving it to the GC.
-            background=BackgroundTask(events.aclose),
-            ping=server.keepalive_seconds,
-            headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
-            # on SIGTERM a stream may finish within the grace period (uvicorn's own
-            # graceful-shutdown timeout is the same grace, plus a second)
-            shutdown_grace_period=server.shutdown_grace_seconds,
-        )
-    started = time.monotonic()
+        try:
+            return _ClosingEventSource(
+                events,
+                close,
+                ping=server.keepalive_seconds,
+                headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
+                # on SIGTERM a stream may finish within the grace period (uvicorn's own
+                # graceful-shutdown timeout is the same grace, plus a second)
+                shutdown_grace_period=server.shutdown_grace_seconds,
+            )
+        except BaseException:
+            admitted.finish("500")
+            raise
     status = "499"
     try:
         await _until_disconnected(request, service.run_all(job))
@@ -82,38 +143,28 @@ async def _answer(
         status = str(err.status)
         raise err from exc
     finally:
-        state.admission.release()
-        _finish(state, service, job, endpoint, status, started)
+        admitted.finish(status)
 
 
 async def _stream(
-    state: ServerState, service: FusionService, job: Job, endpoint: str
+    service: FusionService, job: Job, admitted: _Admitted
 ) -> AsyncGenerator[dict[str, str], None]:
     status = "200"
-    started = time.monotonic()
     try:
-        for choice in job.choices:
-            if job.kind == "chat":
-                yield _data(service.chunk(job, choice.index, "", role=True))
-            # aclosing: when the client leaves, this generator is closed at a yield,
-            # and only an explicit close reaches the fusion run's engine release
-            async with contextlib.aclosing(service.segments(job, choice)) as segments:
-                async for seg in segments:
-                    if seg.text or job.trace:
-                        yield _data(service.chunk(job, choice.index, seg.text, seg=seg))
-            yield _data(service.chunk(job, choice.index, finish=choice.outcome.finish_reason))
+        async with contextlib.aclosing(service.chunks(job)) as chunks:
+            async for chunk in chunks:
+                yield _data(chunk)
         if job.include_usage:
             yield _data(service.usage_chunk(job))
     except (asyncio.CancelledError, GeneratorExit):
-        status = "499"  # the client went away; the fusion run released its engines
+        status = "499"  # the client went away; the fusion runs released their engines
         raise
     except Exception as exc:
         err = to_api_error(exc)
         status = str(err.status)
         yield _data(err.body())
     finally:
-        state.admission.release()
-        _finish(state, service, job, endpoint, status, started)
+        admitted.finish(status)
     yield {"data": "[DONE]"}
 
 
@@ -132,20 +183,6 @@ async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-
-
-def _finish(
-    state: ServerState,
-    service: FusionService,
-    job: Job,
-    endpoint: str,
-    status: str,
-    started: float,
-) -> None:
-    elapsed = time.monotonic() - started
-    state.metrics.requests.labels(endpoint, job.model, status).inc()
-    state.metrics.latency.labels(endpoint).observe(elapsed)
-    service.log_done(job, elapsed, status)
 
 
 def _data(obj: dict[str, Any]) -> dict[str, str]:

@@ -206,12 +206,54 @@ async def test_oversized_body_is_413(client):
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
+def with_limits(models, limits):
+    return [m.__class__(**{**m.__dict__, "max_model_len": n}) for m, n in zip(models, limits)]
+
+
+def prompt_len(model) -> int:
+    return len(model.chat_prompt_ids(tuple(CHAT["messages"])))
+
+
 async def test_context_length_exceeded(client, trio):
-    models = [m.__class__(**{**m.__dict__, "max_model_len": 64}) for m in trio()]
+    models = with_limits(trio(), [64, 64, 64])
     async with client(models=models) as http:
         r = await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 60})
         assert r.status_code == 400
         assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_context_length_is_checked_in_every_models_own_tokens(client, trio):
+    """Only the last model's context is too short: the 400 names it, before the first byte."""
+    models = trio()
+    limits = [4096, 4096, prompt_len(models[2]) + 10]
+    async with client(models=with_limits(models, limits)) as http:
+        for stream in (False, True):
+            body = {**CHAT, "max_tokens": 20, "stream": stream}
+            r = await http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+            err = r.json()["error"]
+            assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+            assert "qwen2.5-0.5b" in err["message"] and str(limits[2]) in err["message"]
+
+
+async def test_without_max_tokens_a_prompt_that_leaves_room_is_served(client, trio):
+    """Regression: the server's default max_tokens (256) counted as asked for, so a prompt
+    that fit every model was refused; as in vLLM, the default is cut to the room left, and
+    only a prompt that leaves no room for generation is refused."""
+    models = trio()
+    room = 4
+    limits = [prompt_len(m) + room for m in models]
+    async with client(models=with_limits(models, limits)) as http:
+        r = await http.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        assert 0 < r.json()["usage"]["completion_tokens"] <= room
+    full = [4096, prompt_len(models[1]), 4096]
+    async with client(models=with_limits(trio(), full)) as http:
+        r = await http.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded" and "gemma3-270m" in err["message"]
 
 
 async def test_full_queue_answers_429_with_retry_after(client, trio):
