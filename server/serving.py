@@ -1,8 +1,9 @@
-"""From OpenAI requests to fusion runs, and from fusion segments to OpenAI objects.
+"""From OpenAI requests to fusion runs: validation against the loaded models, jobs,
+running their choices (concurrently) and the stream of their chunks.
 
-Only this layer knows both sides: the fusion loop yields ``Segment``s with provenance;
-here they become ``chat.completion`` / ``text_completion`` objects and stream chunks
-(one chunk per selected segment).
+Only this layer and ``server/jobs.py`` know both sides: the fusion loop yields
+``Segment``s with provenance; ``jobs`` turns them into ``chat.completion`` /
+``text_completion`` objects and stream chunks (one chunk per selected segment).
 """
 
 from __future__ import annotations
@@ -10,80 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
-import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from fusion.engine import Sampling
 from fusion.loop import Fuser
 from fusion.models import SourceModel
-from fusion.types import FusionOutcome, FusionParams, Prompt, Segment
+from fusion.types import FusionParams, Prompt, Segment
 from server.config import AppConfig
 from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound
+from server.jobs import Choice, Job, chunk
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, FusionOptions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Choice:
-    """One choice to generate, and what came of it."""
-
-    index: int
-    prompt: Prompt
-    params: FusionParams
-    prompt_index: int = 0  # which of the request's prompts (usage counts each once)
-    echo: str = ""
-    outcome: FusionOutcome = field(default_factory=FusionOutcome)
-    segments: list[Segment] = field(default_factory=list)
-
-
-@dataclass
-class Job:
-    """A validated request: its choices plus how to answer."""
-
-    kind: str  # "chat" | "text"
-    model: str
-    choices: list[Choice]
-    stream: bool
-    include_usage: bool
-    trace: bool
-    single: bool = False  # runs one source model (its own admission lane)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created: int = field(default_factory=lambda: int(time.time()))
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def trace_of(seg: Segment) -> dict[str, Any]:
-    return {
-        "index": seg.index,
-        "text": seg.text,
-        "winner": seg.winner,
-        "step_ms": round(seg.step_seconds * 1000, 1),
-        "timings_ms": {
-            phase: round(getattr(seg.timings, phase) * 1000, 1)
-            for phase in ("generate", "score", "align", "commit", "other")
-        },
-        "model_ms": {name: round(s * 1000, 1) for name, s in seg.timings.per_model},
-        "context_tokens": seg.context_tokens,
-        "candidates": [
-            {
-                "text": c.text,
-                "proposers": list(c.proposers),
-                "ended": c.ended,
-                "mean_perplexity": _finite(c.mean_perplexity),
-                "perplexities": {name: _finite(p) for name, p in c.perplexities},
-            }
-            for c in seg.candidates
-        ],
-    }
 
 
 class FusionService:
@@ -320,7 +263,7 @@ class FusionService:
         tokens = sum(c.outcome.completion_tokens for c in job.choices)
         log.info(
             "%s model=%s choices=%d tokens=%d status=%s %.2fs",
-            self._id(job),
+            job.response_id,
             job.model,
             len(job.choices),
             tokens,
@@ -331,7 +274,7 @@ class FusionService:
             for c in job.choices:
                 log.info(
                     "%s prompt=%r completion=%r",
-                    self._id(job),
+                    job.response_id,
                     c.prompt.messages or c.prompt.text,
                     c.outcome.text,
                 )
@@ -353,13 +296,13 @@ class FusionService:
         async def one(choice: Choice) -> None:
             try:
                 if job.kind == "chat":
-                    queue.put_nowait(self.chunk(job, choice.index, "", role=True))
+                    queue.put_nowait(chunk(job, choice.index, "", role=True))
                 async with contextlib.aclosing(self.segments(job, choice)) as segments:
                     async for seg in segments:
                         if seg.text or job.trace:
-                            queue.put_nowait(self.chunk(job, choice.index, seg.text, seg=seg))
+                            queue.put_nowait(chunk(job, choice.index, seg.text, seg=seg))
                 reason = choice.outcome.finish_reason
-                queue.put_nowait(self.chunk(job, choice.index, finish=reason))
+                queue.put_nowait(chunk(job, choice.index, finish=reason))
             except Exception as exc:
                 queue.put_nowait(exc)
             finally:
@@ -381,99 +324,3 @@ class FusionService:
                 task.cancel()
             # each choice's fusion run releases its engine states on the way out
             await asyncio.gather(*tasks, return_exceptions=True)
-
-    # -- job -> OpenAI objects ------------------------------------------------------------
-    def usage(self, job: Job) -> dict[str, Any]:
-        per_model: dict[str, dict[str, Any]] = {}
-        for choice in job.choices:
-            for name, u in choice.outcome.usage.items():
-                agg = per_model.setdefault(
-                    name,
-                    {
-                        "prompt_tokens": 0,
-                        "generated_tokens": 0,
-                        "scored_tokens": 0,
-                        "segments_won": 0,
-                    },
-                )
-                agg["prompt_tokens"] += u.prompt_tokens
-                agg["generated_tokens"] += u.generated_tokens
-                agg["scored_tokens"] += u.scored_tokens
-                agg["segments_won"] += u.segments_won
-                if u.dropped:
-                    agg["dropped"] = u.dropped
-        # as OpenAI and vLLM count: each prompt once (not once per choice of n), in the
-        # first source model's tokens; usage.models counts what each engine processed
-        prompt = 0
-        for p_index in sorted({c.prompt_index for c in job.choices}):
-            first_choice = next(c for c in job.choices if c.prompt_index == p_index)
-            first = next(iter(first_choice.outcome.usage.values()), None)
-            prompt += first.prompt_tokens if first else 0
-        completion = sum(c.outcome.completion_tokens for c in job.choices)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "models": per_model,
-        }
-
-    def response(self, job: Job) -> dict[str, Any]:
-        choices = []
-        for c in job.choices:
-            body: dict[str, Any] = {
-                "index": c.index,
-                "finish_reason": c.outcome.finish_reason,
-                "logprobs": None,
-            }
-            if job.kind == "chat":
-                body["message"] = {"role": "assistant", "content": c.outcome.text}
-            else:
-                body["text"] = c.echo + c.outcome.text
-            if job.trace:
-                body["fusion"] = {"segments": [trace_of(s) for s in c.segments]}
-            choices.append(body)
-        obj = "chat.completion" if job.kind == "chat" else "text_completion"
-        return self._envelope(job, obj, choices, usage=self.usage(job))
-
-    def _id(self, job: Job) -> str:
-        return ("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.id
-
-    def _envelope(
-        self, job: Job, obj: str, choices: list[dict[str, Any]], **extra: Any
-    ) -> dict[str, Any]:
-        return {
-            "id": self._id(job),
-            "object": obj,
-            "created": job.created,
-            "model": job.model,
-            "choices": choices,
-            **extra,
-        }
-
-    def _chunk_object(self, job: Job) -> str:
-        return "chat.completion.chunk" if job.kind == "chat" else "text_completion"
-
-    def chunk(
-        self,
-        job: Job,
-        choice: int,
-        delta: str | None = None,
-        *,
-        role: bool = False,
-        finish: str | None = None,
-        seg: Segment | None = None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {"index": choice, "finish_reason": finish, "logprobs": None}
-        if job.kind == "chat":
-            d: dict[str, Any] = {"role": "assistant"} if role else {}
-            if delta is not None:
-                d["content"] = delta
-            body["delta"] = d
-        else:
-            body["text"] = delta or ""
-        if seg is not None and job.trace:
-            body["fusion"] = {"segments": [trace_of(seg)]}
-        return self._envelope(job, self._chunk_object(job), [body])
-
-    def usage_chunk(self, job: Job) -> dict[str, Any]:
-        return self._envelope(job, self._chunk_object(job), [], usage=self.usage(job))

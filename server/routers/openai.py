@@ -22,8 +22,9 @@ from starlette.types import Receive, Scope, Send
 
 from server.admission import Permit
 from server.errors import to_api_error
+from server.jobs import Job, response, usage_chunk
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.serving import FusionService, Job
+from server.serving import FusionService
 from server.state import ServerState, require_key, server_state
 
 T = TypeVar("T")
@@ -137,7 +138,7 @@ async def _answer(
     try:
         await _until_disconnected(request, service.run_all(job))
         status = "200"
-        return JSONResponse(service.response(job))
+        return JSONResponse(response(job))
     except Exception as exc:
         err = to_api_error(exc)
         status = str(err.status)
@@ -155,7 +156,7 @@ async def _stream(
             async for chunk in chunks:
                 yield _data(chunk)
         if job.include_usage:
-            yield _data(service.usage_chunk(job))
+            yield _data(usage_chunk(job))
     except (asyncio.CancelledError, GeneratorExit):
         status = "499"  # the client went away; the fusion runs released their engines
         raise
