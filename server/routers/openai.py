@@ -1,8 +1,11 @@
 """The OpenAI endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
 
-Streaming uses sse-starlette: a first chunk with the role, one chunk per selected
-segment, a final chunk with ``finish_reason``, the usage chunk when asked, then
-``[DONE]``; an error after the first byte becomes one error event followed by ``[DONE]``.
+A request is validated into a job (400s before any work), admitted (its choices count
+against its lane's capacity), then answered. Streaming uses sse-starlette: per choice a
+first chunk with the role, one chunk per selected segment and a final chunk with
+``finish_reason`` (choices run concurrently, their chunks interleave), the usage chunk
+when asked, then ``[DONE]``; an error after the first byte becomes one error event
+followed by ``[DONE]``. However a request ends, its admission permit is given back once.
 """
 
 from __future__ import annotations
