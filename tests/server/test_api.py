@@ -123,6 +123,8 @@ async def test_completions_with_prompt_list_n_and_echo(client):
         assert all(c["finish_reason"] == "length" for c in body["choices"])
         bad = await http.post("/v1/completions", json={"model": "fusion", "prompt": [1, 2]})
         assert bad.status_code == 400 and "token-id" in bad.json()["error"]["message"]
+        empty = await http.post("/v1/completions", json={"model": "fusion", "prompt": []})
+        assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
 
 
 async def test_stop_string_spanning_segments_is_cut_and_not_emitted(client):
