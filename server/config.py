@@ -226,8 +226,27 @@ class ServerConfig(_Strict):
     )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask.")
-    max_concurrent: int = Field(4, ge=1, description="Requests generating at once.")
-    max_queue: int = Field(16, ge=0, description="Requests waiting beyond those; more get 429.")
+    max_concurrent: int = Field(
+        4,
+        ge=1,
+        description="Choices (fusion runs) generating at once; a request takes one per "
+        "choice (all of them if it has more, then it runs alone).",
+    )
+    max_concurrent_single: int = Field(
+        2,
+        ge=1,
+        description="Choices generating at once for requests to one source model by name "
+        "(e.g. a chat UI's title and tag tasks): a lane and queue of their own, so they "
+        "never wait behind fused requests.",
+    )
+    max_queue: int = Field(
+        16, ge=0, description="Requests waiting in each lane beyond those; more get 429."
+    )
+    max_choices: int = Field(
+        8,
+        ge=1,
+        description="Most choices one request may ask for (prompts × n); more get 400.",
+    )
     keepalive_seconds: float = Field(15.0, gt=0, description="SSE keep-alive comment interval.")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="In-flight time on SIGTERM.")
     log_text: bool = Field(False, description="Log prompt and completion text (off by default).")
