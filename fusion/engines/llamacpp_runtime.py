@@ -302,7 +302,6 @@ class LlamaRuntime:
             self._step(task, rows)
 
     def _fill(self, chosen: list[_Task]) -> list[list[int]]:
-        batch = self._batch
         i = 0
         outputs: list[list[int]] = []
         for task in chosen:
@@ -310,17 +309,21 @@ class LlamaRuntime:
             for f in task.feeds:
                 n = len(f.tokens)
                 for k, tok in enumerate(f.tokens):
-                    batch.token[i] = tok
-                    batch.pos[i] = f.pos + k
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = f.seq
                     out = f.want == "all" or (f.want == "last" and k == n - 1)
-                    batch.logits[i] = 1 if out else 0
+                    self._put(i, tok, f.pos + k, f.seq, out)
                     i += 1
                 per_feed.append(n if f.want == "all" else (1 if f.want == "last" else 0))
             outputs.append(per_feed)
-        batch.n_tokens = i
+        self._batch.n_tokens = i
         return outputs
+
+    def _put(self, i: int, token: int, pos: int, seq: int, output: bool) -> None:
+        batch = self._batch
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = 1 if output else 0
 
     def _decode_failed(self, rc: int, chosen: list[_Task]) -> None:
         if rc == 1 and len(chosen) > 1:

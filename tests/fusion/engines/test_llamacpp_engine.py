@@ -138,7 +138,11 @@ def test_the_winning_branch_becomes_the_context_without_a_decode(llama_models, n
 
 
 def test_concurrent_requests_share_decodes_and_answer_as_alone(llama_models):
-    m = llama_models["qwen2.5-0.5b"]
+    """Exact on SmolLM2 (q4_1), whose llama.cpp CPU kernels give a token the same numbers
+    whatever else is in the batch. On Qwen's q5_0/q8_0 and Gemma's K-quants they do not
+    (0.05-0.2 nats between batch shapes, see docs/BENCHMARKS.md), so there a greedy answer
+    can change at a near-tie when other requests share its decodes."""
+    m = llama_models["smollm2-135m"]
     prompts = [
         "Write a haiku about autumn.",
         "def fibonacci(n):",
