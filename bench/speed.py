@@ -46,7 +46,7 @@ QUESTIONS = [
     "Write a short story about a robot who learns to paint.",
     "What are three tips for staying focused while studying?",
 ]
-CONTEXT_WORDS = (60, 300, 700, 1200)
+CONTEXT_WORDS = (60, 300, 700, 1300)
 
 
 async def single(model: SourceModel, prompt: Prompt, max_tokens: int) -> dict[str, Any]:
