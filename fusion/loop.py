@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
@@ -21,6 +23,7 @@ from fusion.clock import StepClock
 from fusion.engine import EngineError, Sampling, StateHandle
 from fusion.models import SourceModel
 from fusion.proposals import Proposal, propose
+from fusion.selection import Scored, Selection, gate_confident, nll, packllm_weights, select
 from fusion.stops import StopStringTracker
 from fusion.types import (
     FinishReason,
@@ -28,8 +31,10 @@ from fusion.types import (
     FusionParams,
     ModelUsage,
     Prompt,
+    Rule,
     ScoredCandidate,
     Segment,
+    StepKind,
     StepTimings,
     perplexity,
 )
@@ -59,6 +64,7 @@ class _Run:
     encoded: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     clock: StepClock = field(default_factory=StepClock)  # the current step's timings
     context_tokens: int = 0  # the first model's prompt + committed answer tokens
+    prompt_weights: dict[str, float] | None = None  # PackLLM's, once per request
 
     def close_step(self) -> StepTimings:
         timings = self.clock.timings()
@@ -79,6 +85,16 @@ class _Candidate:
     text: str
     ended: bool
     proposals: tuple[Proposal, ...]
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One Cool step's outcome: the winner and how every candidate was judged."""
+
+    win: _Candidate
+    scored: tuple[ScoredCandidate, ...]
+    kind: StepKind
+    rule: Rule
 
 
 class Fuser:
@@ -212,17 +228,11 @@ class Fuser:
                 run.outcome.finish_reason = "length"
                 break
             cap = min(params.max_segment_tokens, budget)
-            candidates = await self._propose_all(run, cap, budget)
-            run.clock.lap("generate")
-            if not candidates:
+            step = await self._step(run, cap, budget)
+            if step is None:
                 run.outcome.finish_reason = "stop"
                 break
-            scored, logprobs = await self._score_all(run, candidates)
-            run.clock.lap("score")
-            best = min(range(len(candidates)), key=lambda i: scored[i].mean_perplexity)
-            win = candidates[best]
-            for name, lps in logprobs.items():
-                run.fused_logprobs[name].extend(lps[best])
+            win = step.win
             lead = win.proposals[0]
             tokens = _content_tokens(lead)
             run.outcome.completion_tokens += tokens
@@ -252,22 +262,111 @@ class Fuser:
                     index=index,
                     text=piece,
                     winner=lead.model,
-                    candidates=tuple(scored),
+                    candidates=step.scored,
                     tokens=tokens,
                     finish_reason=finish,
                     timings=timings,
                     context_tokens=context,
+                    step=step.kind,
+                    rule=step.rule,
                 )
             index += 1
             if finish is not None:
                 run.outcome.finish_reason = finish
                 break
 
-    async def _propose_all(self, run: _Run, cap: int, budget: int) -> list[_Candidate]:
+    async def _step(self, run: _Run, cap: int, budget: int) -> _Step | None:
+        """Propose, score and select one segment (None: no model has anything to add).
+        Under the ``gate`` rule the leader proposes first and may decide alone."""
+        given: dict[str, Proposal] = {}
+        leader = _gate_leader(run)
+        if leader is not None:
+            own = await self._propose_all(run, cap, budget, only=leader)
+            p = own[0].proposals[0] if own else None
+            threshold = run.params.selection.gate_threshold
+            if p is not None and gate_confident(p.own_logprobs, threshold):
+                return await self._gated(run, own[0])
+            given = {p.model: p} if p is not None else {}
+        candidates = await self._propose_all(run, cap, budget, given)
+        run.clock.lap("generate")
+        if not candidates:
+            return None
+        scored, logprobs = await self._score_all(run, candidates)
+        chosen = await self._select(run, _scored_inputs(scored, logprobs), run.outcome.text)
+        run.clock.lap("score")
+        for name, lps in logprobs.items():
+            run.fused_logprobs[name].extend(lps[chosen.index])
+        return _Step(candidates[chosen.index], _with_scores(scored, chosen), "fused", chosen.rule)
+
+    async def _gated(self, run: _Run, win: _Candidate) -> _Step:
+        """The confident leader's segment, taken without the others proposing. Cool+R
+        still has them score it (about the cost of committing it), as its final rerank
+        needs every model's log-probs of the fused text."""
+        run.clock.lap("generate")
+        p = win.proposals[0]
+        if run.params.method == "cool_rerank":
+            scored, logprobs = await self._score_all(run, [win])
+            run.clock.lap("score")
+            for name, lps in logprobs.items():
+                run.fused_logprobs[name].extend(lps[0])
+            seen = scored[0]
+        else:
+            own = list(p.own_logprobs or ())
+            run.fused_logprobs[p.model].extend(own)
+            ppl = perplexity(own, run.params.ppl_mode)
+            seen = ScoredCandidate(win.text, (p.model,), win.ended, ((p.model, ppl),), ppl)
+        score = dict(seen.perplexities)[p.model]
+        return _Step(win, (dataclasses.replace(seen, score=score),), "gated", "gate")
+
+    async def _select(self, run: _Run, inputs: list[Scored], answer: str) -> Selection:
+        policy = run.params.selection
+        if policy.step_rule == "packllm" and run.prompt_weights is None:
+            prompt_nll = await self._prompt_nlls(run)
+            run.prompt_weights = packllm_weights(prompt_nll, policy.packllm_temperature)
+        return select(
+            inputs, policy, run.params.ppl_mode, answer=answer, prompt_weights=run.prompt_weights
+        )
+
+    async def _prompt_nlls(self, run: _Run) -> dict[str, float]:
+        """Each model's mean token NLL of the prompt (PackLLM's expertise measure): a
+        scratch state on the prompt's first token scores the rest, then is released."""
+
+        async def one(m: SourceModel) -> float:
+            ids = _prompt_ids(run.prompt, m)
+            if len(ids) < 2:
+                return math.inf
+            state = await m.engine.open(f"{uuid.uuid4().hex}-{m.name}-prompt", ids[:1])
+            try:
+                [lps] = await m.engine.score(state, [ids[1:]])
+            finally:
+                task = asyncio.ensure_future(self._release_states({m.name: state}))
+                self._releasing.add(task)
+                task.add_done_callback(self._releasing.discard)
+                await asyncio.shield(task)
+            run.outcome.usage[m.name].scored_tokens += len(ids) - 1
+            return nll(lps)
+
+        return await self._each(run, one)
+
+    async def _propose_all(
+        self,
+        run: _Run,
+        cap: int,
+        budget: int,
+        given: dict[str, Proposal] | None = None,
+        only: SourceModel | None = None,
+    ) -> list[_Candidate]:
+        """Every model's candidate; models in ``given`` have proposed already, and with
+        ``only`` that model alone proposes (the gate's leader)."""
         shortest = run.params.method == "cool_shortest"
         adapters = [m.tokenizer for m in run.models]
+        given = given or {}
 
-        async def one(m: SourceModel) -> Proposal:
+        async def one(m: SourceModel) -> Proposal | None:
+            if m.name in given:
+                return given[m.name]
+            if only is not None and m is not only:
+                return None
             return await propose(
                 m,
                 run.states[m.name],
@@ -281,9 +380,10 @@ class Fuser:
 
         proposals = await self._each(run, one)
         for name, p in proposals.items():
-            run.outcome.usage[name].generated_tokens += p.generated
-            run.clock.add_align(p.align_seconds)
-        return _group(proposals[m.name] for m in run.models if m.name in proposals)
+            if p is not None and name not in given:
+                run.outcome.usage[name].generated_tokens += p.generated
+                run.clock.add_align(p.align_seconds)
+        return _group(p for m in run.models if (p := proposals.get(m.name)) is not None)
 
     async def _score_all(
         self, run: _Run, candidates: list[_Candidate]
@@ -363,11 +463,17 @@ class Fuser:
             run.clock.add_align(p.align_seconds)
         candidates = _group(proposals[m.name] for m in run.models if m.name in proposals)
         run.clock.lap("generate")
-        scored, _ = await self._score_all(run, candidates)
+        scored, logprobs = await self._score_all(run, candidates)
         run.clock.lap("score")
+        inputs = _scored_inputs(scored, logprobs)
         if fused is not None:
             scored.append(self._score_fused(run, fused, fused_ended, fused_lps))
-        best = min(range(len(scored)), key=lambda i: scored[i].mean_perplexity)
+            names = [m.name for m in run.models]
+            lps = tuple((n, tuple(fused_lps.get(n, []))) for n in names)
+            inputs.append(Scored(fused, ("fusion",), fused_ended, lps))
+        chosen = await self._select(run, inputs, answer="")
+        best = chosen.index
+        scored = list(_with_scores(scored, chosen))
         win = scored[best]
         if fused is not None and best == len(scored) - 1:
             tokens, ended, hit_cap = run.outcome.completion_tokens, fused_ended, not fused_ended
@@ -393,6 +499,7 @@ class Fuser:
             finish,
             timings=run.close_step(),
             context_tokens=context,
+            rule=chosen.rule,
         )
 
     def _score_fused(
@@ -447,3 +554,36 @@ def _group(proposals: Iterable[Proposal]) -> list[_Candidate]:
             continue
         groups.setdefault((p.text, p.ended), []).append(p)
     return [_Candidate(t, e, tuple(ps)) for (t, e), ps in groups.items()]
+
+
+def _gate_leader(run: _Run) -> SourceModel | None:
+    """The leader whose confident segments skip fusion, when the ``gate`` rule applies."""
+    policy = run.params.selection
+    if policy.rule != "gate" or len(run.models) < 2:
+        return None
+    return next((m for m in run.models if m.name == policy.leader), None)
+
+
+def _prompt_ids(prompt: Prompt, m: SourceModel) -> list[int]:
+    if prompt.messages is not None:
+        return m.chat_prompt_ids(prompt.messages)
+    return m.completion_prompt_ids(prompt.text or "")
+
+
+def _scored_inputs(
+    scored: Sequence[ScoredCandidate], logprobs: dict[str, list[list[float]]]
+) -> list[Scored]:
+    """The selection rules' view of the candidates: every scoring model's log-probs."""
+    return [
+        Scored(c.text, c.proposers, c.ended, tuple((n, tuple(lp[i])) for n, lp in logprobs.items()))
+        for i, c in enumerate(scored)
+    ]
+
+
+def _with_scores(
+    scored: Sequence[ScoredCandidate], chosen: Selection
+) -> tuple[ScoredCandidate, ...]:
+    return tuple(
+        dataclasses.replace(c, score=chosen.scores[i], excluded=chosen.excluded[i])
+        for i, c in enumerate(scored)
+    )
