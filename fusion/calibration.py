@@ -193,8 +193,16 @@ def recommend(
     best = min(policies, key=rank)
     kept = keep_members(members, leader)
     top = max(r.accuracy for r in members)
+    tied = [r.system for r in members if r.accuracy == top]
+    why_leader = (
+        f"leader: {leader} (accuracy {top:.0%}, the best member)"
+        if len(tied) == 1
+        else f"leader: {leader} (accuracy {top:.0%}, tied with "
+        f"{', '.join(n for n in tied if n != leader)}; it finds the others' text least "
+        "surprising)"
+    )
     reasons = [
-        f"leader: {leader} (accuracy {top:.0%}, the best member)",
+        why_leader,
         "weights: smoothed member accuracies "
         + ", ".join(f"{n} {w:g}" for n, w in weights.items()),
         f"policy: {best} had the best development accuracy "
