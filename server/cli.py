@@ -11,7 +11,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from fusion.loop import Fuser
-from fusion.types import METHODS, FusionOutcome, FusionParams, Prompt, Segment
+from fusion.types import (
+    METHODS,
+    RULES,
+    FusionOutcome,
+    FusionParams,
+    Prompt,
+    Segment,
+    SelectionPolicy,
+)
 from server.config import AppConfig, ConfigError, load_config
 
 
@@ -36,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--raw", action="store_true", help="complete the text instead of chatting")
     gen.add_argument("--trace", action="store_true", help="show every segment's candidates")
+    gen.add_argument("--rule", choices=RULES, help="selection rule (default: the config's)")
+    gen.add_argument("--leader", help="leader model for the leader and gate rules")
     cal = sub.add_parser(
         "calibrate",
         help="choose the selection policy on GSM8K test questions 0-599 (docs/SELECTION.md)",
@@ -56,6 +66,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     pairs = (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)))
     server = {k: v for k, v in pairs if v is not None}
     return {"server": server} if server else {}
+
+
+def _selection(config: AppConfig, args: argparse.Namespace) -> SelectionPolicy:
+    """The config's selection policy with --rule / --leader on top, checked."""
+    chosen = config.fusion.selection.model_copy(
+        update={k: v for k, v in (("rule", args.rule), ("leader", args.leader)) if v}
+    )
+    problems = chosen.problems([m.name for m in config.models])
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return chosen.policy()
 
 
 def _default_models(config: AppConfig) -> tuple[str, ...] | None:
@@ -79,6 +100,7 @@ def _print_trace(seg: Segment) -> None:
 async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
     from server.engines import load_models, shutdown_models
 
+    selection = _selection(config, args)  # a bad --rule/--leader fails before loading
     models = await load_models(config)
     try:
         fuser = Fuser(models, window_pieces=config.fusion.window_pieces)
@@ -88,7 +110,7 @@ async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
             max_segment_tokens=config.fusion.max_segment_tokens,
             ppl_mode=config.fusion.ppl_mode,
             models=tuple(args.models.split(",")) if args.models else _default_models(config),
-            selection=config.fusion.selection.policy(),
+            selection=selection,
         )
         prompt = (
             Prompt(text=args.prompt)

@@ -122,11 +122,13 @@ class Metrics:
         self.segments.labels(model).inc()
         self.wins.labels(seg.winner).inc()
         self.step.observe(seg.step_seconds)
-        name = policy or seg.rule
-        counts = self.policies.setdefault(name, {"gated": 0, "fused": 0})
-        counts[seg.step] += 1
-        self.policy_steps.labels(name, seg.step).inc()
-        if seg.candidates and len(seg.candidates[0].perplexities) > 1:
+        fused = bool(seg.candidates) and len(seg.candidates[0].perplexities) > 1
+        if seg.step == "gated" or fused:  # a lone model's steps are neither
+            name = policy or seg.rule
+            counts = self.policies.setdefault(name, {"gated": 0, "fused": 0})
+            counts[seg.step] += 1
+            self.policy_steps.labels(name, seg.step).inc()
+        if fused:
             self._fused_segment(seg)
 
     def _fused_segment(self, seg: Segment) -> None:

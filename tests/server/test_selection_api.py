@@ -134,3 +134,37 @@ async def test_stats_summarise_perplexity_robustly(client, make_model):
         # for positive numbers: geometric mean <= arithmetic mean; the median lies within
         assert s["geomean_perplexity"] <= s["mean_perplexity"] + 1e-9
         assert s["median_perplexity"] > 0
+
+
+async def test_configured_members_are_the_fused_models_default(trio):
+    import httpx
+
+    from server.app import create_app
+
+    config = load_config(
+        None,
+        models=[
+            {"name": "smollm2-135m", "source": "pip:smollm2-135m-instruct"},
+            {"name": "gemma3-270m", "source": "pip:gemma3-270m"},
+            {"name": "qwen2.5-0.5b", "source": "pip:qwen2.5-coder-0.5b-instruct"},
+        ],
+        fusion={"models": ["smollm2-135m", "qwen2.5-0.5b"]},
+    )
+    app = create_app(config, models=trio())
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as http,
+    ):
+        default = (await http.post("/v1/chat/completions", json=CHAT)).json()
+        asked = {**CHAT, "fusion": {"models": ["gemma3-270m", "qwen2.5-0.5b"]}}
+        chosen = (await http.post("/v1/chat/completions", json=asked)).json()
+    assert set(default["usage"]["models"]) == {"smollm2-135m", "qwen2.5-0.5b"}
+    assert set(chosen["usage"]["models"]) == {"gemma3-270m", "qwen2.5-0.5b"}
+
+
+async def test_a_lone_models_steps_count_for_no_policy(client):
+    async with client() as http:
+        await http.post("/v1/chat/completions", json={**CHAT, "model": "gemma3-270m"})
+        stats = (await http.get("/v1/fusion/stats")).json()
+    assert stats["policies"] == {} and stats["fused_segments"] == 0
