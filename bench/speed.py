@@ -7,8 +7,8 @@ alike. Then step time against context length (a fused ``cool`` run after raw pro
 growing length). Writes ``bench/results/speed.jsonl`` (raw rows), a markdown report and
 PNG plots (default ``docs/bench/``).
 
-    .venv/bin/python bench/speed.py                      # transformers + vllm, ~35 min
-    .venv/bin/python bench/speed.py --engines transformers --questions 1 --max-tokens 32
+    .venv/bin/python bench/speed.py                      # llamacpp + transformers
+    .venv/bin/python bench/speed.py --engines llamacpp,transformers,vllm --questions 1
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ from fusion.types import METHODS, FusionOutcome, FusionParams, Prompt
 from server.config import load_config
 from server.engines import load_models, shutdown_models
 
-ENGINE_CONFIGS = {"transformers": "config.yaml", "vllm": "config.vllm-cpu.yaml"}
+ENGINE_CONFIGS = {
+    "llamacpp": "config.yaml",
+    "transformers": "config.transformers.yaml",
+    "vllm": "config.vllm-cpu.yaml",
+}
 QUESTIONS = [
     "Explain in a short paragraph why the sky is blue.",
     "Write a short story about a robot who learns to paint.",
@@ -117,7 +121,8 @@ async def bench_engine(engine: str, config_path: str, args: argparse.Namespace) 
     combos = systems(names)
     rows: list[dict[str, Any]] = []
     seg_cap = config.fusion.max_segment_tokens
-    base = {"engine": engine, "threads": [m.options.threads for m in config.models]}
+    threads = [getattr(m.options, "threads", None) for m in config.models]
+    base = {"engine": engine, "threads": threads}
     try:
         warm = Prompt(messages=({"role": "user", "content": "Hi"},))
         for m in models:
@@ -169,11 +174,11 @@ def machine() -> str:
 
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--engines", default="transformers,vllm", help="comma-separated")
+    ap.add_argument("--engines", default="llamacpp,transformers", help="comma-separated")
     ap.add_argument(
         "--config", action="append", default=[], metavar="ENGINE=PATH",
-        help="config file for an engine (default transformers=config.yaml, "
-        "vllm=config.vllm-cpu.yaml)",
+        help="config file for an engine (default llamacpp=config.yaml, "
+        "transformers=config.transformers.yaml, vllm=config.vllm-cpu.yaml)",
     )
     ap.add_argument("--questions", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)

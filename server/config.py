@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,42 +49,98 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class EngineOptions(_Strict):
-    """Per-model engine settings; each engine reads the ones it knows."""
+class TransformersOptions(_Strict):
+    """Options of ``engine: transformers`` (a Hugging Face model in PyTorch)."""
 
-    threads: int = Field(1, ge=1, description="Intra-op CPU threads for this model (transformers).")
+    threads: int = Field(1, ge=1, description="Intra-op CPU threads for this model.")
     device: str = Field("auto", description="'auto' (GPU if present), 'cpu' or 'cuda[:N]'.")
     dtype: str = Field("float32", description="Weights dtype: float32 (CPU), bfloat16, float16.")
-    max_model_len: int | None = Field(None, ge=16, description="Context length cap (vLLM).")
+
+
+class VllmOptions(_Strict):
+    """Options of ``engine: vllm`` (an in-process vLLM AsyncLLM per model)."""
+
+    dtype: str = Field("float32", description="Weights dtype: float32 (CPU), bfloat16, float16.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length cap.")
     gpu_memory_utilization: float = Field(
-        0.28, gt=0, le=1, description="Share of GPU memory for this engine (vLLM)."
+        0.28, gt=0, le=1, description="Share of GPU memory for this engine."
     )
     kv_cache_space_gib: int = Field(
-        1, ge=1, description="KV cache size in GiB on CPU (vLLM: VLLM_CPU_KVCACHE_SPACE)."
+        1, ge=1, description="KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE)."
     )
     cpu_threads_bind: str | None = Field(
         None, description="CPU cores for this engine, e.g. '0' or '0-1' (vLLM on CPU)."
     )
-    enforce_eager: bool = Field(True, description="Skip graph compilation (vLLM).")
+    enforce_eager: bool = Field(True, description="Skip graph compilation.")
     gpu: str | None = Field(
         None,
-        description="GPU(s) for this engine's processes, e.g. '1' (vLLM: its "
-        "CUDA_VISIBLE_DEVICES), for one engine per GPU; default: share the visible GPUs.",
+        description="GPU(s) for this engine's processes, e.g. '1' (its CUDA_VISIBLE_DEVICES), "
+        "for one engine per GPU; default: share the visible GPUs.",
     )
     block_size: int = Field(
-        32, ge=1, description="KV block size (vLLM prefix caching; a multiple of 32 on CPU)."
+        32, ge=1, description="KV block size (prefix caching; a multiple of 32 on CPU)."
     )
     score_lookahead_tokens: int = Field(
         1,
         ge=1,
         le=16,
-        description="Tokens each vLLM scoring request generates after its candidate; the "
+        description="Tokens each scoring request generates after its candidate; the "
         "winner's become look-ahead (speculative next segment).",
     )
 
 
-class ModelConfig(_Strict):
-    """One source model."""
+class LlamaCppOptions(_Strict):
+    """Options of ``engine: llamacpp`` (llama.cpp on the GGUF file, batched across requests)."""
+
+    threads: int = Field(
+        1, ge=1, description="llama.cpp threads for this model (decode and batch)."
+    )
+    n_ctx: int = Field(
+        16384,
+        ge=256,
+        description="KV cells shared by all of this model's requests (every sequence of every "
+        "request: contexts, look-ahead, scoring branches).",
+    )
+    max_requests: int = Field(
+        16, ge=1, le=64, description="Requests holding a state at once; more wait for a slot."
+    )
+    branches_per_request: int = Field(
+        3,
+        ge=1,
+        le=15,
+        description="Candidates a request scores side by side in one decode (more go in "
+        "rounds); one sequence each.",
+    )
+    n_batch: int = Field(
+        512, ge=32, description="Most tokens in one llama_decode (all requests together)."
+    )
+
+
+class AutoOptions(_Strict):
+    """Options of ``engine: auto``: one block per engine it may pick."""
+
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for whichever CPU engine is picked (llamacpp or "
+        "transformers); overrides the threads of their blocks below.",
+    )
+    llamacpp: LlamaCppOptions = Field(
+        default_factory=LlamaCppOptions,  # type: ignore[arg-type]
+        description="Used when llama.cpp is picked (CPU, GGUF source).",
+    )
+    transformers: TransformersOptions = Field(
+        default_factory=TransformersOptions,  # type: ignore[arg-type]
+        description="Used when transformers is picked (no GGUF, or no llama.cpp).",
+    )
+    vllm: VllmOptions = Field(
+        default_factory=VllmOptions,  # type: ignore[arg-type]
+        description="Used when vLLM is picked (a GPU is present).",
+    )
+
+
+class _ModelBase(_Strict):
+    """One source model: what every engine kind shares."""
 
     name: str = Field(..., min_length=1, description="Name used in /v1/models and requests.")
     source: str = Field(
@@ -83,7 +148,6 @@ class ModelConfig(_Strict):
         min_length=1,
         description="pip:<name> (a pip-shipped model), gguf:<file>, hf:<folder> or a folder path.",
     )
-    engine: Literal["transformers", "vllm"] = Field("transformers", description="Backend.")
     chat_template: str | None = Field(
         None, description="Jinja chat template; default: the model's own, else a plain one."
     )
@@ -96,7 +160,53 @@ class ModelConfig(_Strict):
         description="Longest one engine call may take (a step; a whole continuation for "
         "rerank) before the model is dropped from the request; null: no limit.",
     )
-    options: EngineOptions = Field(default_factory=EngineOptions)  # type: ignore[arg-type]
+
+
+class TransformersModel(_ModelBase):
+    engine: Literal["transformers"] = Field(description="Backend: transformers (PyTorch).")
+    options: TransformersOptions = Field(default_factory=TransformersOptions)  # type: ignore[arg-type]
+
+
+class VllmModel(_ModelBase):
+    engine: Literal["vllm"] = Field(description="Backend: vLLM, in process.")
+    options: VllmOptions = Field(default_factory=VllmOptions)  # type: ignore[arg-type]
+
+
+class LlamaCppModel(_ModelBase):
+    engine: Literal["llamacpp"] = Field(description="Backend: llama.cpp on the GGUF file.")
+    options: LlamaCppOptions = Field(default_factory=LlamaCppOptions)  # type: ignore[arg-type]
+
+
+class AutoModel(_ModelBase):
+    engine: Literal["auto"] = Field(
+        "auto",
+        description="vLLM where a GPU is present, else llama.cpp for GGUF sources, else "
+        "transformers; the start-up log says which and why.",
+    )
+    options: AutoOptions = Field(default_factory=AutoOptions)  # type: ignore[arg-type]
+
+
+ENGINE_KINDS = ("auto", "llamacpp", "transformers", "vllm")
+
+
+def _engine_tag(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("engine", "auto"))
+    return str(getattr(value, "engine", "auto"))
+
+
+# One entry per engine kind (the registry in server/engine_registry.py has the factories).
+ModelConfig = Annotated[
+    Annotated[TransformersModel, Tag("transformers")]
+    | Annotated[VllmModel, Tag("vllm")]
+    | Annotated[LlamaCppModel, Tag("llamacpp")]
+    | Annotated[AutoModel, Tag("auto")],
+    Discriminator(
+        _engine_tag,
+        custom_error_type="engine",
+        custom_error_message=f"engine must be one of: {', '.join(ENGINE_KINDS)}",
+    ),
+]
 
 
 class NllStatsConfig(_Strict):
@@ -237,8 +347,27 @@ class ServerConfig(_Strict):
     )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask.")
-    max_concurrent: int = Field(4, ge=1, description="Requests generating at once.")
-    max_queue: int = Field(16, ge=0, description="Requests waiting beyond those; more get 429.")
+    max_concurrent: int = Field(
+        4,
+        ge=1,
+        description="Choices (fusion runs) generating at once; a request takes one per "
+        "choice (all of them if it has more, then it runs alone).",
+    )
+    max_concurrent_single: int = Field(
+        2,
+        ge=1,
+        description="Choices generating at once for requests to one source model by name "
+        "(e.g. a chat UI's title and tag tasks): a lane and queue of their own, so they "
+        "never wait behind fused requests.",
+    )
+    max_queue: int = Field(
+        16, ge=0, description="Requests waiting in each lane beyond those; more get 429."
+    )
+    max_choices: int = Field(
+        8,
+        ge=1,
+        description="Most choices one request may ask for (prompts × n); more get 400.",
+    )
     keepalive_seconds: float = Field(15.0, gt=0, description="SSE keep-alive comment interval.")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="In-flight time on SIGTERM.")
     log_text: bool = Field(False, description="Log prompt and completion text (off by default).")
@@ -304,8 +433,16 @@ class AppConfig(BaseSettings):
 def _format(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  {where}: {e['msg']}")
+        loc = [str(p) for p in e["loc"]]
+        # a model's errors carry its engine kind in the path: "models.0.options.threads
+        # (engine llamacpp)" reads better than "models.0.llamacpp.options.threads"
+        kind = ""
+        if len(loc) > 2 and loc[0] == "models" and loc[2] in ENGINE_KINDS:
+            kind = f" (engine {loc.pop(2)})"
+        if e["type"] == "engine":
+            loc.append("engine")
+        where = ".".join(loc) or "(root)"
+        lines.append(f"  {where}: {e['msg']}{kind}")
     return "\n".join(lines)
 
 

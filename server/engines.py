@@ -5,46 +5,31 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fusion.engine import Engine
 from fusion.models import SourceModel, build_source_model
-from fusion.sources import resolve_source
-from server.config import AppConfig, ModelConfig
+from server.config import AppConfig
+from server.engine_registry import build
 
 log = logging.getLogger(__name__)
 
 
-def make_engine(config: ModelConfig, folder: str) -> Engine:
-    """An engine for one model; heavy backends are imported only when used."""
-    opts = config.options
-    if config.engine == "vllm":
-        from fusion.engines.vllm_engine import VllmEngine
-
-        return VllmEngine(config.name, folder, opts.model_dump())
-    from fusion.engines.transformers_engine import TransformersEngine
-
-    return TransformersEngine(
-        config.name, folder, threads=opts.threads, device=opts.device, dtype=opts.dtype
-    )
-
-
 async def load_models(config: AppConfig) -> list[SourceModel]:
-    """Resolve every model's source (converting on first use), start its engine."""
+    """Resolve every model's source (converting on first use), build and start its engine
+    (the kind from the registry; ``auto`` resolved and logged with its reason)."""
     models: list[SourceModel] = []
     try:
         for mc in config.models:
-            folder = await asyncio.to_thread(resolve_source, mc.source)
-            engine = make_engine(mc, str(folder))
+            built, _ = await asyncio.to_thread(build, mc)
             models.append(
                 build_source_model(
                     mc.name,
-                    engine,
-                    folder,
+                    built.engine,
+                    built.tokenizer_dir,
                     chat_template=mc.chat_template,
                     stop_strings=mc.stop,
                     step_timeout=mc.step_timeout_seconds,
                 )
             )
-            await engine.start()
+            await built.engine.start()
     except BaseException:
         await shutdown_models(models)
         raise

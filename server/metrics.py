@@ -62,8 +62,23 @@ class Metrics:
             registry=r,
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
         )
-        self.tokens = Counter("fusion_tokens", "Tokens by kind", ["model", "kind"], registry=r)
-        self.segments = Counter("fusion_segments", "Selected segments", ["model"], registry=r)
+        # "model" is always the requested model (the fused one or a source by name), "method"
+        # the fusion method, "source" one source model
+        self.tokens = Counter(
+            "fusion_tokens",
+            "Completion tokens of answers, by requested model and method",
+            ["model", "method"],
+            registry=r,
+        )
+        self.source_tokens = Counter(
+            "fusion_source_tokens",
+            "Tokens each source model handled, by kind (prompt, generated, scored)",
+            ["source", "kind"],
+            registry=r,
+        )
+        self.segments = Counter(
+            "fusion_segments", "Selected segments", ["model", "method"], registry=r
+        )
         self.wins = Counter(
             "fusion_segment_wins", "Segments won per source model", ["source"], registry=r
         )
@@ -118,8 +133,8 @@ class Metrics:
         self.fused_segments = 0
         self.policies: dict[str, dict[str, int]] = {}  # policy -> {"gated": n, "fused": n}
 
-    def segment(self, model: str, seg: Segment, policy: str | None = None) -> None:
-        self.segments.labels(model).inc()
+    def segment(self, model: str, method: str, seg: Segment, policy: str | None = None) -> None:
+        self.segments.labels(model, method).inc()
         self.wins.labels(seg.winner).inc()
         self.step.observe(seg.step_seconds)
         fused = bool(seg.candidates) and len(seg.candidates[0].perplexities) > 1
@@ -158,12 +173,12 @@ class Metrics:
             "policies": {n: dict(c) for n, c in self.policies.items()},
         }
 
-    def outcome(self, model: str, outcome: FusionOutcome) -> None:
-        self.tokens.labels(model, "completion").inc(outcome.completion_tokens)
+    def outcome(self, model: str, method: str, outcome: FusionOutcome) -> None:
+        self.tokens.labels(model, method).inc(outcome.completion_tokens)
         for name, usage in outcome.usage.items():
-            self.tokens.labels(name, "prompt").inc(usage.prompt_tokens)
-            self.tokens.labels(name, "generated").inc(usage.generated_tokens)
-            self.tokens.labels(name, "scored").inc(usage.scored_tokens)
+            self.source_tokens.labels(name, "prompt").inc(usage.prompt_tokens)
+            self.source_tokens.labels(name, "generated").inc(usage.generated_tokens)
+            self.source_tokens.labels(name, "scored").inc(usage.scored_tokens)
             if usage.dropped:
                 self.dropped.labels(name).inc()
 

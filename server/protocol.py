@@ -130,6 +130,8 @@ class CompletionRequest(_Sampling):
     def prompts(self) -> list[str]:
         if isinstance(self.prompt, str):
             return [self.prompt]
+        if not self.prompt:
+            raise ValueError("prompt must not be an empty list")
         if all(isinstance(p, str) for p in self.prompt):
             return [str(p) for p in self.prompt]
         raise ValueError(

@@ -1,8 +1,9 @@
-"""From OpenAI requests to fusion runs, and from fusion segments to OpenAI objects.
+"""From OpenAI requests to fusion runs: validation against the loaded models, jobs,
+running their choices (concurrently) and the stream of their chunks.
 
-Only this layer knows both sides: the fusion loop yields ``Segment``s with provenance;
-here they become ``chat.completion`` / ``text_completion`` objects and stream chunks
-(one chunk per selected segment).
+Only this layer and ``server/jobs.py`` know both sides: the fusion loop yields
+``Segment``s with provenance; ``jobs`` turns them into ``chat.completion`` /
+``text_completion`` objects and stream chunks (one chunk per selected segment).
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -22,9 +21,10 @@ from pydantic import ValidationError
 from fusion.engine import Sampling
 from fusion.loop import Fuser
 from fusion.models import SourceModel
-from fusion.types import FusionOutcome, FusionParams, Prompt, Segment, SelectionPolicy
+from fusion.types import FusionParams, Prompt, Segment, SelectionPolicy
 from server.config import AppConfig, SelectionConfig
 from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound
+from server.jobs import Choice, Job, chunk
 from server.metrics import Metrics
 from server.protocol import (
     ChatCompletionRequest,
@@ -36,69 +36,10 @@ from server.protocol import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Choice:
-    """One choice to generate, and what came of it."""
-
-    index: int
-    prompt: Prompt
-    params: FusionParams
-    echo: str = ""
-    outcome: FusionOutcome = field(default_factory=FusionOutcome)
-    segments: list[Segment] = field(default_factory=list)
-
-
-@dataclass
-class Job:
-    """A validated request: its choices plus how to answer."""
-
-    kind: str  # "chat" | "text"
-    model: str
-    choices: list[Choice]
-    stream: bool
-    include_usage: bool
-    trace: bool
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created: int = field(default_factory=lambda: int(time.time()))
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
     return f"{where}: {err['msg']}" if where else str(err["msg"])
-
-
-def trace_of(seg: Segment) -> dict[str, Any]:
-    return {
-        "index": seg.index,
-        "text": seg.text,
-        "winner": seg.winner,
-        "step": seg.step,
-        "rule": seg.rule,
-        "step_ms": round(seg.step_seconds * 1000, 1),
-        "timings_ms": {
-            phase: round(getattr(seg.timings, phase) * 1000, 1)
-            for phase in ("generate", "score", "align", "commit", "other")
-        },
-        "model_ms": {name: round(s * 1000, 1) for name, s in seg.timings.per_model},
-        "context_tokens": seg.context_tokens,
-        "candidates": [
-            {
-                "text": c.text,
-                "proposers": list(c.proposers),
-                "ended": c.ended,
-                "mean_perplexity": _finite(c.mean_perplexity),
-                "score": None if c.score is None else _finite(c.score),
-                "excluded": c.excluded,
-                "perplexities": {name: _finite(p) for name, p in c.perplexities},
-            }
-            for c in seg.candidates
-        ],
-    }
 
 
 class FusionService:
@@ -210,24 +151,70 @@ class FusionService:
     def _sampling(temperature: float | None, top_p: float | None, seed: int | None) -> Sampling:
         return Sampling(temperature=temperature or 0.0, top_p=top_p or 1.0, seed=seed)
 
-    def _check_context(self, prompt: Prompt, params: FusionParams) -> None:
+    def _check_choices(self, prompts: int, n: int) -> None:
+        cap = self.config.server.max_choices
+        if prompts * n > cap:
+            asked = f"{prompts} prompts × n={n}" if prompts > 1 else f"n={n}"
+            raise BadRequest(
+                f"this request asks for {prompts * n} choices ({asked}); this server allows "
+                f"at most {cap} per request",
+                param="n",
+            )
+
+    def _fit_context(self, prompt: Prompt, params: FusionParams, explicit: bool) -> FusionParams:
+        """Check the prompt in every source model's own tokens against its context length
+        (an engine may not check, and each tokenizer counts differently), as vLLM does: an
+        explicit ``max_tokens`` must fit after the prompt; without one the prompt must leave
+        room for at least one token, and the default is cut to the room left."""
+        room = params.max_tokens
         for m in self.fuser.select(params.models):
             limit = m.max_model_len
             if not limit:
                 continue
-            ids = (
+            n = len(
                 m.chat_prompt_ids(prompt.messages)
                 if prompt.messages is not None
                 else m.completion_prompt_ids(prompt.text or "")
             )
-            if len(ids) + params.max_tokens > limit:
+            where = "messages" if prompt.is_chat else "prompt"
+            head = f"This model's maximum context length is {limit} tokens (source model {m.name})."
+            if explicit and n + params.max_tokens > limit:
                 raise ContextLengthExceeded(
-                    f"This model's maximum context length is {limit} tokens (source model "
-                    f"{m.name}). However, you requested {len(ids) + params.max_tokens} tokens "
-                    f"({len(ids)} in the prompt, {params.max_tokens} for the completion). "
-                    "Please reduce the length of the prompt or of max_tokens.",
-                    param="messages" if prompt.is_chat else "prompt",
+                    f"{head} However, you requested {n + params.max_tokens} tokens ({n} in "
+                    f"the {where}, {params.max_tokens} for the completion). Please reduce "
+                    f"the length of the {where} or of max_tokens.",
+                    param=where,
                 )
+            if n >= limit:
+                raise ContextLengthExceeded(
+                    f"{head} However, the {where} alone is {n} tokens, which leaves no room "
+                    f"for the completion. Please reduce the length of the {where}.",
+                    param=where,
+                )
+            room = min(room, limit - n)
+        return params if room == params.max_tokens else replace(params, max_tokens=room)
+
+    def _choices(
+        self, prompts: list[Prompt], n: int, params: FusionParams, explicit: bool, echo: bool
+    ) -> list[Choice]:
+        """``n`` choices per prompt; with a seed, each choice of a prompt samples with its
+        own (the request's seed for the first), so they differ yet repeat per request."""
+        # the loop gives each source model seed + its index; a stride of that many keeps
+        # every (choice, model) seed distinct
+        stride = len(self.fuser.select(params.models))
+        sampling = params.sampling
+        choices: list[Choice] = []
+        for p_index, prompt in enumerate(prompts):
+            fitted = self._fit_context(prompt, params, explicit)
+            for j in range(n):
+                own = fitted
+                if sampling.seed is not None and j:
+                    own = replace(
+                        fitted, sampling=replace(sampling, seed=sampling.seed + j * stride)
+                    )
+                text = prompt.text if echo and prompt.text else ""
+                choices.append(Choice(len(choices), prompt, own, p_index, text))
+        return choices
 
     def chat_job(self, req: ChatCompletionRequest) -> Job:
         if req.logprobs or req.top_logprobs:
@@ -240,6 +227,7 @@ class FusionService:
             messages = tuple({"role": m.role, "content": m.text()} for m in req.messages)
         except ValueError as exc:
             raise BadRequest(str(exc), param="messages") from None
+        self._check_choices(1, req.n or 1)
         params = self._params(
             req.model,
             req.fusion,
@@ -248,8 +236,7 @@ class FusionService:
             self._sampling(req.temperature, req.top_p, req.seed),
         )
         prompt = Prompt(messages=messages)
-        self._check_context(prompt, params)
-        choices = [Choice(i, prompt, params) for i in range(req.n or 1)]
+        choices = self._choices([prompt], req.n or 1, params, req.max_new() is not None, False)
         return self._job("chat", req, choices)
 
     def completion_job(self, req: CompletionRequest) -> Job:
@@ -263,6 +250,7 @@ class FusionService:
             prompts = req.prompts()
         except ValueError as exc:
             raise BadRequest(str(exc), param="prompt") from None
+        self._check_choices(len(prompts), req.n or 1)
         params = self._params(
             req.model,
             req.fusion,
@@ -270,12 +258,13 @@ class FusionService:
             req.stop_list(),
             self._sampling(req.temperature, req.top_p, req.seed),
         )
-        choices = []
-        for text in prompts:
-            prompt = Prompt(text=text)
-            self._check_context(prompt, params)
-            for _ in range(req.n or 1):
-                choices.append(Choice(len(choices), prompt, params, text if req.echo else ""))
+        choices = self._choices(
+            [Prompt(text=t) for t in prompts],
+            req.n or 1,
+            params,
+            req.max_tokens is not None,
+            bool(req.echo),
+        )
         return self._job("text", req, choices)
 
     def _job(
@@ -289,24 +278,27 @@ class FusionService:
             bool(req.stream),
             bool(opts and opts.include_usage),
             bool(req.fusion and req.fusion.trace),
+            single=len(self.fuser.select(choices[0].params.models)) == 1,
         )
 
     # -- running --------------------------------------------------------------------------
-    async def segments(self, choice: Choice) -> AsyncIterator[Segment]:
+    async def segments(self, job: Job, choice: Choice) -> AsyncGenerator[Segment, None]:
         run = self.fuser.run(choice.prompt, choice.params, choice.outcome)
         async with contextlib.aclosing(run) as segments:
             async for seg in segments:
                 choice.segments.append(seg)
-                self.metrics.segment(choice.params.method, seg, choice.params.selection.rule)
+                self.metrics.segment(
+                    job.model, choice.params.method, seg, choice.params.selection.rule
+                )
                 yield seg
-        self.metrics.outcome(choice.params.method, choice.outcome)
+        self.metrics.outcome(job.model, choice.params.method, choice.outcome)
 
     def log_done(self, job: Job, seconds: float, status: str) -> None:
         """One line per request; prompt and completion text only when ``log_text`` is on."""
         tokens = sum(c.outcome.completion_tokens for c in job.choices)
         log.info(
             "%s model=%s choices=%d tokens=%d status=%s %.2fs",
-            self._id(job),
+            job.response_id,
             job.model,
             len(job.choices),
             tokens,
@@ -317,106 +309,53 @@ class FusionService:
             for c in job.choices:
                 log.info(
                     "%s prompt=%r completion=%r",
-                    self._id(job),
+                    job.response_id,
                     c.prompt.messages or c.prompt.text,
                     c.outcome.text,
                 )
 
     async def run_all(self, job: Job) -> None:
         async def one(choice: Choice) -> None:
-            async with contextlib.aclosing(self.segments(choice)) as segments:
+            async with contextlib.aclosing(self.segments(job, choice)) as segments:
                 async for _ in segments:
                     pass
 
         await asyncio.gather(*(one(c) for c in job.choices))
 
-    # -- job -> OpenAI objects ------------------------------------------------------------
-    def usage(self, job: Job) -> dict[str, Any]:
-        per_model: dict[str, dict[str, Any]] = {}
-        for choice in job.choices:
-            for name, u in choice.outcome.usage.items():
-                agg = per_model.setdefault(
-                    name,
-                    {
-                        "prompt_tokens": 0,
-                        "generated_tokens": 0,
-                        "scored_tokens": 0,
-                        "segments_won": 0,
-                    },
-                )
-                agg["prompt_tokens"] += u.prompt_tokens
-                agg["generated_tokens"] += u.generated_tokens
-                agg["scored_tokens"] += u.scored_tokens
-                agg["segments_won"] += u.segments_won
-                if u.dropped:
-                    agg["dropped"] = u.dropped
-        first = next(iter(job.choices[0].outcome.usage.values()), None)
-        prompt = (first.prompt_tokens if first else 0) * len(job.choices)
-        completion = sum(c.outcome.completion_tokens for c in job.choices)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "models": per_model,
-        }
+    async def chunks(self, job: Job) -> AsyncGenerator[dict[str, Any], None]:
+        """Every choice's stream chunks (role, one per segment, finish) as they come: the
+        choices run concurrently and their chunks interleave, each with its ``index``, as
+        in vLLM. The first failure ends the stream; closing it cancels every choice."""
+        queue: asyncio.Queue[dict[str, Any] | Exception | None] = asyncio.Queue()
 
-    def response(self, job: Job) -> dict[str, Any]:
-        choices = []
-        for c in job.choices:
-            body: dict[str, Any] = {
-                "index": c.index,
-                "finish_reason": c.outcome.finish_reason,
-                "logprobs": None,
-            }
-            if job.kind == "chat":
-                body["message"] = {"role": "assistant", "content": c.outcome.text}
-            else:
-                body["text"] = c.echo + c.outcome.text
-            if job.trace:
-                body["fusion"] = {"segments": [trace_of(s) for s in c.segments]}
-            choices.append(body)
-        obj = "chat.completion" if job.kind == "chat" else "text_completion"
-        return self._envelope(job, obj, choices, usage=self.usage(job))
+        async def one(choice: Choice) -> None:
+            try:
+                if job.kind == "chat":
+                    queue.put_nowait(chunk(job, choice.index, "", role=True))
+                async with contextlib.aclosing(self.segments(job, choice)) as segments:
+                    async for seg in segments:
+                        if seg.text or job.trace:
+                            queue.put_nowait(chunk(job, choice.index, seg.text, seg=seg))
+                reason = choice.outcome.finish_reason
+                queue.put_nowait(chunk(job, choice.index, finish=reason))
+            except Exception as exc:
+                queue.put_nowait(exc)
+            finally:
+                queue.put_nowait(None)
 
-    def _id(self, job: Job) -> str:
-        return ("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.id
-
-    def _envelope(
-        self, job: Job, obj: str, choices: list[dict[str, Any]], **extra: Any
-    ) -> dict[str, Any]:
-        return {
-            "id": self._id(job),
-            "object": obj,
-            "created": job.created,
-            "model": job.model,
-            "choices": choices,
-            **extra,
-        }
-
-    def _chunk_object(self, job: Job) -> str:
-        return "chat.completion.chunk" if job.kind == "chat" else "text_completion"
-
-    def chunk(
-        self,
-        job: Job,
-        choice: int,
-        delta: str | None = None,
-        *,
-        role: bool = False,
-        finish: str | None = None,
-        seg: Segment | None = None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {"index": choice, "finish_reason": finish, "logprobs": None}
-        if job.kind == "chat":
-            d: dict[str, Any] = {"role": "assistant"} if role else {}
-            if delta is not None:
-                d["content"] = delta
-            body["delta"] = d
-        else:
-            body["text"] = delta or ""
-        if seg is not None and job.trace:
-            body["fusion"] = {"segments": [trace_of(seg)]}
-        return self._envelope(job, self._chunk_object(job), [body])
-
-    def usage_chunk(self, job: Job) -> dict[str, Any]:
-        return self._envelope(job, self._chunk_object(job), [], usage=self.usage(job))
+        tasks = [asyncio.create_task(one(c)) for c in job.choices]
+        try:
+            running = len(tasks)
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            # each choice's fusion run releases its engine states on the way out
+            await asyncio.gather(*tasks, return_exceptions=True)

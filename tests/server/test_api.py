@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.conftest import SCRIPT
 
 CHAT = {"model": "fusion", "messages": [{"role": "user", "content": "hi"}]}
@@ -121,6 +123,8 @@ async def test_completions_with_prompt_list_n_and_echo(client):
         assert all(c["finish_reason"] == "length" for c in body["choices"])
         bad = await http.post("/v1/completions", json={"model": "fusion", "prompt": [1, 2]})
         assert bad.status_code == 400 and "token-id" in bad.json()["error"]["message"]
+        empty = await http.post("/v1/completions", json={"model": "fusion", "prompt": []})
+        assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
 
 
 async def test_stop_string_spanning_segments_is_cut_and_not_emitted(client):
@@ -204,12 +208,54 @@ async def test_oversized_body_is_413(client):
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
+def with_limits(models, limits):
+    return [m.__class__(**{**m.__dict__, "max_model_len": n}) for m, n in zip(models, limits)]
+
+
+def prompt_len(model) -> int:
+    return len(model.chat_prompt_ids(tuple(CHAT["messages"])))
+
+
 async def test_context_length_exceeded(client, trio):
-    models = [m.__class__(**{**m.__dict__, "max_model_len": 64}) for m in trio()]
+    models = with_limits(trio(), [64, 64, 64])
     async with client(models=models) as http:
         r = await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 60})
         assert r.status_code == 400
         assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_context_length_is_checked_in_every_models_own_tokens(client, trio):
+    """Only the last model's context is too short: the 400 names it, before the first byte."""
+    models = trio()
+    limits = [4096, 4096, prompt_len(models[2]) + 10]
+    async with client(models=with_limits(models, limits)) as http:
+        for stream in (False, True):
+            body = {**CHAT, "max_tokens": 20, "stream": stream}
+            r = await http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+            err = r.json()["error"]
+            assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+            assert "qwen2.5-0.5b" in err["message"] and str(limits[2]) in err["message"]
+
+
+async def test_without_max_tokens_a_prompt_that_leaves_room_is_served(client, trio):
+    """Regression: the server's default max_tokens (256) counted as asked for, so a prompt
+    that fit every model was refused; as in vLLM, the default is cut to the room left, and
+    only a prompt that leaves no room for generation is refused."""
+    models = trio()
+    room = 4
+    limits = [prompt_len(m) + room for m in models]
+    async with client(models=with_limits(models, limits)) as http:
+        r = await http.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        assert 0 < r.json()["usage"]["completion_tokens"] <= room
+    full = [4096, prompt_len(models[1]), 4096]
+    async with client(models=with_limits(trio(), full)) as http:
+        r = await http.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded" and "gemma3-270m" in err["message"]
 
 
 async def test_full_queue_answers_429_with_retry_after(client, trio):
@@ -284,10 +330,43 @@ async def test_health_is_503_when_loading_failed_or_an_engine_is_down(make_confi
         assert 'fusion_engine_up{source="smollm2-135m"} 0.0' in (await http.get("/metrics")).text
 
 
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The (labels, value) of every sample called ``name`` in a Prometheus exposition."""
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
 async def test_metrics_count_requests_segments_and_wins(client):
+    """Regression: the token assertion also held for a fresh ``Metrics()`` without traffic."""
     async with client() as http:
         await http.post("/v1/chat/completions", json=CHAT)
         text = (await http.get("/metrics")).text
-        assert 'fusion_requests_total{endpoint="chat",model="fusion",status="200"} 1.0' in text
-        assert "fusion_segment_wins_total" in text and "fusion_step_seconds_bucket" in text
-        assert 'fusion_tokens_total{kind="scored"' in text or "fusion_tokens_total" in text
+    requests = samples(text, "fusion_requests_total")
+    assert requests == [({"endpoint": "chat", "model": "fusion", "status": "200"}, 1.0)]
+    assert sum(v for _, v in samples(text, "fusion_segment_wins_total")) > 0
+    assert sum(v for _, v in samples(text, "fusion_step_seconds_count")) > 0
+    assert sum(v for _, v in samples(text, "fusion_tokens_total")) > 0
+    generated = [
+        v
+        for labels, v in samples(text, "fusion_source_tokens_total")
+        if labels["kind"] == "generated"
+    ]
+    assert len(generated) == 3 and all(v > 0 for v in generated)
+
+
+async def test_metrics_label_the_requested_model_and_the_method_separately(client):
+    """Regression: ``fusion_tokens{model="cool"}`` put the method where a model name belongs."""
+    async with client() as http:
+        await http.post("/v1/chat/completions", json=CHAT)
+        await http.post("/v1/chat/completions", json={**CHAT, "model": "gemma3-270m"})
+        text = (await http.get("/metrics")).text
+    for name in ("fusion_tokens_total", "fusion_segments_total"):
+        series = {(labels["model"], labels["method"]): v for labels, v in samples(text, name)}
+        assert set(series) == {("fusion", "cool"), ("gemma3-270m", "cool")}, name
+        assert all(v > 0 for v in series.values()), name
+    sources = {labels["source"] for labels, _ in samples(text, "fusion_source_tokens_total")}
+    assert sources == {"smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"}

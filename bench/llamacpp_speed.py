@@ -1,0 +1,253 @@
+"""The llama.cpp engine against llama-cpp-python's own ``Llama``, threads, and concurrency.
+
+Three measurements, side by side in one run on the same GGUF files:
+
+1. each model alone: our engine's greedy generation vs ``Llama.generate`` (same file,
+   same threads), interleaved, several rounds;
+2. threads per model: the fused trio (``cool``) with 1 and with 2 threads per model;
+3. concurrency: one fused request alone vs N at once (aggregate output tokens/s, and
+   each request's latency: p50 / p99 / max, so starvation shows).
+
+Prints markdown tables and writes raw rows to ``bench/results/llamacpp_speed.json``.
+
+    .venv/bin/python bench/llamacpp_speed.py
+    .venv/bin/python bench/llamacpp_speed.py --rounds 1 --max-tokens 64 --concurrent 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fusion.engines.llamacpp_engine import LlamaCppEngine
+from fusion.loop import Fuser
+from fusion.models import SourceModel, build_source_model
+from fusion.sources import resolve_gguf
+from fusion.types import FusionOutcome, FusionParams, Prompt
+
+SOURCES = {
+    "smollm2-135m": "pip:smollm2-135m-instruct",
+    "gemma3-270m": "pip:gemma3-270m",
+    "qwen2.5-0.5b": "pip:qwen2.5-coder-0.5b-instruct",
+}
+PROMPT = "Write a long story about a lighthouse keeper and the sea, in many paragraphs."
+QUESTIONS = [
+    "Explain in a short paragraph why the sky is blue.",
+    "Write a short story about a robot who learns to paint.",
+    "What are three tips for staying focused while studying?",
+    "Describe how a bicycle works.",
+    "Why do cats purr? Answer in a few sentences.",
+    "Give me a recipe for pancakes.",
+    "What is the difference between weather and climate?",
+    "Write a poem about the moon.",
+]
+
+
+async def load(threads: int, max_requests: int = 16) -> list[SourceModel]:
+    models = []
+    for name, source in SOURCES.items():
+        found = resolve_gguf(source)
+        engine = LlamaCppEngine(
+            name, found.gguf, found.tokenizer_dir, threads=threads, max_requests=max_requests
+        )
+        await engine.start()
+        models.append(build_source_model(name, engine, found.tokenizer_dir))
+    return models
+
+
+async def ours_alone(m: SourceModel, ids: list[int], n: int) -> float:
+    state = await m.engine.open("alone", ids)
+    started = time.perf_counter()
+    gen = await m.engine.generate(state, n, frozenset(), lambda _: False)
+    wall = time.perf_counter() - started
+    await m.engine.release(state)
+    return len(gen.ids) / wall
+
+
+def llama_alone(llm: Any, ids: list[int], n: int) -> float:
+    llm.reset()
+    started = time.perf_counter()
+    count = 0
+    for _ in llm.generate(ids, temp=0.0, reset=True):
+        count += 1
+        if count >= n:
+            break
+    return count / (time.perf_counter() - started)
+
+
+async def singles(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from llama_cpp import Llama
+
+    rows = []
+    for threads in args.threads:
+        models = await load(threads)
+        try:
+            for m in models:
+                gguf = m.engine.gguf  # type: ignore[attr-defined]
+                llm = Llama(
+                    model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
+                    n_ctx=2048, verbose=False,
+                )
+                ids = m.tokenizer.encode_prompt(PROMPT)
+                await ours_alone(m, ids, 8)  # warm-up
+                llama_alone(llm, ids, 8)
+                ours, base = [], []
+                for _ in range(args.rounds):  # interleaved: noise hits both
+                    ours.append(await ours_alone(m, ids, args.max_tokens))
+                    base.append(llama_alone(llm, ids, args.max_tokens))
+                rows.append({
+                    "part": "single", "model": m.name, "threads": threads,
+                    "ours_tok_s": statistics.median(ours), "llama_tok_s": statistics.median(base),
+                })
+                del llm
+        finally:
+            for m in models:
+                await m.engine.shutdown()
+    return rows
+
+
+async def fused_one(fuser: Fuser, question: str, max_tokens: int) -> dict[str, Any]:
+    outcome = FusionOutcome()
+    started = time.perf_counter()
+    steps = []
+    async for seg in fuser.run(
+        Prompt(messages=({"role": "user", "content": question},)),
+        FusionParams(max_tokens=max_tokens),
+        outcome,
+    ):
+        steps.append(seg.step_seconds)
+    return {"wall_s": time.perf_counter() - started, "tokens": outcome.completion_tokens}
+
+
+async def fused_threads(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for threads in args.threads:
+        models = await load(threads)
+        try:
+            fuser = Fuser(models)
+            await fused_one(fuser, "Hi", 4)
+            for q in QUESTIONS[: args.questions]:
+                res = await fused_one(fuser, q, args.max_tokens)
+                rows.append({"part": "fused_threads", "threads": threads, "question": q, **res})
+        finally:
+            for m in models:
+                await m.engine.shutdown()
+    return rows
+
+
+async def concurrency(args: argparse.Namespace) -> list[dict[str, Any]]:
+    models = await load(args.concurrency_threads)
+    rows = []
+    try:
+        fuser = Fuser(models)
+        await fused_one(fuser, "Hi", 4)
+        for q in QUESTIONS[: args.concurrent]:  # one at a time
+            res = await fused_one(fuser, q, args.max_tokens)
+            rows.append({"part": "sequential", "question": q, **res})
+        started = time.perf_counter()
+        many = await asyncio.gather(
+            *(fused_one(fuser, q, args.max_tokens) for q in QUESTIONS[: args.concurrent])
+        )
+        wall = time.perf_counter() - started
+        rows += [
+            {"part": "concurrent", "question": q, "batch_wall_s": wall, **r}
+            for q, r in zip(QUESTIONS, many)
+        ]
+        rows.append({
+            "part": "batching", "max_batch_seqs": [m.engine.rt.max_batch_seqs for m in models]  # type: ignore[attr-defined]
+        })
+    finally:
+        for m in models:
+            await m.engine.shutdown()
+    return rows
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def report(rows: list[dict[str, Any]], command: str) -> str:
+    out = [f"Command: `{command}`", ""]
+    single = [r for r in rows if r["part"] == "single"]
+    if single:
+        out += [
+            "| model | threads | ours tok/s | Llama tok/s | ours ÷ Llama |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for r in single:
+            ratio = r["ours_tok_s"] / r["llama_tok_s"]
+            out.append(f"| {r['model']} | {r['threads']} | {r['ours_tok_s']:.1f} | "
+                       f"{r['llama_tok_s']:.1f} | {ratio:.2f} |")
+        out.append("")
+    ft = [r for r in rows if r["part"] == "fused_threads"]
+    if ft:
+        out += [
+            "| fused trio cool | threads/model | tokens | wall s | tok/s |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for t in sorted({r["threads"] for r in ft}):
+            sel = [r for r in ft if r["threads"] == t]
+            tok = sum(r["tokens"] for r in sel)
+            wall = sum(r["wall_s"] for r in sel)
+            out.append(f"| trio | {t} | {tok} | {wall:.1f} | {tok / wall:.1f} |")
+        out.append("")
+    seq = [r for r in rows if r["part"] == "sequential"]
+    con = [r for r in rows if r["part"] == "concurrent"]
+    if seq and con:
+        one = sum(r["tokens"] for r in seq) / sum(r["wall_s"] for r in seq)
+        agg = sum(r["tokens"] for r in con) / con[0]["batch_wall_s"]
+        lat = [r["wall_s"] for r in con]
+        out += [
+            "| fused requests | aggregate tok/s | latency p50 s | p99 s | max s |",
+            "|---|--:|--:|--:|--:|",
+            f"| 1 at a time | {one:.1f} | {pct([r['wall_s'] for r in seq], .5):.1f} | "
+            f"{pct([r['wall_s'] for r in seq], .99):.1f} | {max(r['wall_s'] for r in seq):.1f} |",
+            f"| {len(con)} at once | {agg:.1f} | {pct(lat, .5):.1f} | {pct(lat, .99):.1f} | "
+            f"{max(lat):.1f} |",
+            "",
+            f"{len(con)} at once ÷ 1 at a time (aggregate tok/s): **{agg / one:.2f}x**",
+        ]
+        batching = [r for r in rows if r["part"] == "batching"]
+        if batching:
+            out.append(f"Most sequences in one decode, per model: {batching[0]['max_batch_seqs']}")
+    return "\n".join(out)
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--parts", default="single,threads,concurrency")
+    ap.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--questions", type=int, default=3)
+    ap.add_argument("--concurrent", type=int, default=8)
+    ap.add_argument("--concurrency-threads", type=int, default=1)
+    ap.add_argument("--raw", type=Path, default=Path("bench/results/llamacpp_speed.json"))
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    rows: list[dict[str, Any]] = []
+    if "single" in parts:
+        rows += await singles(args)
+    if "threads" in parts:
+        rows += await fused_threads(args)
+    if "concurrency" in parts:
+        rows += await concurrency(args)
+    command = "bench/llamacpp_speed.py " + " ".join(sys.argv[1:])
+    args.raw.parent.mkdir(parents=True, exist_ok=True)
+    raw = {"command": command, "when": time.ctime(), "rows": rows}
+    args.raw.write_text(json.dumps(raw, indent=1))
+    print(report(rows, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,408 @@
+"""llama.cpp backend of the engine protocol: GGUF weights, many requests per decode.
+
+Each request state is one llama.cpp sequence. Its cells in the (unified) KV cache, by
+position::
+
+    [0, n_past)                       committed context, decoded
+    [n_past, n_past + ahead_fed)      look-ahead: tokens generated past the last commit
+
+``pending`` holds committed tokens not decoded yet (then there is no look-ahead); they
+are decoded, in batch-sized chunks, by the next call that needs them. ``tail`` is the
+log-prob row after the last decoded cell, known only while every look-ahead token is
+decoded. ``last_id`` is the token at ``n_past - 1``.
+
+Scoring branches the context: each candidate gets a sequence that shares the committed
+cells (a metadata copy), then decodes ``[last_id, *candidate]`` on it, so the first row
+is the distribution after the context and no row needs to be kept between steps. All
+candidates (and any undecoded look-ahead) go in one decode. Committing a scored
+candidate copies its branch's cells into the request's sequence: no recomputation.
+Committing this model's own candidate moves ``n_past`` over its look-ahead.
+
+``commit`` only does bookkeeping on the caller's thread; the cache operations it implies
+(``ops``) run on the decode thread at the start of the state's next call, so a commit
+never waits behind other requests' decodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
+from fusion.engines.llamacpp_runtime import Feed, Job, LlamaError, LlamaRuntime
+
+log = logging.getLogger(__name__)
+
+PROBE_TEXT = "Natalia sold clips to 48 of her friends in April.\n  Größe: 3.5 km²; 你好! <b>"
+
+
+@dataclass(frozen=True)
+class _Branch:
+    ids: tuple[int, ...]
+    seq: int
+    after: np.ndarray  # log-probs after the candidate
+
+
+@dataclass
+class LlamaState:
+    """Per-request state (layout in the module docstring)."""
+
+    request_id: str
+    pending: list[int]
+    seq: int | None = None  # taken on the decode thread at the first call
+    n_past: int = 0
+    last_id: int = -1
+    ahead: list[int] = field(default_factory=list)
+    ahead_lp: list[float] = field(default_factory=list)
+    ahead_fed: int = 0
+    tail: np.ndarray | None = None
+    branches: list[_Branch] = field(default_factory=list)
+    ops: list[Callable[[LlamaRuntime], None]] = field(default_factory=list)
+    rng: np.random.Generator | None = None
+    cancelled: bool = False
+
+    def check(self) -> None:
+        """The layout's invariants (cheap; after every call)."""
+        assert 0 <= self.ahead_fed <= len(self.ahead) == len(self.ahead_lp)
+        assert not (self.pending and self.ahead), "look-ahead after undecoded context"
+        assert self.tail is None or (self.ahead_fed == len(self.ahead) and not self.pending)
+
+
+class LlamaCppEngine:
+    """Engine protocol on llama.cpp (llama-cpp-python's low-level API)."""
+
+    def __init__(
+        self,
+        name: str,
+        gguf: str | Path,
+        tokenizer_dir: str | Path,
+        *,
+        threads: int = 1,
+        n_ctx: int = 16384,
+        max_requests: int = 16,
+        branches_per_request: int = 3,
+        n_batch: int = 512,
+    ) -> None:
+        self.name = name
+        self.gguf = Path(gguf)
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.threads = threads
+        self.n_ctx = n_ctx
+        self.max_requests = max_requests
+        self.branches = branches_per_request
+        self.n_batch = n_batch
+        self.max_model_len = 0
+        self.open_states = 0
+        self.rt: LlamaRuntime | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.rt = await asyncio.to_thread(self._load)
+        self._slots = asyncio.Semaphore(self.max_requests)
+
+    def _load(self) -> LlamaRuntime:
+        started = time.monotonic()
+        rt = LlamaRuntime(
+            self.gguf,
+            threads=self.threads,
+            n_ctx=self.n_ctx,
+            n_seq_max=min(256, self.max_requests * (1 + self.branches)),
+            n_batch=self.n_batch,
+            name=self.name,
+        )
+        try:
+            check_vocabulary(rt, self.tokenizer_dir, self.name)
+        except BaseException:
+            rt.close()
+            raise
+        self.max_model_len = min(rt.n_ctx_train or rt.n_ctx, rt.n_ctx)
+        log.info(
+            "engine %s: llama.cpp loaded %s in %.1f s (%d threads, %d sequences, %d KV cells)",
+            self.name,
+            self.gguf.name,
+            time.monotonic() - started,
+            self.threads,
+            rt.n_seq_max,
+            rt.n_ctx,
+        )
+        return rt
+
+    async def shutdown(self) -> None:
+        rt, self.rt = self.rt, None
+        if rt is not None:
+            await asyncio.to_thread(rt.close)
+
+    async def check_health(self) -> None:
+        if self.rt is None:
+            raise EngineError(f"engine {self.name} is not loaded")
+        if not self.rt.alive:
+            raise EngineError(f"engine {self.name}: its decode thread stopped")
+
+    # -- protocol -----------------------------------------------------------------------
+    async def open(self, request_id: str, prompt_ids: Sequence[int]) -> LlamaState:
+        if self.rt is None or self._slots is None:
+            raise EngineError(f"engine {self.name} is not loaded")
+        if not prompt_ids:
+            raise EngineError(f"engine {self.name}: empty prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise EngineError(
+                f"engine {self.name}: prompt of {len(prompt_ids)} tokens leaves no room "
+                f"in its {self.max_model_len}-token context"
+            )
+        await self._slots.acquire()  # back-pressure: wait for a free request slot
+        self.open_states += 1
+        return LlamaState(request_id=request_id, pending=list(prompt_ids))
+
+    async def generate(
+        self,
+        state: LlamaState,
+        max_tokens: int,
+        stop_ids: frozenset[int],
+        should_stop: StopCheck,
+        sampling: Sampling = GREEDY,
+    ) -> Generation:
+        job = self._generate(state, max_tokens, stop_ids, should_stop, sampling)
+        result: Generation = await self._submit(state, job)
+        return result
+
+    async def score(
+        self, state: LlamaState, candidates: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        if not candidates:
+            return []
+        job = self._score(state, [tuple(c) for c in candidates])
+        result: list[list[float]] = await self._submit(state, job)
+        return result
+
+    async def commit(self, state: LlamaState, ids: Sequence[int]) -> None:
+        _commit(state, tuple(ids))
+
+    async def release(self, state: LlamaState) -> None:
+        if state.cancelled:
+            return
+        state.cancelled = True  # its running call stops at the next tick
+        self.open_states -= 1
+        if self._slots is not None:
+            self._slots.release()
+        rt = self.rt
+        if rt is not None:  # freed on the decode thread, not waited for
+            rt.run_soon(lambda: _free(rt, state))
+
+    # -- jobs (run on the decode thread) ---------------------------------------------------
+    async def _submit(self, state: LlamaState, job: Job) -> Any:
+        if self.rt is None:
+            raise EngineError(f"engine {self.name} is not loaded")
+        if state.cancelled:
+            raise EngineError(f"engine {self.name}: request {state.request_id} was released")
+        stop = False
+        future = self.rt.submit(job, lambda: stop or state.cancelled)
+        try:
+            result = await future
+        except asyncio.CancelledError:
+            stop = True  # a timed-out or abandoned call stops at the next tick
+            raise
+        except LlamaError as exc:
+            raise EngineError(f"engine {self.name}: {exc}") from exc
+        state.check()
+        return result
+
+    def _ready(self, st: LlamaState) -> Generator[list[Feed], list[np.ndarray], None]:
+        """Prelude of every call: a sequence, the deferred cache operations, no branches,
+        and the pending context decoded (in chunks)."""
+        rt = self.rt
+        assert rt is not None
+        while st.seq is None:
+            st.seq = rt.take_seq()
+            if st.seq is None:
+                yield []  # every sequence is busy: wait a tick
+        for op in st.ops:
+            op(rt)
+        st.ops.clear()
+        _drop_branches(rt, st)
+        chunk = max(1, rt.n_batch // 2)
+        while st.pending:
+            piece, rest = st.pending[:chunk], st.pending[chunk:]
+            rows = yield [Feed(st.seq, st.n_past, tuple(piece), "none" if rest else "last")]
+            st.n_past += len(piece)
+            st.last_id = piece[-1]
+            st.pending = rest
+            if not rest:
+                st.tail = rows[0][-1]
+
+    def _generate(
+        self,
+        st: LlamaState,
+        max_tokens: int,
+        stop_ids: frozenset[int],
+        should_stop: StopCheck,
+        sampling: Sampling,
+    ) -> Generator[list[Feed], list[np.ndarray], Generation]:
+        yield from self._ready(st)
+        assert st.seq is not None
+        out: list[int] = []
+        lps: list[float] = []
+        stopped_on: int | None = None
+        while len(out) < max_tokens:
+            i = len(out)
+            if i >= len(st.ahead):
+                if st.tail is None:
+                    yield from self._decode_ahead(st)
+                assert st.tail is not None
+                tok = _pick(st, st.tail, sampling)
+                st.ahead.append(tok)
+                st.ahead_lp.append(float(st.tail[tok]))
+                st.tail = None
+            out.append(st.ahead[i])
+            lps.append(st.ahead_lp[i])
+            if out[-1] in stop_ids:
+                stopped_on = out[-1]
+                break
+            if should_stop(out):
+                break
+        return Generation(ids=tuple(out), logprobs=tuple(lps), stopped_on=stopped_on)
+
+    def _decode_ahead(self, st: LlamaState) -> Generator[list[Feed], list[np.ndarray], None]:
+        """Make ``tail`` known: decode the look-ahead not in the cache yet (or, with none,
+        the last committed token again)."""
+        rt = self.rt
+        assert rt is not None and st.seq is not None
+        todo = st.ahead[st.ahead_fed :]
+        pos = st.n_past + st.ahead_fed
+        if not todo:
+            rt.drop_from(st.seq, st.n_past - 1)
+            todo, pos = [st.last_id], st.n_past - 1
+        rows = yield [Feed(st.seq, pos, tuple(todo), "last")]
+        st.ahead_fed = len(st.ahead)
+        st.tail = rows[0][-1]
+
+    def _score(
+        self, st: LlamaState, candidates: list[tuple[int, ...]]
+    ) -> Generator[list[Feed], list[np.ndarray], list[list[float]]]:
+        yield from self._ready(st)
+        rt = self.rt
+        assert rt is not None and st.seq is not None
+        results: list[list[float] | None] = [None] * len(candidates)
+        todo = list(range(len(candidates)))
+        while todo:
+            seqs: list[int] = []
+            want = min(len(todo), self.branches)
+            while len(seqs) < want:  # all or nothing: never hold some and wait for more
+                if rt.free_seqs >= want:
+                    seqs = [s for s in (rt.take_seq() for _ in range(want)) if s is not None]
+                else:
+                    yield []
+            _drop_branches(rt, st)  # an earlier round's (only the last round's are kept)
+            feeds = []
+            extra = st.ahead[st.ahead_fed :]
+            if extra:  # the undecoded look-ahead rides along: its next row comes free
+                feeds.append(Feed(st.seq, st.n_past + st.ahead_fed, tuple(extra), "last"))
+            now, todo = todo[:want], todo[want:]
+            for i, seq in zip(now, seqs):
+                rt.copy_span(st.seq, seq, 0, st.n_past - 1)
+                feeds.append(Feed(seq, st.n_past - 1, (st.last_id, *candidates[i]), "all"))
+            rows = yield feeds
+            if extra:
+                st.ahead_fed = len(st.ahead)
+                st.tail = rows[0][-1]
+                rows = rows[1:]
+            for i, seq, r in zip(now, seqs, rows):
+                cand = candidates[i]
+                results[i] = [float(r[j, t]) for j, t in enumerate(cand)]
+                st.branches.append(_Branch(cand, seq, r[len(cand)].copy()))
+        return [r for r in results if r is not None]
+
+
+def _commit(st: LlamaState, ids: tuple[int, ...]) -> None:
+    """Bookkeeping of a commit; its cache operations are queued in ``st.ops``."""
+    n = len(ids)
+    if n == 0:
+        return
+    branch = next((b for b in st.branches if b.ids == ids), None)
+    seq = st.seq
+    if not st.pending and tuple(st.ahead[:n]) == ids:
+        kept = min(st.ahead_fed, n)
+        st.n_past += kept
+        st.ahead_fed -= kept
+        if kept:
+            st.last_id = ids[kept - 1]
+        if n > kept:  # the last generated token was never decoded
+            st.pending = list(ids[kept:])
+        st.ahead, st.ahead_lp = st.ahead[n:], st.ahead_lp[n:]
+    elif branch is not None and not st.pending and seq is not None:
+        start, src = st.n_past, branch.seq
+
+        def adopt(rt: LlamaRuntime) -> None:  # the branch's cells become the context's
+            rt.drop_from(seq, start)
+            rt.copy_span(src, seq, start, start + n)
+
+        st.ops.append(adopt)
+        st.n_past += n
+        st.last_id = ids[-1]
+        st.tail = branch.after
+        st.ahead, st.ahead_lp, st.ahead_fed = [], [], 0
+    else:
+        if seq is not None:
+            start = st.n_past
+            st.ops.append(lambda rt: rt.drop_from(seq, start))
+        st.pending.extend(ids)
+        st.ahead, st.ahead_lp, st.ahead_fed, st.tail = [], [], 0, None
+    # unused branches go back at the next call (after any copy out of them)
+    st.check()
+
+
+def _drop_branches(rt: LlamaRuntime, st: LlamaState) -> None:
+    for b in st.branches:
+        rt.give_seq(b.seq)
+    st.branches = []
+
+
+def _free(rt: LlamaRuntime, st: LlamaState) -> None:
+    _drop_branches(rt, st)
+    st.ops.clear()
+    if st.seq is not None:
+        rt.give_seq(st.seq)
+        st.seq = None
+    st.tail = None
+
+
+def _pick(st: LlamaState, row: np.ndarray, sampling: Sampling) -> int:
+    if sampling.greedy:
+        return int(np.argmax(row))
+    if st.rng is None:
+        st.rng = np.random.default_rng(sampling.seed)
+    logits = row.astype(np.float64) / sampling.temperature
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if sampling.top_p < 1.0:
+        order = np.argsort(-probs)
+        sorted_probs = probs[order]
+        keep = np.cumsum(sorted_probs) - sorted_probs < sampling.top_p
+        probs = np.zeros_like(probs)
+        probs[order[keep]] = sorted_probs[keep]
+        probs /= probs.sum()
+    return int(st.rng.choice(len(probs), p=probs))
+
+
+def check_vocabulary(rt: LlamaRuntime, tokenizer_dir: Path, name: str) -> None:
+    """The GGUF's vocabulary must be the one alignment and templates use (HF tokenizer)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    size = tok.get_vocab_size(with_added_tokens=True)
+    ours = tok.encode(PROBE_TEXT, add_special_tokens=False).ids
+    theirs = rt.tokenize(PROBE_TEXT)
+    if size > rt.n_vocab or ours != theirs:
+        raise EngineError(
+            f"engine {name}: the GGUF's vocabulary ({rt.n_vocab} tokens) does not match the "
+            f"tokenizer in {tokenizer_dir} ({size} tokens); a probe text encodes as "
+            f"{theirs[:12]} in llama.cpp and {ours[:12]} in the tokenizer. Use the tokenizer "
+            "made from the same GGUF file."
+        )

@@ -1,0 +1,342 @@
+"""llama.cpp underneath the llamacpp engine: one model, one context, one decode thread.
+
+The context is made for many sequences at once (``n_seq_max``) with one unified KV buffer
+(``kv_unified``), so copying a sequence's span into another sequence is a metadata change
+(cells get one more sequence id), never a recompute. That is what lets a request branch
+its context for every candidate it scores and keep the winning branch as its context.
+
+All llama.cpp calls happen on the decode thread. Work arrives as *jobs*: generators that
+run on that thread, yield the tokens they want decoded (``Feed``s) and receive the
+log-prob rows they asked for. Each tick the thread packs the pending feeds of every
+active job, from every request, into one ``llama_decode`` (continuous batching), then
+resumes each job with its rows. A job may also touch sequences (copy, remove) between its
+yields, since it runs on the thread that owns the context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import queue
+import threading
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Want = Literal["none", "last", "all"]
+
+
+@dataclass(frozen=True)
+class Feed:
+    """Tokens to decode on one sequence from position ``pos``; ``want`` says which rows of
+    log-probs to return (none, after the last token, after every token)."""
+
+    seq: int
+    pos: int
+    tokens: tuple[int, ...]
+    want: Want = "last"
+
+
+# A job yields a list of feeds (or an empty list to wait a tick) and is sent, per feed, the
+# log-prob rows it wanted ([rows, vocab] float32). Its return value resolves its future.
+Job = Generator[list[Feed], list[np.ndarray], Any]
+
+
+class LlamaError(RuntimeError):
+    """llama.cpp refused or failed."""
+
+
+@dataclass
+class _Task:
+    job: Job
+    done: Callable[[Any, BaseException | None], None]
+    cancelled: Callable[[], bool]
+    feeds: list[Feed] = field(default_factory=list)
+    started: bool = False
+
+
+def log_softmax(rows: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32 (in place on a fresh copy)."""
+    out = rows.astype(np.float32, copy=True)
+    out -= out.max(axis=-1, keepdims=True)
+    out -= np.log(np.exp(out).sum(axis=-1, keepdims=True))
+    return out
+
+
+class LlamaRuntime:
+    """A loaded GGUF model with one multi-sequence context and its decode thread."""
+
+    def __init__(
+        self,
+        gguf: Path,
+        *,
+        threads: int,
+        n_ctx: int,
+        n_seq_max: int,
+        n_batch: int,
+        name: str = "",
+    ) -> None:
+        import llama_cpp as lc
+
+        self._lc = lc
+        # llama.cpp's own log lines (per tensor, per context) only at our debug level
+        quiet = logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+        logging.getLogger("llama-cpp-python").setLevel(quiet)
+        self.name = name or gguf.stem
+        self.n_batch = n_batch
+        lc.llama_backend_init()
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        model = lc.llama_model_load_from_file(str(gguf).encode(), mparams)
+        if not model:
+            raise LlamaError(f"llama.cpp could not load {gguf}")
+        self._model = model
+        self._vocab = lc.llama_model_get_vocab(model)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx_train = int(lc.llama_model_n_ctx_train(model))
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq_max
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = True  # branching a sequence is a metadata copy
+        cparams.swa_full = True  # sliding-window layers keep every position: spans stay copyable
+        cparams.no_perf = True
+        ctx = lc.llama_init_from_model(model, cparams)
+        if not ctx:
+            lc.llama_model_free(model)
+            raise LlamaError(f"llama.cpp could not create a context for {gguf}")
+        self._ctx = ctx
+        self._mem = lc.llama_get_memory(ctx)
+        self.n_ctx = int(lc.llama_n_ctx(ctx))
+        self.n_seq_max = int(lc.llama_n_seq_max(ctx))
+        self._batch = lc.llama_batch_init(n_batch, 0, 1)
+        self._free_seqs = list(range(self.n_seq_max - 1, -1, -1))
+        self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._tasks: list[_Task] = []
+        self.decodes = 0  # llama_decode calls (tests, stats)
+        self.decoded_tokens = 0
+        self.max_batch_seqs = 0  # most distinct sequences seen in one decode
+        self._thread = threading.Thread(
+            target=self._loop, name=f"llamacpp-{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    # -- vocabulary -----------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's own tokenization of ``text`` (no special tokens added or parsed)."""
+        data = text.encode()
+        size = len(data) + 8
+        buf = (self._lc.llama_token * size)()
+        n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, size, False, False)
+        if n < 0:
+            raise LlamaError(f"tokenize needed {-n} tokens")
+        return list(buf[:n])
+
+    # -- sequences (decode thread only) --------------------------------------------------
+    def take_seq(self) -> int | None:
+        return self._free_seqs.pop() if self._free_seqs else None
+
+    def give_seq(self, seq: int) -> None:
+        self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._free_seqs.append(seq)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def free_seqs(self) -> int:
+        return len(self._free_seqs)
+
+    def copy_span(self, src: int, dst: int, p0: int, p1: int) -> None:
+        self._lc.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def drop_from(self, seq: int, pos: int) -> None:
+        """Remove ``seq``'s cells at positions ``pos`` and after."""
+        if not self._lc.llama_memory_seq_rm(self._mem, seq, pos, -1):
+            raise LlamaError(f"could not cut sequence {seq} at {pos}")
+
+    def seq_end(self, seq: int) -> int:
+        """One past the last position ``seq`` holds (0 when empty)."""
+        return int(self._lc.llama_memory_seq_pos_max(self._mem, seq)) + 1
+
+    # -- jobs -----------------------------------------------------------------------------
+    def submit(self, job: Job, cancelled: Callable[[], bool]) -> asyncio.Future[Any]:
+        """Run ``job`` on the decode thread; the future resolves with its return value."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def done(value: Any, exc: BaseException | None) -> None:
+            def settle() -> None:
+                if future.done():
+                    return
+                if exc is not None:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(value)
+
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                loop.call_soon_threadsafe(settle)
+
+        self._queue.put(_Task(job, done, cancelled))
+        return future
+
+    def run_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the decode thread at its next tick, without waiting for it."""
+
+        def job() -> Job:
+            fn()
+            return None
+            yield []  # pragma: no cover - makes this a generator
+
+        self._queue.put(_Task(job(), lambda v, e: None, lambda: False))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        lc = self._lc
+        lc.llama_batch_free(self._batch)
+        lc.llama_free(self._ctx)
+        lc.llama_model_free(self._model)
+
+    # -- the decode thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            busy = any(t.feeds for t in self._tasks)
+            try:
+                # idle: sleep until work arrives; tasks waiting for a sequence: poll gently
+                task = self._queue.get(
+                    block=not busy, timeout=None if not self._tasks else 0.005
+                )
+                while True:
+                    if task is None:
+                        self._fail_all(LlamaError(f"engine {self.name} shut down"))
+                        return
+                    self._tasks.append(task)
+                    task = self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._advance_new()
+            self._tick(self._tasks)
+
+    def _advance_new(self) -> None:
+        for task in list(self._tasks):
+            if task.cancelled():
+                self._finish(task, None, LlamaError("cancelled"))
+            elif not task.started:
+                task.started = True
+                self._step(task, None)
+            elif not task.feeds:
+                self._step(task, [])  # it waited a tick (no free sequence): try again
+
+    def _step(self, task: _Task, rows: list[np.ndarray] | None) -> None:
+        try:
+            feeds = task.job.send(rows)  # type: ignore[arg-type]
+        except StopIteration as stop:
+            self._finish(task, stop.value, None)
+            return
+        except Exception as exc:
+            self._finish(task, None, exc)
+            return
+        task.feeds = list(feeds)
+
+    def _finish(self, task: _Task, value: Any, exc: BaseException | None) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+        if exc is not None:
+            task.job.close()
+        task.done(value, exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for task in list(self._tasks):
+            self._finish(task, None, exc)
+
+    def _tick(self, tasks: list[_Task]) -> None:
+        """One llama_decode over the feeds of as many tasks as fit in a batch."""
+        chosen: list[_Task] = []
+        budget = self.n_batch
+        for task in tasks:
+            size = sum(len(f.tokens) for f in task.feeds)
+            if not task.feeds or size > budget:
+                continue
+            chosen.append(task)
+            budget -= size
+        if not chosen:
+            return
+        # tasks left out this tick (no room in the batch) go first in the next one
+        self._tasks = [t for t in self._tasks if t not in chosen] + [
+            t for t in self._tasks if t in chosen
+        ]
+        outputs = self._fill(chosen)
+        rc = self._lc.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            self._decode_failed(rc, chosen)
+            return
+        self.decodes += 1
+        self.decoded_tokens += self._batch.n_tokens
+        self.max_batch_seqs = max(
+            self.max_batch_seqs, len({f.seq for t in chosen for f in t.feeds})
+        )
+        total = sum(n for per_task in outputs for n in per_task)
+        table = np.empty((0, self.n_vocab), dtype=np.float32)
+        if total:
+            logits = self._lc.llama_get_logits(self._ctx)
+            table = np.ctypeslib.as_array(logits, shape=(total, self.n_vocab))
+        row = 0
+        for task, per_feed in zip(chosen, outputs):
+            rows = []
+            for n in per_feed:
+                rows.append(log_softmax(table[row : row + n]))
+                row += n
+            task.feeds = []
+            self._step(task, rows)
+
+    def _fill(self, chosen: list[_Task]) -> list[list[int]]:
+        batch = self._batch
+        i = 0
+        outputs: list[list[int]] = []
+        for task in chosen:
+            per_feed = []
+            for f in task.feeds:
+                n = len(f.tokens)
+                for k, tok in enumerate(f.tokens):
+                    batch.token[i] = tok
+                    batch.pos[i] = f.pos + k
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = f.seq
+                    out = f.want == "all" or (f.want == "last" and k == n - 1)
+                    batch.logits[i] = 1 if out else 0
+                    i += 1
+                per_feed.append(n if f.want == "all" else (1 if f.want == "last" else 0))
+            outputs.append(per_feed)
+        batch.n_tokens = i
+        return outputs
+
+    def _decode_failed(self, rc: int, chosen: list[_Task]) -> None:
+        if rc == 1 and len(chosen) > 1:
+            # No KV room for all of them at once: the first goes alone now, the others
+            # keep their feeds for a later tick (back-pressure, never a drop).
+            self._tick(chosen[:1])
+            return
+        what = "no room in the KV cache" if rc == 1 else f"llama_decode returned {rc}"
+        for task in chosen:
+            self._finish(task, None, LlamaError(f"engine {self.name}: {what}"))
+
+
+def ctypes_ok() -> bool:
+    """Whether llama-cpp-python's bindings import (the shared library loads)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return bool(ctypes)

@@ -1,0 +1,1 @@
+"""HTTP routes by concern: OpenAI endpoints, operations, playground (``create_app`` mounts them)."""
