@@ -48,7 +48,7 @@ class SelectionPolicy:
     """How a step chooses among its candidates (``fusion.selection``, docs/SELECTION.md)."""
 
     rule: Rule = "mean_ppl"
-    aggregate: Aggregate = "ppl"  # for ``weighted``: mean of perplexities, or of NLLs
+    aggregate: Aggregate = "nll"  # for ``weighted``: mean of NLLs (robust), or of perplexities
     weights: tuple[tuple[str, float], ...] = ()  # static; models not listed weigh 1
     leader: str | None = None
     calibration: tuple[tuple[str, NllStats], ...] = ()

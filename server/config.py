@@ -225,9 +225,10 @@ class SelectionConfig(_Strict):
         "(arithmetic mean of the models' perplexities, equal votes).",
     )
     aggregate: Aggregate = Field(
-        "ppl",
-        description="For rule weighted: 'ppl' (weighted mean of perplexities) or 'nll' "
-        "(weighted mean of NLLs: a weighted geometric mean of perplexities).",
+        "nll",
+        description="For rule weighted (and the gate's weighted fallback): 'nll' (weighted "
+        "mean of NLLs: a weighted geometric mean of perplexities, which one exploding "
+        "perplexity cannot rule) or 'ppl' (weighted arithmetic mean of perplexities).",
     )
     weights: dict[str, float] = Field(
         default_factory=dict,

@@ -80,7 +80,8 @@ def test_weighted_mean_of_perplexities():
     w = {"z": 4.0}  # x and y weigh 1
     assert weighted(A, w, "ppl") == pytest.approx((1.2 + 1.2 + 4 * 6.0) / 6)  # 4.4
     assert weighted(B, w, "ppl") == pytest.approx((4.0 + 4.0 + 4 * 1.1) / 6)  # 2.0667
-    chosen = select([A, B], SelectionPolicy(rule="weighted", weights=(("z", 4.0),)))
+    policy = SelectionPolicy(rule="weighted", aggregate="ppl", weights=(("z", 4.0),))
+    chosen = select([A, B], policy)
     assert chosen.index == 1 and chosen.scores == pytest.approx((4.4, 2.066667))
 
 
@@ -99,7 +100,8 @@ def test_one_exploding_perplexity_rules_any_arithmetic_mean_but_not_the_geometri
     ok = cand(" ok", {"x": 3.0, "y": 3.0, "z": 3.0})
     assert select([big, ok]).index == 1
     tenth = (("z", 0.1),)
-    assert select([big, ok], SelectionPolicy(rule="weighted", weights=tenth)).index == 1
+    arithmetic = SelectionPolicy(rule="weighted", aggregate="ppl", weights=tenth)
+    assert select([big, ok], arithmetic).index == 1
     geo = select([big, ok], SelectionPolicy(rule="weighted", aggregate="nll", weights=tenth))
     # exp((2 ln 1.1 + 0.1 ln 131742967) / 2.1) = exp(0.98107) = 2.6673 < 3
     assert geo.index == 0
