@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
@@ -21,6 +23,7 @@ from fusion.clock import StepClock
 from fusion.engine import EngineError, Sampling, StateHandle
 from fusion.models import SourceModel
 from fusion.proposals import Proposal, propose
+from fusion.selection import Scored, Selection, gate_confident, nll, packllm_weights, select
 from fusion.stops import StopStringTracker
 from fusion.types import (
     FinishReason,
@@ -28,8 +31,10 @@ from fusion.types import (
     FusionParams,
     ModelUsage,
     Prompt,
+    Rule,
     ScoredCandidate,
     Segment,
+    StepKind,
     StepTimings,
     perplexity,
 )
@@ -61,6 +66,7 @@ class _Run:
     context_tokens: int = 0  # the first model's prompt + committed answer tokens
     releases: list[asyncio.Future[None]] = field(default_factory=list)  # of dropped models
     ended: bool = False  # the last chosen candidate ended the answer (Cool+R's fused text)
+    prompt_weights: dict[str, float] | None = None  # PackLLM's, once per request
 
     def close_step(self) -> StepTimings:
         timings = self.clock.timings()
@@ -96,6 +102,16 @@ class _FusedAnswer:
     tokens: int
     finish: FinishReason
     ended: bool  # its last segment ended the answer (an end token or a turn marker)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One Cool step's outcome: the winner and how every candidate was judged."""
+
+    win: _Candidate
+    scored: tuple[ScoredCandidate, ...]
+    kind: StepKind
+    rule: Rule
 
 
 class Fuser:
@@ -242,17 +258,11 @@ class Fuser:
                 run.outcome.finish_reason = "length"
                 break
             cap = min(params.max_segment_tokens, budget)
-            candidates = await self._propose_all(run, cap, budget)
-            run.clock.lap("generate")
-            if not candidates:
+            step = await self._step(run, cap, budget)
+            if step is None:
                 run.outcome.finish_reason = "stop"
                 break
-            scored, logprobs = await self._score_all(run, candidates)
-            run.clock.lap("score")
-            best = min(range(len(candidates)), key=lambda i: scored[i].mean_perplexity)
-            win = candidates[best]
-            for name, lps in logprobs.items():
-                run.fused_logprobs[name].extend(lps[best])
+            win = step.win
             lead = win.proposals[0]
             tokens = _content_tokens(run, lead)
             run.outcome.completion_tokens += tokens
@@ -283,22 +293,108 @@ class Fuser:
                     index=index,
                     text=piece,
                     winner=lead.model,
-                    candidates=tuple(scored),
+                    candidates=step.scored,
                     tokens=tokens,
                     finish_reason=finish,
                     timings=timings,
                     context_tokens=context,
+                    step=step.kind,
+                    rule=step.rule,
                 )
             index += 1
             if finish is not None:
                 run.outcome.finish_reason = finish
                 break
 
-    async def _propose_all(self, run: _Run, cap: int, budget: int) -> list[_Candidate]:
+    async def _step(self, run: _Run, cap: int, budget: int) -> _Step | None:
+        """Propose, score and select one segment (None: no model has anything to add).
+        Under the ``gate`` rule the leader proposes first and may decide alone."""
+        given: dict[str, Proposal] = {}
+        leader = _gate_leader(run)
+        if leader is not None:
+            own = await self._propose_all(run, cap, budget, only=leader)
+            p = own[0].proposals[0] if own else None
+            threshold = run.params.selection.gate_threshold
+            if p is not None and gate_confident(p.own_logprobs, threshold):
+                return await self._gated(run, own[0])
+            given = {p.model: p} if p is not None else {}
+        candidates = await self._propose_all(run, cap, budget, given)
+        run.clock.lap("generate")
+        if not candidates:
+            return None
+        scored, logprobs = await self._score_all(run, candidates)
+        chosen = await self._select(run, _scored_inputs(scored, logprobs), run.outcome.text)
+        run.clock.lap("score")
+        for name, lps in logprobs.items():
+            run.fused_logprobs[name].extend(lps[chosen.index])
+        return _Step(candidates[chosen.index], _with_scores(scored, chosen), "fused", chosen.rule)
+
+    async def _gated(self, run: _Run, win: _Candidate) -> _Step:
+        """The confident leader's segment, taken without the others proposing. Cool+R
+        still has them score it (about the cost of committing it), as its final rerank
+        needs every model's log-probs of the fused text."""
+        run.clock.lap("generate")
+        p = win.proposals[0]
+        if run.params.method == "cool_rerank":
+            scored, logprobs = await self._score_all(run, [win])
+            run.clock.lap("score")
+            for name, lps in logprobs.items():
+                run.fused_logprobs[name].extend(lps[0])
+            seen = scored[0]
+        else:
+            own = list(p.own_logprobs or ())
+            run.fused_logprobs[p.model].extend(own)
+            ppl = perplexity(own, run.params.ppl_mode)
+            seen = ScoredCandidate(win.text, (p.model,), win.ended, ((p.model, ppl),), ppl)
+        score = dict(seen.perplexities)[p.model]
+        return _Step(win, (dataclasses.replace(seen, score=score),), "gated", "gate")
+
+    async def _select(self, run: _Run, inputs: list[Scored], answer: str) -> Selection:
+        policy = run.params.selection
+        if policy.step_rule == "packllm" and run.prompt_weights is None:
+            prompt_nll = await self._prompt_nlls(run)
+            run.prompt_weights = packllm_weights(prompt_nll, policy.packllm_temperature)
+        return select(
+            inputs, policy, run.params.ppl_mode, answer=answer, prompt_weights=run.prompt_weights
+        )
+
+    async def _prompt_nlls(self, run: _Run) -> dict[str, float]:
+        """Each model's mean token NLL of the prompt (PackLLM's expertise measure): a
+        scratch state on the prompt's first token scores the rest, then is released."""
+
+        async def one(m: SourceModel) -> float:
+            ids = _prompt_ids(run.prompt, m)
+            if len(ids) < 2:
+                return math.inf
+            state = await m.engine.open(f"{uuid.uuid4().hex}-{m.name}-prompt", ids[:1])
+            try:
+                [lps] = await m.engine.score(state, [ids[1:]])
+            finally:
+                await asyncio.shield(self._start_release(m.name, state))
+            run.outcome.usage[m.name].scored_tokens += len(ids) - 1
+            return nll(lps)
+
+        return await self._each(run, one)
+
+    async def _propose_all(
+        self,
+        run: _Run,
+        cap: int,
+        budget: int,
+        given: dict[str, Proposal] | None = None,
+        only: SourceModel | None = None,
+    ) -> list[_Candidate]:
+        """Every model's candidate; models in ``given`` have proposed already, and with
+        ``only`` that model alone proposes (the gate's leader)."""
         shortest = run.params.method == "cool_shortest"
         adapters = [m.tokenizer for m in run.models]
+        known = given or {}
 
-        async def one(m: SourceModel) -> Proposal:
+        async def one(m: SourceModel) -> Proposal | None:
+            if m.name in known:
+                return known[m.name]
+            if only is not None and m is not only:
+                return None
             return await propose(
                 m,
                 run.states[m.name],
@@ -309,7 +405,10 @@ class Fuser:
                 sampling=_model_sampling(run, m),
             )
 
-        return self._proposed(run, await self._each(run, one))
+        got = await self._each(run, one)
+        made = {n: p for n, p in got.items() if p is not None and n not in known}
+        self._proposed(run, made)
+        return _group(p for m in run.models if (p := got.get(m.name)) is not None)
 
     def _proposed(self, run: _Run, proposals: dict[str, Proposal]) -> list[_Candidate]:
         for name, p in proposals.items():
@@ -389,21 +488,31 @@ class Fuser:
 
         candidates = self._proposed(run, await self._each(run, one))
         run.clock.lap("generate")
-        scored, _ = await self._score_all(run, candidates)
+        scored, logprobs = await self._score_all(run, candidates)
         run.clock.lap("score")
+        inputs = _scored_inputs(scored, logprobs)
         if fused is not None:
             scored.append(self._score_fused(run, fused))
+            lps = dict(fused.logprobs)
+            mine = tuple((m.name, tuple(lps.get(m.name, ()))) for m in run.models)
+            inputs.append(Scored(fused.text, (FUSED,), fused.ended, mine))
         if not scored:  # every model stopped before writing anything
             return self._answer(run, "", None, 0, "stop", (), context)
-        best = min(range(len(scored)), key=lambda i: scored[i].mean_perplexity)
+        chosen = await self._select(run, inputs, answer="")
+        best = chosen.index
+        scored = list(_with_scores(scored, chosen))
         win = scored[best]
         if best < len(candidates):
             lead = candidates[best].proposals[0]
             tokens = _content_tokens(run, lead)
             finish: FinishReason = "length" if lead.hit_cap and not lead.ended else "stop"
-            return self._answer(run, win.text, lead.model, tokens, finish, scored, context)
+            return self._answer(
+                run, win.text, lead.model, tokens, finish, scored, context, chosen.rule
+            )
         assert fused is not None
-        return self._answer(run, fused.text, None, fused.tokens, fused.finish, scored, context)
+        return self._answer(
+            run, fused.text, None, fused.tokens, fused.finish, scored, context, chosen.rule
+        )
 
     def _answer(
         self,
@@ -414,6 +523,7 @@ class Fuser:
         finish: FinishReason,
         scored: Sequence[ScoredCandidate],
         context: int,
+        rule: Rule = "mean_ppl",
     ) -> Segment:
         """Rerank's whole answer as one segment (``winner`` None: Cool+R's fused text)."""
         tracker = StopStringTracker(run.params.stop)
@@ -436,6 +546,7 @@ class Fuser:
             finish,
             timings=run.close_step(),
             context_tokens=context,
+            rule=rule,
         )
 
     def _score_fused(self, run: _Run, fused: _FusedAnswer) -> ScoredCandidate:
@@ -491,3 +602,36 @@ def _group(proposals: Iterable[Proposal]) -> list[_Candidate]:
             continue
         groups.setdefault((p.text, p.ended), []).append(p)
     return [_Candidate(t, e, tuple(ps)) for (t, e), ps in groups.items()]
+
+
+def _gate_leader(run: _Run) -> SourceModel | None:
+    """The leader whose confident segments skip fusion, when the ``gate`` rule applies."""
+    policy = run.params.selection
+    if policy.rule != "gate" or len(run.models) < 2:
+        return None
+    return next((m for m in run.models if m.name == policy.leader), None)
+
+
+def _prompt_ids(prompt: Prompt, m: SourceModel) -> list[int]:
+    if prompt.messages is not None:
+        return m.chat_prompt_ids(prompt.messages)
+    return m.completion_prompt_ids(prompt.text or "")
+
+
+def _scored_inputs(
+    scored: Sequence[ScoredCandidate], logprobs: dict[str, list[list[float]]]
+) -> list[Scored]:
+    """The selection rules' view of the candidates: every scoring model's log-probs."""
+    return [
+        Scored(c.text, c.proposers, c.ended, tuple((n, tuple(lp[i])) for n, lp in logprobs.items()))
+        for i, c in enumerate(scored)
+    ]
+
+
+def _with_scores(
+    scored: Sequence[ScoredCandidate], chosen: Selection
+) -> tuple[ScoredCandidate, ...]:
+    return tuple(
+        dataclasses.replace(c, score=chosen.scores[i], excluded=chosen.excluded[i])
+        for i, c in enumerate(scored)
+    )

@@ -13,6 +13,12 @@ Method = Literal["cool", "cool_shortest", "rerank", "cool_rerank"]
 METHODS: tuple[Method, ...] = ("cool", "cool_shortest", "rerank", "cool_rerank")
 PplMode = Literal["mean", "sum"]
 FinishReason = Literal["stop", "length"]
+# how a step chose its segment: among several candidates, or the leader's alone (its gate)
+StepKind = Literal["fused", "gated"]
+Rule = Literal["mean_ppl", "weighted", "zscore", "packllm", "leader", "gate"]
+RULES: tuple[Rule, ...] = ("mean_ppl", "weighted", "zscore", "packllm", "leader", "gate")
+FallbackRule = Literal["mean_ppl", "weighted", "zscore", "packllm", "leader"]
+Aggregate = Literal["ppl", "nll"]
 
 
 def perplexity(logprobs: Sequence[float], mode: PplMode = "mean") -> float:
@@ -30,6 +36,38 @@ def perplexity(logprobs: Sequence[float], mode: PplMode = "mean") -> float:
 
 
 @dataclass(frozen=True)
+class NllStats:
+    """One model's calibration: mean and spread of its per-token NLL of segments."""
+
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class SelectionPolicy:
+    """How a step chooses among its candidates (``fusion.selection``, docs/SELECTION.md)."""
+
+    rule: Rule = "mean_ppl"
+    aggregate: Aggregate = "nll"  # for ``weighted``: mean of NLLs (robust), or of perplexities
+    weights: tuple[tuple[str, float], ...] = ()  # static; models not listed weigh 1
+    leader: str | None = None
+    calibration: tuple[tuple[str, NllStats], ...] = ()
+    packllm_temperature: float = 1.0
+    gate_threshold: float = 0.5
+    gate_fallback: FallbackRule = "weighted"
+    repetition_ngram: int = 4
+    repetition_limit: int = 0  # 0: the repetition guard is off
+
+    @property
+    def step_rule(self) -> Rule:
+        """The rule that chooses among several candidates (for ``gate``: its fallback)."""
+        return self.gate_fallback if self.rule == "gate" else self.rule
+
+
+DEFAULT_POLICY = SelectionPolicy()
+
+
+@dataclass(frozen=True)
 class FusionParams:
     """What one fused generation should do."""
 
@@ -40,6 +78,7 @@ class FusionParams:
     ppl_mode: PplMode = "mean"
     models: tuple[str, ...] | None = None  # a subset of the source models, by name
     sampling: Sampling = GREEDY  # each source model samples its own candidates this way
+    selection: SelectionPolicy = DEFAULT_POLICY
 
 
 @dataclass(frozen=True)
@@ -63,6 +102,8 @@ class ScoredCandidate:
     ended: bool  # the proposer ended its answer here (end-of-sequence or a model stop)
     perplexities: tuple[tuple[str, float], ...]  # (scoring model, perplexity)
     mean_perplexity: float
+    score: float | None = None  # the selection rule's aggregate (lower wins), if it ran
+    excluded: bool = False  # by the repetition guard
 
 
 @dataclass(frozen=True)
@@ -100,6 +141,8 @@ class Segment:
     finish_reason: FinishReason | None = None
     timings: StepTimings = field(default_factory=StepTimings)
     context_tokens: int = 0  # prompt + answer tokens before this step (first model's tokens)
+    step: StepKind = "fused"
+    rule: Rule = "mean_ppl"  # the rule that chose (the gate's fallback on fused steps)
 
     @property
     def step_seconds(self) -> float:

@@ -1,4 +1,4 @@
-"""Command line: ``fusion-server serve`` and ``fusion-server generate``."""
+"""Command line: ``fusion-server serve``, ``generate``, ``prepare`` and ``calibrate``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from fusion.loop import Fuser
-from fusion.types import METHODS, FusionOutcome, FusionParams, Prompt, Segment
+from fusion.types import (
+    METHODS,
+    RULES,
+    FusionOutcome,
+    FusionParams,
+    Prompt,
+    Segment,
+    SelectionPolicy,
+)
 from server.config import AppConfig, ConfigError, load_config
 
 
@@ -36,6 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--raw", action="store_true", help="complete the text instead of chatting")
     gen.add_argument("--trace", action="store_true", help="show every segment's candidates")
+    gen.add_argument("--rule", choices=RULES, help="selection rule (default: the config's)")
+    gen.add_argument("--leader", help="leader model for the leader and gate rules")
+    cal = sub.add_parser(
+        "calibrate",
+        help="choose the selection policy on GSM8K test questions 0-599 (docs/SELECTION.md)",
+    )
+    cal.add_argument("--config", default="config.yaml")
+    cal.add_argument(
+        "--questions", type=int, default=20, help="development questions (1-597; from index 3)"
+    )
+    cal.add_argument("--max-tokens", type=int, default=256, help="answer length cap")
+    cal.add_argument(
+        "--gate-thresholds", default="0.5", help="comma-separated gate thresholds to compare"
+    )
+    cal.add_argument("--out", help="write the fusion: YAML block to this file (else print it)")
     return parser
 
 
@@ -45,9 +68,25 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"server": server} if server else {}
 
 
+def _selection(config: AppConfig, args: argparse.Namespace) -> SelectionPolicy:
+    """The config's selection policy with --rule / --leader on top, checked."""
+    chosen = config.fusion.selection.model_copy(
+        update={k: v for k, v in (("rule", args.rule), ("leader", args.leader)) if v}
+    )
+    problems = chosen.problems([m.name for m in config.models])
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return chosen.policy()
+
+
+def _default_models(config: AppConfig) -> tuple[str, ...] | None:
+    return tuple(config.fusion.models) if config.fusion.models else None
+
+
 def _print_trace(seg: Segment) -> None:
     print(
-        f"\n[segment {seg.index}] winner={seg.winner} {seg.step_seconds * 1000:.0f} ms",
+        f"\n[segment {seg.index}] winner={seg.winner} {seg.step} by {seg.rule} "
+        f"{seg.step_seconds * 1000:.0f} ms",
         file=sys.stderr,
     )
     for c in sorted(seg.candidates, key=lambda c: c.mean_perplexity):
@@ -61,6 +100,7 @@ def _print_trace(seg: Segment) -> None:
 async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
     from server.engines import load_models, shutdown_models
 
+    selection = _selection(config, args)  # a bad --rule/--leader fails before loading
     models = await load_models(config)
     try:
         fuser = Fuser(models, window_pieces=config.fusion.window_pieces)
@@ -69,7 +109,8 @@ async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             max_segment_tokens=config.fusion.max_segment_tokens,
             ppl_mode=config.fusion.ppl_mode,
-            models=tuple(args.models.split(",")) if args.models else None,
+            models=tuple(args.models.split(",")) if args.models else _default_models(config),
+            selection=selection,
         )
         prompt = (
             Prompt(text=args.prompt)
@@ -91,6 +132,51 @@ async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
         )
     finally:
         await shutdown_models(models)
+    return 0
+
+
+async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
+    import datetime
+
+    from fusion.calibration import MAX_QUESTIONS, SHOTS, calibrate, to_yaml
+    from server.engines import load_models, shutdown_models
+
+    if not 1 <= args.questions <= MAX_QUESTIONS - SHOTS:
+        print(f"fusion-server: --questions must be 1-{MAX_QUESTIONS - SHOTS}", file=sys.stderr)
+        return 2
+    thresholds = [float(t) for t in args.gate_thresholds.split(",") if t.strip()]
+    if not thresholds or not all(0 < t <= 1 for t in thresholds):
+        print("fusion-server: --gate-thresholds must lie in (0, 1]", file=sys.stderr)
+        return 2
+    models = await load_models(config)
+    try:
+        fuser = Fuser(models, window_pieces=config.fusion.window_pieces)
+        rec, lines = await calibrate(
+            fuser,
+            [m.name for m in models],
+            args.questions,
+            max_tokens=args.max_tokens,
+            max_segment_tokens=config.fusion.max_segment_tokens,
+            gate_thresholds=thresholds,
+            progress=lambda line: logging.getLogger("calibrate").info("%s", line),
+        )
+    finally:
+        await shutdown_models(models)
+    print("\n".join(lines), file=sys.stderr)
+    print("\nwhy:\n" + "\n".join(f"  {r}" for r in rec.reasons), file=sys.stderr)
+    header = [
+        f"fusion-server calibrate, {datetime.date.today()}: {args.questions} GSM8K test "
+        f"questions (indices {SHOTS}-{SHOTS + args.questions - 1}; 0-{SHOTS - 1} as shots), "
+        f"3-shot, greedy, max_tokens {args.max_tokens}",
+        "calibration: a few hyper-parameters chosen on those questions; no weights trained",
+    ]
+    text = to_yaml(rec, header)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text, end="")
     return 0
 
 
@@ -116,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_generate(config, args))
         if args.command == "prepare":
             return _prepare(config)
+        if args.command == "calibrate":
+            return asyncio.run(_calibrate(config, args))
         from server.app import serve
 
         return serve(config)

@@ -28,7 +28,17 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from fusion.types import METHODS, Method, PplMode
+from fusion.types import (
+    METHODS,
+    RULES,
+    Aggregate,
+    FallbackRule,
+    Method,
+    NllStats,
+    PplMode,
+    Rule,
+    SelectionPolicy,
+)
 
 
 class ConfigError(ValueError):
@@ -199,6 +209,108 @@ ModelConfig = Annotated[
 ]
 
 
+class NllStatsConfig(_Strict):
+    """One model's calibration statistics (``fusion-server calibrate`` writes them)."""
+
+    nll_mean: float = Field(..., description="Mean per-token NLL of segments under this model.")
+    nll_std: float = Field(..., gt=0, description="Standard deviation of that NLL.")
+
+
+class SelectionConfig(_Strict):
+    """How a fusion step chooses among candidates (docs/SELECTION.md)."""
+
+    rule: Rule = Field(
+        "mean_ppl",
+        description=f"Selection rule, one of {', '.join(RULES)}. mean_ppl is the paper's "
+        "(arithmetic mean of the models' perplexities, equal votes).",
+    )
+    aggregate: Aggregate = Field(
+        "nll",
+        description="For rule weighted (and the gate's weighted fallback): 'nll' (weighted "
+        "mean of NLLs: a weighted geometric mean of perplexities, which one exploding "
+        "perplexity cannot rule) or 'ppl' (weighted arithmetic mean of perplexities).",
+    )
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Static weight per source model (weighted, zscore, the gate's fallback); "
+        "models not listed weigh 1.",
+    )
+    leader: str | None = Field(
+        None,
+        description="The strong model: the sole judge under 'leader', the writer under 'gate'.",
+    )
+    calibration: dict[str, NllStatsConfig] = Field(
+        default_factory=dict,
+        description="Per source model NLL mean/std for rule zscore (from fusion-server calibrate).",
+    )
+    packllm_temperature: float = Field(
+        1.0, gt=0, description="PackLLM's τ: weights = softmax(-prompt NLL / τ) over models."
+    )
+    gate_threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Gate: the leader's segment is kept alone when every one of its tokens "
+        "has at least this probability (GaC uses 0.5).",
+    )
+    gate_fallback: FallbackRule = Field(
+        "weighted",
+        description="Gate: the rule that chooses when the leader is unsure (every model "
+        "proposes and scores).",
+    )
+    repetition_ngram: int = Field(
+        4, ge=1, le=32, description="Repetition guard: word n-gram length."
+    )
+    repetition_limit: int = Field(
+        0,
+        ge=0,
+        description="Repetition guard: exclude a candidate that closes an n-gram already seen "
+        "this many times in the answer (unless every candidate does); 0: off.",
+    )
+
+    def problems(self, models: list[str] | None = None) -> list[str]:
+        """What is inconsistent, each message naming its field (``models``: the known
+        source model names, to check the names used). ``AppConfig`` and the request
+        checks run this; a standalone ``SelectionConfig`` is not checked."""
+        out = []
+        step_rule = self.gate_fallback if self.rule == "gate" else self.rule
+        if self.rule in ("leader", "gate") and self.leader is None:
+            out.append(f"selection.leader: rule {self.rule!r} needs a leader model")
+        if step_rule == "leader" and self.leader is None:
+            out.append("selection.leader: gate_fallback 'leader' needs a leader model")
+        if step_rule == "zscore" and not self.calibration:
+            out.append("selection.calibration: rule zscore needs per-model NLL statistics")
+        if any(w < 0 for w in self.weights.values()):
+            out.append("selection.weights: weights must not be negative")
+        if models is not None:
+            for name, used in (
+                ("weights", list(self.weights)),
+                ("leader", [self.leader] if self.leader else []),
+                ("calibration", list(self.calibration)),
+            ):
+                unknown = [n for n in used if n not in models]
+                if unknown:
+                    out.append(f"selection.{name}: unknown source models: {', '.join(unknown)}")
+        return out
+
+    def policy(self) -> SelectionPolicy:
+        """The core's frozen view of these settings."""
+        return SelectionPolicy(
+            rule=self.rule,
+            aggregate=self.aggregate,
+            weights=tuple(self.weights.items()),
+            leader=self.leader,
+            calibration=tuple(
+                (n, NllStats(s.nll_mean, s.nll_std)) for n, s in self.calibration.items()
+            ),
+            packllm_temperature=self.packllm_temperature,
+            gate_threshold=self.gate_threshold,
+            gate_fallback=self.gate_fallback,
+            repetition_ngram=self.repetition_ngram,
+            repetition_limit=self.repetition_limit,
+        )
+
+
 class FusionConfig(_Strict):
     """Defaults of the fused model."""
 
@@ -212,6 +324,16 @@ class FusionConfig(_Strict):
         4, ge=1, description="Committed segments kept for incremental tokenisation."
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request omits it.")
+    models: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Source models the fused model uses unless a request names its own "
+        "(fusion.models); null: all of models:.",
+    )
+    selection: SelectionConfig = Field(
+        default_factory=SelectionConfig,  # type: ignore[arg-type]
+        description="How each step chooses its segment (rule, weights, leader, gate, guard).",
+    )
 
 
 class ServerConfig(_Strict):
@@ -287,6 +409,16 @@ class AppConfig(BaseSettings):
     def _fusion_name_free(self) -> AppConfig:
         if self.fusion.name in {m.name for m in self.models}:
             raise ValueError(f"fusion.name {self.fusion.name!r} is also a source model's name")
+        return self
+
+    @model_validator(mode="after")
+    def _fusion_names_known(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        unknown = [n for n in self.fusion.models or [] if n not in names]
+        if unknown:
+            raise ValueError(f"fusion.models: unknown source models: {', '.join(unknown)}")
+        for problem in self.fusion.selection.problems(names):
+            raise ValueError(f"fusion.{problem}")
         return self
 
     def all_api_keys(self) -> list[str]:

@@ -53,6 +53,8 @@ def trace_of(seg: Segment) -> dict[str, Any]:
         "index": seg.index,
         "text": seg.text,
         "winner": seg.winner,
+        "step": seg.step,  # "gated": the leader wrote alone; "fused": several candidates
+        "rule": seg.rule,
         "step_ms": round(seg.step_seconds * 1000, 1),
         "timings_ms": {
             phase: round(getattr(seg.timings, phase) * 1000, 1)
@@ -66,6 +68,8 @@ def trace_of(seg: Segment) -> dict[str, Any]:
                 "proposers": list(c.proposers),
                 "ended": c.ended,
                 "mean_perplexity": _finite(c.mean_perplexity),
+                "score": None if c.score is None else _finite(c.score),  # the rule's; lowest won
+                "excluded": c.excluded,  # by the repetition guard
                 "perplexities": {name: _finite(p) for name, p in c.perplexities},
             }
             for c in seg.candidates

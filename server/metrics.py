@@ -4,7 +4,9 @@ and the per-source-model statistics the playground shows (``/v1/fusion/stats``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -20,16 +22,30 @@ class SourceStats:
     won: int = 0
     proposed: int = 0  # candidates it proposed that had a finite perplexity
     perplexity_sum: float = 0.0  # of those candidates, averaged over the scoring models
+    log_perplexity_sum: float = 0.0  # for the geometric mean, which one outlier cannot rule
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))  # for the median
     busy_seconds: float = 0.0  # its own generate + score + commit time in those steps
 
+    def add_perplexity(self, ppl: float) -> None:
+        self.proposed += 1
+        self.perplexity_sum += ppl
+        self.log_perplexity_sum += math.log(ppl)
+        self.recent.append(ppl)
+
     def as_dict(self, fused_segments: int) -> dict[str, Any]:
+        n = self.proposed
         return {
             "steps": self.steps,
             "segments_won": self.won,
             "share_won": self.won / fused_segments if fused_segments else 0.0,
-            "mean_perplexity": self.perplexity_sum / self.proposed if self.proposed else None,
+            "mean_perplexity": self.perplexity_sum / n if n else None,
+            "geomean_perplexity": math.exp(self.log_perplexity_sum / n) if n else None,
+            "median_perplexity": statistics.median(self.recent) if self.recent else None,
             "mean_step_ms": 1000 * self.busy_seconds / self.steps if self.steps else None,
         }
+
+
+RECENT = 2048  # candidate perplexities per source kept for the median
 
 
 class Metrics:
@@ -107,14 +123,27 @@ class Metrics:
             registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
         )
+        self.policy_steps = Counter(
+            "fusion_policy_steps",
+            "Cool steps per selection policy: gated (the leader alone) or fused",
+            ["policy", "step"],
+            registry=r,
+        )
         self.sources: dict[str, SourceStats] = {}
         self.fused_segments = 0
+        self.policies: dict[str, dict[str, int]] = {}  # policy -> {"gated": n, "fused": n}
 
-    def segment(self, model: str, method: str, seg: Segment) -> None:
+    def segment(self, model: str, method: str, seg: Segment, policy: str | None = None) -> None:
         self.segments.labels(model, method).inc()
         self.wins.labels(seg.winner).inc()
         self.step.observe(seg.step_seconds)
-        if seg.candidates and len(seg.candidates[0].perplexities) > 1:
+        fused = bool(seg.candidates) and len(seg.candidates[0].perplexities) > 1
+        if seg.step == "gated" or fused:  # a lone model's steps are neither
+            name = policy or seg.rule
+            counts = self.policies.setdefault(name, {"gated": 0, "fused": 0})
+            counts[seg.step] += 1
+            self.policy_steps.labels(name, seg.step).inc()
+        if fused:
             self._fused_segment(seg)
 
     def _fused_segment(self, seg: Segment) -> None:
@@ -132,8 +161,7 @@ class Metrics:
                 continue
             for name in c.proposers:
                 if name in self.sources:
-                    self.sources[name].proposed += 1
-                    self.sources[name].perplexity_sum += c.mean_perplexity
+                    self.sources[name].add_perplexity(c.mean_perplexity)
                     self.candidate_ppl.labels(name).observe(c.mean_perplexity)
         for name, stats in self.sources.items():
             self.win_share.labels(name).set(stats.won / self.fused_segments)
@@ -142,6 +170,7 @@ class Metrics:
         return {
             "fused_segments": self.fused_segments,
             "sources": {n: s.as_dict(self.fused_segments) for n, s in self.sources.items()},
+            "policies": {n: dict(c) for n, c in self.policies.items()},
         }
 
     def outcome(self, model: str, method: str, outcome: FusionOutcome) -> None:

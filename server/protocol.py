@@ -2,7 +2,8 @@
 
 Standard fields follow the OpenAI API; ``null`` is accepted for every optional one. The
 extension field ``fusion`` (``extra_body={"fusion": {...}}`` in the SDK) steers the fused
-model: method, a subset of source models, segment cap, and whether to return the trace.
+model: method, a subset of source models, segment cap, the selection policy, and whether
+to return the trace.
 """
 
 from __future__ import annotations
@@ -11,11 +12,36 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fusion.types import Method, PplMode
+from fusion.types import Aggregate, FallbackRule, Method, PplMode, Rule
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class NllStatsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    nll_mean: float
+    nll_std: float = Field(..., gt=0)
+
+
+class SelectionOptions(BaseModel):
+    """Per-request selection settings; each one given replaces the server's
+    (``fusion.selection`` in config.yaml; docs/SELECTION.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Rule | None = Field(None, description="mean_ppl, weighted, zscore, packllm, leader, gate")
+    aggregate: Aggregate | None = None
+    weights: dict[str, float] | None = None
+    leader: str | None = None
+    calibration: dict[str, NllStatsOptions] | None = None
+    packllm_temperature: float | None = Field(None, gt=0)
+    gate_threshold: float | None = Field(None, gt=0, le=1)
+    gate_fallback: FallbackRule | None = None
+    repetition_ngram: int | None = Field(None, ge=1, le=32)
+    repetition_limit: int | None = Field(None, ge=0)
 
 
 class FusionOptions(BaseModel):
@@ -26,6 +52,9 @@ class FusionOptions(BaseModel):
     max_segment_tokens: int | None = Field(None, ge=1, le=256)
     ppl_mode: PplMode | None = None
     trace: bool = Field(False, description="Return every segment's candidates and scores.")
+    selection: SelectionOptions | None = Field(
+        None, description="How each step chooses its segment (overrides the server's)."
+    )
 
 
 class StreamOptions(OpenAIModel):

@@ -16,17 +16,30 @@ from collections.abc import AsyncGenerator
 from dataclasses import replace
 from typing import Any
 
+from pydantic import ValidationError
+
 from fusion.engine import Sampling
 from fusion.loop import Fuser
 from fusion.models import SourceModel
-from fusion.types import FusionParams, Prompt, Segment
-from server.config import AppConfig
+from fusion.types import FusionParams, Prompt, Segment, SelectionPolicy
+from server.config import AppConfig, SelectionConfig
 from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound
 from server.jobs import Choice, Job, chunk
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, FusionOptions
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FusionOptions,
+    SelectionOptions,
+)
 
 log = logging.getLogger(__name__)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else str(err["msg"])
 
 
 class FusionService:
@@ -48,7 +61,11 @@ class FusionService:
                 "object": "model",
                 "created": created,
                 "owned_by": "fusion-server",
-                "fusion": {"sources": list(self.models), "method": self.config.fusion.method},
+                "fusion": {
+                    "sources": list(self.models),
+                    "method": self.config.fusion.method,
+                    "selection": self.config.fusion.selection.rule,
+                },
             }
         ]
         for name, m in self.models.items():
@@ -82,7 +99,7 @@ class FusionService:
         opts = opts or FusionOptions()
         cfg = self.config.fusion
         if model == cfg.name:
-            subset = tuple(opts.models) if opts.models else None
+            subset = tuple(opts.models or cfg.models or ()) or None
             unknown = [n for n in subset or () if n not in self.models]
             if unknown:
                 raise BadRequest(
@@ -112,7 +129,23 @@ class FusionService:
             ppl_mode=opts.ppl_mode or cfg.ppl_mode,
             models=subset,
             sampling=sampling,
+            selection=self._selection(opts.selection),
         )
+
+    def _selection(self, asked: SelectionOptions | None) -> SelectionPolicy:
+        """The server's selection settings with the request's on top, checked."""
+        base = self.config.fusion.selection
+        if asked is None:
+            return base.policy()
+        merged = base.model_dump() | asked.model_dump(exclude_none=True)
+        try:
+            chosen = SelectionConfig.model_validate(merged)
+        except ValidationError as exc:
+            raise BadRequest(_first_error(exc), param="fusion.selection") from None
+        for problem in chosen.problems(list(self.models)):
+            field_name = problem.split(":", 1)[0]
+            raise BadRequest(problem, param=f"fusion.{field_name}")
+        return chosen.policy()
 
     @staticmethod
     def _sampling(temperature: float | None, top_p: float | None, seed: int | None) -> Sampling:
@@ -254,7 +287,9 @@ class FusionService:
         async with contextlib.aclosing(run) as segments:
             async for seg in segments:
                 choice.segments.append(seg)
-                self.metrics.segment(job.model, choice.params.method, seg)
+                self.metrics.segment(
+                    job.model, choice.params.method, seg, choice.params.selection.rule
+                )
                 yield seg
         self.metrics.outcome(job.model, choice.params.method, choice.outcome)
 

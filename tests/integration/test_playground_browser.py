@@ -159,3 +159,33 @@ def test_compares_a_two_model_fusion_with_one_source_side_by_side(page):
     assert set(single.locator(".seg").evaluate_all("ns => ns.map(n => n.dataset.winner)")) == {
         "qwen2.5-0.5b"
     }
+
+
+def test_gate_rule_marks_gated_segments_and_counts_them_per_policy(page):
+    unlock(page)
+    page.select_option("#rule", "gate")
+    page.select_option("#leader", "qwen2.5-0.5b")
+    ask(page, "What is 12 times 7? Answer briefly.", max_tokens=16)
+    fused = page.locator(".answer.fused")
+    assert "gate" in fused.locator("h3").inner_text()
+    steps = fused.locator(".seg").evaluate_all("ns => ns.map(n => n.dataset.step)")
+    assert steps and set(steps) <= {"gated", "fused"} and "gated" in steps
+    gated = fused.locator(".seg.gated")
+    # a gated segment is the leader's alone, underlined with dashes, one candidate
+    assert gated.first.get_attribute("data-winner") == "qwen2.5-0.5b"
+    assert gated.first.evaluate("n => getComputedStyle(n).borderBottomStyle") == "dashed"
+    gated.first.click()
+    page.locator("#candidates").wait_for()
+    assert "gated" in page.locator("#details p").first.inner_text()
+    assert page.locator("#candidates tbody tr").count() == 1
+    page.wait_for_function(
+        "[...document.querySelectorAll('#policies li')]"
+        ".some(li => li.textContent.startsWith('gate:'))"
+    )
+    # the statistics table shows all four columns inside its panel
+    fits = page.evaluate(
+        """() => { const t = document.querySelector('#stats table');
+                   const p = document.querySelector('#settings');
+                   return t.getBoundingClientRect().right <= p.getBoundingClientRect().right; }"""
+    )
+    assert fits

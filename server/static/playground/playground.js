@@ -79,6 +79,8 @@ async function loadModels() {
   state.sources = fused.fusion.sources;
   state.sources.forEach((s, i) => { state.colours[s] = PALETTE[i % PALETTE.length]; });
   $("#method").value = fused.fusion.method || "cool";
+  const rule = $("#rule").querySelector("option[value='']");
+  rule.textContent = `server default (${fused.fusion.selection || "mean_ppl"})`;
   renderSources();
   renderLegend();
   setStatus(`ready: "${state.fused}" fuses ${state.sources.join(", ")}`);
@@ -91,6 +93,9 @@ function renderSources() {
   box.querySelectorAll("label").forEach((n) => n.remove());
   const compare = $("#compare");
   compare.querySelectorAll("option:not([value=''])").forEach((n) => n.remove());
+  const leader = $("#leader");
+  leader.querySelectorAll("option:not([value=''])").forEach((n) => n.remove());
+  for (const s of state.sources) leader.append(el("option", { value: s }, s));
   for (const s of state.sources) {
     const cb = el("input", { type: "checkbox", value: s, name: "source" });
     cb.checked = true;
@@ -121,15 +126,21 @@ async function refreshStats() {
     const stats = await resp.json();
     const body = $("#stats tbody");
     body.replaceChildren();
+    const fmt = (v, f) => (v === null || v === undefined ? "—" : f(v));
+    const ppl = (v) => (v < 100 ? v.toFixed(2) : v < 1e5 ? v.toFixed(0) : v.toExponential(1));
     for (const s of state.sources) {
       const x = stats.sources[s];
-      const fmt = (v, f) => (v === null || v === undefined ? "—" : f(v));
+      const spread = x ? `median ${fmt(x.median_perplexity, ppl)}, geometric mean ${fmt(x.geomean_perplexity, ppl)}, mean ${fmt(x.mean_perplexity, ppl)}` : "";
       body.append(el("tr", { "data-model": s },
         el("td", { class: "name", title: s }, el("span", { class: "swatch", style: `--c:${state.colours[s]}` }), " ", shortName(s)),
         el("td", { class: "num" }, x ? `${(100 * x.share_won).toFixed(0)}%` : "—"),
-        el("td", { class: "num" }, x ? fmt(x.mean_perplexity, (v) => (v < 100 ? v.toFixed(2) : v.toFixed(0))) : "—"),
+        el("td", { class: "num", title: spread }, x ? fmt(x.median_perplexity, ppl) : "—"),
         el("td", { class: "num" }, x ? fmt(x.mean_step_ms, (v) => v.toFixed(0)) : "—")));
     }
+    const policies = $("#policies");
+    policies.replaceChildren(...Object.entries(stats.policies || {}).map(([name, c]) =>
+      el("li", { title: "Cool steps: gated (the leader alone) / fused (every model)" },
+        `${name}: ${c.gated} gated, ${c.fused} fused steps`)));
   } catch (_) { /* stats are a nicety; the chat works without them */ }
 }
 
@@ -211,10 +222,13 @@ async function streamAnswer(view, body, colourOf, countWins) {
 
 function segmentSpan(seg, delta, colourOf) {
   const colour = colourOf(seg.winner);
-  const span = el("span", { class: "seg", tabindex: "0", "data-winner": seg.winner, style: `--c:${colour}` }, delta);
+  const gated = seg.step === "gated";
+  const span = el("span", { class: gated ? "seg gated" : "seg", tabindex: "0", "data-winner": seg.winner, "data-step": seg.step || "fused", style: `--c:${colour}` }, delta);
   const best = seg.candidates.find((c) => c.proposers.includes(seg.winner)) || seg.candidates[0];
-  const ppl = best && best.mean_perplexity !== null ? best.mean_perplexity.toFixed(2) : "∞";
-  span.title = `won by ${seg.winner} (mean perplexity ${ppl}) over ${seg.candidates.length - 1} other candidate(s); ${seg.step_ms} ms`;
+  const score = best && best.score !== null && best.score !== undefined ? best.score.toFixed(2) : "∞";
+  span.title = gated
+    ? `gated: ${seg.winner} was sure and wrote alone (perplexity ${score}); ${seg.step_ms} ms`
+    : `won by ${seg.winner} (${seg.rule || "mean_ppl"} score ${score}) over ${seg.candidates.length - 1} other candidate(s); ${seg.step_ms} ms`;
   span._trace = seg;
   const open = () => showDetails(span);
   span.addEventListener("click", open);
@@ -240,19 +254,23 @@ function showDetails(span) {
   const fmt = (v) => (v === null || v === undefined ? "∞" : v < 1000 ? v.toFixed(3) : v.toExponential(1));
   const head = el("tr", {}, el("th", {}, "candidate"), el("th", {}, "proposed by"),
     ...scorers.map((m) => el("th", { class: "num", title: `perplexity under ${m}` }, shortName(m))),
-    el("th", { class: "num" }, "mean"));
-  const rows = seg.candidates.map((c) => el("tr", { class: c.proposers.includes(seg.winner) ? "winner" : "" },
-    el("td", { class: "cand-text" }, JSON.stringify(c.text) + (c.ended ? " ⏎end" : "")),
+    el("th", { class: "num", title: "arithmetic mean of the perplexities (the paper's score)" }, "mean"),
+    el("th", { class: "num", title: `the ${seg.rule || "mean_ppl"} rule's score: lowest wins` }, "score"));
+  const rows = seg.candidates.map((c) => el("tr", { class: (c.proposers.includes(seg.winner) ? "winner" : "") + (c.excluded ? " excluded" : "") },
+    el("td", { class: "cand-text", title: c.excluded ? "excluded by the repetition guard" : "" }, JSON.stringify(c.text) + (c.ended ? " ⏎end" : "")),
     el("td", { title: c.proposers.join(", ") }, c.proposers.map(shortName).join(", ")),
     ...scorers.map((m) => el("td", { class: "num" }, fmt(c.perplexities[m]))),
-    el("td", { class: "num" }, fmt(c.mean_perplexity))));
+    el("td", { class: "num" }, fmt(c.mean_perplexity)),
+    el("td", { class: "num" }, fmt(c.score))));
   const timings = seg.timings_ms
     ? Object.entries(seg.timings_ms).map(([k, v]) => `${k} ${v} ms`).join(", ") : "";
   const perModel = seg.model_ms
     ? Object.entries(seg.model_ms).map(([k, v]) => `${k} ${v} ms`).join(", ") : "";
   $("#details").replaceChildren(
     el("p", {}, `Segment ${seg.index + 1}: won by `, el("strong", {}, seg.winner),
-      ` (lowest mean perplexity of ${seg.candidates.length} candidate(s)).`),
+      seg.step === "gated"
+        ? " (gated: the leader was sure of every token, so nobody else proposed)."
+        : ` (fused: lowest ${seg.rule || "mean_ppl"} score of ${seg.candidates.length} candidate(s)).`),
     el("table", { id: "candidates" }, el("thead", {}, head), el("tbody", {}, ...rows)),
     el("p", { class: "hint" }, `Step ${seg.step_ms} ms: ${timings}.`),
     el("p", { class: "hint" }, `Each model's own time: ${perModel}. Context: ${seg.context_tokens} tokens.`));
@@ -275,7 +293,8 @@ async function ask(event) {
   const messages = [...state.history, { role: "user", content: prompt }];
   $("#prompt").value = "";
 
-  const fusedTitle = models.length > 1 ? `${state.fused} · ${method} · ${models.join(" + ")}` : `${models[0]} (alone, via ${state.fused})`;
+  const ruleName = $("#rule").value || "default selection";
+  const fusedTitle = models.length > 1 ? `${state.fused} · ${method} · ${ruleName} · ${models.join(" + ")}` : `${models[0]} (alone, via ${state.fused})`;
   const fusedView = answerBox(fusedTitle, "fused");
   const answers = el("div", { class: "answers" }, fusedView.box);
   const turn = el("div", { class: "turn" }, el("div", { class: "user" }, prompt), answers);
@@ -283,8 +302,13 @@ async function ask(event) {
   turn.scrollIntoView({ block: "end" });
 
   const common = { messages, max_tokens: maxTokens, stream: true, stream_options: { include_usage: true } };
+  const fusion = { method, models, trace: true };
+  const selection = {};
+  if ($("#rule").value) selection.rule = $("#rule").value;
+  if ($("#leader").value) selection.leader = $("#leader").value;
+  if (Object.keys(selection).length) fusion.selection = selection;
   const jobs = [streamAnswer(fusedView,
-    { ...common, model: state.fused, fusion: { method, models, trace: true } }, fusedColour, true)];
+    { ...common, model: state.fused, fusion }, fusedColour, true)];
   if (compareWith) {
     const view = answerBox(`${compareWith} alone`, "single");
     answers.append(view.box);

@@ -1,0 +1,224 @@
+"""Selection policies: which candidate segment a fusion step keeps (docs/SELECTION.md).
+
+Each rule is a pure function of the candidates, every scoring model's token
+log-probabilities of each candidate, and the policy's settings; it returns the chosen
+index and every candidate's aggregate score (lower is better), so the trace can show it.
+
+- ``mean_ppl``: Cool-Fusion (Liu et al., ACL 2025, §2.3): arithmetic mean of the models'
+  perplexities, one equal vote each. The default; unchanged from the paper.
+- ``weighted``: static per-model weights over perplexities (``aggregate="ppl"``) or over
+  mean NLLs (``aggregate="nll"``: a weighted geometric mean of perplexities, so one
+  exploding perplexity no longer decides alone).
+- ``zscore``: each model's NLL as a z-score against its own calibration mean and spread,
+  then (weighted) averaged, as Ensemble-Hub normalises its members' scores.
+- ``packllm``: weights from each model's perplexity on the prompt, per request
+  (PackLLM-sim, Mavromatis et al. 2024, arXiv:2404.11531: ``λ = softmax(-log PPL_k / τ)``
+  with log PPL_k the mean token NLL of the prompt, τ = 1 in their code), applied to the
+  candidates' NLLs as PackLLM applies them to the models' logits (a log-linear mix).
+- ``leader``: the leader model's perplexity alone (leader-scored selection, ThinkFuse).
+- ``gate``: the loop asks the leader first and keeps its segment when every token's
+  probability is at least ``gate_threshold`` (GaC's uncertainty gate, 0.5); otherwise the
+  step is fused and ``gate_fallback`` chooses. Here that is the fallback rule.
+
+The repetition guard composes with any rule: a candidate whose words close an n-gram
+already seen ``repetition_limit`` times in the answer is excluded, unless all are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from fusion.types import (
+    DEFAULT_POLICY,
+    Aggregate,
+    NllStats,
+    PplMode,
+    Rule,
+    SelectionPolicy,
+    perplexity,
+)
+
+_MAX_NLL = 700.0  # as fusion.types.perplexity: exp() of more overflows
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One candidate with every scoring model's token log-probabilities of it."""
+
+    text: str
+    proposers: tuple[str, ...]
+    ended: bool
+    logprobs: tuple[tuple[str, tuple[float, ...]], ...]  # (scoring model, token log-probs)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A rule's verdict: the chosen candidate and every candidate's aggregate score."""
+
+    index: int
+    scores: tuple[float, ...]  # lower is better; the chosen one is the lowest not excluded
+    excluded: tuple[bool, ...]  # by the repetition guard
+    rule: Rule
+
+
+def nll(logprobs: Sequence[float], mode: PplMode = "mean") -> float:
+    """Negative log-likelihood per token (``mean``) or in all (``sum``); log of perplexity."""
+    if not logprobs:
+        return math.inf
+    total = -sum(logprobs)
+    return min(total / len(logprobs) if mode == "mean" else total, _MAX_NLL)
+
+
+def _weighted_mean(values: Sequence[tuple[float, float]]) -> float:
+    """Mean of ``(weight, value)`` pairs; inf if no weight is positive."""
+    total = sum(w for w, _ in values)
+    if total <= 0:
+        return math.inf
+    return sum(w * v for w, v in values if w) / total
+
+
+def mean_ppl(c: Scored, mode: PplMode = "mean") -> float:
+    """The paper's score: the arithmetic mean of the models' perplexities."""
+    ppl = [perplexity(lps, mode) for _, lps in c.logprobs]
+    return sum(ppl) / len(ppl)
+
+
+def weighted(
+    c: Scored, weights: Mapping[str, float], aggregate: Aggregate, mode: PplMode = "mean"
+) -> float:
+    """Weighted mean of perplexities, or ``exp`` of the weighted mean NLL (a weighted
+    geometric mean of perplexities). Models missing from ``weights`` weigh 1."""
+    if aggregate == "ppl":
+        return _weighted_mean(
+            [(weights.get(n, 1.0), perplexity(lps, mode)) for n, lps in c.logprobs]
+        )
+    mean = _weighted_mean([(weights.get(n, 1.0), nll(lps, mode)) for n, lps in c.logprobs])
+    return math.exp(min(mean, _MAX_NLL))
+
+
+def zscore(
+    c: Scored,
+    stats: Mapping[str, NllStats],
+    weights: Mapping[str, float],
+    mode: PplMode = "mean",
+) -> float:
+    """Weighted mean over models of ``(NLL - calibration mean) / calibration std``.
+    Models without calibration stats do not vote."""
+    zs = [
+        (weights.get(n, 1.0), (nll(lps, mode) - stats[n].mean) / stats[n].std)
+        for n, lps in c.logprobs
+        if n in stats and stats[n].std > 0
+    ]
+    return _weighted_mean(zs)
+
+
+def leader_ppl(c: Scored, leader: str, mode: PplMode = "mean") -> float:
+    """The leader's perplexity of the candidate (inf if the leader did not score it)."""
+    for name, lps in c.logprobs:
+        if name == leader:
+            return perplexity(lps, mode)
+    return math.inf
+
+
+def packllm_weights(prompt_nll: Mapping[str, float], temperature: float = 1.0) -> dict[str, float]:
+    """PackLLM-sim importance weights: ``softmax_k(-prompt_nll_k / τ)`` (arXiv:2404.11531;
+    their code uses the prompt's mean token cross-entropy and τ = 1). Models whose prompt
+    NLL is unknown (a one-token prompt) share the weights equally."""
+    finite = {n: v for n, v in prompt_nll.items() if math.isfinite(v)}
+    if not finite:
+        return {n: 1.0 / len(prompt_nll) for n in prompt_nll} if prompt_nll else {}
+    top = max(-v / temperature for v in finite.values())
+    exps = {n: math.exp(-v / temperature - top) for n, v in finite.items()}
+    total = sum(exps.values())
+    return {n: exps.get(n, 0.0) / total for n in prompt_nll}
+
+
+def _score(
+    c: Scored,
+    rule: Rule,
+    policy: SelectionPolicy,
+    mode: PplMode,
+    prompt_weights: Mapping[str, float] | None,
+) -> tuple[float, Rule]:
+    names = {n for n, _ in c.logprobs}
+    if rule == "gate":
+        rule = policy.gate_fallback
+    if rule == "leader" and policy.leader not in names:
+        rule = "mean_ppl"  # the leader is not taking part (a subset, or it was dropped)
+    if rule == "weighted":
+        return weighted(c, dict(policy.weights), policy.aggregate, mode), rule
+    if rule == "zscore":
+        stats = dict(policy.calibration)
+        if names & set(stats):
+            return zscore(c, stats, dict(policy.weights), mode), rule
+        rule = "mean_ppl"
+    if rule == "packllm":
+        return weighted(c, prompt_weights or {}, "nll", mode), rule
+    if rule == "leader" and policy.leader is not None:
+        return leader_ppl(c, policy.leader, mode), rule
+    return mean_ppl(c, mode), "mean_ppl"
+
+
+def select(
+    candidates: Sequence[Scored],
+    policy: SelectionPolicy = DEFAULT_POLICY,
+    mode: PplMode = "mean",
+    *,
+    answer: str = "",
+    prompt_weights: Mapping[str, float] | None = None,
+) -> Selection:
+    """Choose among ``candidates`` (non-empty) under ``policy``.
+
+    ``answer`` is the text written so far, for the repetition guard; ``prompt_weights``
+    are PackLLM's per-request weights. Ties go to the earliest candidate (model order),
+    as ``min`` did before policies existed, so ``mean_ppl`` chooses exactly as it did.
+    """
+    if not candidates:
+        raise ValueError("select() needs at least one candidate")
+    scored = [_score(c, policy.rule, policy, mode, prompt_weights) for c in candidates]
+    scores = tuple(s for s, _ in scored)
+    excluded = tuple(
+        policy.repetition_limit > 0
+        and repeats(answer, c.text, policy.repetition_ngram) >= policy.repetition_limit
+        for c in candidates
+    )
+    if all(excluded):
+        excluded = tuple(False for _ in candidates)
+    allowed = [i for i in range(len(candidates)) if not excluded[i]]
+    best = min(allowed, key=lambda i: _order(scores[i]))
+    return Selection(best, scores, excluded, scored[best][1])
+
+
+def _order(score: float) -> float:
+    return math.inf if math.isnan(score) else score
+
+
+def repeats(answer: str, addition: str, n: int) -> int:
+    """How often the most repeated word n-gram that ends inside ``addition`` had already
+    occurred earlier in ``answer + addition`` (0 when ``addition`` adds no word)."""
+    if n < 1 or not addition.strip():
+        return 0
+    words = (answer + addition).split()
+    kept = answer.split()  # words the addition leaves as they were
+    if kept and not answer[-1].isspace() and not addition[0].isspace():
+        kept.pop()  # the addition continues the answer's last word
+    seen: Counter[tuple[str, ...]] = Counter()
+    worst = 0
+    for end in range(n, len(words) + 1):
+        gram = tuple(words[end - n : end])
+        if end > len(kept):
+            worst = max(worst, seen[gram])
+        seen[gram] += 1
+    return worst
+
+
+def gate_confident(logprobs: Sequence[float] | None, threshold: float) -> bool:
+    """GaC's gate: every token's probability is at least ``threshold``. Unknown log-probs
+    (the leader's text does not end on one of its tokens) are never confident."""
+    if not logprobs:
+        return False
+    floor = math.log(threshold) if threshold > 0 else -math.inf
+    return all(lp >= floor for lp in logprobs)

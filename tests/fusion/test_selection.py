@@ -1,0 +1,209 @@
+"""Selection rules on hand-computed numbers (fusion/selection.py).
+
+Single-token candidates with log-prob ``-ln k`` have perplexity exactly ``k``, so the
+expected scores below can be checked with a pocket calculator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fusion.selection import (
+    Scored,
+    gate_confident,
+    leader_ppl,
+    mean_ppl,
+    nll,
+    packllm_weights,
+    repeats,
+    select,
+    weighted,
+    zscore,
+)
+from fusion.types import NllStats, SelectionPolicy, perplexity
+
+
+def cand(text: str, ppl: dict[str, float], proposers: tuple[str, ...] = ("x",)) -> Scored:
+    """A one-token candidate whose perplexity under each model is ``ppl[model]``."""
+    return Scored(text, proposers, False, tuple((n, (-math.log(p),)) for n, p in ppl.items()))
+
+
+# Two weak models (x, y) agree on A; the strong one (z) wrote B and finds A unlikely.
+A = cand(" A", {"x": 1.2, "y": 1.2, "z": 6.0}, ("x", "y"))
+B = cand(" B", {"x": 4.0, "y": 4.0, "z": 1.1}, ("z",))
+
+
+def test_mean_ppl_is_the_arithmetic_mean_and_lets_two_weak_models_outvote_the_strong():
+    assert mean_ppl(A) == pytest.approx((1.2 + 1.2 + 6.0) / 3)  # 2.8
+    assert mean_ppl(B) == pytest.approx((4.0 + 4.0 + 1.1) / 3)  # 3.0333
+    chosen = select([A, B])
+    assert chosen.index == 0 and chosen.rule == "mean_ppl"
+    assert chosen.scores == pytest.approx((2.8, 3.033333))
+
+
+def test_mean_ppl_honours_the_sum_mode():
+    two = Scored("ab", ("x",), False, (("x", (-math.log(2), -math.log(3))),))
+    assert mean_ppl(two, "mean") == pytest.approx(math.sqrt(6))  # exp of the mean NLL
+    assert mean_ppl(two, "sum") == pytest.approx(6.0)  # exp of the summed NLL
+
+
+@given(
+    st.lists(
+        st.lists(st.floats(-12.0, 0.0), min_size=1, max_size=5).map(tuple),
+        min_size=3,
+        max_size=12,
+    ),
+    st.sampled_from(["mean", "sum"]),
+)
+def test_mean_ppl_chooses_exactly_as_the_loop_did_before_policies(lps, mode):
+    """Regression guard: the old ``min(range(n), key=mean_perplexity)``, bit for bit."""
+    models = ("x", "y", "z")
+    cands = [
+        Scored(f"c{i}", ("x",), False, tuple(zip(models, lps[i : i + 3], strict=False)))
+        for i in range(len(lps) - 2)
+    ]
+    old_means = []
+    for c in cands:
+        ppl = tuple((n, perplexity(lp, mode)) for n, lp in c.logprobs)
+        old_means.append(sum(p for _, p in ppl) / len(ppl))
+    old_best = min(range(len(cands)), key=lambda i: old_means[i])
+    chosen = select(cands, SelectionPolicy(), mode)
+    assert chosen.index == old_best
+    assert list(chosen.scores) == old_means  # identical floats, not approximately
+
+
+def test_weighted_mean_of_perplexities():
+    w = {"z": 4.0}  # x and y weigh 1
+    assert weighted(A, w, "ppl") == pytest.approx((1.2 + 1.2 + 4 * 6.0) / 6)  # 4.4
+    assert weighted(B, w, "ppl") == pytest.approx((4.0 + 4.0 + 4 * 1.1) / 6)  # 2.0667
+    policy = SelectionPolicy(rule="weighted", aggregate="ppl", weights=(("z", 4.0),))
+    chosen = select([A, B], policy)
+    assert chosen.index == 1 and chosen.scores == pytest.approx((4.4, 2.066667))
+
+
+def test_weighted_nll_is_a_weighted_geometric_mean_of_perplexities():
+    w = {"z": 4.0}
+    # exp((ln 1.2 + ln 1.2 + 4 ln 6) / 6) = (1.2^2 * 6^4)^(1/6)
+    assert weighted(A, w, "nll") == pytest.approx((1.2**2 * 6.0**4) ** (1 / 6))  # 3.5088
+    assert weighted(B, w, "nll") == pytest.approx((4.0**2 * 1.1**4) ** (1 / 6))  # 1.6915
+    assert weighted(A, w, "nll") == pytest.approx(3.5088, abs=1e-4)
+
+
+def test_one_exploding_perplexity_rules_any_arithmetic_mean_but_not_the_geometric():
+    """gemma3 gave 131,742,967 once: in an arithmetic mean it outweighs everything, even
+    at a tenth of a vote; in the NLL mean it adds ln(131,742,967) = 18.7 nats."""
+    big = cand(" big", {"x": 1.1, "y": 1.1, "z": 131_742_967.0})
+    ok = cand(" ok", {"x": 3.0, "y": 3.0, "z": 3.0})
+    assert select([big, ok]).index == 1
+    tenth = (("z", 0.1),)
+    arithmetic = SelectionPolicy(rule="weighted", aggregate="ppl", weights=tenth)
+    assert select([big, ok], arithmetic).index == 1
+    geo = select([big, ok], SelectionPolicy(rule="weighted", aggregate="nll", weights=tenth))
+    # exp((2 ln 1.1 + 0.1 ln 131742967) / 2.1) = exp(0.98107) = 2.6673 < 3
+    assert geo.index == 0
+    assert geo.scores == pytest.approx((2.6673, 3.0), abs=1e-4)
+
+
+def test_zscore_normalises_each_models_nll_by_its_calibration():
+    stats = {"x": NllStats(0.5, 0.25), "y": NllStats(0.5, 0.25), "z": NllStats(1.0, 0.5)}
+    # A: x, y: (ln 1.2 - 0.5) / 0.25 = -1.27071; z: (ln 6 - 1) / 0.5 = 1.58352
+    assert zscore(A, stats, {}) == pytest.approx((2 * -1.270714 + 1.583519) / 3, abs=1e-5)
+    # B: x, y: (ln 4 - 0.5) / 0.25 = 3.54518; z: (ln 1.1 - 1) / 0.5 = -1.80938
+    assert zscore(B, stats, {}) == pytest.approx((2 * 3.545177 - 1.809380) / 3, abs=1e-5)
+    # weighted: z counts 4 times
+    assert zscore(A, stats, {"z": 4.0}) == pytest.approx(
+        (2 * -1.270714 + 4 * 1.583519) / 6, abs=1e-5
+    )
+    policy = SelectionPolicy(rule="zscore", calibration=tuple(stats.items()))
+    assert select([A, B], policy).index == 0
+
+
+def test_zscore_ignores_models_without_calibration():
+    stats = {"z": NllStats(1.0, 0.5)}
+    assert zscore(A, stats, {}) == pytest.approx((math.log(6) - 1) / 0.5)
+
+
+def test_packllm_weights_are_a_softmax_of_minus_prompt_nll_over_tau():
+    w = packllm_weights({"x": 2.0, "y": 3.0, "z": 1.0})
+    # e^-1, e^-2, e^-3 over their sum 0.553001
+    assert w == pytest.approx({"z": 0.665241, "x": 0.244728, "y": 0.090031}, abs=1e-6)
+    sharp = packllm_weights({"x": 2.0, "y": 3.0, "z": 1.0}, temperature=0.5)
+    assert sharp == pytest.approx({"z": 0.866813, "x": 0.117310, "y": 0.015876}, abs=1e-6)
+    assert packllm_weights({"x": math.inf, "y": math.inf}) == {"x": 0.5, "y": 0.5}
+    assert packllm_weights({"x": math.inf, "y": 1.0}) == {"x": 0.0, "y": 1.0}
+
+
+def test_packllm_rule_weighs_the_candidates_nll_with_the_prompt_weights():
+    weights = {"x": 0.1, "y": 0.1, "z": 0.8}
+    chosen = select([A, B], SelectionPolicy(rule="packllm"), prompt_weights=weights)
+    expect_a = math.exp(0.1 * math.log(1.2) * 2 + 0.8 * math.log(6.0))  # 4.3487
+    expect_b = math.exp(0.1 * math.log(4.0) * 2 + 0.8 * math.log(1.1))  # 1.4241
+    assert chosen.scores == pytest.approx((expect_a, expect_b))
+    assert chosen.scores[0] == pytest.approx(4.3487, abs=1e-4)
+    assert chosen.index == 1 and chosen.rule == "packllm"
+
+
+def test_leader_rule_uses_the_leaders_perplexity_alone():
+    assert leader_ppl(A, "z") == pytest.approx(6.0)
+    chosen = select([A, B], SelectionPolicy(rule="leader", leader="z"))
+    assert chosen.index == 1 and chosen.scores == pytest.approx((6.0, 1.1))
+
+
+def test_leader_rule_without_its_leader_falls_back_to_the_papers_mean():
+    chosen = select([A, B], SelectionPolicy(rule="leader", leader="gone"))
+    assert chosen.index == 0 and chosen.rule == "mean_ppl"
+
+
+def test_gate_chooses_fused_steps_with_its_fallback():
+    policy = SelectionPolicy(rule="gate", leader="z", gate_fallback="leader")
+    assert select([A, B], policy).rule == "leader"
+    assert select([A, B], policy).index == 1
+
+
+def test_gate_confident_needs_every_token_at_the_threshold():
+    assert gate_confident([math.log(0.6), math.log(0.9)], 0.5)
+    assert gate_confident([math.log(0.5)], 0.5)
+    assert not gate_confident([math.log(0.9), math.log(0.4)], 0.5)
+    assert not gate_confident(None, 0.5)
+    assert not gate_confident([], 0.5)
+
+
+def test_nll_is_the_log_of_perplexity():
+    assert nll([-math.log(2), -math.log(8)]) == pytest.approx(math.log(4))
+    assert nll([-math.log(2), -math.log(8)], "sum") == pytest.approx(math.log(16))
+    assert nll([]) == math.inf
+
+
+def test_repeats_counts_earlier_occurrences_of_the_ngram_the_addition_closes():
+    assert repeats("a b c d a b c", " d", 4) == 1
+    assert repeats("a b c d x a b c d y a b c", " d", 4) == 2
+    assert repeats("a b c d a b c", " e", 4) == 0
+    assert repeats("a b c d a b c", " ", 4) == 0  # no new word
+    assert repeats("a b c d a b c", "d", 4) == 0  # "cd" is a new word
+    assert repeats("a b", " a b", 2) == 1  # the whole addition is checked (rerank)
+
+
+def test_repetition_guard_excludes_a_looping_candidate_unless_all_loop():
+    answer = "so x is 5 so x is"
+    loop = cand(" 5", {"x": 1.01})
+    other = cand(" 6", {"x": 3.0})
+    policy = SelectionPolicy(repetition_ngram=4, repetition_limit=1)
+    chosen = select([loop, other], policy, answer=answer)
+    assert chosen.index == 1 and chosen.excluded == (True, False)
+    assert select([loop, other], answer=answer).index == 0  # off by default
+    only = select([loop], policy, answer=answer)
+    assert only.index == 0 and only.excluded == (False,)
+
+
+def test_ties_go_to_the_first_candidate():
+    same = cand(" s", {"x": 2.0})
+    assert select([same, cand(" t", {"x": 2.0})]).index == 0
+
+
+def test_select_needs_candidates():
+    with pytest.raises(ValueError):
+        select([])

@@ -1,0 +1,29 @@
+"""The CLI's selection options: calibrate's and generate's arguments are checked before
+any model loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.cli import main
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--questions", "0"], "--questions must be 1-597"),
+        (["--questions", "598"], "--questions must be 1-597"),  # never beyond index 599
+        (["--gate-thresholds", "0,0.5"], "--gate-thresholds"),
+        (["--gate-thresholds", "1.5"], "--gate-thresholds"),
+    ],
+)
+def test_calibrate_refuses_bad_arguments(args, message, capsys):
+    assert main(["calibrate", "--config", "config.yaml", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_refuses_a_rule_without_its_leader(capsys):
+    assert main(["generate", "hi", "--config", "config.yaml", "--rule", "gate"]) == 2
+    assert "selection.leader" in capsys.readouterr().err
+    assert main(["generate", "hi", "--config", "config.yaml", "--leader", "nobody"]) == 2
+    assert "unknown source models: nobody" in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""Selection policies at the edges: config.yaml's fusion.selection, the request's
+fusion.selection, the trace, and the statistics (scripted engines, in-process)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import ConfigError, load_config
+
+CHAT = {"model": "fusion", "messages": [{"role": "user", "content": "hi"}]}
+MODELS = "models: [{name: a, source: x}, {name: b, source: y}]\n"
+
+
+def weak_pair_and_leader(make_model):
+    return [
+        make_model("smollm2-135m", "The cat sat on the rug."),
+        make_model("gemma3-270m", "The cat sat on the rug."),
+        make_model("qwen2.5-0.5b", "The cat sat on the mat."),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("selection", "field"),
+    [
+        ("{rule: vote}", "fusion.selection.rule"),
+        ("{rule: gate}", "selection.leader"),
+        ("{rule: leader, leader: c}", "fusion.selection.leader"),
+        ("{weights: {a: 1, c: 2}}", "fusion.selection.weights"),
+        ("{rule: zscore}", "selection.calibration"),
+        ("{calibration: {a: {nll_mean: 1, nll_std: 0}}}", "fusion.selection.calibration.a.nll_std"),
+        ("{gate_threshold: 1.5}", "fusion.selection.gate_threshold"),
+        ("{repetition_limit: -1}", "fusion.selection.repetition_limit"),
+    ],
+)
+def test_invalid_selection_config_names_the_field(tmp_path, selection, field):
+    path = tmp_path / "c.yaml"
+    path.write_text(MODELS + f"fusion: {{selection: {selection}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert field in str(err.value)
+
+
+def test_unknown_default_members_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(MODELS + "fusion: {models: [a, c]}\n")
+    with pytest.raises(ConfigError, match=r"fusion\.models"):
+        load_config(path)
+
+
+def test_selection_config_becomes_the_cores_policy(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        MODELS
+        + "fusion:\n  selection:\n    rule: gate\n    leader: b\n    weights: {a: 0.5, b: 2}\n"
+        "    calibration: {a: {nll_mean: 1.5, nll_std: 0.5}}\n    repetition_limit: 2\n"
+    )
+    policy = load_config(path).fusion.selection.policy()
+    assert policy.rule == "gate" and policy.leader == "b" and policy.gate_fallback == "weighted"
+    assert dict(policy.weights) == {"a": 0.5, "b": 2.0}
+    assert dict(policy.calibration)["a"].std == 0.5
+    assert policy.repetition_limit == 2 and policy.gate_threshold == 0.5
+
+
+def test_the_default_stays_the_papers_rule():
+    config = load_config("config.yaml")
+    assert config.fusion.selection.rule == "mean_ppl"
+    assert config.fusion.selection.policy().repetition_limit == 0
+
+
+async def test_a_request_can_choose_the_leader_rule(client, make_model):
+    async with client(models=weak_pair_and_leader(make_model)) as http:
+        paper = await http.post("/v1/chat/completions", json={**CHAT, "fusion": {"trace": True}})
+        body = {
+            **CHAT,
+            "fusion": {"trace": True, "selection": {"rule": "leader", "leader": "qwen2.5-0.5b"}},
+        }
+        led = await http.post("/v1/chat/completions", json=body)
+    assert paper.json()["choices"][0]["message"]["content"] == "The cat sat on the rug."
+    choice = led.json()["choices"][0]
+    assert choice["message"]["content"] == "The cat sat on the mat."
+    segs = choice["fusion"]["segments"]
+    assert {s["step"] for s in segs} == {"fused"} and {s["rule"] for s in segs} == {"leader"}
+    split = next(s for s in segs if len(s["candidates"]) > 1)
+    mat = next(c for c in split["candidates"] if c["text"] == " mat.")
+    assert mat["score"] == mat["perplexities"]["qwen2.5-0.5b"] and mat["excluded"] is False
+
+
+async def test_gated_steps_show_in_the_trace_and_the_stats(client, make_model):
+    async with client(models=weak_pair_and_leader(make_model)) as http:
+        body = {
+            **CHAT,
+            "fusion": {"trace": True, "selection": {"rule": "gate", "leader": "qwen2.5-0.5b"}},
+        }
+        r = await http.post("/v1/chat/completions", json=body)
+        await http.post("/v1/chat/completions", json=CHAT)
+        stats = (await http.get("/v1/fusion/stats")).json()
+    segs = r.json()["choices"][0]["fusion"]["segments"]
+    assert {s["step"] for s in segs} == {"gated"}
+    assert stats["policies"]["gate"] == {"gated": len(segs), "fused": 0}
+    assert (
+        stats["policies"]["mean_ppl"]["gated"] == 0 and stats["policies"]["mean_ppl"]["fused"] > 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("selection", "param"),
+    [
+        ({"rule": "leader", "leader": "nobody"}, "fusion.selection.leader"),
+        ({"weights": {"qwen2.5-0.5b": 2, "nobody": 1}}, "fusion.selection.weights"),
+        ({"rule": "gate"}, "fusion.selection.leader"),
+        ({"rule": "zscore"}, "fusion.selection.calibration"),
+        ({"rule": "vote"}, "fusion.selection.rule"),
+        ({"gate_threshold": 0}, "fusion.selection.gate_threshold"),
+        ({"weigths": {}}, "fusion.selection.weigths"),
+    ],
+)
+async def test_bad_selection_requests_are_400_naming_the_field(client, selection, param):
+    async with client() as http:
+        r = await http.post(
+            "/v1/chat/completions", json={**CHAT, "fusion": {"selection": selection}}
+        )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert param in (err["param"] or "") + err["message"], err
+
+
+async def test_stats_summarise_perplexity_robustly(client, make_model):
+    async with client(models=weak_pair_and_leader(make_model)) as http:
+        await http.post("/v1/chat/completions", json=CHAT)
+        stats = (await http.get("/v1/fusion/stats")).json()
+    for s in stats["sources"].values():
+        if s["mean_perplexity"] is None:
+            continue
+        # for positive numbers: geometric mean <= arithmetic mean; the median lies within
+        assert s["geomean_perplexity"] <= s["mean_perplexity"] + 1e-9
+        assert s["median_perplexity"] > 0
+
+
+async def test_configured_members_are_the_fused_models_default(trio):
+    import httpx
+
+    from server.app import create_app
+
+    config = load_config(
+        None,
+        models=[
+            {"name": "smollm2-135m", "source": "pip:smollm2-135m-instruct"},
+            {"name": "gemma3-270m", "source": "pip:gemma3-270m"},
+            {"name": "qwen2.5-0.5b", "source": "pip:qwen2.5-coder-0.5b-instruct"},
+        ],
+        fusion={"models": ["smollm2-135m", "qwen2.5-0.5b"]},
+    )
+    app = create_app(config, models=trio())
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as http,
+    ):
+        default = (await http.post("/v1/chat/completions", json=CHAT)).json()
+        asked = {**CHAT, "fusion": {"models": ["gemma3-270m", "qwen2.5-0.5b"]}}
+        chosen = (await http.post("/v1/chat/completions", json=asked)).json()
+    assert set(default["usage"]["models"]) == {"smollm2-135m", "qwen2.5-0.5b"}
+    assert set(chosen["usage"]["models"]) == {"gemma3-270m", "qwen2.5-0.5b"}
+
+
+async def test_a_lone_models_steps_count_for_no_policy(client):
+    async with client() as http:
+        await http.post("/v1/chat/completions", json={**CHAT, "model": "gemma3-270m"})
+        stats = (await http.get("/v1/fusion/stats")).json()
+    assert stats["policies"] == {} and stats["fused_segments"] == 0
