@@ -162,7 +162,9 @@ async def concurrency(args: argparse.Namespace) -> list[dict[str, Any]]:
             for q, r in zip(QUESTIONS, many)
         ]
         rows.append({
-            "part": "batching", "max_batch_seqs": [m.engine.rt.max_batch_seqs for m in models]  # type: ignore[attr-defined]
+            "part": "batching",
+            "max_batch_seqs": [m.engine.rt.max_batch_seqs for m in models],  # type: ignore[attr-defined]
+            "thread_seconds": {m.name: m.engine.rt.seconds for m in models},  # type: ignore[attr-defined]
         })
     finally:
         for m in models:
@@ -219,6 +221,9 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
         batching = [r for r in rows if r["part"] == "batching"]
         if batching:
             out.append(f"Most sequences in one decode, per model: {batching[0]['max_batch_seqs']}")
+            for name, secs in batching[0]["thread_seconds"].items():
+                parts = ", ".join(f"{k} {v:.1f} s" for k, v in secs.items())
+                out.append(f"Decode thread of {name}: {parts}")
     return "\n".join(out)
 
 

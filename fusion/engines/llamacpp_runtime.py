@@ -21,6 +21,7 @@ import ctypes
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,8 @@ class LlamaRuntime:
         self.decodes = 0  # llama_decode calls (tests, stats)
         self.decoded_tokens = 0
         self.max_batch_seqs = 0  # most distinct sequences seen in one decode
+        # decode-thread time: in llama_decode, in log-softmax, in jobs (incl. stop checks)
+        self.seconds = {"decode": 0.0, "softmax": 0.0, "jobs": 0.0}
         self._thread = threading.Thread(
             target=self._loop, name=f"llamacpp-{self.name}", daemon=True
         )
@@ -278,7 +281,9 @@ class LlamaRuntime:
             t for t in self._tasks if t in chosen
         ]
         outputs = self._fill(chosen)
+        started = time.perf_counter()
         rc = self._lc.llama_decode(self._ctx, self._batch)
+        self.seconds["decode"] += time.perf_counter() - started
         if rc != 0:
             self._decode_failed(rc, chosen)
             return
@@ -294,12 +299,16 @@ class LlamaRuntime:
             table = np.ctypeslib.as_array(logits, shape=(total, self.n_vocab))
         row = 0
         for task, per_feed in zip(chosen, outputs):
+            started = time.perf_counter()
             rows = []
             for n in per_feed:
                 rows.append(log_softmax(table[row : row + n]))
                 row += n
             task.feeds = []
+            self.seconds["softmax"] += time.perf_counter() - started
+            started = time.perf_counter()
             self._step(task, rows)
+            self.seconds["jobs"] += time.perf_counter() - started
 
     def _fill(self, chosen: list[_Task]) -> list[list[int]]:
         i = 0
