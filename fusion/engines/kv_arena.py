@@ -82,6 +82,14 @@ class ArenaLayer(DynamicLayer):
     def reset(self) -> None:
         self.length = 0
 
+    def free(self) -> None:
+        """Drop the buffers (the layer starts empty again if it is ever updated)."""
+        self.length = 0
+        if self.is_initialized:
+            self.keys = self.keys.new_empty(0)
+            self.values = self.values.new_empty(0)
+            self.is_initialized = False
+
 
 class ArenaCache(Cache):
     """A cache of ``ArenaLayer``s with span operations across all layers."""
@@ -102,3 +110,14 @@ class ArenaCache(Cache):
     def move(self, src: int, dst: int, count: int) -> None:
         for layer in self.arena:
             layer.move(src, dst, count)
+
+    def free(self) -> None:
+        for layer in self.arena:
+            layer.free()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the key/value buffers (capacity, not just the used length)."""
+        return sum(
+            layer.keys.nbytes + layer.values.nbytes for layer in self.arena if layer.is_initialized
+        )

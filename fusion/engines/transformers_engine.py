@@ -13,7 +13,9 @@ Nothing is thrown away that a later call can use:
 - committed text the engine has not seen is fed lazily with the next forward.
 
 Each engine runs its PyTorch work on one dedicated thread (``threads`` intra-op threads),
-so several models run side by side on separate cores.
+so several models run side by side on separate cores. Releasing a state never goes
+through that thread: it marks the state cancelled (a running call stops at its next token
+or forward) and frees it at once, or as that call ends.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ import torch
 
 from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
 from fusion.engines.kv_arena import ArenaCache
+from fusion.engines.transformers_state import Block, TransformersState, free_if_released
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,38 +44,6 @@ def _inference(fn: Callable[..., T], *args: Any) -> T:
     # them (appends, slot moves) must run under it too.
     with torch.inference_mode():
         return fn(*args)
-
-
-@dataclass
-class _Block:
-    ids: tuple[int, ...]
-    start: int  # first cache slot
-    after: torch.Tensor  # log-probs of the next token after the block
-
-
-@dataclass
-class TransformersState:
-    """Per-request state: the cache plus what was computed past the committed context."""
-
-    request_id: str
-    cache: ArenaCache
-    committed: int = 0  # committed tokens that are in the cache
-    pending: list[int] = field(default_factory=list)  # committed, not yet fed
-    next_lp: torch.Tensor | None = None  # log-probs after the committed context
-    ahead: list[int] = field(default_factory=list)  # greedy tokens after the context
-    ahead_lp: list[float] = field(default_factory=list)
-    ahead_dists: list[torch.Tensor] = field(default_factory=list)  # dist before each
-    ahead_fed: int = 0  # look-ahead tokens whose KV follows the committed slots
-    ahead_next: torch.Tensor | None = None  # log-probs after the last look-ahead token
-    blocks: list[_Block] = field(default_factory=list)
-    cancelled: bool = False
-    generator: torch.Generator | None = None  # sampling RNG, seeded once per request
-    forwards: int = 0
-    fed_tokens: int = 0
-
-    @property
-    def context_len(self) -> int:
-        return self.committed + len(self.pending)
 
 
 class TransformersEngine:
@@ -152,7 +122,7 @@ class TransformersEngine:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(
+            return await loop.run_in_executor(
                 self._executor, functools.partial(_inference, fn, *args)
             )
         except (EngineError, asyncio.CancelledError):
@@ -161,10 +131,26 @@ class TransformersEngine:
             self._failed(exc)
             what = "out of memory" if isinstance(exc, MemoryError) else f"{type(exc).__name__}"
             raise EngineError(f"engine {self.name}: {what}: {exc}") from exc
-        if fn in (self._generate, self._score):  # model work succeeded: healthy again
+
+    async def _call(self, fn: Callable[..., T], st: TransformersState, *args: Any) -> T:
+        """``fn(st, *args)`` on the engine thread, holding the state, checked afterwards."""
+        result: T = await self._run(self._locked, fn, st, *args)
+        if fn != self._commit:  # model work succeeded: healthy again
             self._failures = 0
             self._dead = None
         return result
+
+    @staticmethod
+    def _locked(fn: Callable[..., T], st: TransformersState, *args: Any) -> T:
+        try:
+            with st.lock:
+                if st.cancelled:
+                    raise asyncio.CancelledError()
+                result = fn(st, *args)
+                st.check()
+                return result
+        finally:
+            free_if_released(st)  # released while this call ran: free it now
 
     def _failed(self, exc: BaseException) -> None:
         # One failure may belong to one request's input; several in a row mean the
@@ -181,7 +167,7 @@ class TransformersEngine:
             raise EngineError(f"engine {self.name}: empty prompt")
         self.open_states += 1
         return TransformersState(
-            request_id=request_id, cache=ArenaCache(self._num_layers), pending=list(prompt_ids)
+            request_id=request_id, cache=ArenaCache(self._num_layers), ids=list(prompt_ids)
         )
 
     async def generate(
@@ -192,25 +178,29 @@ class TransformersEngine:
         should_stop: StopCheck,
         sampling: Sampling = GREEDY,
     ) -> Generation:
-        return await self._run(self._generate, state, max_tokens, stop_ids, should_stop, sampling)
+        return await self._call(self._generate, state, max_tokens, stop_ids, should_stop, sampling)
 
     async def score(
         self, state: TransformersState, candidates: Sequence[Sequence[int]]
     ) -> list[list[float]]:
         if not candidates:
             return []
-        return await self._run(self._score, state, [tuple(c) for c in candidates])
+        return await self._call(self._score, state, [tuple(c) for c in candidates])
 
     async def commit(self, state: TransformersState, ids: Sequence[int]) -> None:
         # Bookkeeping only (slot moves are a few tokens); runs on the engine thread so it
         # is ordered with the forwards of this state.
-        await self._run(self._commit, state, tuple(ids))
+        await self._call(self._commit, state, tuple(ids))
 
     async def release(self, state: TransformersState) -> None:
-        if not state.cancelled:
-            self.open_states -= 1
-        state.cancelled = True  # a running generation stops at its next token
-        await self._run(state.cache.truncate, 0)
+        """Cancel and free the state at once, without a trip through the engine thread
+        (which may be busy with other requests or stuck in this one's call): a call
+        running for it stops at its next token or forward and frees it as it ends."""
+        if state.cancelled:
+            return
+        self.open_states -= 1
+        state.cancelled = True
+        free_if_released(state)
 
     # -- forwards -----------------------------------------------------------------------
     def _forward(
@@ -278,19 +268,16 @@ class TransformersEngine:
         return mask[None, None].to(self._device)
 
     def _feed_pending(self, st: TransformersState) -> None:
-        st.cache.truncate(st.committed)
+        st.cache.truncate(st.fed)
         st.blocks = []
         st.ahead_fed = 0
         st.ahead_next = None
-        dists = self._forward(st, [(st.pending, st.committed)], last_only=True)
-        st.committed += len(st.pending)
-        st.pending = []
-        st.next_lp = dists[-1]
-        if st.ahead:
-            st.ahead_dists[0] = st.next_lp
+        dists = self._forward(st, [(st.pending, st.fed)], last_only=True)
+        st.fed = len(st.ids)
+        st.next_lp = dists[-1]  # a one-row output: nothing larger is pinned
 
     def _drop_blocks(self, st: TransformersState) -> None:
-        st.cache.truncate(st.committed + st.ahead_fed)
+        st.cache.truncate(st.fed + st.ahead_fed)
         st.blocks = []
 
     # -- generate -----------------------------------------------------------------------
@@ -308,21 +295,24 @@ class TransformersEngine:
         out: list[int] = []
         lps: list[float] = []
         stopped_on: int | None = None
+        reused = 0
         while len(out) < max_tokens:
+            if st.cancelled:  # released (e.g. timed out): stop at the next token
+                raise asyncio.CancelledError()
             i = len(out)
-            if i >= len(st.ahead):
+            if i < len(st.ahead):
+                reused += 1
+            else:
                 if i == 0:
-                    dist = st.next_lp
+                    dist = st.next_lp if st.next_lp is not None else self._refeed_last(st)
                 elif st.ahead_fed == i and st.ahead_next is not None:
                     dist = st.ahead_next  # fed along with the last scoring pass
                 else:
                     dist = self._dist_after_ahead(st, i)
                 st.ahead_next = None
-                assert dist is not None
                 tok = self._pick(st, dist, sampling)
                 st.ahead.append(tok)
                 st.ahead_lp.append(float(dist[tok]))
-                st.ahead_dists.append(dist)
             out.append(st.ahead[i])
             lps.append(st.ahead_lp[i])
             if out[-1] in stop_ids:
@@ -330,7 +320,14 @@ class TransformersEngine:
                 break
             if should_stop(out):
                 break
-        return Generation(ids=tuple(out), logprobs=tuple(lps), stopped_on=stopped_on)
+        return Generation(tuple(out), tuple(lps), stopped_on=stopped_on, reused=reused)
+
+    def _refeed_last(self, st: TransformersState) -> torch.Tensor:
+        """``next_lp`` when it was not kept and no look-ahead is fed: one token re-fed."""
+        st.fed -= 1
+        self._feed_pending(st)
+        assert st.next_lp is not None
+        return st.next_lp
 
     @staticmethod
     def _pick(st: TransformersState, dist: torch.Tensor, sampling: Sampling) -> int:
@@ -351,9 +348,9 @@ class TransformersEngine:
 
     def _dist_after_ahead(self, st: TransformersState, i: int) -> torch.Tensor:
         """Distribution of the token after ``ahead[:i]``: feeds the unfed look-ahead."""
-        st.cache.truncate(st.committed + st.ahead_fed)
+        st.cache.truncate(st.fed + st.ahead_fed)
         todo = st.ahead[st.ahead_fed : i]
-        dists = self._forward(st, [(todo, st.committed + st.ahead_fed)], last_only=True)
+        dists = self._forward(st, [(todo, st.fed + st.ahead_fed)], last_only=True)
         st.ahead_fed = i
         return dists[-1]
 
@@ -362,26 +359,36 @@ class TransformersEngine:
         self._drop_blocks(st)
         if st.pending:
             self._feed_pending(st)
-        assert st.next_lp is not None
         # The unfed look-ahead rides along in the same forward (nearly free when batched):
         # if this model's own candidate wins, its next generation needs no forward.
         extra = st.ahead[st.ahead_fed :] if st.ahead_next is None else []
-        blocks: list[tuple[Sequence[int], int]] = [(extra, st.committed + st.ahead_fed)]
-        blocks = blocks[: 1 if extra else 0] + [(c, st.committed) for c in candidates]
-        start = st.cache.length + len(extra)
+        blocks: list[tuple[Sequence[int], int]] = []
+        if extra:
+            blocks.append((extra, st.fed + st.ahead_fed))
+        # next_lp not kept (part of the look-ahead was committed): the last context token
+        # once more, seeing the context before it, gives it in the same forward
+        derive = st.next_lp is None
+        if derive:
+            blocks.append(([st.ids[-1]], st.fed - 1))
+        blocks += [(c, st.fed) for c in candidates]
+        skip = len(extra) + derive
+        start = st.cache.length + skip
         dists = self._forward(st, blocks, last_only=False)
         if extra:
             st.ahead_fed = len(st.ahead)
-            st.ahead_next = dists[len(extra) - 1]
-            dists = dists[len(extra) :]
+            st.ahead_next = dists[len(extra) - 1].clone()
+        if derive:
+            st.next_lp = dists[skip - 1].clone()
+        assert st.next_lp is not None
         results: list[list[float]] = []
-        offset = 0
+        offset = skip
         for cand in candidates:
             n = len(cand)
             lps = [float(st.next_lp[cand[0]])]
             lps += [float(dists[offset + j - 1][cand[j]]) for j in range(1, n)]
             results.append(lps)
-            st.blocks.append(_Block(ids=cand, start=start + offset, after=dists[offset + n - 1]))
+            after = dists[offset + n - 1].clone()
+            st.blocks.append(Block(ids=cand, start=start + offset - skip, after=after))
             offset += n
         return results
 
@@ -391,40 +398,37 @@ class TransformersEngine:
         if n == 0:
             return
         block = next((b for b in st.blocks if b.ids == ids), None)
-        if not st.pending and n <= len(st.ahead) and tuple(st.ahead[:n]) == ids:
+        if not st.pending and tuple(st.ahead[:n]) == ids:
             self._commit_ahead(st, n)
         elif block is not None and not st.pending:
-            st.cache.move(block.start, st.committed, n)
-            st.cache.truncate(st.committed + n)
-            st.committed += n
+            st.cache.move(block.start, st.fed, n)
+            st.cache.truncate(st.fed + n)
+            st.ids.extend(ids)
+            st.fed += n
             st.next_lp = block.after
             self._clear_ahead(st)
         else:
-            st.cache.truncate(st.committed)
-            st.pending.extend(ids)
+            st.cache.truncate(st.fed)
+            st.ids.extend(ids)
             st.next_lp = None
             self._clear_ahead(st)
         st.blocks = []
 
     def _commit_ahead(self, st: TransformersState, n: int) -> None:
-        st.cache.truncate(st.committed + st.ahead_fed)
-        kept = min(st.ahead_fed, n)
-        st.committed += kept
+        st.cache.truncate(st.fed + st.ahead_fed)
+        kept = min(st.ahead_fed, n)  # the rest becomes pending
+        st.ids.extend(st.ahead[:n])
+        st.fed += kept
         st.ahead_fed -= kept
-        if n > kept:
-            st.pending = list(st.ahead[kept:n])
-        if st.pending:
-            st.next_lp = None
-        elif n < len(st.ahead):
-            st.next_lp = st.ahead_dists[n]
-        else:
+        if n == len(st.ahead) and not st.pending:
             st.next_lp = st.ahead_next
             st.ahead_next = None
+        else:
+            st.next_lp = None  # fed with the pending tokens, or derived when scoring
         st.ahead = st.ahead[n:]
         st.ahead_lp = st.ahead_lp[n:]
-        st.ahead_dists = st.ahead_dists[n:]
 
     @staticmethod
     def _clear_ahead(st: TransformersState) -> None:
-        st.ahead, st.ahead_lp, st.ahead_dists, st.ahead_fed = [], [], [], 0
+        st.ahead, st.ahead_lp, st.ahead_fed = [], [], 0
         st.ahead_next = None
