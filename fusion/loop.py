@@ -59,6 +59,8 @@ class _Run:
     encoded: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     clock: StepClock = field(default_factory=StepClock)  # the current step's timings
     context_tokens: int = 0  # the first model's prompt + committed answer tokens
+    releases: list[asyncio.Future[None]] = field(default_factory=list)  # of dropped models
+    ended: bool = False  # the last chosen candidate ended the answer (Cool+R's fused text)
 
     def close_step(self) -> StepTimings:
         timings = self.clock.timings()
@@ -79,6 +81,21 @@ class _Candidate:
     text: str
     ended: bool
     proposals: tuple[Proposal, ...]
+
+
+FUSED = "fusion"  # the proposer name of Cool+R's fused answer in traces
+
+
+@dataclass(frozen=True)
+class _FusedAnswer:
+    """Cool+R's extra candidate: the answer the Cool pass wrote, judged by the log-probs
+    every model gave the segments it chose, and what that answer already counted."""
+
+    text: str
+    logprobs: tuple[tuple[str, tuple[float, ...]], ...]  # (scoring model, log-probs)
+    tokens: int
+    finish: FinishReason
+    ended: bool  # its last segment ended the answer (an end token or a turn marker)
 
 
 class Fuser:
@@ -111,8 +128,14 @@ class Fuser:
                 async with contextlib.aclosing(self._cool(run, emit=False)) as segments:
                     async for _ in segments:
                         pass
-                fused_text = run.outcome.text
-                yield await self._rerank(run, fused=fused_text)
+                fused = _FusedAnswer(
+                    text=run.outcome.text,
+                    logprobs=tuple((n, tuple(v)) for n, v in run.fused_logprobs.items()),
+                    tokens=run.outcome.completion_tokens,
+                    finish=run.outcome.finish_reason or "length",
+                    ended=run.ended,
+                )
+                yield await self._rerank(run, fused=fused)
         finally:
             await self._release(run)
 
@@ -149,19 +172,22 @@ class Fuser:
         await in the cancelled scope raises again; the releases therefore run in their
         own shielded task and finish whatever happens to the caller."""
         states, run.states = run.states, {}
-        if not states:
-            return
-        task = asyncio.ensure_future(self._release_states(states))
+        tasks = [*run.releases, *(self._start_release(n, s) for n, s in states.items())]
+        run.releases = []
+        if tasks:
+            await asyncio.shield(asyncio.gather(*tasks))
+
+    def _start_release(self, name: str, state: StateHandle) -> asyncio.Future[None]:
+        task = asyncio.ensure_future(self._release_one(name, state))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
-        await asyncio.shield(task)
+        return task
 
-    async def _release_states(self, states: dict[str, StateHandle]) -> None:
-        for name, state in states.items():
-            try:
-                await self.models[name].engine.release(state)
-            except Exception:  # releasing must never mask the request's own outcome
-                log.warning("releasing state of %s failed", name, exc_info=True)
+    async def _release_one(self, name: str, state: StateHandle) -> None:
+        try:
+            await self.models[name].engine.release(state)
+        except Exception:  # releasing must never mask the request's own outcome
+            log.warning("releasing state of %s failed", name, exc_info=True)
 
     async def _each(self, run: _Run, work: Callable[[SourceModel], Awaitable[T]]) -> dict[str, T]:
         """Run ``work(model)`` for every active model concurrently; drop models that fail."""
@@ -195,8 +221,12 @@ class Fuser:
             raise exc
         log.warning("source model %s dropped from request: %s", m.name, exc)
         run.outcome.usage[m.name].dropped = str(exc) or type(exc).__name__
-        # its state stays in run.states: released with the others when the request ends
         run.models = [x for x in run.models if x.name != m.name]
+        # released now: a call still running for it (a timed-out one) stops at its next
+        # token instead of holding the engine until the request ends
+        state = run.states.pop(m.name, None)
+        if state is not None:
+            run.releases.append(self._start_release(m.name, state))
 
     # -- Cool -----------------------------------------------------------------------------
     async def _cool(self, run: _Run, emit: bool) -> AsyncGenerator[Segment, None]:
@@ -224,10 +254,11 @@ class Fuser:
             for name, lps in logprobs.items():
                 run.fused_logprobs[name].extend(lps[best])
             lead = win.proposals[0]
-            tokens = _content_tokens(lead)
+            tokens = _content_tokens(run, lead)
             run.outcome.completion_tokens += tokens
             run.outcome.usage[lead.model].segments_won += 1
             finish: FinishReason | None = None
+            run.ended = win.ended
             if win.ended:
                 finish = "stop"
             elif lead.hit_cap and cap == budget:
@@ -274,14 +305,15 @@ class Fuser:
                 run.codecs[m.name],
                 [m.tokenizer] if shortest else adapters,
                 cap=cap,
-                stop_strings=m.stop_strings,
                 until_boundary=True,
                 sampling=_model_sampling(run, m),
             )
 
-        proposals = await self._each(run, one)
+        return self._proposed(run, await self._each(run, one))
+
+    def _proposed(self, run: _Run, proposals: dict[str, Proposal]) -> list[_Candidate]:
         for name, p in proposals.items():
-            run.outcome.usage[name].generated_tokens += p.generated
+            run.outcome.usage[name].generated_tokens += p.generated - p.reused
             run.clock.add_align(p.align_seconds)
         return _group(proposals[m.name] for m in run.models if m.name in proposals)
 
@@ -336,12 +368,10 @@ class Fuser:
         run.encoded.clear()  # every codec's tail moved on
 
     # -- Rerank and Cool+R ----------------------------------------------------------------
-    async def _rerank(self, run: _Run, fused: str | None) -> Segment:
+    async def _rerank(self, run: _Run, fused: _FusedAnswer | None) -> Segment:
         run.clock.start()
         context = run.context_tokens
         params = run.params
-        fused_lps = {n: list(v) for n, v in run.fused_logprobs.items()}
-        fused_ended = run.outcome.finish_reason == "stop"
         if fused is not None:
             await self._open(run)
 
@@ -352,42 +382,55 @@ class Fuser:
                 run.codecs[m.name],
                 [m.tokenizer],
                 cap=params.max_tokens,
-                stop_strings=(*m.stop_strings, *params.stop),
                 until_boundary=False,
+                user_stops=params.stop,
                 sampling=_model_sampling(run, m),
             )
 
-        proposals = await self._each(run, one)
-        for name, p in proposals.items():
-            run.outcome.usage[name].generated_tokens += p.generated
-            run.clock.add_align(p.align_seconds)
-        candidates = _group(proposals[m.name] for m in run.models if m.name in proposals)
+        candidates = self._proposed(run, await self._each(run, one))
         run.clock.lap("generate")
         scored, _ = await self._score_all(run, candidates)
         run.clock.lap("score")
         if fused is not None:
-            scored.append(self._score_fused(run, fused, fused_ended, fused_lps))
+            scored.append(self._score_fused(run, fused))
+        if not scored:  # every model stopped before writing anything
+            return self._answer(run, "", None, 0, "stop", (), context)
         best = min(range(len(scored)), key=lambda i: scored[i].mean_perplexity)
         win = scored[best]
-        if fused is not None and best == len(scored) - 1:
-            tokens, ended, hit_cap = run.outcome.completion_tokens, fused_ended, not fused_ended
-        else:
+        if best < len(candidates):
             lead = candidates[best].proposals[0]
-            tokens, ended, hit_cap = _content_tokens(lead), candidates[best].ended, lead.hit_cap
-        tracker = StopStringTracker(params.stop)
-        text = tracker.feed(win.text) + tracker.flush()
+            tokens = _content_tokens(run, lead)
+            finish: FinishReason = "length" if lead.hit_cap and not lead.ended else "stop"
+            return self._answer(run, win.text, lead.model, tokens, finish, scored, context)
+        assert fused is not None
+        return self._answer(run, fused.text, None, fused.tokens, fused.finish, scored, context)
+
+    def _answer(
+        self,
+        run: _Run,
+        text: str,
+        winner: str | None,
+        tokens: int,
+        finish: FinishReason,
+        scored: Sequence[ScoredCandidate],
+        context: int,
+    ) -> Segment:
+        """Rerank's whole answer as one segment (``winner`` None: Cool+R's fused text)."""
+        tracker = StopStringTracker(run.params.stop)
+        text = tracker.feed(text) + tracker.flush()
+        if tracker.stopped:
+            finish = "stop"
         if run.prompt.is_chat:
             text = text.lstrip()
-        finish: FinishReason = "stop" if ended or tracker.stopped or not hit_cap else "length"
         run.outcome.text, run.outcome.finish_reason = text, finish
         run.outcome.completion_tokens = tokens
         run.outcome.segments = 1
-        if win.proposers[0] in run.outcome.usage:  # "fusion" itself may win Cool+R
-            run.outcome.usage[win.proposers[0]].segments_won += 1
+        if winner is not None:
+            run.outcome.usage[winner].segments_won += 1
         return Segment(
             0,
             text,
-            win.proposers[0],
+            winner or FUSED,
             tuple(scored),
             tokens,
             finish,
@@ -395,13 +438,13 @@ class Fuser:
             context_tokens=context,
         )
 
-    def _score_fused(
-        self, run: _Run, text: str, ended: bool, lps: dict[str, list[float]]
-    ) -> ScoredCandidate:
+    def _score_fused(self, run: _Run, fused: _FusedAnswer) -> ScoredCandidate:
+        lps = dict(fused.logprobs)
         ppl = tuple(
-            (m.name, perplexity(lps.get(m.name, []), run.params.ppl_mode)) for m in run.models
+            (m.name, perplexity(lps.get(m.name, ()), run.params.ppl_mode)) for m in run.models
         )
-        return ScoredCandidate(text, ("fusion",), ended, ppl, sum(p for _, p in ppl) / len(ppl))
+        mean = sum(p for _, p in ppl) / len(ppl)
+        return ScoredCandidate(fused.text, (FUSED,), fused.ended, ppl, mean)
 
 
 async def _bounded(m: SourceModel, work: Awaitable[T]) -> T:
@@ -425,11 +468,12 @@ def _model_sampling(run: _Run, m: SourceModel) -> Sampling:
     return Sampling(sampling.temperature, sampling.top_p, sampling.seed + offset)
 
 
-def _content_tokens(p: Proposal) -> int:
-    """Tokens of a proposal's text in its proposer's tokenization (not its end token)."""
-    if p.own_ids is None:
-        return p.generated
-    return len(p.own_ids) - (1 if p.ended else 0)
+def _content_tokens(run: _Run, p: Proposal) -> int:
+    """Tokens of a proposal's text in its proposer's tokenization: not its end token, nor
+    look-ahead it generated past the text (counted once the text is committed)."""
+    if p.own_ids is not None:
+        return len(p.own_ids) - (1 if p.ended else 0)
+    return len(run.encode(p.model, p.text)) if p.text else 0
 
 
 def _own_logprobs(c: _Candidate, model: str) -> tuple[float, ...] | None:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fusion.engine import GREEDY, Sampling, StateHandle
+from fusion.engine import GREEDY, Generation, Sampling, StateHandle
 from fusion.models import SourceModel
 from tokenizers_align import (
     IncrementalCodec,
@@ -27,12 +27,66 @@ from tokenizers_align import (
 class Proposal:
     model: str
     text: str
-    ended: bool  # the model ended its answer here (end token or one of its stop strings)
+    ended: bool  # the model ended its answer here (end token or one of its turn markers)
     own_ids: tuple[int, ...] | None  # its tokens for exactly ``text`` (+ end token), if any
     own_logprobs: tuple[float, ...] | None
-    generated: int
+    generated: int  # tokens the generation returned (look-ahead past ``text`` included)
     hit_cap: bool  # generation stopped at the token cap
     align_seconds: float = 0.0  # decoding and word-boundary checks while generating
+    reused: int = 0  # of ``generated``, look-ahead the engine kept from an earlier step
+
+
+@dataclass(frozen=True)
+class StopFound:
+    """What the stop check found in the text generated so far (offsets into that text)."""
+
+    stop_at: int | None = None  # where a stop string starts
+    ends_answer: bool = False  # that stop is a turn marker of the model, not a user stop
+    cut_at: int | None = None  # the first word boundary every adapter shares
+
+
+class _StopCheck:
+    """The ``should_stop`` callback of one generation: decodes each step, records the
+    decoded texts and what ended the generation, and times that work."""
+
+    def __init__(
+        self,
+        codec: IncrementalCodec,
+        adapters: Sequence[TokenizerAdapter],
+        turn_markers: Sequence[str],
+        user_stops: Sequence[str],
+        until_boundary: bool,
+    ) -> None:
+        self.codec = codec
+        self.tail = codec.tail_text
+        self.adapters = adapters
+        self.stops = [(s, True) for s in turn_markers if s] + [(s, False) for s in user_stops if s]
+        self.until_boundary = until_boundary
+        self.texts: list[str] = []  # decoded text after each generated token
+        self.found = StopFound()
+        self.seconds = 0.0
+
+    def __call__(self, ids: Sequence[int]) -> bool:
+        started = time.perf_counter()
+        try:
+            return self._check(ids)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _check(self, ids: Sequence[int]) -> bool:
+        text = complete_text(self.codec.decode_next(list(ids)))
+        self.texts.append(text)
+        hits = [(at, ends) for stop, ends in self.stops if (at := text.find(stop)) >= 0]
+        if hits:
+            at, ends = min(hits, key=lambda h: (h[0], not h[1]))
+            self.found = StopFound(stop_at=at, ends_answer=ends)
+            return True
+        if self.until_boundary:
+            p = first_common_boundary(self.tail + text, len(self.tail), self.adapters)
+            if p is not None:
+                self.found = StopFound(cut_at=p - len(self.tail))
+                return True
+        return False
 
 
 async def propose(
@@ -42,61 +96,59 @@ async def propose(
     boundary_adapters: Sequence[TokenizerAdapter],
     *,
     cap: int,
-    stop_strings: Sequence[str],
     until_boundary: bool,
+    user_stops: Sequence[str] = (),
     sampling: Sampling = GREEDY,
 ) -> Proposal:
-    """Generate ``model``'s candidate after the shared text."""
-    clock = 0.0  # seconds in decoding and boundary checks (the step's "align" time)
-    tail = codec.tail_text
-    texts: list[str] = []  # decoded text after each generated token
-    found: dict[str, int] = {}
+    """Generate ``model``'s candidate after the shared text.
 
-    def should_stop(ids: Sequence[int]) -> bool:
-        nonlocal clock
-        started = time.perf_counter()
-        try:
-            return check(ids)
-        finally:
-            clock += time.perf_counter() - started
+    The model's own turn markers end its answer; ``user_stops`` (Rerank's request stop
+    strings) cut it: the text before one is the candidate, an answer that did not end."""
+    check = _StopCheck(codec, boundary_adapters, model.stop_strings, user_stops, until_boundary)
+    gen = await model.engine.generate(state, cap, model.stop_ids, check, sampling)
+    text, ended, own, hit_cap = _candidate(gen, check, cap)
+    own_ids, own_lps = (gen.ids[:own], gen.logprobs[:own]) if own is not None else (None, None)
+    return Proposal(
+        model=model.name,
+        text=text,
+        ended=ended,
+        own_ids=own_ids,
+        own_logprobs=own_lps,
+        generated=len(gen.ids),
+        hit_cap=hit_cap,
+        align_seconds=check.seconds,
+        reused=min(gen.reused, len(gen.ids)),
+    )
 
-    def check(ids: Sequence[int]) -> bool:
-        text = complete_text(codec.decode_next(list(ids)))
-        texts.append(text)
-        for stop in stop_strings:
-            at = text.find(stop)
-            if at >= 0:
-                found["stop"] = at if "stop" not in found else min(at, found["stop"])
-        if "stop" in found:
-            return True
-        if until_boundary:
-            p = first_common_boundary(tail + text, len(tail), boundary_adapters)
-            if p is not None:
-                found["cut"] = p - len(tail)
-                return True
-        return False
 
-    gen = await model.engine.generate(state, cap, model.stop_ids, should_stop, sampling)
-    ids, lps, n = gen.ids, gen.logprobs, len(gen.ids)
-
-    def made(text: str, ended: bool, own: int | None, hit_cap: bool) -> Proposal:
-        own_ids, own_lps = (ids[:own], lps[:own]) if own is not None else (None, None)
-        return Proposal(model.name, text, ended, own_ids, own_lps, n, hit_cap, clock)
-
-    if gen.stopped_on is not None:
-        return made(texts[-1] if texts else "", True, n, False)
-    if "stop" in found:
-        # ended by a turn marker it wrote as text: scored with each model's end token,
-        # its own included, since it never generated one
-        return made(texts[-1][: found["stop"]], True, None, False)
+def _candidate(gen: Generation, check: _StopCheck, cap: int) -> tuple[str, bool, int | None, bool]:
+    """(text, ended, how many own tokens make exactly that text or None, hit the cap)."""
+    n, texts, found = len(gen.ids), check.texts, check.found
     last = texts[-1] if texts else ""
-    if "cut" in found:
-        text = last[: found["cut"]]
-    elif until_boundary and n >= cap:
-        text = last[: stable_cut(tail + last, len(tail), boundary_adapters) - len(tail)]
+    if gen.stopped_on is not None:
+        return last, True, n, False
+    if found.stop_at is not None:
+        text = last[: found.stop_at]
+        if found.ends_answer:
+            # ended by a turn marker it wrote as text: scored with each model's end token,
+            # its own included, since it never generated one
+            return text, True, None, False
+        # cut at a user stop string: the text before it, scored as text (no end token),
+        # just as the fused text is when Cool stops there
+        return text, False, _own_prefix(texts, text), False
+    if found.cut_at is not None:
+        text = last[: found.cut_at]
+    elif check.until_boundary and n >= cap:
+        tail = check.tail
+        text = last[: stable_cut(tail + last, len(tail), check.adapters) - len(tail)]
     else:
         text = last
-    own = next((k + 1 for k, t in enumerate(texts) if t == text), None)
+    own = _own_prefix(texts, text)
     if own is None:
-        return made(text, False, None, n >= cap)
-    return made(text, False, own, "cut" not in found)
+        return text, False, None, n >= cap
+    return text, False, own, found.cut_at is None
+
+
+def _own_prefix(texts: Sequence[str], text: str) -> int | None:
+    """The number of generated tokens whose decoded text is exactly ``text``, if any."""
+    return next((k + 1 for k, t in enumerate(texts) if t == text), None)
