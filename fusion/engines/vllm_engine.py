@@ -77,12 +77,30 @@ class VllmEngine:
         self.max_model_len = 0
         self.score_lookahead = max(1, int(options.get("score_lookahead_tokens") or 1))
         self._llm: Any = None
-        self._dead: str | None = None
         # (prompt tokens, prefix-cached tokens) of recent requests, for benchmarks/metrics
         self.prefill_log: deque[tuple[int, int]] = deque(maxlen=100_000)
         self.open_states = 0  # requests holding a state here (metrics, leak checks)
 
     async def start(self) -> None:
+        # Importing vLLM and building the engine take tens of seconds of blocking work
+        # (its processes spawn, load the weights, handshake): all of it runs on a thread so
+        # the server's loop keeps answering (/health says "loading"). AsyncLLM supports
+        # being built outside a running loop: its output tasks start with the first
+        # request, on the loop that makes it. Engine-core processes read ``env`` at spawn
+        # time, so engines start one at a time.
+        started = time.monotonic()
+        async with _ENV_LOCK:
+            self._llm, on_cpu = await asyncio.to_thread(self._build)
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+        log.info(
+            "engine %s: vLLM loaded %s in %.1f s (%s)",
+            self.name,
+            Path(self.model_dir).name,
+            time.monotonic() - started,
+            "CPU" if on_cpu else "GPU",
+        )
+
+    def _build(self) -> tuple[Any, bool]:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -114,32 +132,23 @@ class VllmEngine:
             seed=0,
             **extra,
         )
-        started = time.monotonic()
-        # Engine-core processes read these at spawn time; engines start one at a time.
-        async with _ENV_LOCK:
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                self._llm = AsyncLLM.from_engine_args(args)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-        self.max_model_len = int(self._llm.model_config.max_model_len)
-        log.info(
-            "engine %s: vLLM loaded %s in %.1f s (%s)",
-            self.name,
-            Path(self.model_dir).name,
-            time.monotonic() - started,
-            "CPU" if on_cpu else "GPU",
-        )
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return AsyncLLM.from_engine_args(args), on_cpu
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     async def shutdown(self) -> None:
-        if self._llm is not None:
-            self._llm.shutdown()
-            self._llm = None
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            # joins the engine processes (blocking); vLLM hands the socket clean-up back to
+            # the loop that used them (call_soon_threadsafe)
+            await asyncio.to_thread(llm.shutdown)
 
     async def check_health(self) -> None:
         if self._llm is None:
@@ -180,8 +189,7 @@ class VllmEngine:
                 yield out
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            self._dead = str(exc)
+        except Exception as exc:  # vLLM's own check_health reports a dead engine core
             raise EngineError(f"engine {self.name}: {type(exc).__name__}: {exc}") from exc
         finally:
             # under a cancelled anyio scope these awaits raise again: the id then stays
@@ -214,7 +222,8 @@ class VllmEngine:
 
         for tok, lp in zip(st.ahead, st.ahead_lp):
             if take(tok, lp):
-                return _generation(out, lps, stop_ids)
+                return _generation(out, lps, stop_ids, reused=len(out))
+        reused = len(out)
         params = SamplingParams(
             max_tokens=max_tokens - len(out),
             temperature=sampling.temperature,
@@ -248,7 +257,7 @@ class VllmEngine:
                     break
         if st.cancelled:  # released mid-way: vLLM ends an aborted request quietly
             raise asyncio.CancelledError()
-        return _generation(out, lps, stop_ids)
+        return _generation(out, lps, stop_ids, reused)
 
     async def score(
         self, state: VllmState, candidates: Sequence[Sequence[int]]
@@ -338,6 +347,8 @@ class VllmEngine:
         st.scored.clear()
 
 
-def _generation(out: list[int], lps: list[float], stop_ids: frozenset[int]) -> Generation:
+def _generation(
+    out: list[int], lps: list[float], stop_ids: frozenset[int], reused: int
+) -> Generation:
     stopped = out[-1] if out and out[-1] in stop_ids else None
-    return Generation(ids=tuple(out), logprobs=tuple(lps), stopped_on=stopped)
+    return Generation(tuple(out), tuple(lps), stopped_on=stopped, reused=reused)
