@@ -559,7 +559,10 @@ class Fuser:
 
 
 async def _bounded(m: SourceModel, work: Awaitable[T]) -> T:
-    """``work`` under the model's per-step timeout: a hung model is dropped, not awaited."""
+    """``work`` under the model's per-step timeout: a hung model is dropped, not awaited.
+
+    Only the await is cancelled here; the engine learns of it when the drop releases the
+    model's state (at once), which stops the call at its next token or forward."""
     if m.step_timeout is None:
         return await work
     try:

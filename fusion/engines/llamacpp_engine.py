@@ -250,6 +250,7 @@ class LlamaCppEngine:
         out: list[int] = []
         lps: list[float] = []
         stopped_on: int | None = None
+        kept = len(st.ahead)  # look-ahead from an earlier call, replayed first
         while len(out) < max_tokens:
             i = len(out)
             if i >= len(st.ahead):
@@ -267,7 +268,12 @@ class LlamaCppEngine:
                 break
             if should_stop(out):
                 break
-        return Generation(ids=tuple(out), logprobs=tuple(lps), stopped_on=stopped_on)
+        return Generation(
+            ids=tuple(out),
+            logprobs=tuple(lps),
+            stopped_on=stopped_on,
+            reused=min(kept, len(out)),
+        )
 
     def _decode_ahead(self, st: LlamaState) -> Generator[list[Feed], list[np.ndarray], None]:
         """Make ``tail`` known: decode the look-ahead not in the cache yet (or, with none,

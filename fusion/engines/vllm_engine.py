@@ -82,6 +82,25 @@ class VllmEngine:
         self.open_states = 0  # requests holding a state here (metrics, leak checks)
 
     async def start(self) -> None:
+        # Importing vLLM and building the engine take tens of seconds of blocking work
+        # (its processes spawn, load the weights, handshake): all of it runs on a thread so
+        # the server's loop keeps answering (/health says "loading"). AsyncLLM supports
+        # being built outside a running loop: its output tasks start with the first
+        # request, on the loop that makes it. Engine-core processes read ``env`` at spawn
+        # time, so engines start one at a time.
+        started = time.monotonic()
+        async with _ENV_LOCK:
+            self._llm, on_cpu = await asyncio.to_thread(self._build)
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+        log.info(
+            "engine %s: vLLM loaded %s in %.1f s (%s)",
+            self.name,
+            Path(self.model_dir).name,
+            time.monotonic() - started,
+            "CPU" if on_cpu else "GPU",
+        )
+
+    def _build(self) -> tuple[Any, bool]:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -113,32 +132,16 @@ class VllmEngine:
             seed=0,
             **extra,
         )
-        started = time.monotonic()
-        # Engine-core processes read these at spawn time; engines start one at a time.
-        # Building the engine takes tens of seconds (spawning its processes, loading the
-        # weights, the startup handshake) in blocking calls: it runs on a thread so the
-        # server's loop keeps answering (/health says "loading"). AsyncLLM supports being
-        # built outside a running loop: its output tasks start with the first request,
-        # on the loop that makes it.
-        async with _ENV_LOCK:
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-        self.max_model_len = int(self._llm.model_config.max_model_len)
-        log.info(
-            "engine %s: vLLM loaded %s in %.1f s (%s)",
-            self.name,
-            Path(self.model_dir).name,
-            time.monotonic() - started,
-            "CPU" if on_cpu else "GPU",
-        )
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return AsyncLLM.from_engine_args(args), on_cpu
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None

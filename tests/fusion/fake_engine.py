@@ -36,6 +36,7 @@ class ScriptedEngine:
         end_id: int,
         fail_at_call: int | None = None,
         delay: float = 0.0,
+        release_delay: float = 0.0,
     ) -> None:
         self.name = name
         self.adapter = adapter
@@ -43,6 +44,7 @@ class ScriptedEngine:
         self.end_id = end_id
         self.fail_at_call = fail_at_call
         self.delay = delay
+        self.release_delay = release_delay
         self.calls = 0
         self.states: list[FakeState] = []
         self.commits: list[list[int]] = []
@@ -122,7 +124,7 @@ class ScriptedEngine:
         self.commits.append(list(ids))
 
     async def release(self, state: FakeState) -> None:
-        # real engines await work here (a thread hop, an abort call), so must the fake:
-        # a release that is cancelled half-way would otherwise go unnoticed
-        await asyncio.sleep(0)
+        # real engines may await work here (an abort call), so must the fake: a release
+        # that is cancelled half-way would otherwise go unnoticed
+        await asyncio.sleep(self.release_delay)
         state.released = True

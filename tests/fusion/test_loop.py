@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from fusion.loop import Fuser, FusionError
@@ -229,3 +231,80 @@ async def test_cool_rerank_timings_include_its_unemitted_cool_steps(make_model):
     segments, outcome = await run(Fuser(models), FusionParams(method="cool_rerank"))
     assert len(segments) == 1
     assert sum(outcome.phase_seconds.values()) > segments[0].step_seconds
+
+
+async def test_releases_of_a_request_run_concurrently(make_model):
+    """Regression (issue 14, item 3): the states of a finished request were released one
+    model after the other."""
+    import time
+
+    script = "Hi."
+    models = [
+        make_model(t, script, release_delay=0.3)
+        for t in ("smollm2-135m", "gemma3-270m", "qwen2.5-0.5b")
+    ]
+    started = time.perf_counter()
+    _, outcome = await run(Fuser(models), FusionParams())
+    assert outcome.text == script
+    assert time.perf_counter() - started < 0.6  # one release delay, not three
+    assert all(s.released for m in models for s in m.engine.states)
+
+
+async def test_a_dropped_model_is_released_while_the_request_goes_on(make_model):
+    """Regression (issue 14, item 1): a dropped model's state waited for the end of the
+    request, so a call still running for it (a hung one) was never told to stop."""
+    script = "one two three four five six seven eight"
+    failing = make_model("gemma3-270m", script, fail_at_call=3)
+    models = [make_model("smollm2-135m", script), failing]
+    gen = Fuser(models).run(CHAT, FusionParams())
+    seen_released = []
+    async for _ in gen:
+        await asyncio.sleep(0.01)  # let the release task run
+        seen_released.append(all(s.released for s in failing.engine.states))
+    assert failing.engine.states and len(seen_released) > 2
+    assert seen_released[0] and all(seen_released)
+
+
+async def test_completion_tokens_do_not_count_look_ahead_past_a_stop_string(make_model):
+    """Regression (issue 14, item 8): a candidate without its own token ids for exactly
+    its text counted every generated token, look-ahead past its cut included."""
+    script = "The answer is 4. Question: what is 5 + 5? The answer is 10."
+    m = make_model("qwen2.5-0.5b", script)
+    prompt = Prompt(text="Q:")
+    params = FusionParams(method="rerank", stop=("Question:",))
+    _, outcome = await run(Fuser([m]), params, prompt)
+    assert outcome.text == "The answer is 4. "
+    assert outcome.completion_tokens == len(m.tokenizer.encode("The answer is 4. "))
+    assert outcome.finish_reason == "stop"
+
+
+async def test_rerank_scores_a_candidate_cut_at_a_user_stop_as_text(make_model):
+    """Regression (issue 14, item 10): a Rerank candidate cut at a request stop string was
+    scored with an end token appended (as if the model had ended there), unlike Cool's
+    fused text cut at the same string."""
+    models = [
+        make_model("smollm2-135m", "Four. Question: next"),
+        make_model("qwen2.5-0.5b", "4. Question: next"),
+    ]
+    segments, outcome = await run(
+        Fuser(models), FusionParams(method="rerank", stop=("Question:",)), Prompt(text="Q:")
+    )
+    assert outcome.text in ("Four. ", "4. ") and outcome.finish_reason == "stop"
+    assert {c.text for c in segments[0].candidates} == {"Four. ", "4. "}
+    assert not any(c.ended for c in segments[0].candidates)
+    for m in models:
+        end = m.end_id(chat=False)
+        scored = [c for batch in m.engine.scored for c in batch]
+        assert scored and all(c[-1] != end for c in scored), m.name
+
+
+async def test_completion_tokens_do_not_count_a_turn_marker_written_as_text(make_model):
+    """Regression (issue 14, item 8), Cool's side: an answer ended by a turn marker the
+    model wrote as text counted the marker's tokens (and any look-ahead) as content."""
+    import dataclasses
+
+    m = make_model("smollm2-135m", "Yes it is. User: and more")
+    m = dataclasses.replace(m, stop_strings=("User:",))
+    _, outcome = await run(Fuser([m]), FusionParams(), Prompt(text="Q:"))
+    assert outcome.text == "Yes it is. " and outcome.finish_reason == "stop"
+    assert outcome.completion_tokens == len(m.tokenizer.encode("Yes it is. "))

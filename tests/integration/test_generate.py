@@ -121,3 +121,15 @@ async def test_gate_and_packllm_policies_on_the_real_models(real_models):
     assert {s.rule for s in segments if len(s.candidates) > 1} <= {"packllm"}
     for m in models:  # the prompt-scoring scratch states were released with the rest
         assert getattr(m.engine, "open_states", 0) == 0
+
+
+async def test_generated_tokens_count_replayed_look_ahead_once(real_models):
+    """Regression (issue 14, item 8): every step re-counted the look-ahead the engine
+    replayed from the step before, so generated_tokens grew with the number of segments."""
+    m = real_models["qwen2.5-0.5b"]
+    segments, outcome = await fuse([m], SEA, max_tokens=24)
+    assert len(segments) > 4
+    generated = outcome.usage[m.name].generated_tokens
+    # a single model commits its own text: what it generated is the answer, plus at most
+    # the look-ahead past the last cut (and the end token)
+    assert outcome.completion_tokens <= generated <= outcome.completion_tokens + 2

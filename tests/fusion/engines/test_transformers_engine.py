@@ -123,3 +123,176 @@ async def test_repeated_failures_make_the_engine_unhealthy_until_it_recovers(mod
     await engine.release(state)
     assert engine.open_states == 0
     await engine.shutdown()
+
+
+async def test_release_does_not_queue_behind_other_requests_calls(real_models):
+    """Regression (issue 14, item 3): release truncated the cache on the engine thread,
+    so it waited for every generate/score call queued before it."""
+    import asyncio
+    import time
+
+    m = real_models["qwen2.5-0.5b"]
+    prompt = m.tokenizer.encode_prompt("Tell a long story:")
+    busy = await m.engine.open("busy", prompt)
+    idle = await m.engine.open("idle", prompt)
+    await m.engine.generate(idle, 2, frozenset(), lambda ids: False)
+    task = asyncio.ensure_future(m.engine.generate(busy, 300, frozenset(), lambda ids: False))
+    await asyncio.sleep(0.3)
+    started = time.perf_counter()
+    await m.engine.release(idle)
+    assert time.perf_counter() - started < 0.05 and not task.done()
+    assert idle.cache.nbytes == 0  # freed at once, not when the busy call is over
+    await m.engine.release(busy)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_model_hung_mid_generate_is_dropped_and_released_without_waiting(
+    model_dirs, real_models
+):
+    """Regression (issue 14, item 1): a step timeout only cancelled the awaiting future;
+    the engine thread kept running the hung call and the dropped model's release queued
+    behind it, so the request (its last chunk, [DONE], its admission slot) waited too."""
+    import asyncio
+    import threading
+
+    from fusion.engines.transformers_engine import TransformersEngine
+    from fusion.loop import Fuser
+    from fusion.models import build_source_model
+    from fusion.types import FusionOutcome, FusionParams, Prompt
+
+    folder = model_dirs["smollm2-135m"]
+    engine = TransformersEngine("smollm2-135m", folder)
+    await engine.start()
+    hung = build_source_model("smollm2-135m", engine, folder, step_timeout=5.0)
+    entered, unblock = threading.Event(), threading.Event()
+    forward = engine._model.forward
+    calls = 0
+
+    def hanging_forward(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # the third token of the first segment
+            entered.set()
+            unblock.wait(300)
+        return forward(*args, **kwargs)
+
+    engine._model.forward = hanging_forward
+    opened = []
+    open_state = engine.open
+
+    async def recording_open(request_id, prompt_ids):
+        opened.append(await open_state(request_id, prompt_ids))
+        return opened[-1]
+
+    engine.open = recording_open
+    prompt = Prompt(messages=({"role": "user", "content": "Write one sentence about the sea."},))
+    outcome = FusionOutcome()
+
+    async def consume() -> None:
+        fuser = Fuser([hung, real_models["qwen2.5-0.5b"]])
+        async for _ in fuser.run(prompt, FusionParams(max_tokens=12), outcome):
+            pass
+
+    try:
+        await asyncio.wait_for(consume(), 60)
+        # done while the hung forward still blocks the engine thread
+        assert entered.is_set() and not unblock.is_set()
+        assert "step timeout" in (outcome.usage["smollm2-135m"].dropped or "")
+        assert outcome.text.strip()
+        assert engine.open_states == 0 and opened[0].cancelled
+    finally:
+        unblock.set()
+    # the hung call resumes, stops at its next token and frees the state as it ends
+    for _ in range(100):
+        if opened[0].cache.nbytes == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert opened[0].cache.nbytes == 0 and calls == 3
+    await engine.shutdown()
+
+
+async def test_an_open_request_keeps_single_distribution_rows(real_models):
+    """Regression (issue 14, item 4): kept distributions were row views of whole
+    [rows, vocab] forward outputs (about 1 MiB a row with Gemma's vocabulary), plus one
+    full row per look-ahead token."""
+    m = real_models["gemma3-270m"]
+    row = m.engine._model.config.get_text_config().vocab_size * 4
+    state = await m.engine.open("mem", m.tokenizer.encode_prompt("List the planets in order:"))
+    for step in range(4):
+        gen = await m.engine.generate(state, 8, frozenset(), lambda ids: len(ids) >= 6)
+        other = m.tokenizer.encode(" and then some other words")
+        await m.engine.score(state, [list(gen.ids[:3]), other, m.tokenizer.encode(" no")])
+        # own prefix (look-ahead kept) and another model's candidate (its scoring block)
+        await m.engine.commit(state, gen.ids[:3] if step % 2 == 0 else other)
+        assert state.held_bytes() - state.cache.nbytes <= 2 * row
+    await m.engine.release(state)
+
+
+@pytest.mark.parametrize("name", ["gemma3-270m", "qwen2.5-0.5b"])
+async def test_scores_after_committing_part_of_the_look_ahead_equal_plain_forwards(
+    real_models, name
+):
+    """The distribution after the context is not kept when only part of the look-ahead is
+    committed; the next scoring forward derives it."""
+    m = real_models[name]
+    prompt = m.tokenizer.encode_prompt("The capital of France is Paris. The capital of Italy is")
+    state = await m.engine.open("part", prompt)
+    gen = await m.engine.generate(state, 6, frozenset(), lambda ids: False)
+    await m.engine.commit(state, gen.ids[:2])
+    assert state.next_lp is None
+    context = prompt + list(gen.ids[:2])
+    cands = [list(gen.ids[2:4]), m.tokenizer.encode(" Rome")]
+    scores = await m.engine.score(state, cands)
+    for cand, got in zip(cands, scores):
+        assert got == pytest.approx(reference_logprobs(m.engine._model, context, cand), abs=2e-4)
+    forwards = state.forwards
+    await m.engine.commit(state, gen.ids[2:4])
+    again = await m.engine.generate(state, 3, frozenset(), lambda ids: False)
+    assert list(again.ids) == greedy_reference(m.engine._model, prompt + list(gen.ids[:4]), 3)
+    assert again.reused == 2 and state.forwards - forwards == 0  # the scoring pass fed it all
+    await m.engine.release(state)
+
+
+async def test_state_invariants_are_checked_after_every_call(real_models):
+    """Regression (issue 14, item 17): nothing checked that the state's cursors agree."""
+    from fusion.engine import EngineError
+
+    m = real_models["smollm2-135m"]
+    state = await m.engine.open("inv", m.tokenizer.encode_prompt("Hello"))
+    gen = await m.engine.generate(state, 4, frozenset(), lambda ids: False)
+    state.check()
+    state.ahead_fed = len(gen.ids) + 1  # a broken cursor
+    with pytest.raises(EngineError, match="fed look-ahead beyond look-ahead"):
+        await m.engine.commit(state, [])
+    await m.engine.release(state)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+async def test_mixed_steps_keep_scores_exact_and_the_state_consistent(real_models, name):
+    """Every way a step can end (own prefix, all of the look-ahead, another model's scored
+    candidate, text never seen) in a seeded mix: scores and greedy tokens stay those of
+    plain forwards, and the state's layout check passes after every call."""
+    import random
+
+    rng = random.Random(7)
+    m = real_models[name]
+    context = m.tokenizer.encode_prompt("Once upon a time, in a small village by the sea,")
+    state = await m.engine.open("mix", context)
+    other = m.tokenizer.encode(" and then the wind")
+    for _ in range(10):
+        n = rng.randint(2, 6)
+        gen = await m.engine.generate(state, n, frozenset(), lambda ids: False)
+        assert list(gen.ids) == greedy_reference(m.engine._model, context, len(gen.ids))
+        own = list(gen.ids[: rng.randint(1, len(gen.ids))])
+        choice = rng.choice(["own", "all", "other", "unseen"])
+        if choice != "unseen":
+            cands = [own, other] if rng.random() < 0.5 else [other, list(gen.ids)]
+            for cand, got in zip(cands, await m.engine.score(state, cands)):
+                want = reference_logprobs(m.engine._model, context, cand)
+                assert got == pytest.approx(want, abs=5e-4)
+        ids = {"own": own, "all": list(gen.ids), "other": other, "unseen": other[:2]}[choice]
+        await m.engine.commit(state, ids)
+        context = context + ids
+        state.check()
+    await m.engine.release(state)

@@ -19,22 +19,63 @@ PAIR = ("smollm2-135m", "qwen2.5-0.5b")
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def vllm_models(model_dirs):
+async def vllm_started(model_dirs):
+    """The pair of engines, and the longest the event loop went unanswered while each
+    engine started (a ticker runs beside every start)."""
     from fusion.engines.vllm_engine import VllmEngine
     from fusion.models import build_source_model
 
     models = {}
+    stalls = {}
     for core, name in enumerate(PAIR):
         engine = VllmEngine(
             name, model_dirs[name], {"kv_cache_space_gib": 1, "cpu_threads_bind": str(core)}
         )
-        await engine.start()
+        stalls[name] = await _longest_stall(engine.start())
         models[name] = build_source_model(
             name, engine, model_dirs[name], max_model_len=engine.max_model_len
         )
-    yield models
+    yield models, stalls
     for m in models.values():
         await m.engine.shutdown()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def vllm_models(vllm_started):
+    return vllm_started[0]
+
+
+async def _longest_stall(work) -> float:
+    """Run ``work`` while a ticker wakes every 20 ms; the longest gap between ticks."""
+    loop = asyncio.get_running_loop()
+    longest = 0.0
+    done = False
+
+    async def tick() -> None:
+        nonlocal longest
+        last = loop.time()
+        while not done:
+            await asyncio.sleep(0.02)
+            now = loop.time()
+            longest = max(longest, now - last)
+            last = now
+
+    ticker = asyncio.ensure_future(tick())
+    try:
+        await work
+    finally:
+        done = True
+        await ticker
+    return longest
+
+
+async def test_engine_start_leaves_the_event_loop_responsive(vllm_started):
+    """Regression (issue 14, item 2): AsyncLLM was built on the event loop, so /health did
+    not answer (no 503 "loading") for the tens of seconds an engine takes to start."""
+    _, stalls = vllm_started
+    print("longest event-loop stall while each engine started (s):", stalls)
+    # before: the whole start (35-45 s here); imports may hold the GIL for a moment
+    assert all(s < 5.0 for s in stalls.values()), stalls
 
 
 @pytest.mark.parametrize("name", PAIR)
@@ -81,13 +122,27 @@ async def test_block_aligned_context_scores_through_the_cached_gap(vllm_models, 
 
 
 async def test_fused_generation_through_vllm_keeps_prefill_flat(vllm_models):
+    """Regression (issue 14, item 14): the test only checked that text came back. Every
+    request after an engine's first reads the context from the prefix cache: what it
+    computes stays about one block plus a segment while the context grows."""
     models = list(vllm_models.values())
+    for m in models:
+        m.engine.prefill_log.clear()
     prompt = Prompt(text="The river runs past the old mill. " * 30)
     outcome = FusionOutcome()
     segments = [s async for s in Fuser(models).run(prompt, FusionParams(max_tokens=48), outcome)]
     assert outcome.text.strip() and len(segments) > 5
     for m in models:
         assert m.name in outcome.usage and not outcome.usage[m.name].dropped
+        log = list(m.engine.prefill_log)
+        lengths = [n for n, _ in log]
+        assert lengths[0] > 200 and max(lengths) - lengths[0] >= 30  # the context grew
+        computed = [n - cached for n, cached in log[1:]]
+        # a partial block plus a candidate or look-ahead (each at most a segment); the one
+        # exception allowed is the engine's full recompute of a candidate after a
+        # block-aligned context whose first-token log-prob it did not see (rare)
+        over = [c for c in computed if c > 32 + 2 * 16]
+        assert len(computed) > 10 and len(over) <= 1, (m.name, computed)
 
 
 async def test_prefix_cache_makes_a_step_cost_one_segment_of_prefill(vllm_models):
@@ -118,10 +173,22 @@ async def test_release_aborts_a_running_generation(vllm_models):
 
 
 async def test_concurrent_fused_requests_batch_in_the_engines(vllm_models):
+    """Regression (issue 14, item 14): the test only checked that text came back. The
+    engines must hold requests of several fused requests at once (vLLM runs every
+    unfinished request in each step's batch), not one fused request after another."""
     fuser = Fuser(list(vllm_models.values()))
     prompts = [
         Prompt(messages=({"role": "user", "content": f"Name {k} animals."},)) for k in (2, 3, 4, 5)
     ]
+    in_engine = {name: 0 for name in vllm_models}
+    running = True
+
+    async def watch() -> None:
+        while running:
+            for name, m in vllm_models.items():
+                now = m.engine._llm.get_num_unfinished_requests()
+                in_engine[name] = max(in_engine[name], now)
+            await asyncio.sleep(0.005)
 
     async def one(p: Prompt) -> str:
         out = FusionOutcome()
@@ -129,8 +196,17 @@ async def test_concurrent_fused_requests_batch_in_the_engines(vllm_models):
             pass
         return out.text
 
-    texts = await asyncio.gather(*(one(p) for p in prompts))
+    watcher = asyncio.ensure_future(watch())
+    try:
+        texts = await asyncio.gather(*(one(p) for p in prompts))
+    finally:
+        running = False
+        await watcher
     assert all(t.strip() for t in texts)
+    # with two models a fused request has one vLLM request in flight per engine at a
+    # time (a generate, or a score of the other model's candidate): more means several
+    # fused requests were in the engine's batch together
+    assert all(n >= 2 for n in in_engine.values()), in_engine
 
 
 async def test_server_streams_a_fused_answer_from_vllm_engines(vllm_models, live_server):
