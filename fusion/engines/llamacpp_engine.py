@@ -36,7 +36,14 @@ from typing import Any
 import numpy as np
 
 from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
-from fusion.engines.llamacpp_runtime import Feed, Job, LlamaError, LlamaRuntime
+from fusion.engines.llamacpp_runtime import (
+    Feed,
+    Job,
+    LlamaError,
+    LlamaRuntime,
+    log_softmax,
+    logsumexp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +242,7 @@ class LlamaCppEngine:
             st.last_id = piece[-1]
             st.pending = rest
             if not rest:
-                st.tail = rows[0][-1]
+                st.tail = log_softmax(rows[0][-1])
 
     def _generate(
         self,
@@ -287,7 +294,7 @@ class LlamaCppEngine:
             todo, pos = [st.last_id], st.n_past - 1
         rows = yield [Feed(st.seq, pos, tuple(todo), "last")]
         st.ahead_fed = len(st.ahead)
-        st.tail = rows[0][-1]
+        st.tail = log_softmax(rows[0][-1])
 
     def _score(
         self, st: LlamaState, candidates: list[tuple[int, ...]]
@@ -295,35 +302,74 @@ class LlamaCppEngine:
         yield from self._ready(st)
         rt = self.rt
         assert rt is not None and st.seq is not None
-        results: list[list[float] | None] = [None] * len(candidates)
+        results: list[list[float]] = [[] for _ in candidates]
         todo = list(range(len(candidates)))
+        extra = st.ahead[st.ahead_fed :]  # undecoded look-ahead: rides along, row for free
         while todo:
-            seqs: list[int] = []
             want = min(len(todo), self.branches)
+            seqs: list[int] = []
             while len(seqs) < want:  # all or nothing: never hold some and wait for more
                 if rt.free_seqs >= want:
                     seqs = [s for s in (rt.take_seq() for _ in range(want)) if s is not None]
                 else:
                     yield []
             _drop_branches(rt, st)  # an earlier round's (only the last round's are kept)
-            feeds = []
-            extra = st.ahead[st.ahead_fed :]
-            if extra:  # the undecoded look-ahead rides along: its next row comes free
-                feeds.append(Feed(st.seq, st.n_past + st.ahead_fed, tuple(extra), "last"))
             now, todo = todo[:want], todo[want:]
+            streams = []
             for i, seq in zip(now, seqs):
                 rt.copy_span(st.seq, seq, 0, st.n_past - 1)
-                feeds.append(Feed(seq, st.n_past - 1, (st.last_id, *candidates[i]), "all"))
-            rows = yield feeds
-            if extra:
-                st.ahead_fed = len(st.ahead)
-                st.tail = rows[0][-1]
-                rows = rows[1:]
-            for i, seq, r in zip(now, seqs, rows):
-                cand = candidates[i]
-                results[i] = [float(r[j, t]) for j, t in enumerate(cand)]
-                st.branches.append(_Branch(cand, seq, r[len(cand)].copy()))
-        return [r for r in results if r is not None]
+                streams.append(_Stream(i, seq, st.n_past - 1, [st.last_id, *candidates[i]]))
+            while any(x.left for x in streams):
+                feeds: list[Feed] = []
+                owners: list[_Stream | None] = []
+                room = rt.n_batch
+                if extra and len(extra) <= room:
+                    feeds.append(Feed(st.seq, st.n_past + st.ahead_fed, tuple(extra), "last"))
+                    owners.append(None)
+                    room -= len(extra)
+                for x in streams:  # long candidates (Rerank) go in batch-sized pieces
+                    if x.left and room:
+                        piece, x.left = x.left[:room], x.left[room:]
+                        feeds.append(Feed(x.seq, x.pos, tuple(piece), "all"))
+                        owners.append(x)
+                        x.pos += len(piece)
+                        room -= len(piece)
+                rows = yield feeds
+                for owner, r in zip(owners, rows):
+                    if owner is None:
+                        st.ahead_fed = len(st.ahead)
+                        st.tail = log_softmax(r[-1])
+                        extra = []
+                    else:
+                        owner.take(r, candidates[owner.index], results[owner.index])
+            for x in streams:
+                assert x.after is not None
+                st.branches.append(_Branch(candidates[x.index], x.seq, x.after))
+        return results
+
+
+@dataclass
+class _Stream:
+    """One candidate being scored on its branch: ``[last_id, *candidate]`` from ``pos``."""
+
+    index: int
+    seq: int
+    pos: int
+    left: list[int]
+    done: int = 0  # rows received so far
+    after: np.ndarray | None = None  # log-probs after the whole candidate
+
+    def take(self, rows: np.ndarray, cand: tuple[int, ...], out: list[float]) -> None:
+        """Log-probs of the candidate tokens these rows predict (row k of the stream is the
+        distribution after its token k, so it predicts ``cand[k]``)."""
+        lse = logsumexp(rows)
+        for r in range(len(rows)):
+            k = self.done + r
+            if k < len(cand):
+                out.append(float(rows[r, cand[k]] - lse[r]))
+            else:
+                self.after = log_softmax(rows[r])
+        self.done += len(rows)
 
 
 def _commit(st: LlamaState, ids: tuple[int, ...]) -> None:

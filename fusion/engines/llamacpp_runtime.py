@@ -45,8 +45,10 @@ class Feed:
     want: Want = "last"
 
 
-# A job yields a list of feeds (or an empty list to wait a tick) and is sent, per feed, the
-# log-prob rows it wanted ([rows, vocab] float32). Its return value resolves its future.
+# A job yields a list of feeds (or an empty list to wait a tick; at most ``n_batch`` tokens
+# in all) and is sent, per feed, the rows of logits it wanted ([rows, vocab] float32).
+# The rows are views of llama.cpp's output buffer, valid until the job yields again: a job
+# copies what it keeps (``log_softmax``). Its return value resolves its future.
 Job = Generator[list[Feed], list[np.ndarray], Any]
 
 
@@ -63,11 +65,21 @@ class _Task:
     started: bool = False
 
 
-def log_softmax(rows: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float32 (in place on a fresh copy)."""
-    out = rows.astype(np.float32, copy=True)
-    out -= out.max(axis=-1, keepdims=True)
-    out -= np.log(np.exp(out).sum(axis=-1, keepdims=True))
+def log_softmax(row: np.ndarray) -> np.ndarray:
+    """Log-probabilities of one row of logits, as a new float32 array."""
+    out = row.astype(np.float32, copy=True)
+    out -= out.max()
+    out -= np.log(np.exp(out).sum())
+    return out
+
+
+def logsumexp(rows: np.ndarray, block: int = 16) -> np.ndarray:
+    """Row-wise log-sum-exp of logits, ``block`` rows at a time (bounded temporaries)."""
+    out = np.empty(len(rows), dtype=np.float64)
+    for i in range(0, len(rows), block):
+        part = rows[i : i + block]
+        top = part.max(axis=1, keepdims=True)
+        out[i : i + block] = (top + np.log(np.exp(part - top).sum(axis=1, keepdims=True)))[:, 0]
     return out
 
 
@@ -127,8 +139,8 @@ class LlamaRuntime:
         self.decodes = 0  # llama_decode calls (tests, stats)
         self.decoded_tokens = 0
         self.max_batch_seqs = 0  # most distinct sequences seen in one decode
-        # decode-thread time: in llama_decode, in log-softmax, in jobs (incl. stop checks)
-        self.seconds = {"decode": 0.0, "softmax": 0.0, "jobs": 0.0}
+        # decode-thread time: in llama_decode, and in jobs (log-probs, stop checks)
+        self.seconds = {"decode": 0.0, "jobs": 0.0}
         self._thread = threading.Thread(
             target=self._loop, name=f"llamacpp-{self.name}", daemon=True
         )
@@ -251,6 +263,11 @@ class LlamaRuntime:
         except Exception as exc:
             self._finish(task, None, exc)
             return
+        size = sum(len(f.tokens) for f in feeds)
+        if size > self.n_batch:  # it could never be scheduled
+            self._finish(task, None, LlamaError(f"a job asked for {size} tokens in one decode "
+                                                f"(at most n_batch = {self.n_batch})"))
+            return
         task.feeds = list(feeds)
 
     def _finish(self, task: _Task, value: Any, exc: BaseException | None) -> None:
@@ -299,13 +316,11 @@ class LlamaRuntime:
             table = np.ctypeslib.as_array(logits, shape=(total, self.n_vocab))
         row = 0
         for task, per_feed in zip(chosen, outputs):
-            started = time.perf_counter()
             rows = []
             for n in per_feed:
-                rows.append(log_softmax(table[row : row + n]))
+                rows.append(table[row : row + n])
                 row += n
             task.feeds = []
-            self.seconds["softmax"] += time.perf_counter() - started
             started = time.perf_counter()
             self._step(task, rows)
             self.seconds["jobs"] += time.perf_counter() - started
