@@ -38,6 +38,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import quality_report
 from bench.server_process import start_server, stop_server
+from fusion.calibration import normalise
 
 SHOTS = 3
 STOP = ["Question:", "</s>", "<|im_end|>"]
@@ -53,15 +54,6 @@ def load_gsm8k() -> list[dict[str, str]]:
 def fewshot_prompt(shots: list[dict[str, str]], question: str) -> str:
     parts = [f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots]
     return "".join(parts) + f"Question: {question}\nAnswer:"
-
-
-def normalise(number: str) -> str:
-    n = number.replace(",", "").replace("$", "").strip().rstrip(".")
-    try:
-        value = float(n)
-    except ValueError:
-        return n
-    return str(int(value)) if value == int(value) else str(value)
 
 
 def reference(answer: str) -> str:

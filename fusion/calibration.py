@@ -66,7 +66,8 @@ def fewshot_prompt(shots: Sequence[Question], q: Question) -> str:
     return "".join(parts) + f"Question: {q.question}\nAnswer:"
 
 
-def _normalise(number: str) -> str:
+def normalise(number: str) -> str:
+    """A GSM8K number as lm-eval compares them: no commas or $, 12.0 == 12."""
     n = number.replace(",", "").replace("$", "").strip().rstrip(".")
     try:
         value = float(n)
@@ -78,7 +79,7 @@ def _normalise(number: str) -> str:
 def is_correct(text: str, answer: str) -> bool:
     """The last number of ``text`` equals the reference after ``####`` (flexible-extract)."""
     found = _NUMBER.findall(text)
-    return bool(found) and _normalise(found[-1]) == _normalise(answer.split("####")[-1])
+    return bool(found) and normalise(found[-1]) == normalise(answer.split("####")[-1])
 
 
 @dataclass(frozen=True)

@@ -229,11 +229,23 @@ def _tokenizer_folder(gguf: Path, folder: Path, digest: str) -> Path:
         return folder
     from transformers import AutoTokenizer
 
+    def write(staging: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer.save_pretrained(staging)
+
+    _write_folder(gguf, folder, digest, write, "reading the tokenizer of")
+    return folder
+
+
+def _write_folder(
+    gguf: Path, folder: Path, digest: str, write: Callable[[Path], None], what: str
+) -> None:
+    """``write`` into a staging folder, add the GGUF's tokenizer flags and the completion
+    marker, then swap it in as ``folder`` (atomically: a crash leaves no half folder)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tokenizer.save_pretrained(staging)
+        write(staging)
         _record_gguf_tokenizer_flags(gguf, staging)
         (staging / _MARKER).write_text(f"{_FORMAT}:{digest}\n")
         if folder.exists():
@@ -241,8 +253,9 @@ def _tokenizer_folder(gguf: Path, folder: Path, digest: str) -> Path:
         staging.rename(folder)
     except Exception as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise SourceError(f"reading the tokenizer of {gguf} failed: {exc}") from exc
-    return folder
+        if isinstance(exc, SourceError):
+            raise
+        raise SourceError(f"{what} {gguf} failed: {exc}") from exc
 
 
 def _is_complete(folder: Path, expected_sha256: str) -> bool:
@@ -293,9 +306,8 @@ def _convert_gguf(gguf: Path, folder: Path, expected_sha256: str, digest: str = 
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise SourceError("converting GGUF needs transformers, gguf and accelerate") from exc
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
+
+    def write(staging: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         log.info("  tokenizer loaded; dequantising weights")
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -305,15 +317,7 @@ def _convert_gguf(gguf: Path, folder: Path, expected_sha256: str, digest: str = 
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _record_gguf_tokenizer_flags(gguf, staging)
-        (staging / _MARKER).write_text(f"{_FORMAT}:{digest}\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    except Exception as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, SourceError):
-            raise
-        raise SourceError(f"converting {gguf} failed: {exc}") from exc
+
+    _write_folder(gguf, folder, digest, write, "converting")
     log.info("  converted %s in %.0f s -> %s", gguf.name, time.monotonic() - started, folder)
     return folder
