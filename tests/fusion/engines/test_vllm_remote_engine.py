@@ -504,3 +504,51 @@ async def test_the_loop_drops_a_remote_that_fails_mid_answer_and_the_other_finis
     assert "unreachable" in (outcome.usage["remote-a"].dropped or "")
     assert not outcome.usage["qwen2.5-0.5b"].dropped
     assert engine.open_states == 0
+
+
+# -- registry ----------------------------------------------------------------------------------
+def test_the_registry_builds_a_remote_engine_from_tokenizer_files_only(
+    tmp_path, tok_dir, monkeypatch
+):
+    import shutil
+
+    from fusion.sources import SourceError
+    from server.config import load_config
+    from server.engine_registry import build, prepare
+
+    only = tmp_path / "tokenizer-only"
+    only.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / f, only / f)
+    monkeypatch.setenv("VLLM_KEY", "sekrit")
+    config = load_config(
+        None,
+        models=[
+            {
+                "name": "remote-a",
+                "source": str(only),
+                "engine": "vllm-remote",
+                "options": {"url": URL, "api_key_env": "VLLM_KEY", "retries": 4},
+            },
+            {
+                "name": "remote-b",
+                "source": "pip:smollm2-135m-instruct",
+                "engine": "vllm-remote",
+                "options": {"url": URL},
+            },
+            {
+                "name": "nothing",
+                "source": str(tmp_path),
+                "engine": "vllm-remote",
+                "options": {"url": URL},
+            },
+        ],
+    )
+    built, choice = build(config.models[0])
+    assert choice.kind == "vllm-remote" and built.tokenizer_dir == only
+    assert isinstance(built.engine, VllmRemoteEngine) and built.engine.url == URL
+    assert built.engine._client_args["api_key"] == "sekrit"
+    assert built.engine._client_args["retries"] == 4
+    assert (prepare(config.models[1]) / "tokenizer.json").is_file()
+    with pytest.raises(SourceError, match=r"no tokenizer\.json"):
+        build(config.models[2])
