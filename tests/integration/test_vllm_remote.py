@@ -8,6 +8,7 @@ on purpose mid-answer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -179,8 +180,6 @@ async def _running(url: str) -> float:
 
 
 async def test_release_closes_the_stream_and_vllm_aborts_the_request(vllm_server, model_dirs):
-    import asyncio
-
     v = await remote_model(vllm_server, model_dirs)
     st = await v.engine.open("abort", v.tokenizer.encode_prompt("Tell a very long story:"))
     task = asyncio.ensure_future(v.engine.generate(st, 2000, frozenset(), NEVER))
