@@ -147,18 +147,20 @@ async def test_a_block_aligned_context_scores_through_the_cached_gap(
     vllm_server, model_dirs, real_models
 ):
     """The context is exactly two cached blocks: vLLM recomputes nothing before the
-    candidate, so its first entry is stale and comes from what generation saw."""
+    candidate, so its first entry is stale (garbage) and comes from what generation saw;
+    only a candidate whose first token was not in that top-20 is recomputed."""
     v, t = await remote_model(vllm_server, model_dirs), real_models[NAME]
     ids = v.tokenizer.encode("word " * 200)[:64]
     vs = await v.engine.open("gap", ids)
     ts = await t.engine.open("gap", ids)
-    await v.engine.generate(vs, 4, frozenset(), NEVER)  # caches blocks [0, 64)
-    cands = [v.tokenizer.encode(" word"), v.tokenizer.encode(" sentence ends")]
+    gen = await v.engine.generate(vs, 4, frozenset(), NEVER)  # caches blocks [0, 64)
+    cands = [list(gen.ids[:1]), list(gen.ids[:3]), v.tokenizer.encode(" sentence ends")]
     got = await v.engine.score(vs, cands)
     want = await t.engine.score(ts, cands)
     for g, w in zip(got, want):
         assert g == pytest.approx(w, abs=2e-3)
-    assert any(cached >= 64 for _, cached in vs.prefill), vs.prefill
+    assert sum(cached == 64 for _, cached in vs.prefill) == 3, vs.prefill
+    assert sum(cached == 0 for _, cached in vs.prefill) <= 1, vs.prefill
     await v.engine.release(vs)
     await t.engine.release(ts)
     await v.engine.shutdown()
