@@ -14,7 +14,8 @@ What it speaks (vLLM's ``entrypoints/scale_out/token_in_token_out``, vLLM >= 0.3
 - ``POST /tokenize`` (``tokens``, ``max_model_len``) and ``GET /health``.
 
 Every failure becomes an ``EngineError`` naming the model and the URL. Connection
-failures and 502/503/504 are retried with back-off within a call. A ``Breaker`` records
+failures, connections closed before an answer and 502/503/504 are retried with back-off
+within a call. A ``Breaker`` records
 that the server is down after a failed call; the engine refuses new requests for a
 back-off period that doubles while it stays down, then probes ``/health`` to rejoin.
 """
@@ -36,6 +37,9 @@ from fusion.engine import EngineError
 
 GENERATE = "/inference/v1/generate"
 _RETRY_STATUS = frozenset({502, 503, 504})
+# failures before any answer: safe to send again (a RemoteProtocolError here is mostly a
+# pooled keep-alive connection the server closed, e.g. after it restarted)
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
 class ServerError(EngineError):
@@ -165,7 +169,7 @@ class RemoteVllm:
         for attempt in itertools.count():
             try:
                 r = await http.send(http.build_request("POST", path, json=body), stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            except _NOT_SENT as exc:
                 if attempt < self.retries:
                     await asyncio.sleep(self.retry_backoff * 2**attempt)
                     continue

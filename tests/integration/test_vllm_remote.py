@@ -38,12 +38,35 @@ NEVER = lambda ids: False  # noqa: E731
 @dataclass
 class VllmServer:
     url: str
-    proc: subprocess.Popen[bytes]
+    cmd: list[str]
+    env: dict[str, str]
     log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Launch the server and wait for its /health (about 45 s here)."""
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        deadline = time.monotonic() + 240
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vLLM exited early:\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"vLLM did not start:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.5)
 
     def kill(self) -> None:
         """SIGTERM, then SIGKILL to the whole process group (the API server and its
         engine-core process, which may outlive it)."""
+        if self.proc is None:
+            return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -54,10 +77,9 @@ class VllmServer:
 
     def crash(self) -> None:
         """SIGKILL, no graceful shutdown: what a dying node looks like to its clients."""
-        try:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
         self.proc.wait(15)
 
 
@@ -85,24 +107,9 @@ def vllm_server(model_dirs, tmp_path_factory) -> Iterator[VllmServer]:
         "--dtype",
         "float32",
     ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    server = VllmServer(f"http://127.0.0.1:{port}", proc, log)
+    server = VllmServer(f"http://127.0.0.1:{port}", cmd, env, log)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"vLLM exited early:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vLLM did not start:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        server.start()
         yield server
     finally:
         server.kill()
@@ -234,7 +241,7 @@ async def test_a_fused_answer_streams_with_the_remote_and_a_local_model(
 async def test_killing_the_remote_mid_answer_drops_it_and_the_answer_completes(
     vllm_server, model_dirs, real_models
 ):
-    """Runs last: it kills the module's vLLM server."""
+    """Runs last: it kills the module's vLLM server, then starts it again."""
     remote = await remote_model(vllm_server, model_dirs, retries=1, retry_backoff_seconds=0.2)
     local = real_models["qwen2.5-0.5b"]
     prompt = Prompt(messages=({"role": "user", "content": "Count from one to twenty."},))
@@ -253,4 +260,17 @@ async def test_killing_the_remote_mid_answer_drops_it_and_the_answer_completes(
         await remote.engine.check_health()
     with pytest.raises(EngineError, match="is down"):
         await remote.engine.open("after", [1, 2, 3])
-    await remote.engine.shutdown()
+    # the server comes back (same port): after its back-off the model rejoins, through
+    # the same client whose pooled connections went to the dead server
+    await asyncio.to_thread(vllm_server.start)
+    engine = remote.engine
+    assert isinstance(engine, VllmRemoteEngine)
+    await asyncio.sleep(engine._rv().breaker.wait())
+    st = await engine.open("back", remote.tokenizer.encode_prompt("Count to three."))
+    gen = await engine.generate(st, 4, frozenset(), NEVER)
+    assert len(gen.ids) == 4
+    [scores] = await engine.score(st, [list(gen.ids[:2])])
+    assert len(scores) == 2
+    await engine.release(st)
+    await engine.check_health()
+    await engine.shutdown()

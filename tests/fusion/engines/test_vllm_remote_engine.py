@@ -374,6 +374,22 @@ async def test_a_down_remote_is_an_engine_error_then_skipped_then_rejoins(fake, 
     await engine.check_health()
 
 
+async def test_a_connection_closed_before_the_answer_is_sent_again(fake, tok_dir):
+    """A pooled keep-alive connection to a server that restarted fails at send time."""
+    engine = await started(fake, tok_dir)
+    st = await engine.open("r14", fake.words[:6])
+    failures = {"n": 0}
+
+    def stale(request: httpx.Request, body: dict[str, Any]) -> httpx.Response | None:
+        if request.url.path == "/inference/v1/generate" and not failures["n"]:
+            failures["n"] += 1
+            raise httpx.RemoteProtocolError("Server disconnected", request=request)
+        return None
+
+    fake.fault = stale
+    assert len((await engine.generate(st, 2, frozenset(), NEVER)).ids) == 2
+
+
 async def test_a_503_is_retried_and_a_500_is_not(fake, tok_dir):
     engine = await started(fake, tok_dir, retries=2)
     st = await engine.open("r8", fake.words[:6])
