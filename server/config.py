@@ -116,6 +116,67 @@ class LlamaCppOptions(_Strict):
     )
 
 
+class VllmRemoteOptions(_Strict):
+    """Options of ``engine: vllm-remote`` (a ``vllm serve --enable-scale-out`` elsewhere)."""
+
+    url: str = Field(
+        ...,
+        pattern=r"^https?://",
+        description="Base URL of the model's vLLM server, e.g. http://gpu-node-1:8000 (it "
+        "must serve the model of this entry's source, started with --enable-scale-out; "
+        "--enable-prompt-tokens-details lets scoring read its prefix cache).",
+    )
+    api_key: str | None = Field(
+        None, description="Bearer key of that server (its --api-key); null: none."
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Name of an environment variable holding the key, to keep it out of "
+        "config files (used when api_key is null).",
+    )
+    connect_timeout_seconds: float = Field(
+        5.0, gt=0, description="Longest wait to connect to the server."
+    )
+    read_timeout_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="Longest wait for the next bytes of an answer (a scoring answer, or the "
+        "next token of a stream).",
+    )
+    start_timeout_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="How long start-up waits for the server's /health (it may still be "
+        "loading its model).",
+    )
+    retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Retries of a call that could not connect or got 502/503/504 "
+        "(back-off doubling from retry_backoff_seconds).",
+    )
+    retry_backoff_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="First back-off: between retries, and how long new requests skip the "
+        "model after it failed (doubling while it stays down).",
+    )
+    max_backoff_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Longest a failed model is skipped before /health is tried again "
+        "(it rejoins when that answers).",
+    )
+    score_lookahead_tokens: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Tokens each scoring request generates after its candidate; the "
+        "winner's become look-ahead (speculative next segment).",
+    )
+
+
 class AutoOptions(_Strict):
     """Options of ``engine: auto``: one block per engine it may pick."""
 
@@ -177,6 +238,16 @@ class LlamaCppModel(_ModelBase):
     options: LlamaCppOptions = Field(default_factory=LlamaCppOptions)  # type: ignore[arg-type]
 
 
+class VllmRemoteModel(_ModelBase):
+    engine: Literal["vllm-remote"] = Field(
+        description="Backend: a remote vLLM server (token-in/token-out API); the tokenizer "
+        "and chat template come from source (a tokenizer-only source is enough)."
+    )
+    options: VllmRemoteOptions = Field(
+        ..., description="Where the server is and how to talk to it (url is required)."
+    )
+
+
 class AutoModel(_ModelBase):
     engine: Literal["auto"] = Field(
         "auto",
@@ -186,7 +257,7 @@ class AutoModel(_ModelBase):
     options: AutoOptions = Field(default_factory=AutoOptions)  # type: ignore[arg-type]
 
 
-ENGINE_KINDS = ("auto", "llamacpp", "transformers", "vllm")
+ENGINE_KINDS = ("auto", "llamacpp", "transformers", "vllm", "vllm-remote")
 
 
 def _engine_tag(value: Any) -> str:
@@ -200,6 +271,7 @@ ModelConfig = Annotated[
     Annotated[TransformersModel, Tag("transformers")]
     | Annotated[VllmModel, Tag("vllm")]
     | Annotated[LlamaCppModel, Tag("llamacpp")]
+    | Annotated[VllmRemoteModel, Tag("vllm-remote")]
     | Annotated[AutoModel, Tag("auto")],
     Discriminator(
         _engine_tag,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion.engine import Engine
-from fusion.sources import resolve_gguf, resolve_source
+from fusion.sources import SourceError, resolve_gguf, resolve_source
 from server.config import (
     AutoModel,
     LlamaCppModel,
@@ -28,6 +28,8 @@ from server.config import (
     TransformersOptions,
     VllmModel,
     VllmOptions,
+    VllmRemoteModel,
+    VllmRemoteOptions,
 )
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,38 @@ def _llamacpp(name: str, source: str, opts: Any) -> Built:
     return Built(engine, found.tokenizer_dir)
 
 
+def tokenizer_source(source: str) -> Path:
+    """A folder with the tokenizer and chat template of ``source``, without its weights:
+    the tokenizer-only folder of a GGUF (``pip:``, ``gguf:``), else the HF folder itself
+    (``tokenizer.json`` is enough; no ``config.json`` or weights needed)."""
+    if _has_gguf(source):
+        return resolve_gguf(source).tokenizer_dir
+    kind, _, rest = source.partition(":")
+    path = Path(rest if kind == "hf" else source).expanduser()
+    if not (path / "tokenizer.json").is_file():
+        raise SourceError(
+            f"model source {source!r}: {path} has no tokenizer.json (an engine on a remote "
+            "server still needs the model's tokenizer here); use pip:<name>, gguf:<file>, "
+            "or a folder with the model's tokenizer files"
+        )
+    return path
+
+
+def _vllm_remote(name: str, source: str, opts: Any) -> Built:
+    from fusion.engines.vllm_remote_engine import VllmRemoteEngine
+
+    folder = tokenizer_source(source)
+    o: VllmRemoteOptions = opts
+    settings = o.model_dump(exclude={"api_key", "api_key_env"})
+    api_key = o.api_key or (os.environ.get(o.api_key_env) if o.api_key_env else None)
+    return Built(VllmRemoteEngine(name, folder, api_key=api_key, **settings), folder)
+
+
 ENGINES: dict[str, Callable[[str, str, Any], Built]] = {
     "transformers": _transformers,
     "vllm": _vllm,
     "llamacpp": _llamacpp,
+    "vllm-remote": _vllm_remote,
 }
 
 
@@ -102,7 +132,7 @@ def _has_gguf(source: str) -> bool:
 
 def choose(mc: ModelConfig) -> Choice:
     """The engine kind a model gets, with its options and the reason (``auto`` resolved)."""
-    if isinstance(mc, TransformersModel | VllmModel | LlamaCppModel):
+    if isinstance(mc, TransformersModel | VllmModel | LlamaCppModel | VllmRemoteModel):
         return Choice(mc.engine, mc.options, "set in config")
     assert isinstance(mc, AutoModel)
     opts = mc.options
@@ -138,4 +168,6 @@ def prepare(mc: ModelConfig) -> Path:
     choice = choose(mc)
     if choice.kind == "llamacpp":
         return resolve_gguf(mc.source).gguf
+    if choice.kind == "vllm-remote":  # the weights live with the remote server
+        return tokenizer_source(mc.source)
     return resolve_source(mc.source)

@@ -12,6 +12,9 @@ each engine, and prefix caching keeps a step's cost at about one segment of pref
   scoring request also samples the next token(s) after its candidate, which become the
   look-ahead when that candidate wins (one round trip per step for the winner's branch).
 
+The look-ahead and the reading of ``prompt_logprobs`` past cached positions are shared
+with the remote engine (``vllm_logprobs.py``).
+
 vLLM stays an optional dependency: it is imported when an engine starts.
 """
 
@@ -30,24 +33,19 @@ from pathlib import Path
 from typing import Any
 
 from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
+from fusion.engines.vllm_logprobs import (
+    TOP_LOGPROBS,
+    LookAhead,
+    Top,
+    candidate_entries,
+    generation,
+)
 
 log = logging.getLogger(__name__)
 _ENV_LOCK = asyncio.Lock()
 
 
-TOP_LOGPROBS = 20  # vLLM's default max_logprobs
-
-
-@dataclass(frozen=True)
-class _Scored:
-    """What a scoring request saw after its candidate: the next tokens, for look-ahead."""
-
-    ids: list[int]
-    logprobs: list[float]
-    tops: list[dict[int, float]]
-
-
-def _top(entry: Any) -> dict[int, float]:
+def _top(entry: Any) -> Top:
     return {int(t): float(lp.logprob) for t, lp in (entry or {}).items()}
 
 
@@ -55,16 +53,16 @@ def _top(entry: Any) -> dict[int, float]:
 class VllmState:
     request_id: str
     ids: list[int]  # the committed context
-    ahead: list[int] = field(default_factory=list)  # greedy tokens after the context
-    ahead_lp: list[float] = field(default_factory=list)
-    ahead_top: list[dict[int, float]] = field(default_factory=list)  # top log-probs at each
-    ahead_sampled: bool = True  # False when the look-ahead came from a greedy scoring pass
-    next_top: dict[int, float] = field(default_factory=dict)  # top log-probs after the context
-    scored: dict[tuple[int, ...], _Scored] = field(default_factory=dict)
+    look: LookAhead = field(default_factory=LookAhead)  # what is known past the context
     live: set[str] = field(default_factory=set)
     cancelled: bool = False
     counter: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
     prefill: list[tuple[int, int]] = field(default_factory=list)  # (prompt len, cached)
+
+    @property
+    def ahead(self) -> list[int]:
+        """Tokens generated past the committed context (look-ahead)."""
+        return self.look.ids
 
 
 class VllmEngine:
@@ -210,8 +208,7 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         st = state
-        if not sampling.greedy and not st.ahead_sampled:
-            st.ahead, st.ahead_lp, st.ahead_top = [], [], []
+        st.look.for_sampling(sampling.greedy)
         out: list[int] = []
         lps: list[float] = []
 
@@ -220,9 +217,9 @@ class VllmEngine:
             lps.append(lp)
             return tok in stop_ids or should_stop(out) or len(out) >= max_tokens
 
-        for tok, lp in zip(st.ahead, st.ahead_lp):
+        for tok, lp in zip(st.look.ids, st.look.lps):
             if take(tok, lp):
-                return _generation(out, lps, stop_ids, reused=len(out))
+                return generation(out, lps, stop_ids, reused=len(out))
         reused = len(out)
         params = SamplingParams(
             max_tokens=max_tokens - len(out),
@@ -234,10 +231,10 @@ class VllmEngine:
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
         )
-        st.ahead_sampled = True
+        st.look.sampled = True
         done = False
         logged = False
-        prompt = st.ids + st.ahead
+        prompt = st.ids + st.look.ids
         async with contextlib.aclosing(self._request(st, prompt, params)) as stream:
             async for res in stream:
                 if not logged and res.num_cached_tokens is not None:
@@ -246,18 +243,13 @@ class VllmEngine:
                     self.prefill_log.append(st.prefill[-1])
                 c = res.outputs[0]
                 for tok, entry in zip(c.token_ids, c.logprobs or ()):
-                    top = _top(entry)
-                    if not st.ahead:
-                        st.next_top = top
-                    st.ahead.append(tok)
-                    st.ahead_lp.append(top[tok])
-                    st.ahead_top.append(top)
-                    done = done or take(tok, top[tok])
+                    lp = st.look.push(tok, _top(entry))
+                    done = done or take(tok, lp)
                 if done:
                     break
         if st.cancelled:  # released mid-way: vLLM ends an aborted request quietly
             raise asyncio.CancelledError()
-        return _generation(out, lps, stop_ids, reused)
+        return generation(out, lps, stop_ids, reused)
 
     async def score(
         self, state: VllmState, candidates: Sequence[Sequence[int]]
@@ -285,70 +277,20 @@ class VllmEngine:
                     cached = res.num_cached_tokens or 0
                     st.prefill.append((len(prompt), cached))
                     self.prefill_log.append(st.prefill[-1])
-                    scores = self._candidate_logprobs(st, cand, res.prompt_logprobs or [], cached)
+                    entries = candidate_entries(res.prompt_logprobs or [], len(cand))
+                    scores = st.look.candidate_logprobs(
+                        len(st.ids), cand, [_top(e) if e else None for e in entries], cached
+                    )
                     if scores is None:  # a cached gap nothing else can fill: recompute
                         return await one(cand, use_cache=False)
                     c = res.outputs[0]
-                    tops = [_top(e) for e in c.logprobs or ()]
-                    nxt = list(c.token_ids)
-                    st.scored[tuple(cand)] = _Scored(nxt, [t[i] for t, i in zip(tops, nxt)], tops)
+                    st.look.record_scored(cand, c.token_ids, [_top(e) for e in c.logprobs or ()])
                     return scores
             raise EngineError(f"engine {self.name}: no output for a scoring request")
 
         return list(await asyncio.gather(*(one(list(c)) for c in candidates)))
 
-    @staticmethod
-    def _candidate_logprobs(
-        st: VllmState, cand: list[int], plp: Sequence[Any], cached: int
-    ) -> list[float] | None:
-        """The candidate's token log-probs from ``prompt_logprobs``.
-
-        vLLM fills an entry only where it recomputed the position before it; cached
-        positions hold garbage. The entry for the candidate's j-th token needs position
-        ``L + j - 1`` recomputed (L = context length). When prefix caching covered it, the
-        value is known from what this state saw before: the top log-probs after the
-        context, or its own look-ahead when the candidate starts with it."""
-        start = len(st.ids)
-        entries = list(plp[-len(cand) :]) if len(plp) >= len(cand) else []
-        out: list[float] = []
-        for j, tok in enumerate(cand):
-            if start + j - 1 >= cached and j < len(entries) and entries[j] is not None:
-                out.append(float(entries[j][tok].logprob))
-            elif j == 0 and tok in st.next_top:
-                out.append(st.next_top[tok])
-            elif j < len(st.ahead) and st.ahead[: j + 1] == cand[: j + 1]:
-                out.append(st.ahead_lp[j])
-            elif (
-                0 < j <= len(st.ahead)
-                and st.ahead[:j] == cand[:j]
-                and j < len(st.ahead_top)
-                and tok in st.ahead_top[j]
-            ):
-                out.append(st.ahead_top[j][tok])
-            else:
-                return None
-        return out
-
     async def commit(self, state: VllmState, ids: Sequence[int]) -> None:
-        st = state
-        ids = list(ids)
-        n = len(ids)
-        scored = st.scored.get(tuple(ids))
-        if st.ahead[:n] == ids:
-            st.next_top = st.ahead_top[n] if n < len(st.ahead_top) else {}
-            st.ahead, st.ahead_lp, st.ahead_top = st.ahead[n:], st.ahead_lp[n:], st.ahead_top[n:]
-        elif scored is not None:
-            st.ahead, st.ahead_lp, st.ahead_top = scored.ids, scored.logprobs, scored.tops
-            st.next_top = scored.tops[0] if scored.tops else {}
-            st.ahead_sampled = False
-        else:
-            st.ahead, st.ahead_lp, st.ahead_top, st.next_top = [], [], [], {}
-        st.ids.extend(ids)
-        st.scored.clear()
-
-
-def _generation(
-    out: list[int], lps: list[float], stop_ids: frozenset[int], reused: int
-) -> Generation:
-    stopped = out[-1] if out and out[-1] in stop_ids else None
-    return Generation(tuple(out), tuple(lps), stopped_on=stopped, reused=reused)
+        state.look.commit(ids)
+        state.ids.extend(ids)
+        state.look.check()

@@ -1,0 +1,379 @@
+"""Remote vLLM backend of the engine protocol: each source model on its own ``vllm serve``.
+
+Source models too big to share a machine each run on a vLLM server started with
+``--enable-scale-out`` (token-in/token-out API, vLLM >= 0.32); this engine drives it over
+HTTP (the wire and its faults: ``vllm_remote_client.py``).
+
+State is client-side: the committed context's token ids, resent with every call (vLLM's
+prefix cache makes that cheap), plus the look-ahead shared with the in-process engine
+(``vllm_logprobs.LookAhead``). ``generate`` streams and closes the stream once the
+segment is known (vLLM aborts the request); the tokens that arrived past it stay as
+look-ahead. ``score`` sends one ``prompt_logprobs`` request per candidate that reads the
+prefix cache; positions vLLM served from its cache have stale entries and are filled from
+what the state saw before, else the candidate is recomputed without the cache. A server
+that does not report cached tokens is scored without reading the cache (correct, slower;
+a warning says so).
+
+Faults: a remote that is down, slow, answers 5xx or drops a stream raises ``EngineError``
+(the loop drops the model from that request, the others finish). After a failed call new
+requests are refused at ``open`` for a back-off period that doubles while the remote stays
+down; then a ``/health`` probe (``open``'s, or the server's own ``/health``) lets the model
+rejoin. ``release`` cancels the state's running calls, which closes their connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
+from fusion.engines.vllm_logprobs import (
+    TOP_LOGPROBS,
+    LookAhead,
+    Top,
+    candidate_entries,
+    generation,
+)
+from fusion.engines.vllm_remote_client import GENERATE, RemoteVllm, ServerError, cached_tokens
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PROBE_TEXT = "Natalia sold clips to 48 of her friends in April.\n  Größe: 3.5 km²; 你好! <b>"
+_Take = Callable[[int, float], bool]  # one generated token and its log-prob -> stop there?
+
+
+@dataclass
+class RemoteState:
+    """Per-request state: the context lives here, the remote keeps only its cache."""
+
+    request_id: str
+    ids: list[int]  # the committed context, resent with every call
+    look: LookAhead = field(default_factory=LookAhead)  # what is known past the context
+    live: set[asyncio.Task[Any]] = field(default_factory=set)  # HTTP calls running
+    cancelled: bool = False
+    counter: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
+    prefill: list[tuple[int, int]] = field(default_factory=list)  # (prompt len, cached)
+
+
+class VllmRemoteEngine:
+    """Engine protocol on a remote ``vllm serve --enable-scale-out``."""
+
+    def __init__(
+        self,
+        name: str,
+        tokenizer_dir: str | Path,
+        *,
+        url: str,
+        api_key: str | None = None,
+        connect_timeout_seconds: float = 5.0,
+        read_timeout_seconds: float = 120.0,
+        start_timeout_seconds: float = 600.0,
+        retries: int = 2,
+        retry_backoff_seconds: float = 0.5,
+        max_backoff_seconds: float = 30.0,
+        score_lookahead_tokens: int = 1,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.name = name
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.url = url.rstrip("/")
+        self.start_timeout = start_timeout_seconds
+        self.score_lookahead = max(1, score_lookahead_tokens)
+        self.max_model_len = 0
+        self.read_cache = True  # False when the remote does not report cached tokens
+        self.open_states = 0
+        # (prompt tokens, prefix-cached tokens) of scoring requests, for benchmarks/metrics
+        self.prefill_log: deque[tuple[int, int]] = deque(maxlen=100_000)
+        self._client_args: dict[str, Any] = {
+            "api_key": api_key,
+            "timeout": httpx.Timeout(read_timeout_seconds, connect=connect_timeout_seconds),
+            "retries": retries,
+            "retry_backoff": retry_backoff_seconds,
+            "max_backoff": max_backoff_seconds,
+            "transport": transport,
+        }
+        self._remote: RemoteVllm | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._remote = RemoteVllm(self.name, self.url, **self._client_args)
+        started = time.monotonic()
+        await self._wait_up()
+        await self._check_vocabulary()
+        await self._probe_cache_reporting()
+        log.info(
+            "engine %s: remote vLLM at %s ready in %.1f s (max_model_len %d%s)",
+            self.name,
+            self.url,
+            time.monotonic() - started,
+            self.max_model_len,
+            "" if self.read_cache else "; scoring without the prefix cache",
+        )
+
+    def _rv(self) -> RemoteVllm:
+        if self._remote is None:
+            raise EngineError(f"engine {self.name} is not started")
+        return self._remote
+
+    async def _wait_up(self) -> None:
+        """Wait for ``/health`` (a server may still be loading its model)."""
+        deadline = time.monotonic() + self.start_timeout
+        delay = 0.5
+        while True:
+            try:
+                await self.check_health()
+                return
+            except EngineError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise EngineError(
+                        f"engine {self.name}: vLLM at {self.url} did not become healthy "
+                        f"within {self.start_timeout:g} s: {exc}"
+                    ) from None
+                log.info("engine %s: waiting for vLLM at %s (%s)", self.name, self.url, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def _check_vocabulary(self) -> None:
+        """The remote must serve the vocabulary alignment and templates use (ours)."""
+        from tokenizers import Tokenizer
+
+        path = str(self.tokenizer_dir / "tokenizer.json")
+        tok = await asyncio.to_thread(Tokenizer.from_file, path)
+        ours = tok.encode(PROBE_TEXT, add_special_tokens=False).ids
+        body = {"prompt": PROBE_TEXT, "add_special_tokens": False}
+        answer = await self._rv().post("/tokenize", body)
+        theirs = [int(t) for t in answer.get("tokens", [])]
+        self.max_model_len = int(answer.get("max_model_len") or 0)
+        if ours != theirs:
+            raise EngineError(
+                f"engine {self.name}: the vLLM server at {self.url} does not serve this "
+                f"model's vocabulary: a probe text encodes as {theirs[:12]} there and "
+                f"{ours[:12]} with the tokenizer in {self.tokenizer_dir}. Point the model's "
+                "url at a server of the same model as its source."
+            )
+
+    async def _probe_cache_reporting(self) -> None:
+        """Read the prefix cache when scoring only if the remote says what it read."""
+        probe = {
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": 0,
+            "skip_reading_prefix_cache": False,
+        }
+        try:
+            answer = await self._rv().post(GENERATE, _body([0, 0], probe, stream=False))
+        except EngineError as exc:
+            raise EngineError(
+                f"{exc} (is the server started with --enable-scale-out? it serves "
+                f"{GENERATE} from vLLM 0.32 on)"
+            ) from None
+        if cached_tokens(answer) is None:
+            self.read_cache = False
+            log.warning(
+                "engine %s: vLLM at %s does not report cached prompt tokens (start it with "
+                "--enable-prompt-tokens-details): scoring recomputes every context",
+                self.name,
+                self.url,
+            )
+
+    async def shutdown(self) -> None:
+        remote, self._remote = self._remote, None
+        if remote is not None:
+            await remote.aclose()
+
+    async def check_health(self) -> None:
+        remote = self._rv()
+        await remote.health()
+        if remote.breaker.ok():
+            log.info("engine %s: vLLM at %s answers again", self.name, self.url)
+
+    # -- protocol -----------------------------------------------------------------------
+    async def open(self, request_id: str, prompt_ids: Sequence[int]) -> RemoteState:
+        breaker = self._rv().breaker
+        if breaker.down is not None:
+            wait = breaker.wait()
+            if wait > 0:
+                raise EngineError(
+                    f"engine {self.name}: vLLM at {self.url} is down "
+                    f"({breaker.down}); next try in {wait:.1f} s"
+                )
+            await self.check_health()  # rejoin, or fail and back off longer
+        if not prompt_ids:
+            raise EngineError(f"engine {self.name}: empty prompt")
+        if self.max_model_len and len(prompt_ids) >= self.max_model_len:
+            raise EngineError(
+                f"engine {self.name}: prompt of {len(prompt_ids)} tokens leaves no room "
+                f"in its {self.max_model_len}-token context"
+            )
+        self.open_states += 1
+        return RemoteState(request_id=request_id, ids=list(prompt_ids))
+
+    async def release(self, state: RemoteState) -> None:
+        if state.cancelled:
+            return
+        state.cancelled = True
+        self.open_states -= 1
+        for task in list(state.live):  # closes their streams: vLLM aborts the requests
+            task.cancel()
+
+    async def commit(self, state: RemoteState, ids: Sequence[int]) -> None:
+        state.look.commit(ids)
+        state.ids.extend(ids)
+        state.look.check()
+
+    async def generate(
+        self,
+        state: RemoteState,
+        max_tokens: int,
+        stop_ids: frozenset[int],
+        should_stop: StopCheck,
+        sampling: Sampling = GREEDY,
+    ) -> Generation:
+        st = state
+        st.look.for_sampling(sampling.greedy)
+        out: list[int] = []
+        lps: list[float] = []
+
+        def take(tok: int, lp: float) -> bool:
+            out.append(tok)
+            lps.append(lp)
+            return tok in stop_ids or should_stop(out) or len(out) >= max_tokens
+
+        for tok, lp in zip(st.look.ids, st.look.lps):
+            if take(tok, lp):
+                return generation(out, lps, stop_ids, reused=len(out))
+        reused = len(out)
+        params: dict[str, Any] = {
+            "max_tokens": max_tokens - len(out),
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "logprobs": TOP_LOGPROBS,
+            "stop_token_ids": sorted(stop_ids),
+            "detokenize": False,
+        }
+        if sampling.seed is not None:
+            params["seed"] = sampling.seed + len(st.ids)
+        st.look.sampled = True
+        body = _body(st.ids + st.look.ids, params, stream=True, rid=self._rid(st))
+        await self._live(st, self._stream_into(st, body, take))
+        return generation(out, lps, stop_ids, reused)
+
+    async def _stream_into(self, st: RemoteState, body: dict[str, Any], take: _Take) -> None:
+        """Push streamed tokens into the look-ahead until ``take`` says the segment is
+        known; leaving the ``async with`` closes the stream (vLLM aborts the request)."""
+        done = False
+        async with self._rv().events(body) as events:
+            async for chunk in events:
+                for choice in chunk.get("choices") or ():
+                    toks = choice.get("token_ids") or []
+                    content = (choice.get("logprobs") or {}).get("content") or []
+                    if len(content) != len(toks):
+                        raise EngineError(f"engine {self.name}: tokens without log-probs")
+                    for tok, entry in zip(toks, content):
+                        lp = st.look.push(int(tok), _top(entry))
+                        done = done or take(int(tok), lp)
+                    if choice.get("finish_reason") == "abort":
+                        raise EngineError(f"engine {self.name}: vLLM aborted the request")
+                    if choice.get("finish_reason") is not None:
+                        return
+                if done:
+                    return
+
+    async def score(
+        self, state: RemoteState, candidates: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        st = state
+
+        async def one(cand: list[int], use_cache: bool) -> list[float]:
+            params = {
+                "max_tokens": self.score_lookahead,
+                "temperature": 0.0,
+                "prompt_logprobs": 0,
+                "logprobs": TOP_LOGPROBS,
+                "detokenize": False,
+                "skip_reading_prefix_cache": not use_cache,
+            }
+            prompt = st.ids + cand
+            body = _body(prompt, params, stream=False, rid=self._rid(st))
+            try:
+                answer = await self._live(st, self._rv().post(GENERATE, body))
+            except ServerError:
+                if not use_cache:
+                    raise
+                # stale cached entries may hold non-finite garbage vLLM cannot encode
+                return await one(cand, use_cache=False)
+            cached = cached_tokens(answer) if use_cache else 0
+            st.prefill.append((len(prompt), len(prompt) if cached is None else cached))
+            self.prefill_log.append(st.prefill[-1])
+            entries = candidate_entries(answer.get("prompt_logprobs") or [], len(cand))
+            scores = st.look.candidate_logprobs(
+                len(st.ids), cand, [_entry(e) for e in entries], st.prefill[-1][1]
+            )
+            if scores is None:  # a cached gap nothing else can fill: recompute
+                return await one(cand, use_cache=False)
+            choice = (answer.get("choices") or [{}])[0]
+            content = (choice.get("logprobs") or {}).get("content") or []
+            st.look.record_scored(cand, choice.get("token_ids") or [], [_top(e) for e in content])
+            return scores
+
+        return list(await asyncio.gather(*(one(list(c), self.read_cache) for c in candidates)))
+
+    # -- calls ------------------------------------------------------------------------------
+    def _rid(self, st: RemoteState) -> str:
+        return f"{st.request_id}-{next(st.counter)}"
+
+    async def _live(self, st: RemoteState, work: Coroutine[Any, Any, T]) -> T:
+        """Run one HTTP call as a task ``release`` can cancel (closing its connection)."""
+        if st.cancelled:
+            work.close()
+            raise EngineError(f"engine {self.name}: request {st.request_id} was released")
+        task = asyncio.ensure_future(work)
+        st.live.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if st.cancelled and task.cancelled() and not (me and me.cancelling()):
+                raise EngineError(
+                    f"engine {self.name}: request {st.request_id} was released"
+                ) from None
+            raise
+        finally:
+            st.live.discard(task)
+
+
+def _body(
+    ids: list[int], params: dict[str, Any], *, stream: bool, rid: str | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"token_ids": ids, "sampling_params": params, "stream": stream}
+    if rid is not None:
+        body["request_id"] = rid
+    return body
+
+
+def _top(entry: dict[str, Any]) -> Top:
+    """Top log-probs of one generated position (the sampled token included)."""
+    top = {int(t["token_id"]): float(t["logprob"]) for t in entry.get("top_logprobs") or ()}
+    top[int(entry["token_id"])] = float(entry["logprob"])
+    return top
+
+
+def _entry(entry: Any) -> dict[int, float] | None:
+    """One ``prompt_logprobs`` entry as {token id: log-prob} (None if unusable: a cached
+    position's entry is garbage and may not even parse)."""
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return {int(t): float(v["logprob"]) for t, v in entry.items()}
+    except (TypeError, ValueError, KeyError):
+        return None
