@@ -215,7 +215,9 @@ async def test_step_timings_split_each_step_and_name_the_slow_model(make_model):
         assert set(busy) == {m.name for m in models}
         # gemma sleeps 20 ms per engine call: it is every step's critical path
         assert busy["gemma3-270m"] == max(busy.values()) and busy["gemma3-270m"] >= 0.04
-        assert t.generate >= 0.02
+        # the generate phase waited for gemma's 20 ms; tokenizer work inside it is booked
+        # as align (summed over models, so under load it can eat into generate)
+        assert t.generate + t.align >= 0.02
     contexts = [s.context_tokens for s in segments]
     assert contexts == sorted(contexts) and contexts[0] > 0 and contexts[-1] > contexts[0]
     total = sum(outcome.phase_seconds.values())
