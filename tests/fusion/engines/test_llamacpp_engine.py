@@ -174,21 +174,27 @@ def test_concurrent_requests_share_decodes_and_answer_as_alone(llama_models):
     assert both == solo
 
 
+async def settled(rt, expected: int) -> None:
+    """Wait (up to 5 s) for earlier releases, freed at the decode thread's next tick."""
+    for _ in range(500):
+        if rt.free_seqs == expected:
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_release_frees_every_sequence_of_the_request(llama_models):
     m = llama_models["smollm2-135m"]
     rt = m.engine.rt
-    before = rt.free_seqs
+    before = rt.n_seq_max  # every test releases what it took
 
     async def run():
+        await settled(rt, before)
         state = await m.engine.open("f1", m.tokenizer.encode_prompt("Once upon a time"))
         await m.engine.generate(state, 3, frozenset(), NEVER)
         await m.engine.score(state, [m.tokenizer.encode(" there"), m.tokenizer.encode(" a")])
         held = rt.free_seqs
         await m.engine.release(state)
-        for _ in range(100):
-            if rt.free_seqs == before:
-                break
-            await asyncio.sleep(0.01)
+        await settled(rt, before)
         return held
 
     held = asyncio.run(run())
@@ -202,19 +208,19 @@ def test_a_cancelled_fused_request_frees_its_sequences(llama_models):
     from fusion.types import FusionParams, Prompt
 
     models = list(llama_models.values())
-    free = {m.name: m.engine.rt.free_seqs for m in models}
+    free = {m.name: m.engine.rt.n_seq_max for m in models}  # every test releases all
 
     async def run():
+        for m in models:
+            await settled(m.engine.rt, free[m.name])
         fuser = Fuser(models)
         params = FusionParams(max_tokens=64)
         prompt = Prompt(messages=({"role": "user", "content": "Tell me about the sea."},))
         run = fuser.run(prompt, params)
         await run.__anext__()  # one segment streamed, then the client goes away
         await run.aclose()
-        for _ in range(200):
-            if all(m.engine.rt.free_seqs == free[m.name] for m in models):
-                break
-            await asyncio.sleep(0.01)
+        for m in models:
+            await settled(m.engine.rt, free[m.name])
 
     asyncio.run(run())
     assert {m.name: m.engine.rt.free_seqs for m in models} == free
