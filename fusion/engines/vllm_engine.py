@@ -36,9 +36,9 @@ from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
 from fusion.engines.vllm_logprobs import (
     TOP_LOGPROBS,
     LookAhead,
+    Taker,
     Top,
     candidate_entries,
-    generation,
 )
 
 log = logging.getLogger(__name__)
@@ -209,20 +209,12 @@ class VllmEngine:
 
         st = state
         st.look.for_sampling(sampling.greedy)
-        out: list[int] = []
-        lps: list[float] = []
-
-        def take(tok: int, lp: float) -> bool:
-            out.append(tok)
-            lps.append(lp)
-            return tok in stop_ids or should_stop(out) or len(out) >= max_tokens
-
-        for tok, lp in zip(st.look.ids, st.look.lps):
-            if take(tok, lp):
-                return generation(out, lps, stop_ids, reused=len(out))
-        reused = len(out)
+        taker = Taker(max_tokens, stop_ids, should_stop)
+        if taker.replay(st.look):
+            return taker.result()
+        take = taker.take
         params = SamplingParams(
-            max_tokens=max_tokens - len(out),
+            max_tokens=taker.left,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             seed=None if sampling.seed is None else sampling.seed + len(st.ids),
@@ -249,7 +241,7 @@ class VllmEngine:
                     break
         if st.cancelled:  # released mid-way: vLLM ends an aborted request quietly
             raise asyncio.CancelledError()
-        return generation(out, lps, stop_ids, reused)
+        return taker.result()
 
     async def score(
         self, state: VllmState, candidates: Sequence[Sequence[int]]

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fusion.engine import Generation
+from fusion.engine import Generation, StopCheck
 
 TOP_LOGPROBS = 20  # vLLM's default max_logprobs
 
@@ -131,6 +131,44 @@ class LookAhead:
 def candidate_entries(plp: Sequence[object], n: int) -> list[object]:
     """The last ``n`` entries of a prompt-logprob list (none if it is shorter)."""
     return list(plp[-n:]) if n and len(plp) >= n else []
+
+
+@dataclass
+class Taker:
+    """The tokens of one ``generate`` call: the kept look-ahead replayed first, then the
+    ones the engine streams, until a stop id, ``should_stop`` or ``max_tokens``."""
+
+    max_tokens: int
+    stop_ids: frozenset[int]
+    should_stop: StopCheck
+    out: list[int] = field(default_factory=list)
+    lps: list[float] = field(default_factory=list)
+    reused: int = 0  # of ``out``, tokens replayed from the look-ahead
+
+    def take(self, tok: int, lp: float) -> bool:
+        """Add a token; True when the call is over."""
+        self.out.append(tok)
+        self.lps.append(lp)
+        if tok in self.stop_ids or self.should_stop(self.out):
+            return True
+        return len(self.out) >= self.max_tokens
+
+    def replay(self, look: LookAhead) -> bool:
+        """Take the look-ahead kept from earlier calls; True when that already ends it."""
+        done = False
+        for tok, lp in zip(look.ids, look.lps):
+            if self.take(tok, lp):
+                done = True
+                break
+        self.reused = len(self.out)
+        return done
+
+    @property
+    def left(self) -> int:
+        return self.max_tokens - len(self.out)
+
+    def result(self) -> Generation:
+        return generation(self.out, self.lps, self.stop_ids, self.reused)
 
 
 def generation(

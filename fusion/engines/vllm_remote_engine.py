@@ -39,9 +39,9 @@ from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
 from fusion.engines.vllm_logprobs import (
     TOP_LOGPROBS,
     LookAhead,
+    Taker,
     Top,
     candidate_entries,
-    generation,
 )
 from fusion.engines.vllm_remote_client import GENERATE, RemoteVllm, ServerError, cached_tokens
 
@@ -241,20 +241,12 @@ class VllmRemoteEngine:
     ) -> Generation:
         st = state
         st.look.for_sampling(sampling.greedy)
-        out: list[int] = []
-        lps: list[float] = []
-
-        def take(tok: int, lp: float) -> bool:
-            out.append(tok)
-            lps.append(lp)
-            return tok in stop_ids or should_stop(out) or len(out) >= max_tokens
-
-        for tok, lp in zip(st.look.ids, st.look.lps):
-            if take(tok, lp):
-                return generation(out, lps, stop_ids, reused=len(out))
-        reused = len(out)
+        taker = Taker(max_tokens, stop_ids, should_stop)
+        if taker.replay(st.look):
+            return taker.result()
+        take = taker.take
         params: dict[str, Any] = {
-            "max_tokens": max_tokens - len(out),
+            "max_tokens": taker.left,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "logprobs": TOP_LOGPROBS,
@@ -266,7 +258,7 @@ class VllmRemoteEngine:
         st.look.sampled = True
         body = _body(st.ids + st.look.ids, params, stream=True, rid=self._rid(st))
         await self._live(st, self._stream_into(st, body, take))
-        return generation(out, lps, stop_ids, reused)
+        return taker.result()
 
     async def _stream_into(self, st: RemoteState, body: dict[str, Any], take: _Take) -> None:
         """Push streamed tokens into the look-ahead until ``take`` says the segment is
