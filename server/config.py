@@ -114,6 +114,14 @@ class LlamaCppOptions(_Strict):
     n_batch: int = Field(
         512, ge=32, description="Most tokens in one llama_decode (all requests together)."
     )
+    prefix_cache: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="Finished contexts kept in the KV cache (least recently used first out); "
+        "a prompt that starts like one of them (few-shot examples, system prompt, earlier "
+        "chat turns) decodes only the rest. 0: off.",
+    )
 
 
 class VllmRemoteOptions(_Strict):

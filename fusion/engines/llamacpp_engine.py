@@ -18,6 +18,11 @@ candidates (and any undecoded look-ahead) go in one decode. Committing a scored
 candidate copies its branch's cells into the request's sequence: no recomputation.
 Committing this model's own candidate moves ``n_past`` over its look-ahead.
 
+``tokens`` is the whole committed context (``tokens[:n_past]`` is in the cells, the rest
+is ``pending``). A released state's cells ``[0, n_past)`` go to the prefix cache
+(``llamacpp_prefix``); a new state whose prompt starts the same way copies them and
+decodes only the rest.
+
 ``commit`` only does bookkeeping on the caller's thread; the cache operations it implies
 (``ops``) run on the decode thread at the start of the state's next call, so a commit
 never waits behind other requests' decodes.
@@ -63,6 +68,7 @@ class LlamaState:
 
     request_id: str
     pending: list[int]
+    tokens: list[int] = field(default_factory=list)  # the committed context
     seq: int | None = None  # taken on the decode thread at the first call
     n_past: int = 0
     last_id: int = -1
@@ -80,6 +86,7 @@ class LlamaState:
         assert 0 <= self.ahead_fed <= len(self.ahead) == len(self.ahead_lp)
         assert not (self.pending and self.ahead), "look-ahead after undecoded context"
         assert self.tail is None or (self.ahead_fed == len(self.ahead) and not self.pending)
+        assert len(self.tokens) == self.n_past + len(self.pending)
 
 
 class LlamaCppEngine:
@@ -96,6 +103,7 @@ class LlamaCppEngine:
         max_requests: int = 16,
         branches_per_request: int = 3,
         n_batch: int = 512,
+        prefix_cache: int = 8,
     ) -> None:
         self.name = name
         self.gguf = Path(gguf)
@@ -105,6 +113,7 @@ class LlamaCppEngine:
         self.max_requests = max_requests
         self.branches = branches_per_request
         self.n_batch = n_batch
+        self.prefix_cache = prefix_cache
         self.max_model_len = 0
         self.open_states = 0
         self.rt: LlamaRuntime | None = None
@@ -124,6 +133,7 @@ class LlamaCppEngine:
             n_seq_max=min(256, self.max_requests * (1 + self.branches)),
             n_batch=self.n_batch,
             name=self.name,
+            prefix_entries=self.prefix_cache,
         )
         try:
             check_vocabulary(rt, self.tokenizer_dir, self.name)
@@ -166,7 +176,7 @@ class LlamaCppEngine:
             )
         await self._slots.acquire()  # back-pressure: wait for a free request slot
         self.open_states += 1
-        return LlamaState(request_id=request_id, pending=list(prompt_ids))
+        return LlamaState(request_id=request_id, pending=list(prompt_ids), tokens=list(prompt_ids))
 
     async def generate(
         self,
@@ -230,6 +240,8 @@ class LlamaCppEngine:
             st.seq = rt.take_seq()
             if st.seq is None:
                 yield []  # every sequence is busy: wait a tick
+            elif st.n_past == 0:
+                _reuse_prefix(rt, st)
         for op in st.ops:
             op(rt)
         st.ops.clear()
@@ -377,6 +389,7 @@ def _commit(st: LlamaState, ids: tuple[int, ...]) -> None:
     n = len(ids)
     if n == 0:
         return
+    st.tokens.extend(ids)
     branch = next((b for b in st.branches if b.ids == ids), None)
     seq = st.seq
     if not st.pending and tuple(st.ahead[:n]) == ids:
@@ -416,13 +429,41 @@ def _drop_branches(rt: LlamaRuntime, st: LlamaState) -> None:
     st.branches = []
 
 
+def _reuse_prefix(rt: LlamaRuntime, st: LlamaState) -> None:
+    """Start a fresh state from the prefix cache's longest match of its prompt."""
+    assert st.seq is not None
+    hit = rt.prefix.lookup(st.pending)
+    if hit is None:
+        return
+    src, n = hit
+    rt.copy_span(src, st.seq, 0, n)
+    st.n_past = n
+    st.last_id = st.pending[n - 1]
+    st.pending = st.pending[n:]
+
+
 def _free(rt: LlamaRuntime, st: LlamaState) -> None:
-    _drop_branches(rt, st)
+    """Release a state's sequences; its decoded context goes to the prefix cache."""
+    seq, st.seq = st.seq, None
+    try:
+        for op in st.ops:  # a commit's pending copy out of a branch
+            op(rt)
+        ok = seq is not None
+    except LlamaError:
+        ok = False
     st.ops.clear()
-    if st.seq is not None:
-        rt.give_seq(st.seq)
-        st.seq = None
+    _drop_branches(rt, st)
     st.tail = None
+    if seq is None:
+        return
+    if ok and st.n_past:
+        rt.drop_from(seq, st.n_past)  # look-ahead is not context
+        # a call cut short can leave the last cell undecoded: keep only whole contexts
+        ok = rt.seq_end(seq) == st.n_past
+    if ok and st.n_past:
+        rt.prefix.keep(seq, st.tokens[: st.n_past])
+    else:
+        rt.give_seq(seq)
 
 
 def _pick(st: LlamaState, row: np.ndarray, sampling: Sampling) -> int:

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fusion.engines.llamacpp_prefix import PrefixCache
+
 log = logging.getLogger(__name__)
 
 Want = Literal["none", "last", "all"]
@@ -95,6 +97,7 @@ class LlamaRuntime:
         n_seq_max: int,
         n_batch: int,
         name: str = "",
+        prefix_entries: int = 0,
     ) -> None:
         import llama_cpp as lc
 
@@ -134,6 +137,10 @@ class LlamaRuntime:
         self.n_seq_max = int(lc.llama_n_seq_max(ctx))
         self._batch = lc.llama_batch_init(n_batch, 0, 1)
         self._free_seqs = list(range(self.n_seq_max - 1, -1, -1))
+        # finished contexts kept for prompts that start the same way (a quarter of the cells)
+        self.prefix = PrefixCache(
+            self.give_seq, max_entries=prefix_entries, max_tokens=self.n_ctx // 4
+        )
         self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._tasks: list[_Task] = []
         self.decodes = 0  # llama_decode calls (tests, stats)
@@ -159,6 +166,9 @@ class LlamaRuntime:
 
     # -- sequences (decode thread only) --------------------------------------------------
     def take_seq(self) -> int | None:
+        """A free sequence, evicting a prefix-cache entry if need be; None if all are live."""
+        if not self._free_seqs:
+            self.prefix.evict()
         return self._free_seqs.pop() if self._free_seqs else None
 
     def give_seq(self, seq: int) -> None:
@@ -171,7 +181,8 @@ class LlamaRuntime:
 
     @property
     def free_seqs(self) -> int:
-        return len(self._free_seqs)
+        """Sequences a request can take now (free ones and prefix-cache entries)."""
+        return len(self._free_seqs) + len(self.prefix)
 
     def copy_span(self, src: int, dst: int, p0: int, p1: int) -> None:
         self._lc.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
@@ -230,9 +241,7 @@ class LlamaRuntime:
             busy = any(t.feeds for t in self._tasks)
             try:
                 # idle: sleep until work arrives; tasks waiting for a sequence: poll gently
-                task = self._queue.get(
-                    block=not busy, timeout=None if not self._tasks else 0.005
-                )
+                task = self._queue.get(block=not busy, timeout=None if not self._tasks else 0.005)
                 while True:
                     if task is None:
                         self._fail_all(LlamaError(f"engine {self.name} shut down"))
@@ -265,8 +274,14 @@ class LlamaRuntime:
             return
         size = sum(len(f.tokens) for f in feeds)
         if size > self.n_batch:  # it could never be scheduled
-            self._finish(task, None, LlamaError(f"a job asked for {size} tokens in one decode "
-                                                f"(at most n_batch = {self.n_batch})"))
+            self._finish(
+                task,
+                None,
+                LlamaError(
+                    f"a job asked for {size} tokens in one decode "
+                    f"(at most n_batch = {self.n_batch})"
+                ),
+            )
             return
         task.feeds = list(feeds)
 
@@ -350,6 +365,10 @@ class LlamaRuntime:
         batch.logits[i] = 1 if output else 0
 
     def _decode_failed(self, rc: int, chosen: list[_Task]) -> None:
+        if rc == 1 and len(self.prefix):
+            self.prefix.clear()  # live requests before kept contexts
+            self._tick(chosen)
+            return
         if rc == 1 and len(chosen) > 1:
             # No KV room for all of them at once: the first goes alone now, the others
             # keep their feeds for a later tick (back-pressure, never a drop).

@@ -332,3 +332,78 @@ def test_a_job_asking_more_than_a_batch_fails_instead_of_waiting(llama_models):
 
     with pytest.raises(LlamaError, match="at most n_batch"):
         run_job(llama_models["smollm2-135m"].engine, job())
+
+
+def test_a_prompt_that_starts_like_a_finished_context_decodes_only_the_rest(llama_models):
+    """Few-shot evaluation and multi-turn chat resend a long common prefix: the second
+    request copies the first one's cells and decodes only what differs. The answer is the
+    one without the cache; the log-probs differ as llama.cpp's CPU kernels differ between
+    batch shapes (seen here: up to 0.09 nats between one decode of the whole prompt and
+    256-token chunks, with no cache involved)."""
+    m = llama_models["smollm2-135m"]
+    rt = m.engine.rt
+    shots = "".join(
+        f"Question: What is {a} plus {a + 3}?\nAnswer: {2 * a + 3}\n\n" for a in range(12)
+    )
+    first = m.tokenizer.encode(shots + "Question: What is 5 plus 9?\nAnswer:")
+    second = m.tokenizer.encode(shots + "Question: What is 20 plus 22?\nAnswer:")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared > 100
+
+    async def answer(rid: str, ids: list[int]) -> tuple[tuple[int, ...], tuple[float, ...], int]:
+        before = rt.decoded_tokens
+        state = await m.engine.open(rid, ids)
+        try:
+            gen = await m.engine.generate(state, 8, frozenset(), NEVER)
+        finally:
+            await m.engine.release(state)
+        return gen.ids, gen.logprobs, rt.decoded_tokens - before
+
+    async def clear() -> None:
+        def job() -> Generator[list[Feed], list[np.ndarray], None]:
+            rt.prefix.clear()
+            return None
+            yield []
+
+        await rt.submit(job(), lambda: False)
+
+    async def run():
+        await clear()
+        await answer("p1", first)
+        hits = rt.prefix.hit_tokens
+        cached = await answer("p2", second)
+        reused = rt.prefix.hit_tokens - hits
+        await clear()
+        fresh = await answer("p3", second)
+        await clear()
+        return cached, fresh, reused
+
+    cached, fresh, reused = asyncio.run(run())
+    assert reused == shared
+    assert cached[2] <= len(second) - shared + 8  # the differing tail and the answer
+    assert fresh[2] >= len(second)
+    assert cached[0] == fresh[0]
+    np.testing.assert_allclose(cached[1], fresh[1], atol=0.1)
+
+
+def test_live_requests_evict_kept_contexts_when_sequences_run_out(llama_models):
+    m = llama_models["smollm2-135m"]
+    rt = m.engine.rt
+
+    def job() -> Generator[list[Feed], list[np.ndarray], tuple[int, int]]:
+        rt.prefix.clear()
+        mine = []
+        while rt._free_seqs:
+            mine.append(rt.take_seq())
+        kept = mine.pop()
+        rt.prefix.keep(kept, list(range(100, 140)))  # a finished 40-token context
+        entries = len(rt.prefix)
+        extra = rt.take_seq()  # none free: the kept context makes room
+        for s in [*mine, extra]:
+            rt.give_seq(s)
+        return entries, len(rt.prefix)
+        yield []
+
+    before, after = run_job(m.engine, job())
+    assert (before, after) == (1, 0)
+    assert rt.free_seqs == rt.n_seq_max
