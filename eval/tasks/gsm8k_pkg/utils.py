@@ -26,7 +26,21 @@ def heldout(dataset: Any) -> Any:
     return dataset.select(range(CALIBRATION_QUESTIONS, len(dataset) - SHOTS))
 
 
+def dev(dataset: Any) -> Any:
+    """Questions 3-599: the development slice, after its own three shots (0-2)."""
+    return dataset.select(range(SHOTS, CALIBRATION_QUESTIONS))
+
+
+def dev_shots() -> list[dict[str, str]]:
+    """Questions 0-2, the shots of the development slice (as ``fusion-server calibrate``)."""
+    return _rows()[:SHOTS]
+
+
 def shots() -> list[dict[str, str]]:
     """The test set's last three items, in order (bench/quality.py uses the same)."""
+    return _rows()[-SHOTS:]
+
+
+def _rows() -> list[dict[str, str]]:
     lines = [x for x in DATA.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return [json.loads(x) for x in lines[-SHOTS:]]
+    return [json.loads(x) for x in lines]
