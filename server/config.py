@@ -391,6 +391,24 @@ class SelectionConfig(_Strict):
         )
 
 
+class VariantConfig(_Strict):
+    """A named variant of the fused model: its defaults with these fields on top, served
+    under its own model name (so any client, chat UI or lm-eval run can pick it)."""
+
+    description: str | None = Field(None, description="Shown in /v1/models.")
+    method: Method | None = Field(None, description="Method; null: the fused model's.")
+    models: list[str] | None = Field(
+        None, min_length=1, description="Source models to fuse; null: the fused model's."
+    )
+    max_segment_tokens: int | None = Field(None, ge=1, le=256)
+    ppl_mode: PplMode | None = None
+    selection: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Selection fields replacing the fused model's (as a request's "
+        "fusion.selection); checked at start.",
+    )
+
+
 class FusionConfig(_Strict):
     """Defaults of the fused model."""
 
@@ -414,6 +432,18 @@ class FusionConfig(_Strict):
         default_factory=SelectionConfig,  # type: ignore[arg-type]
         description="How each step chooses its segment (rule, weights, leader, gate, guard).",
     )
+    variants: dict[str, VariantConfig] = Field(
+        default_factory=dict,
+        description="More fused model names, each the fused model with some settings "
+        "replaced, e.g. the paper's exact method beside a tuned default.",
+    )
+
+    def variant_selection(self, name: str) -> SelectionConfig:
+        """The selection settings of the fused model or of one of its variants."""
+        if name == self.name or not self.variants[name].selection:
+            return self.selection
+        merged = self.selection.model_dump() | self.variants[name].selection
+        return SelectionConfig.model_validate(merged)
 
 
 class ServerConfig(_Strict):
@@ -499,6 +529,21 @@ class AppConfig(BaseSettings):
             raise ValueError(f"fusion.models: unknown source models: {', '.join(unknown)}")
         for problem in self.fusion.selection.problems(names):
             raise ValueError(f"fusion.{problem}")
+        for name, variant in self.fusion.variants.items():
+            where = f"fusion.variants.{name}"
+            if name in names or name == self.fusion.name:
+                raise ValueError(f"{where}: the name is already a model's")
+            unknown = [n for n in variant.models or [] if n not in names]
+            if unknown:
+                raise ValueError(f"{where}.models: unknown source models: {', '.join(unknown)}")
+            try:
+                chosen = self.fusion.variant_selection(name)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(x) for x in err["loc"])
+                raise ValueError(f"{where}.selection.{field}: {err['msg']}") from None
+            for problem in chosen.problems(names):
+                raise ValueError(f"{where}.{problem}")
         return self
 
     def all_api_keys(self) -> list[str]:

@@ -22,7 +22,7 @@ from fusion.engine import Sampling
 from fusion.loop import Fuser
 from fusion.models import SourceModel
 from fusion.types import FusionParams, Prompt, Segment, SelectionPolicy
-from server.config import AppConfig, SelectionConfig
+from server.config import AppConfig, SelectionConfig, VariantConfig
 from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound
 from server.jobs import Choice, Job, chunk
 from server.metrics import Metrics
@@ -54,20 +54,27 @@ class FusionService:
     # -- catalogue ------------------------------------------------------------------------
     def model_cards(self) -> list[dict[str, Any]]:
         created = int(time.time())
-        fused = self.config.fusion.name
-        cards = [
-            {
-                "id": fused,
+        cfg = self.config.fusion
+        fused = cfg.name
+        cards = []
+        for name in (fused, *cfg.variants):
+            variant = cfg.variants.get(name)
+            card: dict[str, Any] = {
+                "id": name,
                 "object": "model",
                 "created": created,
                 "owned_by": "fusion-server",
                 "fusion": {
-                    "sources": list(self.models),
-                    "method": self.config.fusion.method,
-                    "selection": self.config.fusion.selection.rule,
+                    "sources": list((variant and variant.models) or cfg.models or self.models),
+                    "method": (variant and variant.method) or cfg.method,
+                    "selection": cfg.variant_selection(name).rule,
                 },
             }
-        ]
+            if variant is not None:
+                card["parent"] = fused
+                if variant.description:
+                    card["fusion"]["description"] = variant.description
+            cards.append(card)
         for name, m in self.models.items():
             cards.append(
                 {
@@ -98,20 +105,25 @@ class FusionService:
     ) -> FusionParams:
         opts = opts or FusionOptions()
         cfg = self.config.fusion
-        if model == cfg.name:
-            subset = tuple(opts.models or cfg.models or ()) or None
+        if model == cfg.name or model in cfg.variants:
+            variant = cfg.variants.get(model) or VariantConfig()
+            subset = tuple(opts.models or variant.models or cfg.models or ()) or None
             unknown = [n for n in subset or () if n not in self.models]
             if unknown:
                 raise BadRequest(
                     f"unknown source models: {', '.join(unknown)}", param="fusion.models"
                 )
-            method = opts.method or cfg.method
+            method = opts.method or variant.method or cfg.method
+            segment = opts.max_segment_tokens or variant.max_segment_tokens
+            ppl_mode = opts.ppl_mode or variant.ppl_mode
+            base = cfg.variant_selection(model)
         elif model in self.models:
             if opts.models and opts.models != [model]:
                 raise BadRequest(
                     "fusion.models only applies to the fused model", param="fusion.models"
                 )
             subset, method = (model,), "cool"
+            segment, ppl_mode, base = opts.max_segment_tokens, opts.ppl_mode, cfg.selection
         else:
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         wanted = max_tokens or cfg.default_max_tokens
@@ -125,16 +137,15 @@ class FusionService:
             method=method,
             max_tokens=wanted,
             stop=stop,
-            max_segment_tokens=opts.max_segment_tokens or cfg.max_segment_tokens,
-            ppl_mode=opts.ppl_mode or cfg.ppl_mode,
+            max_segment_tokens=segment or cfg.max_segment_tokens,
+            ppl_mode=ppl_mode or cfg.ppl_mode,
             models=subset,
             sampling=sampling,
-            selection=self._selection(opts.selection),
+            selection=self._selection(base, opts.selection),
         )
 
-    def _selection(self, asked: SelectionOptions | None) -> SelectionPolicy:
-        """The server's selection settings with the request's on top, checked."""
-        base = self.config.fusion.selection
+    def _selection(self, base: SelectionConfig, asked: SelectionOptions | None) -> SelectionPolicy:
+        """The model's selection settings with the request's on top, checked."""
         if asked is None:
             return base.policy()
         merged = base.model_dump() | asked.model_dump(exclude_none=True)

@@ -147,4 +147,3 @@ async def test_a_client_leaving_a_streamed_n_request_stops_every_choice(live_ser
         for m in models:
             assert len(m.engine.states) == 2, m.name  # both choices had started
             assert all(s.released for s in m.engine.states), m.name
-

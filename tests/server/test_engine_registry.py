@@ -20,8 +20,12 @@ def test_every_kind_in_config_has_a_factory():
 
 def test_an_option_of_another_engine_is_refused_with_the_field_and_engine():
     with pytest.raises(ConfigError) as err:
-        load_config(None, models=[{"name": "m", "source": "x", "engine": "llamacpp",
-                                   "options": {"dtype": "float32"}}])
+        load_config(
+            None,
+            models=[
+                {"name": "m", "source": "x", "engine": "llamacpp", "options": {"dtype": "float32"}}
+            ],
+        )
     assert "models.0.options.dtype" in str(err.value)
     assert "(engine llamacpp)" in str(err.value)
 

@@ -46,9 +46,9 @@ async def test_page_loads_without_a_key_while_the_api_stays_locked(client):
 async def test_stats_report_share_won_candidate_perplexity_and_step_latency(client, make_model):
     async with client(models=scripted(make_model)) as http:
         body = {**CHAT, "fusion": {"trace": True}}
-        segs = (await http.post("/v1/chat/completions", json=body)).json()["choices"][0][
-            "fusion"
-        ]["segments"]
+        segs = (await http.post("/v1/chat/completions", json=body)).json()["choices"][0]["fusion"][
+            "segments"
+        ]
         # a single model's answer is not a fused one: it must not count
         await http.post("/v1/chat/completions", json={**CHAT, "model": "gemma3-270m"})
         stats = (await http.get("/v1/fusion/stats")).json()
@@ -90,9 +90,9 @@ async def test_metrics_carry_the_per_source_statistics(client, make_model):
 async def test_trace_carries_step_timings_and_each_models_time(client, make_model):
     async with client(models=scripted(make_model)) as http:
         body = {**CHAT, "fusion": {"trace": True}}
-        segs = (await http.post("/v1/chat/completions", json=body)).json()["choices"][0][
-            "fusion"
-        ]["segments"]
+        segs = (await http.post("/v1/chat/completions", json=body)).json()["choices"][0]["fusion"][
+            "segments"
+        ]
     for seg in segs:
         assert set(seg["timings_ms"]) == {"generate", "score", "align", "commit", "other"}
         assert abs(sum(seg["timings_ms"].values()) - seg["step_ms"]) < 0.5

@@ -168,3 +168,76 @@ async def test_a_lone_models_steps_count_for_no_policy(client):
         await http.post("/v1/chat/completions", json={**CHAT, "model": "gemma3-270m"})
         stats = (await http.get("/v1/fusion/stats")).json()
     assert stats["policies"] == {} and stats["fused_segments"] == 0
+
+
+@pytest.mark.parametrize(
+    ("variants", "field"),
+    [
+        ("{a: {method: cool}}", "fusion.variants.a"),
+        ("{fusion: {method: cool}}", "fusion.variants.fusion"),
+        ("{v: {models: [a, c]}}", "fusion.variants.v.models"),
+        ("{v: {selection: {rule: vote}}}", "fusion.variants.v.selection.rule"),
+        ("{v: {selection: {rule: leader}}}", "fusion.variants.v.selection.leader"),
+        ("{v: {selection: {weights: {c: 1}}}}", "fusion.variants.v.selection.weights"),
+        ("{v: {method: paper}}", "fusion.variants.v.method"),
+    ],
+)
+def test_invalid_variant_names_the_field(tmp_path, variants, field):
+    path = tmp_path / "c.yaml"
+    path.write_text(MODELS + f"fusion: {{variants: {variants}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert field in str(err.value)
+
+
+async def test_a_variant_is_a_model_name_with_its_own_settings(make_model):
+    """`fusion` runs the configured leader rule; the variant `fusion-paper` runs the
+    paper's rule by name (as a chat UI or lm-eval would pick it), and a request's own
+    fusion.selection still goes on top of a variant's."""
+    import httpx
+
+    from server.app import create_app
+    from tests.conftest import _wait_ready
+
+    config = load_config(
+        None,
+        models=[
+            {"name": "smollm2-135m", "source": "pip:smollm2-135m-instruct"},
+            {"name": "gemma3-270m", "source": "pip:gemma3-270m"},
+            {"name": "qwen2.5-0.5b", "source": "pip:qwen2.5-coder-0.5b-instruct"},
+        ],
+        fusion={
+            "selection": {"rule": "leader", "leader": "qwen2.5-0.5b"},
+            "variants": {
+                "fusion-paper": {"selection": {"rule": "mean_ppl"}, "description": "paper"},
+                "fusion-pair": {"models": ["smollm2-135m", "gemma3-270m"], "method": "rerank"},
+            },
+        },
+    )
+    app = create_app(config, weak_pair_and_leader(make_model))
+    async with app.router.lifespan_context(app):
+        await _wait_ready(app)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            cards = {c["id"]: c for c in (await http.get("/v1/models")).json()["data"]}
+            tuned = await http.post("/v1/chat/completions", json=CHAT)
+            paper = await http.post("/v1/chat/completions", json={**CHAT, "model": "fusion-paper"})
+            led = await http.post(
+                "/v1/chat/completions",
+                json={
+                    **CHAT,
+                    "model": "fusion-paper",
+                    "fusion": {"selection": {"rule": "leader"}},
+                },
+            )
+            pair = await http.post("/v1/chat/completions", json={**CHAT, "model": "fusion-pair"})
+    assert cards["fusion"]["fusion"]["selection"] == "leader"
+    assert cards["fusion-paper"]["fusion"]["selection"] == "mean_ppl"
+    assert cards["fusion-paper"]["parent"] == "fusion"
+    assert cards["fusion-pair"]["fusion"]["sources"] == ["smollm2-135m", "gemma3-270m"]
+    assert cards["fusion-pair"]["fusion"]["method"] == "rerank"
+    assert tuned.json()["choices"][0]["message"]["content"] == "The cat sat on the mat."
+    assert paper.json()["model"] == "fusion-paper"
+    assert paper.json()["choices"][0]["message"]["content"] == "The cat sat on the rug."
+    assert led.json()["choices"][0]["message"]["content"] == "The cat sat on the mat."
+    assert set(pair.json()["usage"]["models"]) == {"smollm2-135m", "gemma3-270m"}

@@ -1,0 +1,123 @@
+"""Runs lm-evaluation-harness against our server for several systems and tasks, one after
+another, and records each run's wall time (for seconds per answer).
+
+A *system* is a model name the server serves: a source model alone (``qwen2.5-0.5b``),
+the fused model (``fusion``) or one of its variants (``fusion-cool``, ...; config.yaml's
+``fusion.variants``). Completion tasks go through lm-eval's ``local-completions``
+(``/v1/completions``), tasks whose name has ``_chat`` through ``local-chat-completions``
+with ``--apply_chat_template`` (``/v1/chat/completions``).
+
+    python eval/run.py --tasks gsm8k_pkg_dev,gsm8k_pkg_chat_dev --limit 200 \\
+        --systems qwen2.5-0.5b,smollm2-135m,gemma3-270m,fusion,fusion-cool,fusion-cool-rerank
+
+It starts ``fusion-server serve --config`` itself unless ``--url`` names a running server.
+lm-eval lives in a venv of its own (``--lm-eval``, default ``lm_eval`` on PATH). Results go
+to ``--out`` (lm-eval's own layout, with ``--log_samples``), plus ``runs.jsonl`` (task,
+system, questions, seconds); ``eval/report.py`` turns them into the tables. A run whose
+samples file already exists is skipped, so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.server_process import start_server, stop_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def lm_eval_command(args: argparse.Namespace, url: str, task: str, system: str) -> list[str]:
+    chat = "_chat" in task
+    endpoint = "chat/completions" if chat else "completions"
+    model_args = ",".join(
+        [
+            f"base_url={url}/v1/{endpoint}",
+            f"model={system}",
+            "tokenizer_backend=none",
+            "tokenized_requests=False",
+            f"num_concurrent={args.concurrency}",
+            "max_retries=3",
+            "timeout=3600",
+        ]
+    )
+    cmd = [
+        args.lm_eval,
+        "--model",
+        "local-chat-completions" if chat else "local-completions",
+        "--model_args",
+        model_args,
+        "--include_path",
+        str(ROOT / "eval" / "tasks"),
+        "--tasks",
+        task,
+        "--output_path",
+        str(args.out),
+        "--log_samples",
+    ]
+    if chat:
+        cmd.append("--apply_chat_template")
+    if args.limit:
+        cmd += ["--limit", str(args.limit)]
+    return cmd
+
+
+def done(out: Path, task: str, system: str) -> bool:
+    return any((out / system).glob(f"samples_{task}_*.jsonl"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tasks", required=True, type=lambda s: s.split(","))
+    ap.add_argument("--systems", required=True, type=lambda s: s.split(","))
+    ap.add_argument("--limit", type=int, help="questions per task (default: all)")
+    ap.add_argument("--config", default="config.yaml", help="server config (if no --url)")
+    ap.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    ap.add_argument("--out", type=Path, default=Path("eval/results"))
+    ap.add_argument("--lm-eval", default=os.environ.get("LM_EVAL", "lm_eval"))
+    ap.add_argument("--concurrency", type=int, default=1, help="lm-eval's num_concurrent")
+    args = ap.parse_args()
+    if shutil.which(args.lm_eval) is None:
+        sys.stderr.write(f"{args.lm_eval} not found: pip install lm-eval (in a venv of its own)\n")
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_server(args.config)
+    try:
+        for task in args.tasks:
+            for system in args.systems:
+                if done(args.out, task, system):
+                    print(f"skip {task} {system}: done", flush=True)
+                    continue
+                print(f"run {task} {system}", flush=True)
+                started = time.perf_counter()
+                subprocess.run(lm_eval_command(args, url, task, system), check=True, cwd=ROOT)
+                seconds = time.perf_counter() - started
+                row = {
+                    "task": task,
+                    "system": system,
+                    "limit": args.limit,
+                    "seconds": round(seconds, 1),
+                    "concurrency": args.concurrency,
+                    "config": args.config if args.url is None else args.url,
+                    "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+                with (args.out / "runs.jsonl").open("a") as sink:
+                    sink.write(json.dumps(row) + "\n")
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
