@@ -61,10 +61,15 @@ def test_selection_config_becomes_the_cores_policy(tmp_path):
     assert policy.repetition_limit == 2 and policy.gate_threshold == 0.5
 
 
-def test_the_default_stays_the_papers_rule():
-    config = load_config("config.yaml")
-    assert config.fusion.selection.rule == "mean_ppl"
-    assert config.fusion.selection.policy().repetition_limit == 0
+def test_the_papers_methods_stay_reachable_by_name_exactly():
+    """Whatever policy the shipped `fusion` uses, `fusion-cool` and `fusion-cool-rerank`
+    are the paper's: its method, the arithmetic mean of perplexities, no guard."""
+    fusion = load_config("config.yaml").fusion
+    for name, method in (("fusion-cool", "cool"), ("fusion-cool-rerank", "cool_rerank")):
+        assert fusion.variants[name].method == method
+        policy = fusion.variant_selection(name).policy()
+        assert policy.rule == "mean_ppl" and policy.repetition_limit == 0
+    assert fusion.ppl_mode == "mean" and not fusion.variants["fusion-cool"].ppl_mode
 
 
 async def test_a_request_can_choose_the_leader_rule(client, make_model):
