@@ -13,7 +13,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusion.selection import (
-    vetoed,
     Scored,
     gate_confident,
     leader_ppl,
@@ -22,6 +21,7 @@ from fusion.selection import (
     packllm_weights,
     repeats,
     select,
+    vetoed,
     weighted,
     zscore,
 )
