@@ -164,8 +164,10 @@ def candidate_policies(
     weights: dict[str, float],
     stats: dict[str, NllStats],
     gate_thresholds: Sequence[float],
+    leader_margins: Sequence[float] = (),
 ) -> dict[str, SelectionPolicy]:
-    """The policies to compare, named for the report."""
+    """The policies to compare, named for the report (``gate@t``: the gate at threshold
+    t; ``gate@t/veto@m``: with the leader's veto at margin m)."""
     w = tuple(weights.items())
     weighted = SelectionPolicy("weighted", aggregate="nll", weights=w, leader=leader)
     out = {"mean_ppl": SelectionPolicy(), "leader": SelectionPolicy("leader", leader=leader)}
@@ -174,6 +176,10 @@ def candidate_policies(
         out["zscore"] = replace(weighted, rule="zscore", calibration=tuple(stats.items()))
     for t in gate_thresholds:
         out[f"gate@{t:g}"] = replace(weighted, rule="gate", gate_threshold=t)
+        for m in leader_margins:
+            out[f"gate@{t:g}/veto@{m:g}"] = replace(
+                weighted, rule="gate", gate_threshold=t, leader_margin=m
+            )
     return out
 
 
@@ -252,6 +258,8 @@ def to_yaml(rec: Recommendation, header: Sequence[str]) -> str:
         for n, s in rec.stats.items():
             lines.append(f"      {n}: {{nll_mean: {s.mean:g}, nll_std: {s.std:g}}}")
     lines += [f"    gate_threshold: {p.gate_threshold:g}", f"    gate_fallback: {p.gate_fallback}"]
+    if p.leader_margin is not None:
+        lines.append(f"    leader_margin: {p.leader_margin:g}")
     return "\n".join(lines) + "\n"
 
 
@@ -263,6 +271,7 @@ async def calibrate(
     max_tokens: int = 256,
     max_segment_tokens: int = 16,
     gate_thresholds: Sequence[float] = (0.5,),
+    leader_margins: Sequence[float] = (1.0,),
     progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[Recommendation, list[str]]:
     """Run the development set through each member and the candidate policies; return
@@ -282,7 +291,9 @@ async def calibrate(
     weights = member_weights(alone)
     stats = nll_stats(samples)
     runs: dict[str, tuple[SelectionPolicy, Run]] = {"mean_ppl": (SelectionPolicy(), paper)}
-    for name, policy in candidate_policies(leader, weights, stats, gate_thresholds).items():
+    for name, policy in candidate_policies(
+        leader, weights, stats, gate_thresholds, leader_margins
+    ).items():
         if name not in runs:
             params = replace(base, selection=policy)
             runs[name] = (policy, await answer_all(fuser, shots, questions, params, name, progress))

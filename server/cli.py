@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--gate-thresholds", default="0.5", help="comma-separated gate thresholds to compare"
     )
+    cal.add_argument(
+        "--leader-margins",
+        default="1",
+        help="comma-separated leader's-veto margins (nats/token) to compare with each gate "
+        "threshold; empty: none",
+    )
     cal.add_argument("--out", help="write the fusion: YAML block to this file (else print it)")
     return parser
 
@@ -148,6 +154,13 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
     if not thresholds or not all(0 < t <= 1 for t in thresholds):
         print("fusion-server: --gate-thresholds must lie in (0, 1]", file=sys.stderr)
         return 2
+    try:
+        margins = [float(m) for m in args.leader_margins.split(",") if m.strip()]
+    except ValueError:
+        margins = [-1.0]
+    if not all(m >= 0 for m in margins):
+        print("fusion-server: --leader-margins must be numbers ≥ 0", file=sys.stderr)
+        return 2
     models = await load_models(config)
     try:
         fuser = Fuser(models, window_pieces=config.fusion.window_pieces)
@@ -158,6 +171,7 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             max_segment_tokens=config.fusion.max_segment_tokens,
             gate_thresholds=thresholds,
+            leader_margins=margins,
             progress=lambda line: logging.getLogger("calibrate").info("%s", line),
         )
     finally:

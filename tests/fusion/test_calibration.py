@@ -10,8 +10,10 @@ import yaml
 
 from fusion.calibration import (
     MAX_QUESTIONS,
+    Recommendation,
     Run,
     calibrate,
+    candidate_policies,
     choose_leader,
     is_correct,
     keep_members,
@@ -110,6 +112,7 @@ async def test_calibrate_end_to_end_writes_a_config_block_that_loads(make_model,
     assert rec.weights == {"smollm2-135m": 0.667, "qwen2.5-0.5b": 1.333}
     assert any("questions 3-3" in line for line in report)
     assert any(line.startswith("gate@0.5") for line in report)
+    assert any(line.startswith("gate@0.5/veto@1") for line in report)
     text = to_yaml(rec, ["test"])
     block = yaml.safe_load(text)["fusion"]
     path = tmp_path / "c.yaml"
@@ -128,3 +131,19 @@ async def test_calibrate_end_to_end_writes_a_config_block_that_loads(make_model,
     assert config.fusion.selection.leader == "qwen2.5-0.5b"
     assert config.fusion.models == ["qwen2.5-0.5b"]
     assert set(config.fusion.selection.calibration) <= {"smollm2-135m", "qwen2.5-0.5b"}
+
+
+def test_each_gate_threshold_is_also_tried_with_each_leader_margin():
+    got = candidate_policies("x", {"x": 1.5, "y": 0.5}, {}, [0.5, 0.3], [1.0, 2.0])
+    assert {n for n in got if "veto" in n} == {
+        "gate@0.5/veto@1",
+        "gate@0.5/veto@2",
+        "gate@0.3/veto@1",
+        "gate@0.3/veto@2",
+    }
+    p = got["gate@0.3/veto@2"]
+    assert (p.rule, p.gate_threshold, p.leader_margin, p.leader) == ("gate", 0.3, 2.0, "x")
+    assert got["gate@0.3"].leader_margin is None
+    rec = Recommendation(("x", "y"), "x", {"x": 1.5, "y": 0.5}, {}, p, ())
+    block = yaml.safe_load(to_yaml(rec, []))["fusion"]["selection"]
+    assert block["leader_margin"] == 2.0 and block["gate_threshold"] == 0.3
