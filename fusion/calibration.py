@@ -61,7 +61,7 @@ def load_questions(count: int) -> tuple[list[Question], list[Question]]:
 
 
 def fewshot_prompt(shots: Sequence[Question], q: Question) -> str:
-    """The lm-eval gsm8k layout (as bench/quality.py and eval/tasks/gsm8k_pkg)."""
+    """The lm-eval gsm8k layout (as eval/tasks/gsm8k_pkg)."""
     parts = [f"Question: {s.question}\nAnswer: {s.answer}\n\n" for s in shots]
     return "".join(parts) + f"Question: {q.question}\nAnswer:"
 

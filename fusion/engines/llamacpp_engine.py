@@ -328,32 +328,37 @@ class LlamaCppEngine:
             _drop_branches(rt, st)  # an earlier round's (only the last round's are kept)
             now, todo = todo[:want], todo[want:]
             streams = []
-            for i, seq in zip(now, seqs):
-                rt.copy_span(st.seq, seq, 0, st.n_past - 1)
-                streams.append(_Stream(i, seq, st.n_past - 1, [st.last_id, *candidates[i]]))
-            while any(x.left for x in streams):
-                feeds: list[Feed] = []
-                owners: list[_Stream | None] = []
-                room = rt.n_batch
-                if extra and len(extra) <= room:
-                    feeds.append(Feed(st.seq, st.n_past + st.ahead_fed, tuple(extra), "last"))
-                    owners.append(None)
-                    room -= len(extra)
-                for x in streams:  # long candidates (Rerank) go in batch-sized pieces
-                    if x.left and room:
-                        piece, x.left = x.left[:room], x.left[room:]
-                        feeds.append(Feed(x.seq, x.pos, tuple(piece), "all"))
-                        owners.append(x)
-                        x.pos += len(piece)
-                        room -= len(piece)
-                rows = yield feeds
-                for owner, r in zip(owners, rows):
-                    if owner is None:
-                        st.ahead_fed = len(st.ahead)
-                        st.tail = log_softmax(r[-1])
-                        extra = []
-                    else:
-                        owner.take(r, candidates[owner.index], results[owner.index])
+            try:
+                for i, seq in zip(now, seqs):
+                    rt.copy_span(st.seq, seq, 0, st.n_past - 1)
+                    streams.append(_Stream(i, seq, st.n_past - 1, [st.last_id, *candidates[i]]))
+                while any(x.left for x in streams):
+                    feeds: list[Feed] = []
+                    owners: list[_Stream | None] = []
+                    room = rt.n_batch
+                    if extra and len(extra) <= room:
+                        feeds.append(Feed(st.seq, st.n_past + st.ahead_fed, tuple(extra), "last"))
+                        owners.append(None)
+                        room -= len(extra)
+                    for x in streams:  # long candidates (Rerank) go in batch-sized pieces
+                        if x.left and room:
+                            piece, x.left = x.left[:room], x.left[room:]
+                            feeds.append(Feed(x.seq, x.pos, tuple(piece), "all"))
+                            owners.append(x)
+                            x.pos += len(piece)
+                            room -= len(piece)
+                    rows = yield feeds
+                    for owner, r in zip(owners, rows):
+                        if owner is None:
+                            st.ahead_fed = len(st.ahead)
+                            st.tail = log_softmax(r[-1])
+                            extra = []
+                        else:
+                            owner.take(r, candidates[owner.index], results[owner.index])
+            except BaseException:  # stopped between decodes: this round's branches are no one's
+                for seq in seqs:
+                    rt.give_seq(seq)
+                raise
             for x in streams:
                 assert x.after is not None
                 st.branches.append(_Branch(candidates[x.index], x.seq, x.after))

@@ -37,7 +37,7 @@ def dev_shots() -> list[dict[str, str]]:
 
 
 def shots() -> list[dict[str, str]]:
-    """The test set's last three items, in order (bench/quality.py uses the same)."""
+    """The test set's last three items, in order (the shots of gsm8k_pkg and _heldout)."""
     return _rows()[-SHOTS:]
 
 

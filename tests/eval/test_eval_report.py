@@ -1,0 +1,97 @@
+"""eval/: the report's statistics and pairing, and the task scoring lm-eval calls back."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_"), ROOT / path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = load("eval/report.py")
+wikidata = load("eval/tasks/qa_wikidata_pkg/utils.py")
+
+
+def test_wilson_interval_is_sound_at_the_edges():
+    lo, hi = report.wilson(0, 10)
+    assert lo == 0.0 and 0.25 < hi < 0.31
+    lo, hi = report.wilson(10, 10)
+    assert hi == 1.0 and 0.69 < lo < 0.75
+    lo, hi = report.wilson(5, 10)
+    assert lo < 0.5 < hi and hi - 0.5 == pytest.approx(0.5 - lo)
+
+
+def test_mcnemar_is_the_exact_two_sided_binomial_test():
+    assert report.mcnemar_exact(0, 0) == 1.0
+    assert report.mcnemar_exact(10, 0) == pytest.approx(2 / 1024)
+    assert report.mcnemar_exact(3, 7) == report.mcnemar_exact(7, 3)
+    assert report.mcnemar_exact(3, 7) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)
+    assert report.mcnemar_exact(5, 5) == 1.0
+
+
+def write_samples(out: Path, system: str, task: str, correct: dict[int, bool]) -> None:
+    rows = []
+    for doc, ok in correct.items():
+        for filt in ("strict-match", "flexible-extract"):
+            rows.append(
+                {
+                    "doc_id": doc,
+                    "arguments": {"gen_args_0": {"arg_0": f"Question {doc}", "arg_1": {}}},
+                    "resps": [[f" answer {doc}"]],
+                    "filter": filt,
+                    # strict-match is the opposite, so reading the wrong filter shows
+                    "exact_match": float(ok if filt == "flexible-extract" else not ok),
+                }
+            )
+    path = out / system / f"samples_{task}_2026-11-22T03-00-00.000000.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_systems_are_paired_on_the_questions_all_answered_against_the_best_single(tmp_path):
+    task = "gsm8k_pkg_dev"
+    write_samples(tmp_path, "a", task, {0: True, 1: True, 2: False, 3: False, 4: True})
+    write_samples(tmp_path, "b", task, {0: False, 1: False, 2: False, 3: True, 4: True})
+    write_samples(tmp_path, "fusion", task, {0: True, 1: False, 2: True, 3: True})  # no 4
+    (tmp_path / "runs.jsonl").write_text(
+        json.dumps({"task": task, "system": "fusion", "seconds": 8.0}) + "\n"
+    )
+    samples = report.read_samples(tmp_path)
+    text, rows = report.table(task, samples[task], ["a", "b"], report.read_runs(tmp_path), {})
+    by = {r["system"]: r for r in rows}
+    assert {r["n"] for r in rows} == {4}  # question 4 is dropped for everyone
+    assert by["a"]["correct"] == 2 and by["b"]["correct"] == 1 and by["fusion"]["correct"] == 3
+    assert "p" not in by["a"]  # a is the best single
+    assert (by["fusion"]["b"], by["fusion"]["c"]) == (2, 1)  # right on 2, 3; wrong on 1
+    assert (by["b"]["b"], by["b"]["c"]) == (1, 2)
+    assert "| fusion | 3 | 75.0% |" in text and "| 2.0 |" in text  # 8 s / 4 questions
+
+
+@pytest.mark.parametrize(
+    ("said", "targets", "right"),
+    [
+        (" Toulouse\n", ["Toulouse"], True),
+        (" Toulouse. It is in France", ["Toulouse"], True),
+        (" the United Kingdom", ["United Kingdom"], True),
+        (" Kent, Surrey", ["Hampshire", "Surrey", "Kent"], True),
+        (" Surrey", ["Hampshire", "Surrey", "Kent"], True),
+        (" Toulouse-Blagnac", ["Toulouse"], False),
+        (" France and Italy", ["France"], False),
+        (" ", ["France"], False),
+    ],
+)
+def test_wikidata_answers_match_any_target_after_normalising(said, targets, right):
+    result = wikidata.process_results({"targets": targets}, [said])
+    assert result == {"exact_match": float(right)}
