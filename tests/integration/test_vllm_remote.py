@@ -3,9 +3,10 @@
 One ``python -m vllm.entrypoints.openai.api_server --enable-scale-out`` serves SmolLM2's
 folder for the whole module (about 45 s to start here). Its process group is always
 killed at the end (vLLM runs its engine core in a child process); the last test kills it
-on purpose mid-answer. The launcher is shared with the benchmarks
-(``bench/server_process.py``). One test also starts the in-process vLLM engine of the
-same model (about 30 s more) and compares the two on the same tokens.
+on purpose mid-answer. The launcher is shared with the benchmark of the same set-up
+(``bench/server_process.py``, ``bench/vllm_remote_speed.py``). One test also starts the
+in-process vLLM engine of the same model (about 30 s more) and compares the two on the
+same tokens.
 """
 
 from __future__ import annotations
