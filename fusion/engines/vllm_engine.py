@@ -3,17 +3,21 @@
 Every call is an ordinary vLLM request on token ids, so many fusion requests batch inside
 each engine, and prefix caching keeps a step's cost at about one segment of prefill:
 
-- ``generate``: one streaming request from the committed context plus any look-ahead,
-  aborted as soon as the fusion loop has its segment; every token it produced stays as
-  look-ahead for the next step if this model's text wins;
+- ``generate``: the look-ahead kept from the last step first, then (only if that does
+  not reach the segment's end) one streaming request from the committed context plus the
+  look-ahead, aborted as soon as the fusion loop has its segment; every token it produced
+  stays as look-ahead for the next step if this model's text wins;
 - ``score``: one ``prompt_logprobs`` request per candidate, all submitted together. With
   ``skip_reading_prefix_cache=False`` only the uncached tail is recomputed, so the list
   may be shorter than the prompt: the candidate's scores are its last entries. Each
-  scoring request also samples the next token(s) after its candidate, which become the
-  look-ahead when that candidate wins (one round trip per step for the winner's branch).
+  scoring request also generates ``score_lookahead_tokens`` greedy tokens after its
+  candidate, and one more request extends this model's own look-ahead: whichever text
+  wins, the next ``generate`` usually replays it without a request (one round trip per
+  model per step).
 
-The look-ahead and the reading of ``prompt_logprobs`` past cached positions are shared
-with the remote engine (``vllm_logprobs.py``).
+The look-ahead, the reading of ``prompt_logprobs`` past cached positions and the fields
+of every request are shared with the remote engine (``vllm_logprobs.py``,
+``vllm_requests.py``).
 
 vLLM stays an optional dependency: it is imported when an engine starts.
 """
@@ -33,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
-from fusion.engines.vllm_logprobs import (
-    TOP_LOGPROBS,
-    LookAhead,
-    Taker,
-    Top,
-    candidate_entries,
+from fusion.engines.vllm_logprobs import LookAhead, Taker, Top, candidate_entries
+from fusion.engines.vllm_requests import (
+    LOOKAHEAD_TOKENS,
+    continuation,
+    generate_fields,
+    score_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -73,7 +77,8 @@ class VllmEngine:
         self.model_dir = str(model_dir)
         self.options = options
         self.max_model_len = 0
-        self.score_lookahead = max(1, int(options.get("score_lookahead_tokens") or 1))
+        lookahead = options.get("score_lookahead_tokens")
+        self.score_lookahead = max(0, int(LOOKAHEAD_TOKENS if lookahead is None else lookahead))
         self._llm: Any = None
         # (prompt tokens, prefix-cached tokens) of recent requests, for benchmarks/metrics
         self.prefill_log: deque[tuple[int, int]] = deque(maxlen=100_000)
@@ -208,19 +213,12 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         st = state
-        st.look.for_sampling(sampling.greedy)
-        taker = Taker(max_tokens, stop_ids, should_stop)
-        if taker.replay(st.look):
+        taker = Taker(st.look, max_tokens, stop_ids, should_stop, sampling.greedy)
+        if taker.replay():
             return taker.result()
         take = taker.take
         params = SamplingParams(
-            max_tokens=taker.left,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=None if sampling.seed is None else sampling.seed + len(st.ids),
-            logprobs=TOP_LOGPROBS,
-            stop_token_ids=sorted(stop_ids),
-            detokenize=False,
+            **generate_fields(taker, sampling, len(st.ids)),
             output_kind=RequestOutputKind.DELTA,
         )
         st.look.sampled = True
@@ -231,8 +229,7 @@ class VllmEngine:
             async for res in stream:
                 if not logged and res.num_cached_tokens is not None:
                     logged = True
-                    st.prefill.append((len(prompt), res.num_cached_tokens))
-                    self.prefill_log.append(st.prefill[-1])
+                    self._log_prefill(st, len(prompt), res.num_cached_tokens)
                 c = res.outputs[0]
                 for tok, entry in zip(c.token_ids, c.logprobs or ()):
                     lp = st.look.push(tok, _top(entry))
@@ -250,37 +247,61 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         st = state
-
-        def params(use_cache: bool) -> Any:
-            return SamplingParams(
-                max_tokens=self.score_lookahead,
-                temperature=0.0,
-                prompt_logprobs=0,
-                logprobs=TOP_LOGPROBS,
-                detokenize=False,
-                skip_reading_prefix_cache=not use_cache,
-                output_kind=RequestOutputKind.FINAL_ONLY,
-            )
+        final = RequestOutputKind.FINAL_ONLY
 
         async def one(cand: list[int], use_cache: bool = True) -> list[float]:
             prompt = st.ids + cand
-            async with contextlib.aclosing(self._request(st, prompt, params(use_cache))) as stream:
-                async for res in stream:
-                    cached = res.num_cached_tokens or 0
-                    st.prefill.append((len(prompt), cached))
-                    self.prefill_log.append(st.prefill[-1])
-                    entries = candidate_entries(res.prompt_logprobs or [], len(cand))
-                    scores = st.look.candidate_logprobs(
-                        len(st.ids), cand, [_top(e) if e else None for e in entries], cached
-                    )
-                    if scores is None:  # a cached gap nothing else can fill: recompute
-                        return await one(cand, use_cache=False)
-                    c = res.outputs[0]
-                    st.look.record_scored(cand, c.token_ids, [_top(e) for e in c.logprobs or ()])
-                    return scores
-            raise EngineError(f"engine {self.name}: no output for a scoring request")
+            fields = score_fields(st.look, self.score_lookahead, use_cache)
+            res = await self._final(st, prompt, SamplingParams(**fields, output_kind=final))
+            cached = res.num_cached_tokens or 0
+            self._log_prefill(st, len(prompt), cached)
+            entries = candidate_entries(res.prompt_logprobs or [], len(cand))
+            c = res.outputs[0]
+            scores = st.look.read_scored(
+                len(st.ids),
+                cand,
+                [_top(e) if e else None for e in entries],
+                cached,
+                c.token_ids,
+                [_top(e) for e in c.logprobs or ()],
+            )
+            if scores is None:  # a cached gap nothing else can fill: recompute
+                return await one(cand, use_cache=False)
+            return scores
 
-        return list(await asyncio.gather(*(one(list(c)) for c in candidates)))
+        async def extend() -> tuple[list[int], list[Top]] | None:
+            """This model's own look-ahead, continued (for when its candidate wins)."""
+            asked = continuation(st.look, st.ids, self.score_lookahead)
+            if asked is None:
+                return None
+            prompt, fields = asked
+            try:
+                res = await self._final(st, prompt, SamplingParams(**fields, output_kind=final))
+            except EngineError as exc:  # only look-ahead: the next generate asks again
+                log.info("engine %s: look-ahead request failed: %s", self.name, exc)
+                return None
+            if res.num_cached_tokens is not None:
+                self._log_prefill(st, len(prompt), res.num_cached_tokens)
+            c = res.outputs[0]
+            return list(c.token_ids), [_top(e) for e in c.logprobs or ()]
+
+        scores, more = await asyncio.gather(
+            asyncio.gather(*(one(list(c)) for c in candidates)), extend()
+        )
+        if more is not None:
+            st.look.extend(*more)
+        return scores
+
+    async def _final(self, st: VllmState, prompt: list[int], params: Any) -> Any:
+        """The output of one ``FINAL_ONLY`` request."""
+        async with contextlib.aclosing(self._request(st, prompt, params)) as stream:
+            async for res in stream:
+                return res
+        raise EngineError(f"engine {self.name}: no output for a request")
+
+    def _log_prefill(self, st: VllmState, prompt_len: int, cached: int) -> None:
+        st.prefill.append((prompt_len, cached))
+        self.prefill_log.append(st.prefill[-1])
 
     async def commit(self, state: VllmState, ids: Sequence[int]) -> None:
         state.look.commit(ids)

@@ -6,13 +6,16 @@ HTTP (the wire and its faults: ``vllm_remote_client.py``).
 
 State is client-side: the committed context's token ids, resent with every call (vLLM's
 prefix cache makes that cheap), plus the look-ahead shared with the in-process engine
-(``vllm_logprobs.LookAhead``). ``generate`` streams and closes the stream once the
-segment is known (vLLM aborts the request); the tokens that arrived past it stay as
-look-ahead. ``score`` sends one ``prompt_logprobs`` request per candidate that reads the
-prefix cache; positions vLLM served from its cache have stale entries and are filled from
-what the state saw before, else the candidate is recomputed without the cache. A server
-that does not report cached tokens is scored without reading the cache (correct, slower;
-a warning says so).
+(``vllm_logprobs.LookAhead``), and the same requests (``vllm_requests.py``).
+``generate`` replays the look-ahead, then (if it needs more) streams and closes the
+stream once the segment is known (vLLM aborts the request); the tokens that arrived past
+it stay as look-ahead. ``score`` sends one ``prompt_logprobs`` request per candidate that
+reads the prefix cache and generates ``score_lookahead_tokens`` after the candidate, plus
+one that continues this model's own look-ahead, all at once: the winner's tokens are the
+next step's (one round trip per model per step). Positions vLLM served from its cache
+have stale entries and are filled from what the state saw before, else the candidate is
+recomputed without the cache. A server that does not report cached tokens is scored
+without reading the cache (correct, slower; a warning says so).
 
 Faults: a remote that is down, slow, answers 5xx or drops a stream raises ``EngineError``
 (the loop drops the model from that request, the others finish). After a failed call new
@@ -36,14 +39,14 @@ from typing import Any, TypeVar
 import httpx
 
 from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
-from fusion.engines.vllm_logprobs import (
-    TOP_LOGPROBS,
-    LookAhead,
-    Taker,
-    Top,
-    candidate_entries,
-)
+from fusion.engines.vllm_logprobs import LookAhead, Taker, Top, candidate_entries
 from fusion.engines.vllm_remote_client import GENERATE, RemoteVllm, ServerError, cached_tokens
+from fusion.engines.vllm_requests import (
+    LOOKAHEAD_TOKENS,
+    continuation,
+    generate_fields,
+    score_fields,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,14 +84,14 @@ class VllmRemoteEngine:
         retries: int = 2,
         retry_backoff_seconds: float = 0.5,
         max_backoff_seconds: float = 30.0,
-        score_lookahead_tokens: int = 1,
+        score_lookahead_tokens: int = LOOKAHEAD_TOKENS,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = name
         self.tokenizer_dir = Path(tokenizer_dir)
         self.url = url.rstrip("/")
         self.start_timeout = start_timeout_seconds
-        self.score_lookahead = max(1, score_lookahead_tokens)
+        self.score_lookahead = max(0, score_lookahead_tokens)
         self.max_model_len = 0
         self.read_cache = True  # False when the remote does not report cached tokens
         self.open_states = 0
@@ -240,24 +243,13 @@ class VllmRemoteEngine:
         sampling: Sampling = GREEDY,
     ) -> Generation:
         st = state
-        st.look.for_sampling(sampling.greedy)
-        taker = Taker(max_tokens, stop_ids, should_stop)
-        if taker.replay(st.look):
+        taker = Taker(st.look, max_tokens, stop_ids, should_stop, sampling.greedy)
+        if taker.replay():
             return taker.result()
-        take = taker.take
-        params: dict[str, Any] = {
-            "max_tokens": taker.left,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "logprobs": TOP_LOGPROBS,
-            "stop_token_ids": sorted(stop_ids),
-            "detokenize": False,
-        }
-        if sampling.seed is not None:
-            params["seed"] = sampling.seed + len(st.ids)
+        params = generate_fields(taker, sampling, len(st.ids))
         st.look.sampled = True
         body = _body(st.ids + st.look.ids, params, stream=True, rid=self._rid(st))
-        await self._live(st, self._stream_into(st, body, take))
+        await self._live(st, self._stream_into(st, body, taker.take))
         return taker.result()
 
     async def _stream_into(self, st: RemoteState, body: dict[str, Any], take: _Take) -> None:
@@ -287,14 +279,7 @@ class VllmRemoteEngine:
         st = state
 
         async def one(cand: list[int], use_cache: bool) -> list[float]:
-            params = {
-                "max_tokens": self.score_lookahead,
-                "temperature": 0.0,
-                "prompt_logprobs": 0,
-                "logprobs": TOP_LOGPROBS,
-                "detokenize": False,
-                "skip_reading_prefix_cache": not use_cache,
-            }
+            params = score_fields(st.look, self.score_lookahead, use_cache)
             prompt = st.ids + cand
             body = _body(prompt, params, stream=False, rid=self._rid(st))
             try:
@@ -305,20 +290,40 @@ class VllmRemoteEngine:
                 # stale cached entries may hold non-finite garbage vLLM cannot encode
                 return await one(cand, use_cache=False)
             cached = cached_tokens(answer) if use_cache else 0
-            st.prefill.append((len(prompt), len(prompt) if cached is None else cached))
-            self.prefill_log.append(st.prefill[-1])
+            self._log_prefill(st, len(prompt), len(prompt) if cached is None else cached)
             entries = candidate_entries(answer.get("prompt_logprobs") or [], len(cand))
-            scores = st.look.candidate_logprobs(
-                len(st.ids), cand, [_entry(e) for e in entries], st.prefill[-1][1]
+            ids, tops = _generated(answer)
+            scores = st.look.read_scored(
+                len(st.ids), cand, [_entry(e) for e in entries], st.prefill[-1][1], ids, tops
             )
             if scores is None:  # a cached gap nothing else can fill: recompute
                 return await one(cand, use_cache=False)
-            choice = (answer.get("choices") or [{}])[0]
-            content = (choice.get("logprobs") or {}).get("content") or []
-            st.look.record_scored(cand, choice.get("token_ids") or [], [_top(e) for e in content])
             return scores
 
-        return list(await asyncio.gather(*(one(list(c), self.read_cache) for c in candidates)))
+        async def extend() -> tuple[list[int], list[Top]] | None:
+            """This model's own look-ahead, continued (for when its candidate wins)."""
+            asked = continuation(st.look, st.ids, self.score_lookahead)
+            if asked is None:
+                return None
+            prompt, params = asked
+            body = _body(prompt, params, stream=False, rid=self._rid(st))
+            try:
+                answer = await self._live(st, self._rv().post(GENERATE, body))
+            except EngineError as exc:  # only look-ahead: the next generate asks again
+                log.info("engine %s: look-ahead request failed: %s", self.name, exc)
+                return None
+            return _generated(answer)
+
+        scores, more = await asyncio.gather(
+            asyncio.gather(*(one(list(c), self.read_cache) for c in candidates)), extend()
+        )
+        if more is not None:
+            st.look.extend(*more)
+        return scores
+
+    def _log_prefill(self, st: RemoteState, prompt_len: int, cached: int) -> None:
+        st.prefill.append((prompt_len, cached))
+        self.prefill_log.append(st.prefill[-1])
 
     # -- calls ------------------------------------------------------------------------------
     def _rid(self, st: RemoteState) -> str:
@@ -351,6 +356,13 @@ def _body(
     if rid is not None:
         body["request_id"] = rid
     return body
+
+
+def _generated(answer: dict[str, Any]) -> tuple[list[int], list[Top]]:
+    """The tokens a non-streamed answer generated, with their top log-probs."""
+    choice = (answer.get("choices") or [{}])[0]
+    content = (choice.get("logprobs") or {}).get("content") or []
+    return [int(t) for t in choice.get("token_ids") or []], [_top(e) for e in content]
 
 
 def _top(entry: dict[str, Any]) -> Top:

@@ -3,111 +3,38 @@
 One ``python -m vllm.entrypoints.openai.api_server --enable-scale-out`` serves SmolLM2's
 folder for the whole module (about 45 s to start here). Its process group is always
 killed at the end (vLLM runs its engine core in a child process); the last test kills it
-on purpose mid-answer.
+on purpose mid-answer. The launcher is shared with the benchmark of the same set-up
+(``bench/server_process.py``, ``bench/vllm_remote_speed.py``). One test also starts the
+in-process vLLM engine of the same model (about 30 s more) and compares the two on the
+same tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.server_process import VllmServer
 from fusion.engine import EngineError
 from fusion.engines.vllm_remote_engine import VllmRemoteEngine
 from fusion.loop import Fuser
 from fusion.models import SourceModel, build_source_model
 from fusion.types import FusionOutcome, FusionParams, Prompt
-from tests.fixtures.processes import free_port
 
 pytestmark = pytest.mark.integration
 NAME = "smollm2-135m"
 NEVER = lambda ids: False  # noqa: E731
 
 
-@dataclass
-class VllmServer:
-    url: str
-    cmd: list[str]
-    env: dict[str, str]
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Launch the server and wait for its /health (about 45 s here)."""
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-            )
-        deadline = time.monotonic() + 240
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"vLLM exited early:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vLLM did not start:\n{self.log.read_text()[-4000:]}")
-            time.sleep(0.5)
-
-    def kill(self) -> None:
-        """SIGTERM, then SIGKILL to the whole process group (the API server and its
-        engine-core process, which may outlive it)."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(20)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(15)
-
-    def crash(self) -> None:
-        """SIGKILL, no graceful shutdown: what a dying node looks like to its clients."""
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(15)
-
-
 @pytest.fixture(scope="module")
 def vllm_server(model_dirs, tmp_path_factory) -> Iterator[VllmServer]:
-    port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model_dirs[NAME]),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enable-scale-out",
-        "--enable-prefix-caching",
-        "--enable-prompt-tokens-details",
-        "--enforce-eager",
-        "--block-size",
-        "32",
-        "--dtype",
-        "float32",
-    ]
-    server = VllmServer(f"http://127.0.0.1:{port}", cmd, env, log)
+    server = VllmServer.for_model(model_dirs[NAME], log, core="1")
     try:
         server.start()
         yield server
@@ -173,6 +100,99 @@ async def test_a_block_aligned_context_scores_through_the_cached_gap(
     await v.engine.shutdown()
 
 
+async def test_the_winners_look_ahead_from_scoring_is_the_next_segment(
+    vllm_server, model_dirs, real_models
+):
+    """One round trip per step: each scoring request also generates after its candidate
+    (and one continues the model's own text); the winner's tokens are the next segment,
+    replayed without a request, equal to what the transformers engine generates."""
+    v, t = await remote_model(vllm_server, model_dirs), real_models[NAME]
+    prompt = v.tokenizer.encode_prompt("Count the days of the week, slowly. " * 12)
+    vs = await v.engine.open("look", prompt)
+    ts = await t.engine.open("look", prompt)
+    cands = [v.tokenizer.encode(" Monday"), v.tokenizer.encode(" and then")]
+    for step in range(5):
+        gen = await v.engine.generate(vs, 8, frozenset(), lambda ids: len(ids) >= 2)
+        ref = await t.engine.generate(ts, 8, frozenset(), lambda ids: len(ids) >= 2)
+        assert gen.ids == ref.ids
+        assert list(gen.logprobs) == pytest.approx(list(ref.logprobs), abs=2e-3)
+        if step:  # all replayed (no request): the last step's scoring or continuation
+            assert gen.reused == len(gen.ids)
+        got = await v.engine.score(vs, cands)
+        want = await t.engine.score(ts, cands)
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, abs=2e-3)
+        win = list(gen.ids[:1]) if step % 2 else cands[step // 2 % 2]
+        await v.engine.commit(vs, win)
+        await t.engine.commit(ts, win)
+    await v.engine.release(vs)
+    await t.engine.release(ts)
+    await v.engine.shutdown()
+
+
+async def test_scores_equal_the_in_process_vllm_engine_on_the_same_tokens(vllm_server, model_dirs):
+    """Issue 13's done-when: the remote engine's generation and scores equal the
+    in-process vLLM engine's (the same model, dtype and block size) on the same tokens
+    within 2e-3, both reading their prefix caches, over steps whose winners are the
+    model's own text or another candidate (look-ahead replayed on both sides), and on a
+    block-aligned context whose first candidate position both served from the cache."""
+    from fusion.engines.vllm_engine import VllmEngine
+
+    local = VllmEngine(NAME, model_dirs[NAME], {"kv_cache_space_gib": 1, "cpu_threads_bind": "0"})
+    await local.start()
+    v = await remote_model(vllm_server, model_dirs)
+    remote = v.engine
+    assert isinstance(remote, VllmRemoteEngine)
+    worst = 0.0
+
+    def same(got: list[float], want: list[float]) -> None:
+        nonlocal worst
+        assert got == pytest.approx(want, abs=2e-3)
+        worst = max([worst, *(abs(g - w) for g, w in zip(got, want))])
+
+    try:
+        # texts no other test sends: nothing of them is in the server's cache yet
+        prompt = v.tokenizer.encode_prompt("The ferry leaves the harbour at dawn, twice. " * 10)
+        rs, ls = await remote.open("same", prompt), await local.open("same", prompt)
+        cands = [v.tokenizer.encode(" The ferry"), v.tokenizer.encode(" and the gulls")]
+        for step in range(6):
+            gen = await remote.generate(rs, 8, frozenset(), lambda ids: len(ids) >= 2)
+            ref = await local.generate(ls, 8, frozenset(), lambda ids: len(ids) >= 2)
+            assert gen.ids == ref.ids and gen.reused == ref.reused
+            same(list(gen.logprobs), list(ref.logprobs))
+            mine = list(gen.ids[:1])
+            got = await remote.score(rs, [*cands, mine])
+            want = await local.score(ls, [*cands, mine])
+            for g, w in zip(got, want, strict=True):
+                same(g, w)
+            win = mine if step % 2 else cands[step // 2 % 2]
+            await remote.commit(rs, win)
+            await local.commit(ls, win)
+        assert any(cached >= 32 for _, cached in rs.prefill), rs.prefill
+        assert any(cached >= 32 for _, cached in ls.prefill), ls.prefill
+        await remote.release(rs)
+        await local.release(ls)
+
+        ids = v.tokenizer.encode("stone " * 200)[:64]
+        rs, ls = await remote.open("aligned", ids), await local.open("aligned", ids)
+        gen = await remote.generate(rs, 4, frozenset(), NEVER)  # caches blocks [0, 64)
+        ref = await local.generate(ls, 4, frozenset(), NEVER)
+        assert gen.ids == ref.ids
+        cands = [list(gen.ids[:1]), list(gen.ids[:3]), v.tokenizer.encode(" wall ends")]
+        got = await remote.score(rs, cands)
+        want = await local.score(ls, cands)
+        for g, w in zip(got, want, strict=True):
+            same(g, w)
+        assert any(cached == 64 for _, cached in rs.prefill), rs.prefill
+        assert any(cached == 64 for _, cached in ls.prefill), ls.prefill
+        await remote.release(rs)
+        await local.release(ls)
+    finally:
+        await remote.shutdown()
+        await local.shutdown()
+    print(f"largest difference remote vs in-process vLLM: {worst:.2e}")
+
+
 async def test_a_server_of_another_model_is_refused(vllm_server, model_dirs):
     engine = VllmRemoteEngine("qwen2.5-0.5b", model_dirs["qwen2.5-0.5b"], url=vllm_server.url)
     with pytest.raises(EngineError) as err:
@@ -181,11 +201,15 @@ async def test_a_server_of_another_model_is_refused(vllm_server, model_dirs):
     await engine.shutdown()
 
 
-async def _running(url: str) -> float:
+async def _metric(url: str, name: str) -> float:
     async with httpx.AsyncClient(base_url=url, timeout=5) as http:
         text = (await http.get("/metrics")).text
-    lines = [ln for ln in text.splitlines() if ln.startswith("vllm:num_requests_running")]
+    lines = [ln for ln in text.splitlines() if ln.startswith(name)]
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+
+
+async def _running(url: str) -> float:
+    return await _metric(url, "vllm:num_requests_running")
 
 
 async def test_release_closes_the_stream_and_vllm_aborts_the_request(vllm_server, model_dirs):
@@ -236,6 +260,65 @@ async def test_a_fused_answer_streams_with_the_remote_and_a_local_model(
     assert usage["models"][NAME]["scored_tokens"] > 0 and "dropped" not in usage["models"][NAME]
     assert remote.engine.open_states == 0
     await remote.engine.shutdown()
+
+
+async def test_a_client_disconnect_mid_answer_brings_the_remotes_running_requests_to_0(
+    vllm_server, model_dirs, real_models, live_server
+):
+    """Through HTTP: the client of a long fused stream goes away (while vLLM runs one of
+    the remote's requests, if the watcher catches one), the fusion server releases the
+    remote's state, its streams and calls close, and vLLM's running requests fall to 0
+    within seconds and stay there (no more tokens are computed for the answer)."""
+    remote = await remote_model(vllm_server, model_dirs)
+    local = real_models["qwen2.5-0.5b"]
+    running: list[float] = []
+    busy = asyncio.Event()
+
+    async def watch() -> None:
+        while True:
+            running.append(await _running(vllm_server.url))
+            if running[-1] >= 1:
+                busy.set()
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        async with (
+            live_server([remote, local]) as url,
+            httpx.AsyncClient(base_url=url, timeout=120) as http,
+        ):
+            body = {
+                "model": "fusion",
+                "messages": [{"role": "user", "content": "Tell a very long story."}],
+                "max_tokens": 2000,
+                "stream": True,
+            }
+            chunks = 0
+            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    assert line != "data: [DONE]"
+                    chunks += line.startswith("data: ")
+                    if chunks >= 3 and (busy.is_set() or chunks >= 200):
+                        break
+                    busy.clear()
+            # leaving the block closed the connection mid-answer
+            seen_busy = busy.is_set()
+            gone = time.monotonic()
+            while remote.engine.open_states or await _running(vllm_server.url):
+                assert time.monotonic() - gone < 5, (remote.engine.open_states, running[-5:])
+                await asyncio.sleep(0.05)
+            settled = time.monotonic() - gone
+            tokens = await _metric(vllm_server.url, "vllm:generation_tokens_total")
+            await asyncio.sleep(1.5)
+            assert await _metric(vllm_server.url, "vllm:generation_tokens_total") == tokens
+            assert await _running(vllm_server.url) == 0
+    finally:
+        watcher.cancel()
+        await remote.engine.shutdown()
+    print(
+        f"disconnected after {chunks} chunks, remote busy then: {seen_busy}; 0 in {settled:.2f} s"
+    )
 
 
 async def test_killing_the_remote_mid_answer_drops_it_and_the_answer_completes(

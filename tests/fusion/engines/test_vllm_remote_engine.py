@@ -1,18 +1,12 @@
-"""The remote vLLM engine against a fake vLLM server at the HTTP boundary.
-
-``FakeVllm`` speaks vLLM's token-in/token-out API (``/inference/v1/generate``, streamed
-and not, ``/tokenize``, ``/health``) through an ``httpx.MockTransport``. Its "model" is a
-deterministic function of the prefix, so every score has an exact expected value. Like
-vLLM it keeps a prefix cache of full blocks: a request that reads it gets stale entries
-in ``prompt_logprobs`` at the positions it did not recompute (some with the right token
-and a wrong value, so an engine that trusts them is caught).
-"""
+"""The remote vLLM engine against a fake vLLM server at the HTTP boundary
+(``FakeVllm`` in ``vllm_fakes.py``: vLLM's token-in/token-out API on a deterministic
+"model" with a block prefix cache and stale cached ``prompt_logprobs`` entries)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,199 +16,11 @@ import pytest
 from fusion.engine import EngineError
 from fusion.engines.vllm_logprobs import LookAhead
 from fusion.engines.vllm_remote_engine import PROBE_TEXT, VllmRemoteEngine
-from fusion.sources import resolve_gguf
+from fusion.engines.vllm_requests import LOOKAHEAD_TOKENS
+from tests.fusion.engines.vllm_fakes import BLOCK, FakeVllm, SseStream
 
 URL = "http://vllm-a.test:8000"
-BLOCK = 4
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "then",
-    "it",
-    "was",
-    "warm",
-    "so",
-    "we",
-    "went",
-    "home",
-    "to",
-    "sleep",
-]
 NEVER = lambda ids: False  # noqa: E731
-
-
-@pytest.fixture(scope="module")
-def tok_dir() -> Path:
-    return resolve_gguf("pip:smollm2-135m-instruct").tokenizer_dir
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tok_dir: Path):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-
-
-class _Stream(httpx.AsyncByteStream):
-    """An SSE body that records whether the client closed it before its end."""
-
-    def __init__(self, chunks: AsyncIterator[bytes], server: FakeVllm) -> None:
-        self.chunks = chunks
-        self.server = server
-        self.finished = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for c in self.chunks:
-            yield c
-        self.finished = True
-
-    async def aclose(self) -> None:
-        if not self.finished:
-            self.server.aborted += 1
-
-
-class FakeVllm:
-    """A deterministic 'model' behind vLLM's wire protocol, with a block prefix cache."""
-
-    def __init__(self, tokenizer, *, report_cached: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.words = [tokenizer.token_to_id("Ġ" + w) for w in WORDS if w]
-        self.words = [w for w in self.words if w is not None]
-        self.report_cached = report_cached
-        self.cache: set[tuple[int, ...]] = set()
-        self.requests: list[dict[str, Any]] = []
-        self.aborted = 0
-        self.token_delay = 0.0
-        self.fault: Callable[[httpx.Request, dict[str, Any]], httpx.Response | None] | None = None
-        self.tokenize_shift = 0
-
-    # -- the "model" ----------------------------------------------------------------------
-    def top(self, prefix: list[int]) -> dict[int, float]:
-        """Top-20 log-probs after ``prefix`` (word tokens, deterministic)."""
-        h = sum((i + 1) * t for i, t in enumerate(prefix[-6:])) + len(prefix)
-        order = [self.words[(h + 7 * k) % len(self.words)] for k in range(len(self.words))]
-        order = list(dict.fromkeys(order))[:20]
-        return {t: -0.3 - 0.25 * k for k, t in enumerate(order)}
-
-    def logprob(self, prefix: list[int], tok: int) -> float:
-        return self.top(prefix).get(tok, -12.0 - (tok % 13) * 0.1)
-
-    def expected(self, context: list[int], cand: list[int]) -> list[float]:
-        return [self.logprob(context + cand[:j], t) for j, t in enumerate(cand)]
-
-    # -- wire -----------------------------------------------------------------------------
-    async def handle(self, request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content) if request.content else {}
-        if self.fault is not None:
-            answer = self.fault(request, body)
-            if answer is not None:
-                return answer
-        path = request.url.path
-        if path == "/health":
-            return httpx.Response(200)
-        if path == "/tokenize":
-            ids = self.tokenizer.encode(body["prompt"], add_special_tokens=False).ids
-            ids = [i + self.tokenize_shift for i in ids]
-            return httpx.Response(
-                200, json={"tokens": ids, "count": len(ids), "max_model_len": 512}
-            )
-        if path == "/inference/v1/generate":
-            self.requests.append(body)
-            if body.get("stream"):
-                return httpx.Response(
-                    200,
-                    stream=_Stream(self._sse(body), self),
-                    headers={"content-type": "text/event-stream"},
-                )
-            return httpx.Response(200, json=self._full(body))
-        return httpx.Response(404, json={"detail": "Not Found"})
-
-    def _cached(self, ids: list[int], sp: dict[str, Any]) -> int:
-        reads = sp.get("skip_reading_prefix_cache") is False or (
-            sp.get("skip_reading_prefix_cache") is None and sp.get("prompt_logprobs") is None
-        )
-        n = 0
-        while reads and n + BLOCK <= len(ids) - 1 and tuple(ids[: n + BLOCK]) in self.cache:
-            n += BLOCK
-        return n
-
-    def _remember(self, ids: list[int]) -> None:
-        for end in range(BLOCK, len(ids) + 1, BLOCK):
-            self.cache.add(tuple(ids[:end]))
-
-    def _sample(self, ids: list[int], sp: dict[str, Any]) -> list[tuple[int, dict[int, float]]]:
-        out: list[tuple[int, dict[int, float]]] = []
-        stops = set(sp.get("stop_token_ids") or ())
-        for _ in range(sp.get("max_tokens", 16)):
-            top = self.top(ids + [t for t, _ in out])
-            tok = next(iter(top))
-            out.append((tok, top))
-            if tok in stops:
-                break
-        return out
-
-    @staticmethod
-    def _content(tok: int, top: dict[int, float]) -> dict[str, Any]:
-        tops = [{"token_id": t, "logprob": lp} for t, lp in top.items()]
-        return {"token_id": tok, "logprob": top[tok], "top_logprobs": tops}
-
-    def _full(self, body: dict[str, Any]) -> dict[str, Any]:
-        ids, sp = body["token_ids"], body["sampling_params"]
-        cached = self._cached(ids, sp)
-        out = self._sample(ids, sp)
-        self._remember(ids + [t for t, _ in out])
-        answer: dict[str, Any] = {
-            "choices": [
-                {
-                    "index": 0,
-                    "token_ids": [t for t, _ in out],
-                    "logprobs": {"content": [self._content(t, top) for t, top in out]},
-                    "finish_reason": "length",
-                }
-            ],
-            "usage": {"prompt_tokens": len(ids)},
-        }
-        if sp.get("prompt_logprobs") is not None:
-            plp: list[Any] = [None]
-            for i in range(1, len(ids)):
-                if i - 1 < cached:  # not recomputed: stale memory
-                    stale = ids[i] if i % 2 else 7
-                    plp.append({str(stale): {"logprob": 5.0 + i, "rank": 3}})
-                else:
-                    plp.append({str(ids[i]): {"logprob": self.logprob(ids[:i], ids[i]), "rank": 1}})
-            answer["prompt_logprobs"] = plp
-        if self.report_cached:
-            answer["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
-        return answer
-
-    async def _sse(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        ids, sp = body["token_ids"], body["sampling_params"]
-        out = self._sample(ids, sp)
-        self._remember(ids + [t for t, _ in out[:-1]])  # the KV of what it generated
-        for k, (tok, top) in enumerate(out):
-            if self.token_delay:
-                await asyncio.sleep(self.token_delay)
-            last = k == len(out) - 1
-            choice = {
-                "index": 0,
-                "token_ids": [tok],
-                "logprobs": {"content": [self._content(tok, top)]},
-                "finish_reason": ("stop" if tok in (sp.get("stop_token_ids") or ()) else "length")
-                if last
-                else None,
-            }
-            yield f"data: {json.dumps({'choices': [choice]})}\n\n".encode()
-        yield b"data: [DONE]\n\n"
-
-
-@pytest.fixture
-def fake(tokenizer) -> FakeVllm:
-    return FakeVllm(tokenizer)
 
 
 def make_engine(fake: FakeVllm, tok_dir: Path, **kw: Any) -> VllmRemoteEngine:
@@ -268,10 +74,11 @@ async def test_scores_equal_the_model_through_stale_cached_positions(fake, tok_d
         got = await engine.score(st, cands)
         for cand, scores in zip(cands, got):
             assert scores == pytest.approx(fake.expected(st.ids, cand), abs=1e-9)
-        scoring = fake.requests[-len(cands) :]
-        sp = scoring[0]["sampling_params"]
+        # the first request for each candidate read the cache (recomputes come after)
+        sent = [r for r in fake.requests if "prompt_logprobs" in r["sampling_params"]]
+        first = next(r for r in sent[-2 * len(cands) :] if r["token_ids"] == st.ids + cands[0])
+        sp = first["sampling_params"]
         assert sp["prompt_logprobs"] == 0 and sp["skip_reading_prefix_cache"] is False
-        assert scoring[0]["token_ids"] == st.ids + cands[0]
         # the cache covered the context, some times into the candidate (own look-ahead)
         deep += any(c > len(st.ids) for _, c in st.prefill[-3:])
         assert all(c >= len(st.ids) - BLOCK for _, c in st.prefill[-3:])
@@ -476,7 +283,7 @@ async def test_a_dropped_stream_is_an_engine_error(fake, tok_dir):
 
     def drop(request: httpx.Request, body: dict[str, Any]) -> httpx.Response | None:
         if body.get("stream"):
-            return httpx.Response(200, stream=_Stream(two_then_drop(request), fake))
+            return httpx.Response(200, stream=SseStream(two_then_drop(request), fake))
         return None
 
     fake.fault = drop
@@ -564,7 +371,12 @@ def test_the_registry_builds_a_remote_engine_from_tokenizer_files_only(
                 "name": "remote-a",
                 "source": str(only),
                 "engine": "vllm-remote",
-                "options": {"url": URL, "api_key_env": "VLLM_KEY", "retries": 4},
+                "options": {
+                    "url": URL,
+                    "api_key_env": "VLLM_KEY",
+                    "retries": 4,
+                    "score_lookahead_tokens": 0,
+                },
             },
             {
                 "name": "remote-b",
@@ -585,6 +397,8 @@ def test_the_registry_builds_a_remote_engine_from_tokenizer_files_only(
     assert isinstance(built.engine, VllmRemoteEngine) and built.engine.url == URL
     assert built.engine._client_args["api_key"] == "sekrit"
     assert built.engine._client_args["retries"] == 4
+    assert built.engine.score_lookahead == 0  # off
+    assert build(config.models[1])[0].engine.score_lookahead == LOOKAHEAD_TOKENS
     assert (prepare(config.models[1]) / "tokenizer.json").is_file()
     with pytest.raises(SourceError, match=r"no tokenizer\.json"):
         build(config.models[2])

@@ -1,0 +1,93 @@
+"""What the two vLLM engines ask vLLM for: the ``SamplingParams`` fields of each request.
+
+The in-process engine builds ``SamplingParams(**fields)``; the remote engine sends the
+same fields as JSON. Keeping them here means the two cannot drift.
+
+A fusion step of a greedy request costs one round trip per model (``lookahead`` > 0):
+
+- ``score`` sends one request per candidate, all at once, on ``context + candidate``
+  with ``prompt_logprobs`` (the candidate's scores) and ``max_tokens = lookahead``: the
+  greedy tokens after that candidate, which ``LookAhead.commit`` keeps when it wins;
+- beside them, ``continuation``: the model's own look-ahead (its candidate and the tokens
+  past it) extended to ``lookahead`` tokens past what its ``generate`` returned, kept
+  when its own candidate wins;
+- the next ``generate`` replays the winner's tokens (``Taker``) and asks vLLM only for
+  what is still missing.
+
+A scoring request generates the single token vLLM requires, and no continuation is sent
+(the request pattern from before this look-ahead), whenever the tokens would not be
+used: ``lookahead`` 0; a sampling request (its tokens are drawn by ``generate`` with its
+seed offsets, so seeded answers stay as they were); and after a ``generate`` that ended
+on a stop id or its token cap, or before any (the answer is over, or this is a scratch
+state: Rerank's last scoring, PackLLM's prompt scoring).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fusion.engine import Sampling
+from fusion.engines.vllm_logprobs import TOP_LOGPROBS, LookAhead, Taker
+
+# Tokens generated after each scored candidate. A segment ends at the first word
+# boundary every tokenizer shares, about 1.2 tokens on the default trio, and ``generate``
+# needs one token more to see the boundary; every look-ahead token is one more decode
+# pass before the scores come back, so a few tokens, not ``max_segment_tokens``.
+LOOKAHEAD_TOKENS = 4
+
+
+def generate_fields(taker: Taker, sampling: Sampling, context_len: int) -> dict[str, Any]:
+    """A generation request for what ``taker`` still needs after the look-ahead."""
+    fields: dict[str, Any] = {
+        "max_tokens": taker.left,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "logprobs": TOP_LOGPROBS,
+        "stop_token_ids": sorted(taker.stop_ids),
+        "detokenize": False,
+    }
+    if sampling.seed is not None:
+        fields["seed"] = sampling.seed + context_len
+    return fields
+
+
+def score_tokens(look: LookAhead, lookahead: int) -> int:
+    """Tokens a scoring request generates after its candidate (vLLM needs at least 1)."""
+    return lookahead if lookahead > 0 and look.goes_on else 1
+
+
+def score_fields(look: LookAhead, lookahead: int, use_cache: bool) -> dict[str, Any]:
+    """A scoring request: ``prompt_logprobs`` of ``context + candidate`` and the greedy
+    tokens after it; ``use_cache`` False recomputes the whole prompt."""
+    fields: dict[str, Any] = {
+        "max_tokens": score_tokens(look, lookahead),
+        "temperature": 0.0,
+        "prompt_logprobs": 0,
+        "logprobs": TOP_LOGPROBS,
+        "detokenize": False,
+        "skip_reading_prefix_cache": not use_cache,
+    }
+    if lookahead > 0 and look.goes_on:
+        fields["stop_token_ids"] = sorted(look.stop_ids)
+    return fields
+
+
+def continuation(
+    look: LookAhead, context: list[int], lookahead: int
+) -> tuple[list[int], dict[str, Any]] | None:
+    """The request that extends this state's own look-ahead to ``lookahead`` tokens past
+    what ``generate`` returned this step (prompt and fields), or None when none is needed
+    (nothing generated since the last commit: this model has no candidate of its own)."""
+    tail = len(look.ids) - look.taken
+    if lookahead <= 0 or not look.goes_on or not look.taken or tail >= lookahead:
+        return None
+    if look.stop_ids.intersection(look.ids):  # the answer ends inside it
+        return None
+    fields = {
+        "max_tokens": lookahead - tail,
+        "temperature": 0.0,
+        "logprobs": TOP_LOGPROBS,
+        "stop_token_ids": sorted(look.stop_ids),
+        "detokenize": False,
+    }
+    return context + look.ids, fields
