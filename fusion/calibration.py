@@ -260,6 +260,8 @@ def to_yaml(rec: Recommendation, header: Sequence[str]) -> str:
     lines += [f"    gate_threshold: {p.gate_threshold:g}", f"    gate_fallback: {p.gate_fallback}"]
     if p.leader_margin is not None:
         lines.append(f"    leader_margin: {p.leader_margin:g}")
+    if p.leader_excess is not None:
+        lines.append(f"    leader_excess: {p.leader_excess:g}")
     return "\n".join(lines) + "\n"
 
 

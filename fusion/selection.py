@@ -28,7 +28,8 @@ every candidate is excluded:
   whose NLL per token under the leader exceeds that of the leader's own candidate by more
   than ``leader_margin`` nats. The others still vote among the rest, so they decide where
   the leader finds several continuations about as likely, and cannot push it onto text it
-  finds far less likely.
+  finds far less likely. ``leader_excess`` is the same veto on the candidate's summed
+  surprise beyond the leader's own per-token rate (nats in all).
 """
 
 from __future__ import annotations
@@ -131,17 +132,34 @@ def leader_nll(c: Scored, leader: str, mode: PplMode = "mean") -> float:
 
 
 def vetoed(
-    candidates: Sequence[Scored], leader: str | None, margin: float | None
+    candidates: Sequence[Scored],
+    leader: str | None,
+    margin: float | None,
+    excess: float | None = None,
 ) -> tuple[bool, ...]:
     """The leader's veto: which candidates the leader finds more than ``margin`` nats per
-    token less likely than its own (none when it is off, or the leader proposed nothing)."""
+    token less likely than its own, or whose tokens together cost it more than ``excess``
+    nats beyond its own per-token rate (none when both are off, or the leader proposed
+    nothing). The second sees one surprising word in a long candidate, which a per-token
+    mean dilutes."""
     none = tuple(False for _ in candidates)
-    if margin is None or leader is None:
+    if leader is None or (margin is None and excess is None):
         return none
     own = [leader_nll(c, leader) for c in candidates if leader in c.proposers]
     if not own or not math.isfinite(own[0]):
         return none
-    return tuple(leader_nll(c, leader) > own[0] + margin for c in candidates)
+    rate = own[0]
+
+    def veto(c: Scored) -> bool:
+        lps = next((lps for name, lps in c.logprobs if name == leader), None)
+        if not lps:
+            return True  # the leader could not score it
+        per_token = nll(lps)
+        if margin is not None and per_token > rate + margin:
+            return True
+        return excess is not None and (per_token - rate) * len(lps) > excess
+
+    return tuple(veto(c) for c in candidates)
 
 
 def leader_ppl(c: Scored, leader: str, mode: PplMode = "mean") -> float:
@@ -209,7 +227,7 @@ def select(
         raise ValueError("select() needs at least one candidate")
     scored = [_score(c, policy.rule, policy, mode, prompt_weights) for c in candidates]
     scores = tuple(s for s, _ in scored)
-    veto = vetoed(candidates, policy.leader, policy.leader_margin)
+    veto = vetoed(candidates, policy.leader, policy.leader_margin, policy.leader_excess)
     excluded = tuple(
         veto[i]
         or (

@@ -58,6 +58,7 @@ class SelectionPolicy:
     repetition_ngram: int = 4
     repetition_limit: int = 0  # 0: the repetition guard is off
     leader_margin: float | None = None  # nats/token; None: the leader's veto is off
+    leader_excess: float | None = None  # nats in all beyond the leader's own rate; None: off
 
     @property
     def step_rule(self) -> Rule:

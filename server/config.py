@@ -363,6 +363,13 @@ class SelectionConfig(_Strict):
         "under the leader exceeds that of the leader's own candidate by more than this many "
         "nats; the others vote among the rest. null: off.",
     )
+    leader_excess: float | None = Field(
+        None,
+        ge=0,
+        description="Leader's veto on the whole candidate (needs leader): exclude it when its "
+        "tokens together cost the leader more than this many nats beyond the leader's own "
+        "per-token rate (one wrong word in a long segment counts fully). null: off.",
+    )
 
     def problems(self, models: list[str] | None = None) -> list[str]:
         """What is inconsistent, each message naming its field (``models``: the known
@@ -374,8 +381,8 @@ class SelectionConfig(_Strict):
             out.append(f"selection.leader: rule {self.rule!r} needs a leader model")
         if step_rule == "leader" and self.leader is None:
             out.append("selection.leader: gate_fallback 'leader' needs a leader model")
-        if self.leader_margin is not None and self.leader is None:
-            out.append("selection.leader: leader_margin needs a leader model")
+        if self.leader is None and (self.leader_margin, self.leader_excess) != (None, None):
+            out.append("selection.leader: leader_margin and leader_excess need a leader model")
         if step_rule == "zscore" and not self.calibration:
             out.append("selection.calibration: rule zscore needs per-model NLL statistics")
         if any(w < 0 for w in self.weights.values()):
@@ -407,6 +414,7 @@ class SelectionConfig(_Strict):
             repetition_ngram=self.repetition_ngram,
             repetition_limit=self.repetition_limit,
             leader_margin=self.leader_margin,
+            leader_excess=self.leader_excess,
         )
 
 

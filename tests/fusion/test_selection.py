@@ -7,6 +7,7 @@ expected scores below can be checked with a pocket calculator.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -212,6 +213,22 @@ def test_leader_veto_excludes_what_the_leader_finds_far_less_likely_than_its_own
     assert tight.excluded == (True, False, True) and tight.index == 1
     assert select([A, B], SelectionPolicy(leader="z", leader_margin=1.7)).index == 0
     assert select([A, B], SelectionPolicy(leader="z", leader_margin=1.6)).index == 1
+
+
+def test_leader_excess_vetoes_one_surprising_word_that_a_per_token_mean_dilutes():
+    def toks(text, lps, proposers, x_lp):
+        return Scored(text, proposers, False, (("z", lps), ("x", (x_lp,) * len(lps))))
+
+    own = toks(" Seattle has 20 sheep", (-0.9, -0.1, -0.1, -0.1, -0.1), ("z",), -0.5)  # rate 0.26
+    other = toks(" Toulouse has 20 sheep", (-1.2, -0.1, -2.6, -0.1, -0.1), ("x",), -0.1)  # 0.82
+    # per token the other is 0.56 nats worse: inside a margin of 1; in all, 2.8 nats
+    assert vetoed([own, other], "z", 1.0) == (False, False)
+    assert vetoed([own, other], "z", None, 2.5) == (False, True)
+    assert vetoed([own, other], "z", None, 3.0) == (False, False)
+    assert vetoed([own, other], "z", 1.0, 2.5) == (False, True)
+    policy = SelectionPolicy(rule="weighted", weights=(("z", 0.0),), leader="z", leader_excess=2.5)
+    assert select([own, other], replace(policy, leader_excess=None)).index == 1
+    assert select([own, other], policy).index == 0
 
 
 def test_leader_veto_is_off_when_the_leader_proposed_nothing():
