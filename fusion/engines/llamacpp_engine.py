@@ -11,10 +11,21 @@ are decoded, in batch-sized chunks, by the next call that needs them. ``tail`` i
 log-prob row after the last decoded cell, known only while every look-ahead token is
 decoded. ``last_id`` is the token at ``n_past - 1``.
 
+``ctx_row`` is the log-prob row after the committed context (the distribution of the
+token at ``n_past``), kept whenever the engine computed it: the last row of the pending
+context's decode, the row the first look-ahead token was picked from, a committed
+branch's row after its candidate. It is known only while nothing is pending and cell
+``n_past - 1`` is in the sequence; with no look-ahead, a known ``tail`` is ``ctx_row``.
+``ahead_rows[k]`` is the row look-ahead token ``k >= 1`` was picked from, kept for the
+last ``AHEAD_ROWS`` positions only (a row is 4 bytes per vocabulary entry, 1 MB on
+Gemma): committing the first ``k`` look-ahead tokens makes it the new ``ctx_row``.
+
 Scoring branches the context: each candidate gets a sequence that shares the committed
-cells (a metadata copy), then decodes ``[last_id, *candidate]`` on it, so the first row
-is the distribution after the context and no row needs to be kept between steps. All
-candidates (and any undecoded look-ahead) go in one decode. Committing a scored
+cells (a metadata copy) and decodes the candidate on it. With ``ctx_row`` known the
+branch shares ``[0, n_past)`` and decodes ``candidate``: its first token's log-prob is
+read from ``ctx_row``, its rows give the rest and the row after it. Otherwise it shares
+``[0, n_past - 1)`` and decodes ``[last_id, *candidate]``, one more token per candidate.
+All candidates (and any undecoded look-ahead) go in one decode. Committing a scored
 candidate copies its branch's cells into the request's sequence: no recomputation.
 Committing this model's own candidate moves ``n_past`` over its look-ahead.
 
@@ -52,6 +63,10 @@ from fusion.engines.llamacpp_runtime import (
 
 log = logging.getLogger(__name__)
 
+# Look-ahead rows kept per request, for the last positions: a candidate ends where a word
+# boundary showed, usually one or two tokens before its model's look-ahead does.
+AHEAD_ROWS = 4
+
 PROBE_TEXT = "Natalia sold clips to 48 of her friends in April.\n  Größe: 3.5 km²; 你好! <b>"
 
 
@@ -76,6 +91,8 @@ class LlamaState:
     ahead_lp: list[float] = field(default_factory=list)
     ahead_fed: int = 0
     tail: np.ndarray | None = None
+    ctx_row: np.ndarray | None = None
+    ahead_rows: dict[int, np.ndarray] = field(default_factory=dict)
     branches: list[_Branch] = field(default_factory=list)
     ops: list[Callable[[LlamaRuntime], None]] = field(default_factory=list)
     rng: np.random.Generator | None = None
@@ -87,6 +104,10 @@ class LlamaState:
         assert not (self.pending and self.ahead), "look-ahead after undecoded context"
         assert self.tail is None or (self.ahead_fed == len(self.ahead) and not self.pending)
         assert len(self.tokens) == self.n_past + len(self.pending)
+        assert self.ctx_row is None or not self.pending, "row after undecoded context"
+        assert self.ahead or self.tail is None or self.tail is self.ctx_row
+        assert len(self.ahead_rows) <= AHEAD_ROWS
+        assert all(0 < k < len(self.ahead) for k in self.ahead_rows)
 
 
 class LlamaCppEngine:
@@ -104,6 +125,7 @@ class LlamaCppEngine:
         branches_per_request: int = 3,
         n_batch: int = 512,
         prefix_cache: int = 8,
+        score_from_ctx_row: bool = True,
     ) -> None:
         self.name = name
         self.gguf = Path(gguf)
@@ -114,6 +136,8 @@ class LlamaCppEngine:
         self.branches = branches_per_request
         self.n_batch = n_batch
         self.prefix_cache = prefix_cache
+        # off: every branch re-decodes the last context token (tests compare the two)
+        self.score_from_ctx_row = score_from_ctx_row
         self.max_model_len = 0
         self.open_states = 0
         self.rt: LlamaRuntime | None = None
@@ -246,6 +270,12 @@ class LlamaCppEngine:
             op(rt)
         st.ops.clear()
         _drop_branches(rt, st)
+        yield from self._decode_pending(st)
+
+    def _decode_pending(self, st: LlamaState) -> Generator[list[Feed], list[np.ndarray], None]:
+        """Decode the pending context in chunks; its last row is ``tail`` and ``ctx_row``."""
+        rt = self.rt
+        assert rt is not None and st.seq is not None
         chunk = max(1, rt.n_batch // 2)
         while st.pending:
             piece, rest = st.pending[:chunk], st.pending[chunk:]
@@ -254,7 +284,7 @@ class LlamaCppEngine:
             st.last_id = piece[-1]
             st.pending = rest
             if not rest:
-                st.tail = log_softmax(rows[0][-1])
+                st.tail = st.ctx_row = log_softmax(rows[0][-1])
 
     def _generate(
         self,
@@ -275,10 +305,12 @@ class LlamaCppEngine:
             if i >= len(st.ahead):
                 if st.tail is None:
                     yield from self._decode_ahead(st)
-                assert st.tail is not None
-                tok = _pick(st, st.tail, sampling)
+                row = st.tail
+                assert row is not None
+                tok = _pick(st, row, sampling)
+                _keep_row(st, row)
                 st.ahead.append(tok)
-                st.ahead_lp.append(float(st.tail[tok]))
+                st.ahead_lp.append(float(row[tok]))
                 st.tail = None
             out.append(st.ahead[i])
             lps.append(st.ahead_lp[i])
@@ -296,15 +328,24 @@ class LlamaCppEngine:
 
     def _decode_ahead(self, st: LlamaState) -> Generator[list[Feed], list[np.ndarray], None]:
         """Make ``tail`` known: decode the look-ahead not in the cache yet (or, with none,
-        the last committed token again)."""
+        take ``ctx_row``, or failing that decode the last committed token again)."""
         rt = self.rt
         assert rt is not None and st.seq is not None
         todo = st.ahead[st.ahead_fed :]
-        pos = st.n_past + st.ahead_fed
         if not todo:
+            assert not st.ahead, "look-ahead decoded without its row"
+            if st.ctx_row is not None:
+                st.tail = st.ctx_row
+                return
+            # The last context token goes back to pending, so that a call cut short here
+            # leaves a state that says its cell is gone (n_past - 1 is never a hole).
             rt.drop_from(st.seq, st.n_past - 1)
-            todo, pos = [st.last_id], st.n_past - 1
-        rows = yield [Feed(st.seq, pos, tuple(todo), "last")]
+            st.n_past -= 1
+            st.pending = [st.last_id]
+            st.last_id = st.tokens[st.n_past - 1] if st.n_past else -1
+            yield from self._decode_pending(st)
+            return
+        rows = yield [Feed(st.seq, st.n_past + st.ahead_fed, tuple(todo), "last")]
         st.ahead_fed = len(st.ahead)
         st.tail = log_softmax(rows[0][-1])
 
@@ -317,6 +358,7 @@ class LlamaCppEngine:
         results: list[list[float]] = [[] for _ in candidates]
         todo = list(range(len(candidates)))
         extra = st.ahead[st.ahead_fed :]  # undecoded look-ahead: rides along, row for free
+        ctx = st.ctx_row if self.score_from_ctx_row else None
         while todo:
             want = min(len(todo), self.branches)
             seqs: list[int] = []
@@ -327,10 +369,10 @@ class LlamaCppEngine:
                     yield []
             _drop_branches(rt, st)  # an earlier round's (only the last round's are kept)
             now, todo = todo[:want], todo[want:]
-            streams = []
-            for i, seq in zip(now, seqs):
-                rt.copy_span(st.seq, seq, 0, st.n_past - 1)
-                streams.append(_Stream(i, seq, st.n_past - 1, [st.last_id, *candidates[i]]))
+            streams = [
+                _branch_off(rt, st, ctx, seq, i, candidates[i], results[i])
+                for i, seq in zip(now, seqs)
+            ]
             while any(x.left for x in streams):
                 feeds: list[Feed] = []
                 owners: list[_Stream | None] = []
@@ -360,20 +402,44 @@ class LlamaCppEngine:
         return results
 
 
+def _branch_off(
+    rt: LlamaRuntime,
+    st: LlamaState,
+    ctx: np.ndarray | None,
+    seq: int,
+    index: int,
+    cand: tuple[int, ...],
+    out: list[float],
+) -> _Stream:
+    """Branch the context into ``seq`` for one candidate: with the row after the context
+    (``ctx``) the branch shares all of it and decodes only the candidate, whose first
+    log-prob comes from that row; without, it decodes ``[last_id, *candidate]``."""
+    assert st.seq is not None
+    if ctx is None:
+        rt.copy_span(st.seq, seq, 0, st.n_past - 1)
+        return _Stream(index, seq, st.n_past - 1, [st.last_id, *cand])
+    rt.copy_span(st.seq, seq, 0, st.n_past)
+    if not cand:
+        return _Stream(index, seq, st.n_past, [], after=ctx)
+    out.append(float(ctx[cand[0]]))
+    return _Stream(index, seq, st.n_past, list(cand), done=1)
+
+
 @dataclass
 class _Stream:
-    """One candidate being scored on its branch: ``[last_id, *candidate]`` from ``pos``."""
+    """One candidate being scored on its branch: ``left`` is still to decode, from ``pos``;
+    ``done`` counts the rows of the candidate known so far (the first one may be
+    ``ctx_row``): the next row received predicts ``cand[done]``."""
 
     index: int
     seq: int
     pos: int
     left: list[int]
-    done: int = 0  # rows received so far
+    done: int = 0
     after: np.ndarray | None = None  # log-probs after the whole candidate
 
     def take(self, rows: np.ndarray, cand: tuple[int, ...], out: list[float]) -> None:
-        """Log-probs of the candidate tokens these rows predict (row k of the stream is the
-        distribution after its token k, so it predicts ``cand[k]``)."""
+        """Log-probs of the candidate tokens these rows predict, and the row after it."""
         lse = logsumexp(rows)
         for r in range(len(rows)):
             k = self.done + r
@@ -398,9 +464,13 @@ def _commit(st: LlamaState, ids: tuple[int, ...]) -> None:
         st.ahead_fed -= kept
         if kept:
             st.last_id = ids[kept - 1]
+        # the row after the candidate: the one the next look-ahead token was picked from
+        row = st.tail if n == len(st.ahead) else st.ahead_rows.get(n)
+        st.ctx_row = row if kept == n else None
         if n > kept:  # the last generated token was never decoded
             st.pending = list(ids[kept:])
         st.ahead, st.ahead_lp = st.ahead[n:], st.ahead_lp[n:]
+        st.ahead_rows = {k - n: r for k, r in st.ahead_rows.items() if k > n}
     elif branch is not None and not st.pending and seq is not None:
         start, src = st.n_past, branch.seq
 
@@ -411,16 +481,29 @@ def _commit(st: LlamaState, ids: tuple[int, ...]) -> None:
         st.ops.append(adopt)
         st.n_past += n
         st.last_id = ids[-1]
-        st.tail = branch.after
-        st.ahead, st.ahead_lp, st.ahead_fed = [], [], 0
+        st.tail = st.ctx_row = branch.after
+        st.ahead, st.ahead_lp, st.ahead_fed, st.ahead_rows = [], [], 0, {}
     else:
         if seq is not None:
             start = st.n_past
             st.ops.append(lambda rt: rt.drop_from(seq, start))
         st.pending.extend(ids)
-        st.ahead, st.ahead_lp, st.ahead_fed, st.tail = [], [], 0, None
+        st.ahead, st.ahead_lp, st.ahead_fed, st.ahead_rows = [], [], 0, {}
+        st.tail = st.ctx_row = None
     # unused branches go back at the next call (after any copy out of them)
     st.check()
+
+
+def _keep_row(st: LlamaState, row: np.ndarray) -> None:
+    """Keep the row the next look-ahead token is picked from: the first one's is the row
+    after the context; of the others only the last ``AHEAD_ROWS`` are kept."""
+    k = len(st.ahead)
+    if k == 0:
+        st.ctx_row = row
+        return
+    st.ahead_rows[k] = row
+    while len(st.ahead_rows) > AHEAD_ROWS:
+        del st.ahead_rows[min(st.ahead_rows)]
 
 
 def _drop_branches(rt: LlamaRuntime, st: LlamaState) -> None:
@@ -453,7 +536,8 @@ def _free(rt: LlamaRuntime, st: LlamaState) -> None:
         ok = False
     st.ops.clear()
     _drop_branches(rt, st)
-    st.tail = None
+    st.tail = st.ctx_row = None
+    st.ahead_rows = {}
     if seq is None:
         return
     if ok and st.n_past:
