@@ -357,7 +357,6 @@ class LlamaCppEngine:
         assert rt is not None and st.seq is not None
         results: list[list[float]] = [[] for _ in candidates]
         todo = list(range(len(candidates)))
-        extra = st.ahead[st.ahead_fed :]  # undecoded look-ahead: rides along, row for free
         ctx = st.ctx_row if self.score_from_ctx_row else None
         while todo:
             want = min(len(todo), self.branches)
@@ -369,37 +368,55 @@ class LlamaCppEngine:
                     yield []
             _drop_branches(rt, st)  # an earlier round's (only the last round's are kept)
             now, todo = todo[:want], todo[want:]
-            streams = [
-                _branch_off(rt, st, ctx, seq, i, candidates[i], results[i])
-                for i, seq in zip(now, seqs)
-            ]
-            while any(x.left for x in streams):
-                feeds: list[Feed] = []
-                owners: list[_Stream | None] = []
-                room = rt.n_batch
-                if extra and len(extra) <= room:
-                    feeds.append(Feed(st.seq, st.n_past + st.ahead_fed, tuple(extra), "last"))
-                    owners.append(None)
-                    room -= len(extra)
-                for x in streams:  # long candidates (Rerank) go in batch-sized pieces
-                    if x.left and room:
-                        piece, x.left = x.left[:room], x.left[room:]
-                        feeds.append(Feed(x.seq, x.pos, tuple(piece), "all"))
-                        owners.append(x)
-                        x.pos += len(piece)
-                        room -= len(piece)
-                rows = yield feeds
-                for owner, r in zip(owners, rows):
-                    if owner is None:
-                        st.ahead_fed = len(st.ahead)
-                        st.tail = log_softmax(r[-1])
-                        extra = []
-                    else:
-                        owner.take(r, candidates[owner.index], results[owner.index])
+            try:
+                streams = [
+                    _branch_off(rt, st, ctx, seq, i, candidates[i], results[i])
+                    for i, seq in zip(now, seqs)
+                ]
+                yield from self._decode_streams(st, streams, candidates, results)
+            except BaseException:  # stopped between decodes: its branches are no one's yet
+                for seq in seqs:
+                    rt.give_seq(seq)
+                raise
             for x in streams:
                 assert x.after is not None
                 st.branches.append(_Branch(candidates[x.index], x.seq, x.after))
         return results
+
+    def _decode_streams(
+        self,
+        st: LlamaState,
+        streams: list[_Stream],
+        candidates: list[tuple[int, ...]],
+        results: list[list[float]],
+    ) -> Generator[list[Feed], list[np.ndarray], None]:
+        """Decode one round's candidates on their branches, with any undecoded look-ahead
+        riding along (its row for free)."""
+        rt = self.rt
+        assert rt is not None and st.seq is not None
+        while any(x.left for x in streams):
+            feeds: list[Feed] = []
+            owners: list[_Stream | None] = []
+            room = rt.n_batch
+            extra = st.ahead[st.ahead_fed :]
+            if extra and len(extra) <= room:
+                feeds.append(Feed(st.seq, st.n_past + st.ahead_fed, tuple(extra), "last"))
+                owners.append(None)
+                room -= len(extra)
+            for x in streams:  # long candidates (Rerank) go in batch-sized pieces
+                if x.left and room:
+                    piece, x.left = x.left[:room], x.left[room:]
+                    feeds.append(Feed(x.seq, x.pos, tuple(piece), "all"))
+                    owners.append(x)
+                    x.pos += len(piece)
+                    room -= len(piece)
+            rows = yield feeds
+            for owner, r in zip(owners, rows):
+                if owner is None:
+                    st.ahead_fed = len(st.ahead)
+                    st.tail = log_softmax(r[-1])
+                else:
+                    owner.take(r, candidates[owner.index], results[owner.index])
 
 
 def _branch_off(

@@ -552,3 +552,31 @@ def test_a_fused_answer_is_the_same_with_the_row_after_the_context(llama_models)
     assert len(new) > 20
     assert new == old
     assert new_tokens < 0.9 * old_tokens
+
+
+def test_a_scoring_call_stopped_between_its_decodes_gives_its_branches_back(llama_models):
+    """A score that times out stops at its next tick; the branches it held in the middle
+    of a round (long candidates go in several decodes) go back to the runtime."""
+    m = llama_models["smollm2-135m"]
+    rt = m.engine.rt
+    text = " Once upon a time there was a lighthouse by the sea, and every night" * 20
+    cands = [m.tokenizer.encode(text)[:300], m.tokenizer.encode(text)[:299]]
+    checks = 0
+
+    def stopped() -> bool:  # after the first decode
+        nonlocal checks
+        checks += 1
+        return checks > 1
+
+    async def run() -> int:
+        await settled(rt, rt.n_seq_max)
+        state = await m.engine.open("t1", m.tokenizer.encode_prompt("Tell me a story."))
+        await m.engine.generate(state, 1, frozenset(), NEVER)
+        with contextlib.suppress(LlamaError):
+            await rt.submit(m.engine._score(state, [tuple(c) for c in cands]), stopped)
+        await m.engine.release(state)
+        await settled(rt, rt.n_seq_max)
+        return rt.free_seqs
+
+    assert asyncio.run(run()) == rt.n_seq_max
+    assert checks > 1
