@@ -93,8 +93,11 @@ async def singles(args: argparse.Namespace) -> list[dict[str, Any]]:
             for m in models:
                 gguf = m.engine.gguf  # type: ignore[attr-defined]
                 llm = Llama(
-                    model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
-                    n_ctx=2048, verbose=False,
+                    model_path=str(gguf),
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    n_ctx=2048,
+                    verbose=False,
                 )
                 ids = m.tokenizer.encode_prompt(PROMPT)
                 await ours_alone(m, ids, 8)  # warm-up
@@ -103,10 +106,15 @@ async def singles(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for _ in range(args.rounds):  # interleaved: noise hits both
                     ours.append(await ours_alone(m, ids, args.max_tokens))
                     base.append(llama_alone(llm, ids, args.max_tokens))
-                rows.append({
-                    "part": "single", "model": m.name, "threads": threads,
-                    "ours_tok_s": statistics.median(ours), "llama_tok_s": statistics.median(base),
-                })
+                rows.append(
+                    {
+                        "part": "single",
+                        "model": m.name,
+                        "threads": threads,
+                        "ours_tok_s": statistics.median(ours),
+                        "llama_tok_s": statistics.median(base),
+                    }
+                )
                 del llm
         finally:
             for m in models:
@@ -161,11 +169,13 @@ async def concurrency(args: argparse.Namespace) -> list[dict[str, Any]]:
             {"part": "concurrent", "question": q, "batch_wall_s": wall, **r}
             for q, r in zip(QUESTIONS, many)
         ]
-        rows.append({
-            "part": "batching",
-            "max_batch_seqs": [m.engine.rt.max_batch_seqs for m in models],  # type: ignore[attr-defined]
-            "thread_seconds": {m.name: m.engine.rt.seconds for m in models},  # type: ignore[attr-defined]
-        })
+        rows.append(
+            {
+                "part": "batching",
+                "max_batch_seqs": [m.engine.rt.max_batch_seqs for m in models],  # type: ignore[attr-defined]
+                "thread_seconds": {m.name: m.engine.rt.seconds for m in models},  # type: ignore[attr-defined]
+            }
+        )
     finally:
         for m in models:
             await m.engine.shutdown()
@@ -187,8 +197,10 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
         ]
         for r in single:
             ratio = r["ours_tok_s"] / r["llama_tok_s"]
-            out.append(f"| {r['model']} | {r['threads']} | {r['ours_tok_s']:.1f} | "
-                       f"{r['llama_tok_s']:.1f} | {ratio:.2f} |")
+            out.append(
+                f"| {r['model']} | {r['threads']} | {r['ours_tok_s']:.1f} | "
+                f"{r['llama_tok_s']:.1f} | {ratio:.2f} |"
+            )
         out.append("")
     ft = [r for r in rows if r["part"] == "fused_threads"]
     if ft:
@@ -211,9 +223,9 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
         out += [
             "| fused requests | aggregate tok/s | latency p50 s | p99 s | max s |",
             "|---|--:|--:|--:|--:|",
-            f"| 1 at a time | {one:.1f} | {pct([r['wall_s'] for r in seq], .5):.1f} | "
-            f"{pct([r['wall_s'] for r in seq], .99):.1f} | {max(r['wall_s'] for r in seq):.1f} |",
-            f"| {len(con)} at once | {agg:.1f} | {pct(lat, .5):.1f} | {pct(lat, .99):.1f} | "
+            f"| 1 at a time | {one:.1f} | {pct([r['wall_s'] for r in seq], 0.5):.1f} | "
+            f"{pct([r['wall_s'] for r in seq], 0.99):.1f} | {max(r['wall_s'] for r in seq):.1f} |",
+            f"| {len(con)} at once | {agg:.1f} | {pct(lat, 0.5):.1f} | {pct(lat, 0.99):.1f} | "
             f"{max(lat):.1f} |",
             "",
             f"{len(con)} at once ÷ 1 at a time (aggregate tok/s): **{agg / one:.2f}x**",

@@ -150,8 +150,14 @@ async def bench_engine(engine: str, config_path: str, args: argparse.Namespace) 
             n_ctx = len(models[0].completion_prompt_ids(prompt.text or ""))
             res = await fused(fuser, prompt, FusionParams(max_tokens=args.context_tokens))
             rows.append(
-                {**base, "question": f"context:{n_ctx}", "models": names, "method": "cool",
-                 "context_sweep": True, **res}
+                {
+                    **base,
+                    "question": f"context:{n_ctx}",
+                    "models": names,
+                    "method": "cool",
+                    "context_sweep": True,
+                    **res,
+                }
             )
     finally:
         await shutdown_models(models)
@@ -176,7 +182,10 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--engines", default="llamacpp,transformers", help="comma-separated")
     ap.add_argument(
-        "--config", action="append", default=[], metavar="ENGINE=PATH",
+        "--config",
+        action="append",
+        default=[],
+        metavar="ENGINE=PATH",
         help="config file for an engine (default llamacpp=config.yaml, "
         "transformers=config.transformers.yaml, vllm=config.vllm-cpu.yaml)",
     )

@@ -83,9 +83,7 @@ def markdown(lines: list[dict[str, Any]]) -> str:
         "|---|---|--:|--:|--:|--:|---|--:|",
     ]
     for x in lines:
-        share = (
-            " / ".join(_pct(x["share"][p]) for p in PHASES) if x["share"] else "—"
-        )
+        share = " / ".join(_pct(x["share"][p]) for p in PHASES) if x["share"] else "—"
         step = f"{x['step_ms']:.0f}" if x["step_ms"] else "—"
         ratio = f"**{x['ratio']:.2f}**" if x["ratio"] is not None else "—"
         out.append(
@@ -140,8 +138,12 @@ def plots(rows: list[dict[str, Any]], lines: list[dict[str, Any]], out: Path) ->
     fig, axes = plt.subplots(1, len(engines), figsize=(7 * len(engines), 4.5), squeeze=False)
     colors = dict(zip(PHASES, ("#4c72b0", "#dd8452", "#55a868", "#8172b3", "#937860")))
     for ax, engine in zip(axes[0], engines):
-        sel = [x for x in lines if x["engine"] == engine and (not x["fused"] or x["members"] > 2
-               or x["method"] == "cool")]
+        sel = [
+            x
+            for x in lines
+            if x["engine"] == engine
+            and (not x["fused"] or x["members"] > 2 or x["method"] == "cool")
+        ]
         left = [0.0] * len(sel)
         for p in PHASES:
             vals = [

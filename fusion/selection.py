@@ -20,8 +20,15 @@ index and every candidate's aggregate score (lower is better), so the trace can 
   probability is at least ``gate_threshold`` (GaC's uncertainty gate, 0.5); otherwise the
   step is fused and ``gate_fallback`` chooses. Here that is the fallback rule.
 
-The repetition guard composes with any rule: a candidate whose words close an n-gram
-already seen ``repetition_limit`` times in the answer is excluded, unless all are.
+Two filters compose with any rule; a candidate either one excludes cannot win, unless
+every candidate is excluded:
+- the repetition guard: a candidate whose words close an n-gram already seen
+  ``repetition_limit`` times in the answer;
+- the leader's veto (``leader_margin``, a trust region around the leader): a candidate
+  whose NLL per token under the leader exceeds that of the leader's own candidate by more
+  than ``leader_margin`` nats. The others still vote among the rest, so they decide where
+  the leader finds several continuations about as likely, and cannot push it onto text it
+  finds far less likely.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ class Selection:
 
     index: int
     scores: tuple[float, ...]  # lower is better; the chosen one is the lowest not excluded
-    excluded: tuple[bool, ...]  # by the repetition guard
+    excluded: tuple[bool, ...]  # by the repetition guard or the leader's veto
     rule: Rule
 
 
@@ -113,6 +120,28 @@ def zscore(
         if n in stats and stats[n].std > 0
     ]
     return _weighted_mean(zs)
+
+
+def leader_nll(c: Scored, leader: str, mode: PplMode = "mean") -> float:
+    """The leader's NLL of the candidate (inf if the leader did not score it)."""
+    for name, lps in c.logprobs:
+        if name == leader:
+            return nll(lps, mode)
+    return math.inf
+
+
+def vetoed(
+    candidates: Sequence[Scored], leader: str | None, margin: float | None
+) -> tuple[bool, ...]:
+    """The leader's veto: which candidates the leader finds more than ``margin`` nats per
+    token less likely than its own (none when it is off, or the leader proposed nothing)."""
+    none = tuple(False for _ in candidates)
+    if margin is None or leader is None:
+        return none
+    own = [leader_nll(c, leader) for c in candidates if leader in c.proposers]
+    if not own or not math.isfinite(own[0]):
+        return none
+    return tuple(leader_nll(c, leader) > own[0] + margin for c in candidates)
 
 
 def leader_ppl(c: Scored, leader: str, mode: PplMode = "mean") -> float:
@@ -180,10 +209,14 @@ def select(
         raise ValueError("select() needs at least one candidate")
     scored = [_score(c, policy.rule, policy, mode, prompt_weights) for c in candidates]
     scores = tuple(s for s, _ in scored)
+    veto = vetoed(candidates, policy.leader, policy.leader_margin)
     excluded = tuple(
-        policy.repetition_limit > 0
-        and repeats(answer, c.text, policy.repetition_ngram) >= policy.repetition_limit
-        for c in candidates
+        veto[i]
+        or (
+            policy.repetition_limit > 0
+            and repeats(answer, c.text, policy.repetition_ngram) >= policy.repetition_limit
+        )
+        for i, c in enumerate(candidates)
     )
     if all(excluded):
         excluded = tuple(False for _ in candidates)

@@ -57,6 +57,7 @@ class SelectionPolicy:
     gate_fallback: FallbackRule = "weighted"
     repetition_ngram: int = 4
     repetition_limit: int = 0  # 0: the repetition guard is off
+    leader_margin: float | None = None  # nats/token; None: the leader's veto is off
 
     @property
     def step_rule(self) -> Rule:

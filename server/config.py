@@ -347,6 +347,13 @@ class SelectionConfig(_Strict):
         description="Repetition guard: exclude a candidate that closes an n-gram already seen "
         "this many times in the answer (unless every candidate does); 0: off.",
     )
+    leader_margin: float | None = Field(
+        None,
+        ge=0,
+        description="Leader's veto (needs leader): exclude a candidate whose per-token NLL "
+        "under the leader exceeds that of the leader's own candidate by more than this many "
+        "nats; the others vote among the rest. null: off.",
+    )
 
     def problems(self, models: list[str] | None = None) -> list[str]:
         """What is inconsistent, each message naming its field (``models``: the known
@@ -358,6 +365,8 @@ class SelectionConfig(_Strict):
             out.append(f"selection.leader: rule {self.rule!r} needs a leader model")
         if step_rule == "leader" and self.leader is None:
             out.append("selection.leader: gate_fallback 'leader' needs a leader model")
+        if self.leader_margin is not None and self.leader is None:
+            out.append("selection.leader: leader_margin needs a leader model")
         if step_rule == "zscore" and not self.calibration:
             out.append("selection.calibration: rule zscore needs per-model NLL statistics")
         if any(w < 0 for w in self.weights.values()):
@@ -388,6 +397,7 @@ class SelectionConfig(_Strict):
             gate_fallback=self.gate_fallback,
             repetition_ngram=self.repetition_ngram,
             repetition_limit=self.repetition_limit,
+            leader_margin=self.leader_margin,
         )
 
 

@@ -42,6 +42,7 @@ class SelectionOptions(BaseModel):
     gate_fallback: FallbackRule | None = None
     repetition_ngram: int | None = Field(None, ge=1, le=32)
     repetition_limit: int | None = Field(None, ge=0)
+    leader_margin: float | None = Field(None, ge=0)
 
 
 class FusionOptions(BaseModel):

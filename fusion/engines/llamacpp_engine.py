@@ -536,6 +536,8 @@ def _reuse_prefix(rt: LlamaRuntime, st: LlamaState) -> None:
     if hit is None:
         return
     src, n = hit
+    # At least the prompt's last token is left pending: its decode gives ``ctx_row``, which
+    # a fresh state lacks. (With none left, the re-decode of ``last_id`` would cover it.)
     rt.copy_span(src, st.seq, 0, n)
     st.n_past = n
     st.last_id = st.pending[n - 1]

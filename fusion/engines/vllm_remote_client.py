@@ -43,7 +43,13 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError
 
 
 class ServerError(EngineError):
-    """The remote answered 5xx (worth one recompute without the cache when scoring)."""
+    """The remote answered 5xx, or could not encode its answer (worth one recompute
+    without the cache when scoring)."""
+
+
+# vLLM fails to JSON-encode non-finite log-probs (garbage at stale cached positions); the
+# scale-out route turns that ValueError into HTTP 400, other paths into 500
+_UNENCODABLE = "Out of range float values are not JSON compliant"
 
 
 @dataclass
@@ -199,7 +205,9 @@ class RemoteVllm:
         what = f"engine {self.name}: {self.url}{path} answered HTTP {r.status_code}: {detail}"
         if r.status_code in _RETRY_STATUS:  # still unavailable after the retries
             self.breaker.fail(f"HTTP {r.status_code}")
-        return ServerError(what) if r.status_code >= 500 else EngineError(what)
+        if r.status_code >= 500 or _UNENCODABLE in detail:
+            return ServerError(what)
+        return EngineError(what)
 
 
 def cached_tokens(answer: dict[str, Any]) -> int | None:

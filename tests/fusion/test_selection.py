@@ -21,6 +21,7 @@ from fusion.selection import (
     packllm_weights,
     repeats,
     select,
+    vetoed,
     weighted,
     zscore,
 )
@@ -197,6 +198,27 @@ def test_repetition_guard_excludes_a_looping_candidate_unless_all_loop():
     assert select([loop, other], answer=answer).index == 0  # off by default
     only = select([loop], policy, answer=answer)
     assert only.index == 0 and only.excluded == (False,)
+
+
+def test_leader_veto_excludes_what_the_leader_finds_far_less_likely_than_its_own():
+    # z proposed B (NLL ln 1.1 = 0.095); A costs it ln 6 = 1.79, C ln 1.5 = 0.405
+    C = cand(" C", {"x": 2.5, "y": 2.5, "z": 1.5}, ("x",))
+    policy = SelectionPolicy(rule="weighted", leader="z", leader_margin=1.0)
+    chosen = select([A, B, C], policy)
+    assert chosen.excluded == (True, False, False)
+    assert chosen.index == 2  # the weak models still outvote z among what it allows
+    assert select([A, B, C], SelectionPolicy(rule="weighted")).index == 0  # off: A wins
+    tight = select([A, B, C], SelectionPolicy(rule="weighted", leader="z", leader_margin=0.3))
+    assert tight.excluded == (True, False, True) and tight.index == 1
+    assert select([A, B], SelectionPolicy(leader="z", leader_margin=1.7)).index == 0
+    assert select([A, B], SelectionPolicy(leader="z", leader_margin=1.6)).index == 1
+
+
+def test_leader_veto_is_off_when_the_leader_proposed_nothing():
+    C = cand(" C", {"x": 1.3, "y": 1.3, "z": 1.5}, ("y",))
+    chosen = select([A, C], SelectionPolicy(leader="z", leader_margin=0.0))
+    assert chosen.excluded == (False, False)
+    assert vetoed([A, B], None, 0.5) == (False, False)
 
 
 def test_ties_go_to_the_first_candidate():

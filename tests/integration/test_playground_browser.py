@@ -125,7 +125,9 @@ def test_streams_a_fused_answer_coloured_by_winner_and_opens_its_candidates(page
     table.wait_for()
     headers = table.locator("th").all_inner_texts()
     assert [h for h in headers if h in ("smollm2", "gemma3", "qwen2.5")] == [
-        "smollm2", "gemma3", "qwen2.5"
+        "smollm2",
+        "gemma3",
+        "qwen2.5",
     ]
     rows = table.locator("tbody tr")
     assert rows.count() >= 1

@@ -30,6 +30,8 @@ def weak_pair_and_leader(make_model):
         ("{calibration: {a: {nll_mean: 1, nll_std: 0}}}", "fusion.selection.calibration.a.nll_std"),
         ("{gate_threshold: 1.5}", "fusion.selection.gate_threshold"),
         ("{repetition_limit: -1}", "fusion.selection.repetition_limit"),
+        ("{leader_margin: 1.0}", "selection.leader"),
+        ("{leader: b, leader_margin: -1}", "fusion.selection.leader_margin"),
     ],
 )
 def test_invalid_selection_config_names_the_field(tmp_path, selection, field):
@@ -53,12 +55,14 @@ def test_selection_config_becomes_the_cores_policy(tmp_path):
         MODELS
         + "fusion:\n  selection:\n    rule: gate\n    leader: b\n    weights: {a: 0.5, b: 2}\n"
         "    calibration: {a: {nll_mean: 1.5, nll_std: 0.5}}\n    repetition_limit: 2\n"
+        "    leader_margin: 0.75\n"
     )
     policy = load_config(path).fusion.selection.policy()
     assert policy.rule == "gate" and policy.leader == "b" and policy.gate_fallback == "weighted"
     assert dict(policy.weights) == {"a": 0.5, "b": 2.0}
     assert dict(policy.calibration)["a"].std == 0.5
     assert policy.repetition_limit == 2 and policy.gate_threshold == 0.5
+    assert policy.leader_margin == 0.75
 
 
 def test_the_papers_methods_stay_reachable_by_name_exactly():

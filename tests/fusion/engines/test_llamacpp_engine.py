@@ -555,8 +555,9 @@ def test_a_fused_answer_is_the_same_with_the_row_after_the_context(llama_models)
 
 
 def test_a_scoring_call_stopped_between_its_decodes_gives_its_branches_back(llama_models):
-    """A score that times out stops at its next tick; the branches it held in the middle
-    of a round (long candidates go in several decodes) go back to the runtime."""
+    """A score that times out or whose client left stops at its next tick; the branches
+    it held in the middle of a round (long candidates go in several decodes) go back to
+    the runtime instead of leaking (enough leaks would leave new requests waiting)."""
     m = llama_models["smollm2-135m"]
     rt = m.engine.rt
     text = " Once upon a time there was a lighthouse by the sea, and every night" * 20
@@ -580,3 +581,78 @@ def test_a_scoring_call_stopped_between_its_decodes_gives_its_branches_back(llam
 
     assert asyncio.run(run()) == rt.n_seq_max
     assert checks > 1
+
+
+@pytest.mark.parametrize("rest", ["its last token", "a question"])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_context_restored_from_the_prefix_cache_scores_from_its_row_as_without(
+    llama_models, name, rest
+):
+    """A state whose context comes from the prefix cache has no row after its context yet:
+    the cache leaves at least the prompt's last token to decode, and that decode keeps the
+    row (never a stale one: the state starts with none). Scores from it, and from a
+    committed branch's row, are a fresh engine's without a prefix cache. That engine
+    decodes the prompt in the same pieces (its n_batch makes the cached part one chunk):
+    llama.cpp's numbers depend on the shape of a decode, by up to 0.3 nats here with the
+    whole prompt in one decode (see
+    test_a_prompt_that_starts_like_a_finished_context_decodes_only_the_rest)."""
+    from fusion.engines.llamacpp_engine import LlamaCppEngine
+
+    m = llama_models[name]
+    rt = m.engine.rt
+    enc = m.tokenizer.encode
+    shots = "".join(
+        f"Question: What is {a} plus {a + 3}?\nAnswer: {2 * a + 3}\n\n" for a in range(6)
+    )
+    second = enc(shots) + enc("Question: What is 20 plus 22?\nAnswer:")
+    first = second[:-1] if rest == "its last token" else enc(shots)  # a finished context
+    cands = [enc(" 42"), enc(" 42, because"), enc(" I")]
+    more = [enc(".\n\nQuestion"), enc(" and")]
+
+    async def answer(engine, rid: str) -> tuple[tuple[int, ...], list, list, int]:
+        state = await engine.open(rid, second)
+        gen = await engine.generate(state, 2, frozenset(), NEVER)
+        before = engine.rt.decoded_tokens
+        a = await engine.score(state, cands)
+        spent = engine.rt.decoded_tokens - before
+        await engine.commit(state, cands[1])
+        b = await engine.score(state, more)
+        await engine.release(state)
+        return gen.ids, a, b, spent
+
+    async def cached():
+        await clear_prefix_cache(rt)
+        state = await m.engine.open("c1", first)
+        await m.engine.generate(state, 3, frozenset(), NEVER)
+        await m.engine.release(state)
+        await settled(rt, rt.n_seq_max)  # its context kept
+        hits = rt.prefix.hit_tokens
+        got = await answer(m.engine, "c2")
+        reused = rt.prefix.hit_tokens - hits
+        await clear_prefix_cache(rt)
+        return got, reused
+
+    async def fresh():
+        found = resolve_gguf(DEFAULT_SOURCES[name])
+        engine = LlamaCppEngine(
+            name,
+            found.gguf,
+            found.tokenizer_dir,
+            n_ctx=4096,
+            max_requests=2,
+            n_batch=2 * len(first),
+            prefix_cache=0,
+        )
+        await engine.start()
+        try:
+            return await answer(engine, "f1")
+        finally:
+            await engine.shutdown()
+
+    (ids, a, b, spent), reused = asyncio.run(cached())
+    ref_ids, ref_a, ref_b, ref_spent = asyncio.run(fresh())
+    assert reused == len(first)
+    assert spent == ref_spent == sum(map(len, cands)) + 1  # first tokens from the kept row
+    assert ids == ref_ids
+    for got, ref in zip([*a, *b], [*ref_a, *ref_b]):  # bit-identical here
+        assert got == pytest.approx(ref, abs=1e-6)

