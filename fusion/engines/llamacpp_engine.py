@@ -1,24 +1,10 @@
 """llama.cpp backend of the engine protocol: GGUF weights, many requests per decode.
 
-Each request state is one llama.cpp sequence. Its cells in the (unified) KV cache, by
-position::
-
-    [0, n_past)                       committed context, decoded
-    [n_past, n_past + ahead_fed)      look-ahead: tokens generated past the last commit
-
-``pending`` holds committed tokens not decoded yet (then there is no look-ahead); they
-are decoded, in batch-sized chunks, by the next call that needs them. ``tail`` is the
-log-prob row after the last decoded cell, known only while every look-ahead token is
-decoded. ``last_id`` is the token at ``n_past - 1``.
-
-``ctx_row`` is the log-prob row after the committed context (the distribution of the
-token at ``n_past``), kept whenever the engine computed it: the last row of the pending
-context's decode, the row the first look-ahead token was picked from, a committed
-branch's row after its candidate. It is known only while nothing is pending and cell
-``n_past - 1`` is in the sequence; with no look-ahead, a known ``tail`` is ``ctx_row``.
-``ahead_rows[k]`` is the row look-ahead token ``k >= 1`` was picked from, kept for the
-last ``AHEAD_ROWS`` positions only (a row is 4 bytes per vocabulary entry, 1 MB on
-Gemma): committing the first ``k`` look-ahead tokens makes it the new ``ctx_row``.
+Each request state is one llama.cpp sequence; its layout, the log-prob rows kept past it
+(``ctx_row``, look-ahead rows) and the bookkeeping of commits, branches and the prefix
+cache are in ``llamacpp_state``. This module runs the calls: each is a job on the
+runtime's decode thread (``llamacpp_runtime``), a generator yielding the feeds of its
+next decode and receiving their rows, so that one ``llama_decode`` serves many requests.
 
 Scoring branches the context: each candidate gets a sequence that shares the committed
 cells (a metadata copy) and decodes the candidate on it. With ``ctx_row`` known the
@@ -28,15 +14,6 @@ read from ``ctx_row``, its rows give the rest and the row after it. Otherwise it
 All candidates (and any undecoded look-ahead) go in one decode. Committing a scored
 candidate copies its branch's cells into the request's sequence: no recomputation.
 Committing this model's own candidate moves ``n_past`` over its look-ahead.
-
-``tokens`` is the whole committed context (``tokens[:n_past]`` is in the cells, the rest
-is ``pending``). A released state's cells ``[0, n_past)`` go to the prefix cache
-(``llamacpp_prefix``); a new state whose prompt starts the same way copies them and
-decodes only the rest.
-
-``commit`` only does bookkeeping on the caller's thread; the cache operations it implies
-(``ops``) run on the decode thread at the start of the state's next call, so a commit
-never waits behind other requests' decodes.
 """
 
 from __future__ import annotations
@@ -44,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,54 +37,11 @@ from fusion.engines.llamacpp_runtime import (
     log_softmax,
     logsumexp,
 )
+from fusion.engines.llamacpp_state import Branch, LlamaState
 
 log = logging.getLogger(__name__)
 
-# Look-ahead rows kept per request, for the last positions: a candidate ends where a word
-# boundary showed, usually one or two tokens before its model's look-ahead does.
-AHEAD_ROWS = 4
-
 PROBE_TEXT = "Natalia sold clips to 48 of her friends in April.\n  Größe: 3.5 km²; 你好! <b>"
-
-
-@dataclass(frozen=True)
-class _Branch:
-    ids: tuple[int, ...]
-    seq: int
-    after: np.ndarray  # log-probs after the candidate
-
-
-@dataclass
-class LlamaState:
-    """Per-request state (layout in the module docstring)."""
-
-    request_id: str
-    pending: list[int]
-    tokens: list[int] = field(default_factory=list)  # the committed context
-    seq: int | None = None  # taken on the decode thread at the first call
-    n_past: int = 0
-    last_id: int = -1
-    ahead: list[int] = field(default_factory=list)
-    ahead_lp: list[float] = field(default_factory=list)
-    ahead_fed: int = 0
-    tail: np.ndarray | None = None
-    ctx_row: np.ndarray | None = None
-    ahead_rows: dict[int, np.ndarray] = field(default_factory=dict)
-    branches: list[_Branch] = field(default_factory=list)
-    ops: list[Callable[[LlamaRuntime], None]] = field(default_factory=list)
-    rng: np.random.Generator | None = None
-    cancelled: bool = False
-
-    def check(self) -> None:
-        """The layout's invariants (cheap; after every call)."""
-        assert 0 <= self.ahead_fed <= len(self.ahead) == len(self.ahead_lp)
-        assert not (self.pending and self.ahead), "look-ahead after undecoded context"
-        assert self.tail is None or (self.ahead_fed == len(self.ahead) and not self.pending)
-        assert len(self.tokens) == self.n_past + len(self.pending)
-        assert self.ctx_row is None or not self.pending, "row after undecoded context"
-        assert self.ahead or self.tail is None or self.tail is self.ctx_row
-        assert len(self.ahead_rows) <= AHEAD_ROWS
-        assert all(0 < k < len(self.ahead) for k in self.ahead_rows)
 
 
 class LlamaCppEngine:
@@ -224,7 +158,7 @@ class LlamaCppEngine:
         return result
 
     async def commit(self, state: LlamaState, ids: Sequence[int]) -> None:
-        _commit(state, tuple(ids))
+        state.commit(tuple(ids))
 
     async def release(self, state: LlamaState) -> None:
         if state.cancelled:
@@ -235,7 +169,7 @@ class LlamaCppEngine:
             self._slots.release()
         rt = self.rt
         if rt is not None:  # freed on the decode thread, not waited for
-            rt.run_soon(lambda: _free(rt, state))
+            rt.run_soon(lambda: state.free(rt))
 
     # -- jobs (run on the decode thread) ---------------------------------------------------
     async def _submit(self, state: LlamaState, job: Job) -> Any:
@@ -265,11 +199,11 @@ class LlamaCppEngine:
             if st.seq is None:
                 yield []  # every sequence is busy: wait a tick
             elif st.n_past == 0:
-                _reuse_prefix(rt, st)
+                st.reuse_prefix(rt)
         for op in st.ops:
             op(rt)
         st.ops.clear()
-        _drop_branches(rt, st)
+        st.drop_branches(rt)
         yield from self._decode_pending(st)
 
     def _decode_pending(self, st: LlamaState) -> Generator[list[Feed], list[np.ndarray], None]:
@@ -308,7 +242,7 @@ class LlamaCppEngine:
                 row = st.tail
                 assert row is not None
                 tok = _pick(st, row, sampling)
-                _keep_row(st, row)
+                st.keep_row(row)
                 st.ahead.append(tok)
                 st.ahead_lp.append(float(row[tok]))
                 st.tail = None
@@ -337,12 +271,7 @@ class LlamaCppEngine:
             if st.ctx_row is not None:
                 st.tail = st.ctx_row
                 return
-            # The last context token goes back to pending, so that a call cut short here
-            # leaves a state that says its cell is gone (n_past - 1 is never a hole).
-            rt.drop_from(st.seq, st.n_past - 1)
-            st.n_past -= 1
-            st.pending = [st.last_id]
-            st.last_id = st.tokens[st.n_past - 1] if st.n_past else -1
+            st.redo_last(rt)
             yield from self._decode_pending(st)
             return
         rows = yield [Feed(st.seq, st.n_past + st.ahead_fed, tuple(todo), "last")]
@@ -366,7 +295,7 @@ class LlamaCppEngine:
                     seqs = [s for s in (rt.take_seq() for _ in range(want)) if s is not None]
                 else:
                     yield []
-            _drop_branches(rt, st)  # an earlier round's (only the last round's are kept)
+            st.drop_branches(rt)  # an earlier round's (only the last round's are kept)
             now, todo = todo[:want], todo[want:]
             try:
                 streams = [
@@ -380,7 +309,7 @@ class LlamaCppEngine:
                 raise
             for x in streams:
                 assert x.after is not None
-                st.branches.append(_Branch(candidates[x.index], x.seq, x.after))
+                st.branches.append(Branch(candidates[x.index], x.seq, x.after))
         return results
 
     def _decode_streams(
@@ -465,108 +394,6 @@ class _Stream:
             else:
                 self.after = log_softmax(rows[r])
         self.done += len(rows)
-
-
-def _commit(st: LlamaState, ids: tuple[int, ...]) -> None:
-    """Bookkeeping of a commit; its cache operations are queued in ``st.ops``."""
-    n = len(ids)
-    if n == 0:
-        return
-    st.tokens.extend(ids)
-    branch = next((b for b in st.branches if b.ids == ids), None)
-    seq = st.seq
-    if not st.pending and tuple(st.ahead[:n]) == ids:
-        kept = min(st.ahead_fed, n)
-        st.n_past += kept
-        st.ahead_fed -= kept
-        if kept:
-            st.last_id = ids[kept - 1]
-        # the row after the candidate: the one the next look-ahead token was picked from
-        row = st.tail if n == len(st.ahead) else st.ahead_rows.get(n)
-        st.ctx_row = row if kept == n else None
-        if n > kept:  # the last generated token was never decoded
-            st.pending = list(ids[kept:])
-        st.ahead, st.ahead_lp = st.ahead[n:], st.ahead_lp[n:]
-        st.ahead_rows = {k - n: r for k, r in st.ahead_rows.items() if k > n}
-    elif branch is not None and not st.pending and seq is not None:
-        start, src = st.n_past, branch.seq
-
-        def adopt(rt: LlamaRuntime) -> None:  # the branch's cells become the context's
-            rt.drop_from(seq, start)
-            rt.copy_span(src, seq, start, start + n)
-
-        st.ops.append(adopt)
-        st.n_past += n
-        st.last_id = ids[-1]
-        st.tail = st.ctx_row = branch.after
-        st.ahead, st.ahead_lp, st.ahead_fed, st.ahead_rows = [], [], 0, {}
-    else:
-        if seq is not None:
-            start = st.n_past
-            st.ops.append(lambda rt: rt.drop_from(seq, start))
-        st.pending.extend(ids)
-        st.ahead, st.ahead_lp, st.ahead_fed, st.ahead_rows = [], [], 0, {}
-        st.tail = st.ctx_row = None
-    # unused branches go back at the next call (after any copy out of them)
-    st.check()
-
-
-def _keep_row(st: LlamaState, row: np.ndarray) -> None:
-    """Keep the row the next look-ahead token is picked from: the first one's is the row
-    after the context; of the others only the last ``AHEAD_ROWS`` are kept."""
-    k = len(st.ahead)
-    if k == 0:
-        st.ctx_row = row
-        return
-    st.ahead_rows[k] = row
-    while len(st.ahead_rows) > AHEAD_ROWS:
-        del st.ahead_rows[min(st.ahead_rows)]
-
-
-def _drop_branches(rt: LlamaRuntime, st: LlamaState) -> None:
-    for b in st.branches:
-        rt.give_seq(b.seq)
-    st.branches = []
-
-
-def _reuse_prefix(rt: LlamaRuntime, st: LlamaState) -> None:
-    """Start a fresh state from the prefix cache's longest match of its prompt."""
-    assert st.seq is not None
-    hit = rt.prefix.lookup(st.pending)
-    if hit is None:
-        return
-    src, n = hit
-    # At least the prompt's last token is left pending: its decode gives ``ctx_row``, which
-    # a fresh state lacks. (With none left, the re-decode of ``last_id`` would cover it.)
-    rt.copy_span(src, st.seq, 0, n)
-    st.n_past = n
-    st.last_id = st.pending[n - 1]
-    st.pending = st.pending[n:]
-
-
-def _free(rt: LlamaRuntime, st: LlamaState) -> None:
-    """Release a state's sequences; its decoded context goes to the prefix cache."""
-    seq, st.seq = st.seq, None
-    try:
-        for op in st.ops:  # a commit's pending copy out of a branch
-            op(rt)
-        ok = seq is not None
-    except LlamaError:
-        ok = False
-    st.ops.clear()
-    _drop_branches(rt, st)
-    st.tail = st.ctx_row = None
-    st.ahead_rows = {}
-    if seq is None:
-        return
-    if ok and st.n_past:
-        rt.drop_from(seq, st.n_past)  # look-ahead is not context
-        # a call cut short can leave the last cell undecoded: keep only whole contexts
-        ok = rt.seq_end(seq) == st.n_past
-    if ok and st.n_past:
-        rt.prefix.keep(seq, st.tokens[: st.n_past])
-    else:
-        rt.give_seq(seq)
 
 
 def _pick(st: LlamaState, row: np.ndarray, sampling: Sampling) -> int:
