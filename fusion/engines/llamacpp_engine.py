@@ -1,31 +1,19 @@
 """llama.cpp backend of the engine protocol: GGUF weights, many requests per decode.
 
-Each request state is one llama.cpp sequence. Its cells in the (unified) KV cache, by
-position::
-
-    [0, n_past)                       committed context, decoded
-    [n_past, n_past + ahead_fed)      look-ahead: tokens generated past the last commit
-
-``pending`` holds committed tokens not decoded yet (then there is no look-ahead); they
-are decoded, in batch-sized chunks, by the next call that needs them. ``tail`` is the
-log-prob row after the last decoded cell, known only while every look-ahead token is
-decoded. ``last_id`` is the token at ``n_past - 1``.
+Each request state is one llama.cpp sequence; its layout, the log-prob rows kept past it
+(``ctx_row``, look-ahead rows) and the bookkeeping of commits, branches and the prefix
+cache are in ``llamacpp_state``. This module runs the calls: each is a job on the
+runtime's decode thread (``llamacpp_runtime``), a generator yielding the feeds of its
+next decode and receiving their rows, so that one ``llama_decode`` serves many requests.
 
 Scoring branches the context: each candidate gets a sequence that shares the committed
-cells (a metadata copy), then decodes ``[last_id, *candidate]`` on it, so the first row
-is the distribution after the context and no row needs to be kept between steps. All
-candidates (and any undecoded look-ahead) go in one decode. Committing a scored
+cells (a metadata copy) and decodes the candidate on it. With ``ctx_row`` known the
+branch shares ``[0, n_past)`` and decodes ``candidate``: its first token's log-prob is
+read from ``ctx_row``, its rows give the rest and the row after it. Otherwise it shares
+``[0, n_past - 1)`` and decodes ``[last_id, *candidate]``, one more token per candidate.
+All candidates (and any undecoded look-ahead) go in one decode. Committing a scored
 candidate copies its branch's cells into the request's sequence: no recomputation.
 Committing this model's own candidate moves ``n_past`` over its look-ahead.
-
-``tokens`` is the whole committed context (``tokens[:n_past]`` is in the cells, the rest
-is ``pending``). A released state's cells ``[0, n_past)`` go to the prefix cache
-(``llamacpp_prefix``); a new state whose prompt starts the same way copies them and
-decodes only the rest.
-
-``commit`` only does bookkeeping on the caller's thread; the cache operations it implies
-(``ops``) run on the decode thread at the start of the state's next call, so a commit
-never waits behind other requests' decodes.
 """
 
 from __future__ import annotations
@@ -33,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,44 +37,11 @@ from fusion.engines.llamacpp_runtime import (
     log_softmax,
     logsumexp,
 )
+from fusion.engines.llamacpp_state import Branch, LlamaState
 
 log = logging.getLogger(__name__)
 
 PROBE_TEXT = "Natalia sold clips to 48 of her friends in April.\n  Größe: 3.5 km²; 你好! <b>"
-
-
-@dataclass(frozen=True)
-class _Branch:
-    ids: tuple[int, ...]
-    seq: int
-    after: np.ndarray  # log-probs after the candidate
-
-
-@dataclass
-class LlamaState:
-    """Per-request state (layout in the module docstring)."""
-
-    request_id: str
-    pending: list[int]
-    tokens: list[int] = field(default_factory=list)  # the committed context
-    seq: int | None = None  # taken on the decode thread at the first call
-    n_past: int = 0
-    last_id: int = -1
-    ahead: list[int] = field(default_factory=list)
-    ahead_lp: list[float] = field(default_factory=list)
-    ahead_fed: int = 0
-    tail: np.ndarray | None = None
-    branches: list[_Branch] = field(default_factory=list)
-    ops: list[Callable[[LlamaRuntime], None]] = field(default_factory=list)
-    rng: np.random.Generator | None = None
-    cancelled: bool = False
-
-    def check(self) -> None:
-        """The layout's invariants (cheap; after every call)."""
-        assert 0 <= self.ahead_fed <= len(self.ahead) == len(self.ahead_lp)
-        assert not (self.pending and self.ahead), "look-ahead after undecoded context"
-        assert self.tail is None or (self.ahead_fed == len(self.ahead) and not self.pending)
-        assert len(self.tokens) == self.n_past + len(self.pending)
 
 
 class LlamaCppEngine:
@@ -104,6 +59,7 @@ class LlamaCppEngine:
         branches_per_request: int = 3,
         n_batch: int = 512,
         prefix_cache: int = 8,
+        score_from_ctx_row: bool = True,
     ) -> None:
         self.name = name
         self.gguf = Path(gguf)
@@ -114,6 +70,8 @@ class LlamaCppEngine:
         self.branches = branches_per_request
         self.n_batch = n_batch
         self.prefix_cache = prefix_cache
+        # off: every branch re-decodes the last context token (tests compare the two)
+        self.score_from_ctx_row = score_from_ctx_row
         self.max_model_len = 0
         self.open_states = 0
         self.rt: LlamaRuntime | None = None
@@ -200,7 +158,7 @@ class LlamaCppEngine:
         return result
 
     async def commit(self, state: LlamaState, ids: Sequence[int]) -> None:
-        _commit(state, tuple(ids))
+        state.commit(tuple(ids))
 
     async def release(self, state: LlamaState) -> None:
         if state.cancelled:
@@ -211,7 +169,7 @@ class LlamaCppEngine:
             self._slots.release()
         rt = self.rt
         if rt is not None:  # freed on the decode thread, not waited for
-            rt.run_soon(lambda: _free(rt, state))
+            rt.run_soon(lambda: state.free(rt))
 
     # -- jobs (run on the decode thread) ---------------------------------------------------
     async def _submit(self, state: LlamaState, job: Job) -> Any:
@@ -241,11 +199,17 @@ class LlamaCppEngine:
             if st.seq is None:
                 yield []  # every sequence is busy: wait a tick
             elif st.n_past == 0:
-                _reuse_prefix(rt, st)
+                st.reuse_prefix(rt)
         for op in st.ops:
             op(rt)
         st.ops.clear()
-        _drop_branches(rt, st)
+        st.drop_branches(rt)
+        yield from self._decode_pending(st)
+
+    def _decode_pending(self, st: LlamaState) -> Generator[list[Feed], list[np.ndarray], None]:
+        """Decode the pending context in chunks; its last row is ``tail`` and ``ctx_row``."""
+        rt = self.rt
+        assert rt is not None and st.seq is not None
         chunk = max(1, rt.n_batch // 2)
         while st.pending:
             piece, rest = st.pending[:chunk], st.pending[chunk:]
@@ -254,7 +218,7 @@ class LlamaCppEngine:
             st.last_id = piece[-1]
             st.pending = rest
             if not rest:
-                st.tail = log_softmax(rows[0][-1])
+                st.tail = st.ctx_row = log_softmax(rows[0][-1])
 
     def _generate(
         self,
@@ -275,10 +239,12 @@ class LlamaCppEngine:
             if i >= len(st.ahead):
                 if st.tail is None:
                     yield from self._decode_ahead(st)
-                assert st.tail is not None
-                tok = _pick(st, st.tail, sampling)
+                row = st.tail
+                assert row is not None
+                tok = _pick(st, row, sampling)
+                st.keep_row(row)
                 st.ahead.append(tok)
-                st.ahead_lp.append(float(st.tail[tok]))
+                st.ahead_lp.append(float(row[tok]))
                 st.tail = None
             out.append(st.ahead[i])
             lps.append(st.ahead_lp[i])
@@ -296,15 +262,19 @@ class LlamaCppEngine:
 
     def _decode_ahead(self, st: LlamaState) -> Generator[list[Feed], list[np.ndarray], None]:
         """Make ``tail`` known: decode the look-ahead not in the cache yet (or, with none,
-        the last committed token again)."""
+        take ``ctx_row``, or failing that decode the last committed token again)."""
         rt = self.rt
         assert rt is not None and st.seq is not None
         todo = st.ahead[st.ahead_fed :]
-        pos = st.n_past + st.ahead_fed
         if not todo:
-            rt.drop_from(st.seq, st.n_past - 1)
-            todo, pos = [st.last_id], st.n_past - 1
-        rows = yield [Feed(st.seq, pos, tuple(todo), "last")]
+            assert not st.ahead, "look-ahead decoded without its row"
+            if st.ctx_row is not None:
+                st.tail = st.ctx_row
+                return
+            st.redo_last(rt)
+            yield from self._decode_pending(st)
+            return
+        rows = yield [Feed(st.seq, st.n_past + st.ahead_fed, tuple(todo), "last")]
         st.ahead_fed = len(st.ahead)
         st.tail = log_softmax(rows[0][-1])
 
@@ -316,7 +286,7 @@ class LlamaCppEngine:
         assert rt is not None and st.seq is not None
         results: list[list[float]] = [[] for _ in candidates]
         todo = list(range(len(candidates)))
-        extra = st.ahead[st.ahead_fed :]  # undecoded look-ahead: rides along, row for free
+        ctx = st.ctx_row if self.score_from_ctx_row else None
         while todo:
             want = min(len(todo), self.branches)
             seqs: list[int] = []
@@ -325,60 +295,97 @@ class LlamaCppEngine:
                     seqs = [s for s in (rt.take_seq() for _ in range(want)) if s is not None]
                 else:
                     yield []
-            _drop_branches(rt, st)  # an earlier round's (only the last round's are kept)
+            st.drop_branches(rt)  # an earlier round's (only the last round's are kept)
             now, todo = todo[:want], todo[want:]
-            streams = []
             try:
-                for i, seq in zip(now, seqs):
-                    rt.copy_span(st.seq, seq, 0, st.n_past - 1)
-                    streams.append(_Stream(i, seq, st.n_past - 1, [st.last_id, *candidates[i]]))
-                while any(x.left for x in streams):
-                    feeds: list[Feed] = []
-                    owners: list[_Stream | None] = []
-                    room = rt.n_batch
-                    if extra and len(extra) <= room:
-                        feeds.append(Feed(st.seq, st.n_past + st.ahead_fed, tuple(extra), "last"))
-                        owners.append(None)
-                        room -= len(extra)
-                    for x in streams:  # long candidates (Rerank) go in batch-sized pieces
-                        if x.left and room:
-                            piece, x.left = x.left[:room], x.left[room:]
-                            feeds.append(Feed(x.seq, x.pos, tuple(piece), "all"))
-                            owners.append(x)
-                            x.pos += len(piece)
-                            room -= len(piece)
-                    rows = yield feeds
-                    for owner, r in zip(owners, rows):
-                        if owner is None:
-                            st.ahead_fed = len(st.ahead)
-                            st.tail = log_softmax(r[-1])
-                            extra = []
-                        else:
-                            owner.take(r, candidates[owner.index], results[owner.index])
-            except BaseException:  # stopped between decodes: this round's branches are no one's
+                streams = [
+                    _branch_off(rt, st, ctx, seq, i, candidates[i], results[i])
+                    for i, seq in zip(now, seqs)
+                ]
+                yield from self._decode_streams(st, streams, candidates, results)
+            except BaseException:  # stopped between decodes: its branches are no one's yet
                 for seq in seqs:
                     rt.give_seq(seq)
                 raise
             for x in streams:
                 assert x.after is not None
-                st.branches.append(_Branch(candidates[x.index], x.seq, x.after))
+                st.branches.append(Branch(candidates[x.index], x.seq, x.after))
         return results
+
+    def _decode_streams(
+        self,
+        st: LlamaState,
+        streams: list[_Stream],
+        candidates: list[tuple[int, ...]],
+        results: list[list[float]],
+    ) -> Generator[list[Feed], list[np.ndarray], None]:
+        """Decode one round's candidates on their branches, with any undecoded look-ahead
+        riding along (its row for free)."""
+        rt = self.rt
+        assert rt is not None and st.seq is not None
+        while any(x.left for x in streams):
+            feeds: list[Feed] = []
+            owners: list[_Stream | None] = []
+            room = rt.n_batch
+            extra = st.ahead[st.ahead_fed :]
+            if extra and len(extra) <= room:
+                feeds.append(Feed(st.seq, st.n_past + st.ahead_fed, tuple(extra), "last"))
+                owners.append(None)
+                room -= len(extra)
+            for x in streams:  # long candidates (Rerank) go in batch-sized pieces
+                if x.left and room:
+                    piece, x.left = x.left[:room], x.left[room:]
+                    feeds.append(Feed(x.seq, x.pos, tuple(piece), "all"))
+                    owners.append(x)
+                    x.pos += len(piece)
+                    room -= len(piece)
+            rows = yield feeds
+            for owner, r in zip(owners, rows):
+                if owner is None:
+                    st.ahead_fed = len(st.ahead)
+                    st.tail = log_softmax(r[-1])
+                else:
+                    owner.take(r, candidates[owner.index], results[owner.index])
+
+
+def _branch_off(
+    rt: LlamaRuntime,
+    st: LlamaState,
+    ctx: np.ndarray | None,
+    seq: int,
+    index: int,
+    cand: tuple[int, ...],
+    out: list[float],
+) -> _Stream:
+    """Branch the context into ``seq`` for one candidate: with the row after the context
+    (``ctx``) the branch shares all of it and decodes only the candidate, whose first
+    log-prob comes from that row; without, it decodes ``[last_id, *candidate]``."""
+    assert st.seq is not None
+    if ctx is None:
+        rt.copy_span(st.seq, seq, 0, st.n_past - 1)
+        return _Stream(index, seq, st.n_past - 1, [st.last_id, *cand])
+    rt.copy_span(st.seq, seq, 0, st.n_past)
+    if not cand:
+        return _Stream(index, seq, st.n_past, [], after=ctx)
+    out.append(float(ctx[cand[0]]))
+    return _Stream(index, seq, st.n_past, list(cand), done=1)
 
 
 @dataclass
 class _Stream:
-    """One candidate being scored on its branch: ``[last_id, *candidate]`` from ``pos``."""
+    """One candidate being scored on its branch: ``left`` is still to decode, from ``pos``;
+    ``done`` counts the rows of the candidate known so far (the first one may be
+    ``ctx_row``): the next row received predicts ``cand[done]``."""
 
     index: int
     seq: int
     pos: int
     left: list[int]
-    done: int = 0  # rows received so far
+    done: int = 0
     after: np.ndarray | None = None  # log-probs after the whole candidate
 
     def take(self, rows: np.ndarray, cand: tuple[int, ...], out: list[float]) -> None:
-        """Log-probs of the candidate tokens these rows predict (row k of the stream is the
-        distribution after its token k, so it predicts ``cand[k]``)."""
+        """Log-probs of the candidate tokens these rows predict, and the row after it."""
         lse = logsumexp(rows)
         for r in range(len(rows)):
             k = self.done + r
@@ -387,88 +394,6 @@ class _Stream:
             else:
                 self.after = log_softmax(rows[r])
         self.done += len(rows)
-
-
-def _commit(st: LlamaState, ids: tuple[int, ...]) -> None:
-    """Bookkeeping of a commit; its cache operations are queued in ``st.ops``."""
-    n = len(ids)
-    if n == 0:
-        return
-    st.tokens.extend(ids)
-    branch = next((b for b in st.branches if b.ids == ids), None)
-    seq = st.seq
-    if not st.pending and tuple(st.ahead[:n]) == ids:
-        kept = min(st.ahead_fed, n)
-        st.n_past += kept
-        st.ahead_fed -= kept
-        if kept:
-            st.last_id = ids[kept - 1]
-        if n > kept:  # the last generated token was never decoded
-            st.pending = list(ids[kept:])
-        st.ahead, st.ahead_lp = st.ahead[n:], st.ahead_lp[n:]
-    elif branch is not None and not st.pending and seq is not None:
-        start, src = st.n_past, branch.seq
-
-        def adopt(rt: LlamaRuntime) -> None:  # the branch's cells become the context's
-            rt.drop_from(seq, start)
-            rt.copy_span(src, seq, start, start + n)
-
-        st.ops.append(adopt)
-        st.n_past += n
-        st.last_id = ids[-1]
-        st.tail = branch.after
-        st.ahead, st.ahead_lp, st.ahead_fed = [], [], 0
-    else:
-        if seq is not None:
-            start = st.n_past
-            st.ops.append(lambda rt: rt.drop_from(seq, start))
-        st.pending.extend(ids)
-        st.ahead, st.ahead_lp, st.ahead_fed, st.tail = [], [], 0, None
-    # unused branches go back at the next call (after any copy out of them)
-    st.check()
-
-
-def _drop_branches(rt: LlamaRuntime, st: LlamaState) -> None:
-    for b in st.branches:
-        rt.give_seq(b.seq)
-    st.branches = []
-
-
-def _reuse_prefix(rt: LlamaRuntime, st: LlamaState) -> None:
-    """Start a fresh state from the prefix cache's longest match of its prompt."""
-    assert st.seq is not None
-    hit = rt.prefix.lookup(st.pending)
-    if hit is None:
-        return
-    src, n = hit
-    rt.copy_span(src, st.seq, 0, n)
-    st.n_past = n
-    st.last_id = st.pending[n - 1]
-    st.pending = st.pending[n:]
-
-
-def _free(rt: LlamaRuntime, st: LlamaState) -> None:
-    """Release a state's sequences; its decoded context goes to the prefix cache."""
-    seq, st.seq = st.seq, None
-    try:
-        for op in st.ops:  # a commit's pending copy out of a branch
-            op(rt)
-        ok = seq is not None
-    except LlamaError:
-        ok = False
-    st.ops.clear()
-    _drop_branches(rt, st)
-    st.tail = None
-    if seq is None:
-        return
-    if ok and st.n_past:
-        rt.drop_from(seq, st.n_past)  # look-ahead is not context
-        # a call cut short can leave the last cell undecoded: keep only whole contexts
-        ok = rt.seq_end(seq) == st.n_past
-    if ok and st.n_past:
-        rt.prefix.keep(seq, st.tokens[: st.n_past])
-    else:
-        rt.give_seq(seq)
 
 
 def _pick(st: LlamaState, row: np.ndarray, sampling: Sampling) -> int:
