@@ -6,7 +6,11 @@ Three measurements, side by side in one run on the same GGUF files:
    same threads), interleaved, several rounds;
 2. threads per model: the fused trio (``cool``) with 1 and with 2 threads per model;
 3. concurrency: one fused request alone vs N at once (aggregate output tokens/s, and
-   each request's latency: p50 / p99 / max, so starvation shows).
+   each request's latency: p50 / p99 / max, so starvation shows);
+4. ctxrow (not in the default parts): the fused trio with a candidate's first token
+   scored from the row kept after the context (``score_from_ctx_row``, the default) and
+   without, interleaved with each model alone through the same loop: fused ÷ Σ singles
+   (seconds per output token) for both.
 
 Prints markdown tables and writes raw rows to ``bench/results/llamacpp_speed.json``.
 
@@ -122,17 +126,40 @@ async def singles(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-async def fused_one(fuser: Fuser, question: str, max_tokens: int) -> dict[str, Any]:
+async def fused_one(
+    fuser: Fuser, question: str, max_tokens: int, members: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     outcome = FusionOutcome()
     started = time.perf_counter()
     steps = []
     async for seg in fuser.run(
         Prompt(messages=({"role": "user", "content": question},)),
-        FusionParams(max_tokens=max_tokens),
+        FusionParams(max_tokens=max_tokens, models=members),
         outcome,
     ):
         steps.append(seg.step_seconds)
     return {"wall_s": time.perf_counter() - started, "tokens": outcome.completion_tokens}
+
+
+async def ctx_row(args: argparse.Namespace) -> list[dict[str, Any]]:
+    models = await load(args.concurrency_threads)
+    rows = []
+    try:
+        fuser = Fuser(models)
+        await fused_one(fuser, "Hi", 4)
+        for i, q in enumerate(QUESTIONS[: args.questions]):
+            for m in models:
+                res = await fused_one(fuser, q, args.max_tokens, (m.name,))
+                rows.append({"part": "ctxrow_single", "model": m.name, "question": q, **res})
+            for on in (True, False) if i % 2 == 0 else (False, True):  # alternate the order
+                for m in models:
+                    m.engine.score_from_ctx_row = on  # type: ignore[attr-defined]
+                res = await fused_one(fuser, q, args.max_tokens)
+                rows.append({"part": "ctxrow_fused", "ctx_row": on, "question": q, **res})
+    finally:
+        for m in models:
+            await m.engine.shutdown()
+    return rows
 
 
 async def fused_threads(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -214,6 +241,28 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
             wall = sum(r["wall_s"] for r in sel)
             out.append(f"| trio | {t} | {tok} | {wall:.1f} | {tok / wall:.1f} |")
         out.append("")
+    cs = [r for r in rows if r["part"] == "ctxrow_single"]
+    cf = [r for r in rows if r["part"] == "ctxrow_fused"]
+    if cs and cf:
+        singles_s = sum(
+            sum(r["wall_s"] for r in cs if r["model"] == n)
+            / max(sum(r["tokens"] for r in cs if r["model"] == n), 1)
+            for n in {r["model"] for r in cs}
+        )
+        out += [
+            "| fused trio cool, first token scored | tokens | wall s | tok/s "
+            "| s/token ÷ Σ singles |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for on in (True, False):
+            sel = [r for r in cf if r["ctx_row"] is on]
+            tok, wall = sum(r["tokens"] for r in sel), sum(r["wall_s"] for r in sel)
+            label = "from the kept row (ctx_row)" if on else "by re-decoding the last token"
+            out.append(
+                f"| {label} | {tok} | {wall:.1f} | {tok / wall:.1f} | "
+                f"{wall / max(tok, 1) / singles_s:.2f} |"
+            )
+        out += [f"Σ singles: {singles_s:.4f} s/token (each model alone, same questions)", ""]
     seq = [r for r in rows if r["part"] == "sequential"]
     con = [r for r in rows if r["part"] == "concurrent"]
     if seq and con:
@@ -258,6 +307,8 @@ async def main() -> int:
         rows += await fused_threads(args)
     if "concurrency" in parts:
         rows += await concurrency(args)
+    if "ctxrow" in parts:
+        rows += await ctx_row(args)
     command = "bench/llamacpp_speed.py " + " ".join(sys.argv[1:])
     args.raw.parent.mkdir(parents=True, exist_ok=True)
     raw = {"command": command, "when": time.ctime(), "rows": rows}
