@@ -262,6 +262,8 @@ def to_yaml(rec: Recommendation, header: Sequence[str]) -> str:
         lines.append(f"    leader_margin: {p.leader_margin:g}")
     if p.leader_excess is not None:
         lines.append(f"    leader_excess: {p.leader_excess:g}")
+    if p.min_support > 1:
+        lines.append(f"    min_support: {p.min_support}")
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,10 @@ every candidate is excluded:
   than ``leader_margin`` nats. The others still vote among the rest, so they decide where
   the leader finds several continuations about as likely, and cannot push it onto text it
   finds far less likely. ``leader_excess`` is the same veto on the candidate's summed
-  surprise beyond the leader's own per-token rate (nats in all).
+  surprise beyond the leader's own per-token rate (nats in all);
+- consensus (``min_support: k``): a candidate fewer than k models proposed (the same
+  text) is excluded, unless the leader proposed it. With a leader and two weak members
+  and k = 2, they overrule the leader only when they agree with each other.
 """
 
 from __future__ import annotations
@@ -162,6 +165,11 @@ def vetoed(
     return tuple(veto(c) for c in candidates)
 
 
+def unsupported(c: Scored, min_support: int, leader: str | None) -> bool:
+    """Consensus: fewer than ``min_support`` models proposed ``c``, and the leader did not."""
+    return len(c.proposers) < min_support and (leader is None or leader not in c.proposers)
+
+
 def leader_ppl(c: Scored, leader: str, mode: PplMode = "mean") -> float:
     """The leader's perplexity of the candidate (inf if the leader did not score it)."""
     for name, lps in c.logprobs:
@@ -230,6 +238,7 @@ def select(
     veto = vetoed(candidates, policy.leader, policy.leader_margin, policy.leader_excess)
     excluded = tuple(
         veto[i]
+        or unsupported(c, policy.min_support, policy.leader)
         or (
             policy.repetition_limit > 0
             and repeats(answer, c.text, policy.repetition_ngram) >= policy.repetition_limit

@@ -59,6 +59,7 @@ class SelectionPolicy:
     repetition_limit: int = 0  # 0: the repetition guard is off
     leader_margin: float | None = None  # nats/token; None: the leader's veto is off
     leader_excess: float | None = None  # nats in all beyond the leader's own rate; None: off
+    min_support: int = 1  # models that must have proposed a candidate (the leader's: any)
 
     @property
     def step_rule(self) -> Rule:

@@ -370,6 +370,13 @@ class SelectionConfig(_Strict):
         "tokens together cost the leader more than this many nats beyond the leader's own "
         "per-token rate (one wrong word in a long segment counts fully). null: off.",
     )
+    min_support: int = Field(
+        1,
+        ge=1,
+        description="Consensus: a candidate fewer than this many models proposed (the same "
+        "text) cannot win, unless the leader proposed it (unless no candidate qualifies). "
+        "1: off.",
+    )
 
     def problems(self, models: list[str] | None = None) -> list[str]:
         """What is inconsistent, each message naming its field (``models``: the known
@@ -415,6 +422,7 @@ class SelectionConfig(_Strict):
             repetition_limit=self.repetition_limit,
             leader_margin=self.leader_margin,
             leader_excess=self.leader_excess,
+            min_support=self.min_support,
         )
 
 

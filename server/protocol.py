@@ -44,6 +44,7 @@ class SelectionOptions(BaseModel):
     repetition_limit: int | None = Field(None, ge=0)
     leader_margin: float | None = Field(None, ge=0)
     leader_excess: float | None = Field(None, ge=0)
+    min_support: int | None = Field(None, ge=1)
 
 
 class FusionOptions(BaseModel):

@@ -231,6 +231,20 @@ def test_leader_excess_vetoes_one_surprising_word_that_a_per_token_mean_dilutes(
     assert select([own, other], policy).index == 0
 
 
+def test_consensus_lets_weak_models_overrule_the_leader_only_together():
+    # A (proposed by x and y) beats the leader's B under the paper's rule
+    policy = SelectionPolicy(leader="z", min_support=2)
+    assert select([A, B], policy).index == 0  # x and y agree: A may win
+    alone = cand(" A", {"x": 1.2, "y": 1.2, "z": 6.0}, ("x",))
+    other = cand(" C", {"x": 5.0, "y": 1.1, "z": 9.0}, ("y",))
+    chosen = select([alone, B, other], policy)
+    assert chosen.excluded == (True, False, True) and chosen.index == 1
+    assert select([alone, B, other]).index == 0  # off: A wins on its own
+    # without a leader, a lone proposal never wins while a shared one exists
+    assert select([alone, A], SelectionPolicy(min_support=2)).index == 1
+    assert select([alone], SelectionPolicy(min_support=3)).excluded == (False,)
+
+
 def test_leader_veto_is_off_when_the_leader_proposed_nothing():
     C = cand(" C", {"x": 1.3, "y": 1.3, "z": 1.5}, ("y",))
     chosen = select([A, C], SelectionPolicy(leader="z", leader_margin=0.0))

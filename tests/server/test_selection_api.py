@@ -33,6 +33,7 @@ def weak_pair_and_leader(make_model):
         ("{leader_margin: 1.0}", "selection.leader"),
         ("{leader: b, leader_margin: -1}", "fusion.selection.leader_margin"),
         ("{leader_excess: 2}", "selection.leader"),
+        ("{min_support: 0}", "fusion.selection.min_support"),
         ("{leader: b, leader_excess: -1}", "fusion.selection.leader_excess"),
     ],
 )
@@ -57,7 +58,7 @@ def test_selection_config_becomes_the_cores_policy(tmp_path):
         MODELS
         + "fusion:\n  selection:\n    rule: gate\n    leader: b\n    weights: {a: 0.5, b: 2}\n"
         "    calibration: {a: {nll_mean: 1.5, nll_std: 0.5}}\n    repetition_limit: 2\n"
-        "    leader_margin: 0.75\n    leader_excess: 2.5\n"
+        "    leader_margin: 0.75\n    leader_excess: 2.5\n    min_support: 2\n"
     )
     policy = load_config(path).fusion.selection.policy()
     assert policy.rule == "gate" and policy.leader == "b" and policy.gate_fallback == "weighted"
@@ -65,6 +66,7 @@ def test_selection_config_becomes_the_cores_policy(tmp_path):
     assert dict(policy.calibration)["a"].std == 0.5
     assert policy.repetition_limit == 2 and policy.gate_threshold == 0.5
     assert policy.leader_margin == 0.75 and policy.leader_excess == 2.5
+    assert policy.min_support == 2
 
 
 def test_the_papers_methods_stay_reachable_by_name_exactly():
