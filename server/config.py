@@ -58,7 +58,23 @@ class TransformersOptions(_Strict):
     dtype: str = Field("float32", description="Weights dtype: float32 (CPU), bfloat16, float16.")
 
 
-class VllmOptions(_Strict):
+class _VllmScoring(_Strict):
+    """What both vLLM engines (in-process and remote) share."""
+
+    score_lookahead_tokens: int = Field(
+        LOOKAHEAD_TOKENS,
+        ge=0,
+        le=64,
+        description="Greedy tokens each scoring request generates after its candidate (and "
+        "a request beside them continues the model's own candidate as far): the winner's "
+        "are replayed as the next segment, so a step is one round trip per model. Each "
+        "token is one more decode pass before the scores return; segments are about one "
+        "word. 0: off (scoring generates only the one token vLLM requires, and the next "
+        "segment is its own streaming request).",
+    )
+
+
+class VllmOptions(_VllmScoring):
     """Options of ``engine: vllm`` (an in-process vLLM AsyncLLM per model)."""
 
     dtype: str = Field("float32", description="Weights dtype: float32 (CPU), bfloat16, float16.")
@@ -80,17 +96,6 @@ class VllmOptions(_Strict):
     )
     block_size: int = Field(
         32, ge=1, description="KV block size (prefix caching; a multiple of 32 on CPU)."
-    )
-    score_lookahead_tokens: int = Field(
-        LOOKAHEAD_TOKENS,
-        ge=0,
-        le=64,
-        description="Greedy tokens each scoring request generates after its candidate (and "
-        "a request beside them continues the model's own candidate as far): the winner's "
-        "are replayed as the next segment, so a step is one round trip per model. Each "
-        "token is one more decode pass before the scores return; segments are about one "
-        "word. 0: off (scoring generates only the one token vLLM requires, and the next "
-        "segment is its own streaming request).",
     )
 
 
@@ -129,7 +134,7 @@ class LlamaCppOptions(_Strict):
     )
 
 
-class VllmRemoteOptions(_Strict):
+class VllmRemoteOptions(_VllmScoring):
     """Options of ``engine: vllm-remote`` (a ``vllm serve --enable-scale-out`` elsewhere)."""
 
     url: str = Field(
@@ -180,17 +185,6 @@ class VllmRemoteOptions(_Strict):
         gt=0,
         description="Longest a failed model is skipped before /health is tried again "
         "(it rejoins when that answers).",
-    )
-    score_lookahead_tokens: int = Field(
-        LOOKAHEAD_TOKENS,
-        ge=0,
-        le=64,
-        description="Greedy tokens each scoring request generates after its candidate (and "
-        "a request beside them continues the model's own candidate as far): the winner's "
-        "are replayed as the next segment, so a step is one round trip per model. Each "
-        "token is one more decode pass before the scores return; segments are about one "
-        "word. 0: off (scoring generates only the one token vLLM requires, and the next "
-        "segment is its own streaming request).",
     )
 
 
