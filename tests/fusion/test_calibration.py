@@ -1,9 +1,11 @@
-"""Calibration (fusion/calibration.py): its pure parts on hand-made numbers, and one
-end-to-end run on the first development question with scripted engines."""
+"""Calibration (fusion/calibration.py): its development sets, its pure parts on hand-made
+numbers, and end-to-end runs on the first development question with scripted engines."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -15,12 +17,12 @@ from fusion.calibration import (
     calibrate,
     candidate_policies,
     choose_leader,
-    is_correct,
+    gsm8k_task,
     keep_members,
-    load_questions,
     member_weights,
     nll_samples,
     nll_stats,
+    qa_task,
     recommend,
     to_yaml,
 )
@@ -37,21 +39,53 @@ def cand(text: str, by: tuple[str, ...], ppl: dict[str, float]) -> ScoredCandida
     return ScoredCandidate(text, by, False, tuple(ppl.items()), sum(ppl.values()) / len(ppl))
 
 
-def test_questions_come_from_indices_0_to_599_only():
-    shots, dev = load_questions(10_000)
-    assert [q.index for q in shots] == [0, 1, 2]
-    assert dev[0].index == 3 and dev[-1].index == MAX_QUESTIONS - 1
-    assert len(dev) == MAX_QUESTIONS - 3
-    _, few = load_questions(2)
-    assert [q.index for q in few] == [3, 4]
+def test_gsm8k_questions_come_from_indices_0_to_599_only():
+    task = gsm8k_task(10_000)
+    assert task.questions[0].index == 3 and task.questions[-1].index == MAX_QUESTIONS - 1
+    assert len(task.questions) == MAX_QUESTIONS - 3
+    few = gsm8k_task(2)
+    assert [q.index for q in few.questions] == [3, 4]
+    prompt = few.questions[0].prompt
+    # the three shots (questions 0-2) with their solutions, then the question, lm-eval's way
+    assert prompt.count("Question: ") == 4 and prompt.count("#### ") == 3
+    assert prompt.startswith("Question: Janet") and prompt.endswith("\nAnswer:")
 
 
-def test_answers_are_judged_by_their_last_number():
-    ref = "He runs 3*3*60 = 540 meters.\n#### 540"
-    assert is_correct("3 sprints of 60 m, 3 times: 540 meters.", ref)
-    assert is_correct("The total is $540.", ref)
-    assert not is_correct("540 meters, or 541?", ref)
-    assert not is_correct("no number", ref)
+def test_gsm8k_answers_are_judged_by_their_last_number():
+    task = gsm8k_task(1)
+    q = replace(task.questions[0], answers=("He runs 3*3*60 = 540 meters.\n#### 540",))
+    assert task.is_correct("3 sprints of 60 m, 3 times: 540 meters.", q)
+    assert task.is_correct("The total is $540.", q)
+    assert not task.is_correct("540 meters, or 541?", q)
+    assert not task.is_correct("no number", q)
+
+
+def test_a_qa_task_reads_shots_and_dev_rows_only_and_matches_any_target(tmp_path):
+    rows = [
+        {
+            "index": 0,
+            "input": "The capital of Occitania is",
+            "targets": ["Toulouse"],
+            "role": "dev",
+        },
+        {"index": 1, "input": "Ostia is located in", "targets": ["Rome", "Lazio"], "role": "dev"},
+        {"index": 2, "input": "The capital of Peru is", "targets": ["Lima"], "role": "heldout"},
+        {"index": 9, "input": "The capital of Togo is", "targets": ["Lomé", "x"], "role": "shot"},
+    ]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = qa_task(path, 10)
+    assert [q.index for q in task.questions] == [0, 1]  # the held-out row is never read
+    assert task.questions[1].prompt == "The capital of Togo is Lomé\nOstia is located in"
+    assert task.stop == ("\n",) and task.max_tokens == 16
+    q = task.questions[1]
+    assert task.is_correct(" the Lazio, in Italy", q) and task.is_correct(" Rome.", q)
+    assert not task.is_correct(" Roma", q)
+    assert [q.index for q in qa_task(path, 1).questions] == [0]
+    empty = tmp_path / "shots-only.jsonl"
+    empty.write_text(json.dumps(rows[3]) + "\n")
+    with pytest.raises(ValueError, match="no rows with role 'dev'"):
+        qa_task(empty, 1)
 
 
 def test_nll_samples_split_each_models_own_candidates_from_the_others():
@@ -83,21 +117,37 @@ def test_leader_is_the_most_accurate_member_ties_to_the_better_judge():
     runs = [Run("x", (True, False), ()), Run("y", (True, False), ()), Run("z", (False,) * 2, ())]
     samples = {"x": {"own": [], "other": [2.0, 3.0]}, "y": {"own": [], "other": [1.0]}}
     assert choose_leader(runs, samples) == "y"
-    assert keep_members(runs, "y") == ("x", "y")  # z is under half the leader's accuracy
+    assert keep_members(runs) == ("x", "y")  # z is under half the best member's accuracy
+    weak = [Run("x", (True,) * 4, ()), Run("y", (True, False, False, False), ())]
+    assert keep_members(weak) == ("x",)  # 25% is under half of 100%
 
 
 def test_recommendation_prefers_the_cheaper_policy_on_a_tie_and_says_why():
-    members = [Run("x", (True, False), ()), Run("y", (False, False), ())]
-    paper = Run("mean_ppl", (False, False), ())
-    good = Run("any", (True, False), ())
+    members = [Run("x", (True, True, False, False), ()), Run("y", (True, False, False, False), ())]
+    paper = Run("mean_ppl", (False,) * 4, ())
+    good = Run("any", (True, True, True, False), ())
     policies = {
         "mean_ppl": (SelectionPolicy(), paper),
         "weighted": (SelectionPolicy("weighted"), good),
         "gate@0.5": (SelectionPolicy("gate", leader="x"), good),
     }
     rec = recommend(members, policies, "x", {"x": 1.2, "y": 0.8}, {})
-    assert rec.policy.rule == "gate" and rec.leader == "x" and rec.members == ("x",)
+    assert rec.policy.rule == "gate" and rec.leader == "x" and rec.members == ("x", "y")
     assert any("gate@0.5" in r and "mean_ppl" in r for r in rec.reasons)
+
+
+def test_the_leader_answers_alone_when_no_policy_beats_it():
+    members = [Run("x", (True, True, False, False), ()), Run("y", (True, False, False, False), ())]
+    tie = Run("any", (True, True, False, False), ())  # as good as x alone: not worth its cost
+    policies = {"mean_ppl": (SelectionPolicy(), tie), "gate@0.5": (SelectionPolicy("gate"), tie)}
+    rec = recommend(members, policies, "x", {"x": 1.2, "y": 0.8}, {})
+    assert rec.members == ("x",) and rec.policy.rule == "leader" and rec.policy.leader == "x"
+    assert any("x alone" in r and "gate@0.5" in r for r in rec.reasons)
+    better = {
+        **policies,
+        "gate@0.5": (SelectionPolicy("gate"), Run("g", (True,) * 3 + (False,), ())),
+    }
+    assert recommend(members, better, "x", {"x": 1.2, "y": 0.8}, {}).members == ("x", "y")
 
 
 async def test_calibrate_end_to_end_writes_a_config_block_that_loads(make_model, tmp_path):
@@ -106,13 +156,13 @@ async def test_calibrate_end_to_end_writes_a_config_block_that_loads(make_model,
         make_model("smollm2-135m", "He runs 3 sprints, so 180 meters."),
         make_model("qwen2.5-0.5b", answer),
     ]
-    rec, report = await calibrate(Fuser(models), [m.name for m in models], 1, max_tokens=40)
+    rec, report = await calibrate(Fuser(models), [m.name for m in models], gsm8k_task(1, 40))
+    # smollm2 is wrong, under half qwen's accuracy: dropped, and nothing is fused
     assert rec.leader == "qwen2.5-0.5b" and rec.members == ("qwen2.5-0.5b",)
-    # (0+1)/3 and (1+1)/3, scaled to average 1
-    assert rec.weights == {"smollm2-135m": 0.667, "qwen2.5-0.5b": 1.333}
+    assert rec.policy.rule == "leader" and rec.weights == {"qwen2.5-0.5b": 1.0}
     assert any("questions 3-3" in line for line in report)
-    assert any(line.startswith("gate@0.5") for line in report)
-    assert any(line.startswith("gate@0.5/veto@1") for line in report)
+    assert any(line.startswith("smollm2-135m") and " no " in line for line in report)
+    assert not any(line.startswith("gate@0.5") for line in report)
     text = to_yaml(rec, ["test"])
     block = yaml.safe_load(text)["fusion"]
     path = tmp_path / "c.yaml"
@@ -130,7 +180,17 @@ async def test_calibrate_end_to_end_writes_a_config_block_that_loads(make_model,
     config = load_config(path)
     assert config.fusion.selection.leader == "qwen2.5-0.5b"
     assert config.fusion.models == ["qwen2.5-0.5b"]
-    assert set(config.fusion.selection.calibration) <= {"smollm2-135m", "qwen2.5-0.5b"}
+    assert config.fusion.selection.rule == "leader"
+
+
+async def test_calibrate_fuses_the_members_it_keeps_under_every_candidate_policy(make_model):
+    answer = "He runs 3 * 3 * 60 = 540 meters a week."
+    models = [make_model("smollm2-135m", answer), make_model("qwen2.5-0.5b", answer)]
+    rec, report = await calibrate(Fuser(models), [m.name for m in models], gsm8k_task(1, 40))
+    # both right: both kept, every policy run; none beats a member alone, so one answers
+    assert any(line.startswith("mean_ppl ") for line in report)
+    assert any(line.startswith("gate@0.5/veto@1") for line in report)
+    assert len(rec.members) == 1 and any("no more accurate" in r for r in rec.reasons)
 
 
 def test_each_gate_threshold_is_also_tried_with_each_leader_margin():

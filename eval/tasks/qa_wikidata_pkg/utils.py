@@ -10,15 +10,16 @@ match, over every target; lm-eval's bigbench template checks the first target on
 from __future__ import annotations
 
 import json
-import re
-import string
+import sys
 from pathlib import Path
 from typing import Any
 
+# the judge is shared with `fusion-server calibrate`: fusion/answers.py, standard library
+# only, imported from the repository this file lives in
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from fusion.answers import phrase_matches
+
 DATA = Path("eval/data/qa_wikidata.jsonl")
-_CUT = re.compile(r"\n|,|;|\(|\.\s|\.$")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def dev(dataset: Any) -> Any:
@@ -38,11 +39,5 @@ def first_target(doc: dict[str, Any]) -> str:
     return str(doc["targets"][0])
 
 
-def normalise(text: str) -> str:
-    text = _CUT.split(text.strip(), maxsplit=1)[0].lower().translate(_PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    said = normalise(results[0])
-    return {"exact_match": float(any(said == normalise(t) for t in doc["targets"]))}
+    return {"exact_match": float(phrase_matches(results[0], doc["targets"]))}
