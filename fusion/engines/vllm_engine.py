@@ -40,8 +40,8 @@ from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
 from fusion.engines.vllm_logprobs import LookAhead, Taker, Top, candidate_entries
 from fusion.engines.vllm_requests import (
     LOOKAHEAD_TOKENS,
-    continuation,
     generate_fields,
+    score_and_extend,
     score_fields,
 )
 
@@ -269,28 +269,17 @@ class VllmEngine:
                 return await one(cand, use_cache=False)
             return scores
 
-        async def extend() -> tuple[list[int], list[Top]] | None:
-            """This model's own look-ahead, continued (for when its candidate wins)."""
-            asked = continuation(st.look, st.ids, self.score_lookahead)
-            if asked is None:
-                return None
-            prompt, fields = asked
-            try:
-                res = await self._final(st, prompt, SamplingParams(**fields, output_kind=final))
-            except EngineError as exc:  # only look-ahead: the next generate asks again
-                log.info("engine %s: look-ahead request failed: %s", self.name, exc)
-                return None
+        async def fetch(prompt: list[int], fields: dict[str, Any]) -> tuple[list[int], list[Top]]:
+            res = await self._final(st, prompt, SamplingParams(**fields, output_kind=final))
             if res.num_cached_tokens is not None:
                 self._log_prefill(st, len(prompt), res.num_cached_tokens)
             c = res.outputs[0]
             return list(c.token_ids), [_top(e) for e in c.logprobs or ()]
 
-        scores, more = await asyncio.gather(
-            asyncio.gather(*(one(list(c)) for c in candidates)), extend()
+        scoring = asyncio.gather(*(one(list(c)) for c in candidates))
+        return await score_and_extend(
+            self.name, st.look, st.ids, self.score_lookahead, scoring, fetch
         )
-        if more is not None:
-            st.look.extend(*more)
-        return scores
 
     async def _final(self, st: VllmState, prompt: list[int], params: Any) -> Any:
         """The output of one ``FINAL_ONLY`` request."""

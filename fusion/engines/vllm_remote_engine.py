@@ -43,8 +43,8 @@ from fusion.engines.vllm_logprobs import LookAhead, Taker, Top, candidate_entrie
 from fusion.engines.vllm_remote_client import GENERATE, RemoteVllm, ServerError, cached_tokens
 from fusion.engines.vllm_requests import (
     LOOKAHEAD_TOKENS,
-    continuation,
     generate_fields,
+    score_and_extend,
     score_fields,
 )
 
@@ -300,26 +300,14 @@ class VllmRemoteEngine:
                 return await one(cand, use_cache=False)
             return scores
 
-        async def extend() -> tuple[list[int], list[Top]] | None:
-            """This model's own look-ahead, continued (for when its candidate wins)."""
-            asked = continuation(st.look, st.ids, self.score_lookahead)
-            if asked is None:
-                return None
-            prompt, params = asked
+        async def fetch(prompt: list[int], params: dict[str, Any]) -> tuple[list[int], list[Top]]:
             body = _body(prompt, params, stream=False, rid=self._rid(st))
-            try:
-                answer = await self._live(st, self._rv().post(GENERATE, body))
-            except EngineError as exc:  # only look-ahead: the next generate asks again
-                log.info("engine %s: look-ahead request failed: %s", self.name, exc)
-                return None
-            return _generated(answer)
+            return _generated(await self._live(st, self._rv().post(GENERATE, body)))
 
-        scores, more = await asyncio.gather(
-            asyncio.gather(*(one(list(c), self.read_cache) for c in candidates)), extend()
+        scoring = asyncio.gather(*(one(list(c), self.read_cache) for c in candidates))
+        return await score_and_extend(
+            self.name, st.look, st.ids, self.score_lookahead, scoring, fetch
         )
-        if more is not None:
-            st.look.extend(*more)
-        return scores
 
     def _log_prefill(self, st: RemoteState, prompt_len: int, cached: int) -> None:
         st.prefill.append((prompt_len, cached))

@@ -24,10 +24,15 @@ state: Rerank's last scoring, PackLLM's prompt scoring).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fusion.engine import Sampling
-from fusion.engines.vllm_logprobs import TOP_LOGPROBS, LookAhead, Taker
+from fusion.engine import EngineError, Sampling
+from fusion.engines.vllm_logprobs import TOP_LOGPROBS, LookAhead, Taker, Top
+
+log = logging.getLogger(__name__)
 
 # Tokens generated after each scored candidate. A segment ends at the first word
 # boundary every tokenizer shares, about 1.2 tokens on the default trio, and ``generate``
@@ -91,3 +96,31 @@ def continuation(
         "detokenize": False,
     }
     return context + look.ids, fields
+
+
+async def score_and_extend(
+    name: str,
+    look: LookAhead,
+    context: list[int],
+    lookahead: int,
+    scoring: Awaitable[list[list[float]]],
+    fetch: Callable[[list[int], dict[str, Any]], Awaitable[tuple[list[int], list[Top]]]],
+) -> list[list[float]]:
+    """A step's scores (``scoring``: every candidate's request) and, beside them, the
+    ``continuation`` request sent through ``fetch``, whose tokens extend ``look``. A failed
+    continuation only costs its tokens: the next ``generate`` asks for them again."""
+
+    async def extend() -> tuple[list[int], list[Top]] | None:
+        asked = continuation(look, context, lookahead)
+        if asked is None:
+            return None
+        try:
+            return await fetch(*asked)
+        except EngineError as exc:
+            log.info("engine %s: look-ahead request failed: %s", name, exc)
+            return None
+
+    scores, more = await asyncio.gather(scoring, extend())
+    if more is not None:
+        look.extend(*more)
+    return scores

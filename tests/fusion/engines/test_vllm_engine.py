@@ -13,6 +13,7 @@ import pytest_asyncio
 
 from fusion.loop import Fuser
 from fusion.types import FusionOutcome, FusionParams, Prompt
+from tests.fixtures.lookahead import check_the_winners_look_ahead_is_the_next_segment
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 PAIR = ("smollm2-135m", "qwen2.5-0.5b")
@@ -122,31 +123,8 @@ async def test_block_aligned_context_scores_through_the_cached_gap(vllm_models, 
 
 
 async def test_the_winners_look_ahead_from_scoring_is_the_next_segment(vllm_models, real_models):
-    """One round trip per step: scoring requests also generate after their candidate;
-    the winner's tokens are the next segment, replayed without a generation request,
-    and they equal what the transformers engine generates there."""
     name = "qwen2.5-0.5b"
-    v, t = vllm_models[name], real_models[name]
-    prompt = v.tokenizer.encode_prompt("Count the days of the week, slowly. " * 12)
-    vs = await v.engine.open("look", prompt)
-    ts = await t.engine.open("look", prompt)
-    cands = [v.tokenizer.encode(" Monday"), v.tokenizer.encode(" and then")]
-    for step in range(5):
-        gen = await v.engine.generate(vs, 8, frozenset(), lambda ids: len(ids) >= 2)
-        ref = await t.engine.generate(ts, 8, frozenset(), lambda ids: len(ids) >= 2)
-        assert gen.ids == ref.ids
-        assert list(gen.logprobs) == pytest.approx(list(ref.logprobs), abs=2e-3)
-        if step:  # all replayed (no request): the last step's scoring or continuation
-            assert gen.reused == len(gen.ids)
-        got = await v.engine.score(vs, cands)
-        want = await t.engine.score(ts, cands)
-        for g, w in zip(got, want):
-            assert g == pytest.approx(w, abs=2e-3)
-        win = list(gen.ids[:1]) if step % 2 else cands[step // 2 % 2]
-        await v.engine.commit(vs, win)
-        await t.engine.commit(ts, win)
-    await v.engine.release(vs)
-    await t.engine.release(ts)
+    await check_the_winners_look_ahead_is_the_next_segment(vllm_models[name], real_models[name])
 
 
 async def test_fused_generation_through_vllm_keeps_prefill_flat(vllm_models):
