@@ -381,7 +381,7 @@ def report(
         lines.append(
             f"{r.system:<18}{r.accuracy:>9.0%}{'yes' if r.system in kept else 'no':>6}"
             f"{_fmt(own):>10}{_fmt(other):>12}"
-            f"{(statistics.pstdev(every) if len(every) > 1 else math.nan):>8.3f}"
+            + (f"{statistics.pstdev(every):>8.3f}" if len(every) > 1 else f"{'-':>8}")
         )
     if runs:
         lines += ["", f"{'policy':<18}{'accuracy':>9}{'gated steps':>13}{'steps':>7}"]
