@@ -15,6 +15,8 @@ from server.cli import main
         (["--questions", "598"], "--questions must be 1-597"),  # never beyond index 599
         (["--gate-thresholds", "0,0.5"], "--gate-thresholds"),
         (["--gate-thresholds", "1.5"], "--gate-thresholds"),
+        (["--task", "qa", "--data", "/nonexistent/qa.jsonl"], "--data /nonexistent/qa.jsonl"),
+        (["--task", "qa", "--questions", "0"], "--questions must be at least 1"),
     ],
 )
 def test_calibrate_refuses_bad_arguments(args, message, capsys):
