@@ -26,6 +26,7 @@ import importlib.resources
 import json
 import math
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -125,14 +126,32 @@ class Run:
     system: str  # a member's name, or a policy rule
     correct: tuple[bool, ...]
     segments: tuple[Segment, ...]  # every step of every answer
+    seconds: float = 0.0  # wall time for every answer, one question at a time
 
     @property
     def accuracy(self) -> float:
         return sum(self.correct) / len(self.correct) if self.correct else 0.0
 
     @property
+    def per_answer(self) -> float:
+        return self.seconds / len(self.correct) if self.correct else 0.0
+
+    @property
     def gated_share(self) -> float:
         return sum(s.step == "gated" for s in self.segments) / max(1, len(self.segments))
+
+
+@dataclass(frozen=True)
+class Tried:
+    """One fused system tried on the development set: a set of members, one policy."""
+
+    name: str  # the policy's report name, with " w/o <member>" for a smaller set
+    members: tuple[str, ...]
+    leader: str
+    weights: dict[str, float]
+    stats: dict[str, NllStats]
+    policy: SelectionPolicy
+    run: Run
 
 
 @dataclass(frozen=True)
@@ -221,21 +240,22 @@ def candidate_policies(
 
 def recommend(
     members: Sequence[Run],
-    policies: dict[str, tuple[SelectionPolicy, Run]],
+    tried: Sequence[Tried],
     leader: str,
-    weights: dict[str, float],
-    stats: dict[str, NllStats],
+    max_time_ratio: float | None = None,
 ) -> Recommendation:
-    """The most accurate policy over the kept members (ties: gate, leader, weighted,
-    zscore, mean_ppl), or the leader alone when it is at least as accurate as every
-    policy (the cheaper answer on a tie), and why."""
+    """The most accurate fused system (ties: the faster, then gate, leader, weighted,
+    zscore, mean_ppl), or the leader alone when it is at least as accurate as every one
+    (the cheaper answer on a tie), and why. With ``max_time_ratio``, only systems whose
+    time per answer is at most that many times the leader's alone are eligible."""
 
-    def rank(name: str) -> tuple[float, int]:
-        base = name.split("@")[0]
+    def rank(t: Tried) -> tuple[float, float, int]:
+        base = t.name.split("@")[0].split(" ")[0]
         order = POLICY_ORDER.index(base) if base in POLICY_ORDER else len(POLICY_ORDER)
-        return (-policies[name][1].accuracy, order)
+        return (-t.run.accuracy, t.run.seconds, order)
 
     kept = keep_members(members)
+    lead = next(r for r in members if r.system == leader)
     top = max(r.accuracy for r in members)
     tied = [r.system for r in members if r.accuracy == top]
     why_leader = (
@@ -251,28 +271,53 @@ def recommend(
         reasons.append(
             f"members dropped (under half the best member's accuracy): {', '.join(dropped)}"
         )
-    alone = SelectionPolicy("leader", leader=leader)
-    if len(kept) < 2 or not policies:
+    alone = Recommendation(
+        (leader,), leader, {leader: 1.0}, {}, SelectionPolicy("leader", leader=leader)
+    )
+    if len(kept) < 2 or not tried:
         reasons.append(f"answer with {leader} alone: no other member is close enough to help")
-        return Recommendation((leader,), leader, {leader: 1.0}, {}, alone, tuple(reasons))
-    best = min(policies, key=rank)
-    accuracy = policies[best][1].accuracy
-    reasons.append(
-        "weights: smoothed member accuracies " + ", ".join(f"{n} {w:g}" for n, w in weights.items())
-    )
-    paper = (
-        f"; mean_ppl, the paper's rule: {policies['mean_ppl'][1].accuracy:.0%}"
-        if "mean_ppl" in policies
-        else ""
-    )
+        return replace(alone, reasons=tuple(reasons))
+    eligible = list(tried)
+    if max_time_ratio is not None:
+        limit = max_time_ratio * lead.per_answer
+        eligible = [t for t in tried if t.run.per_answer <= limit]
+        slow = len(tried) - len(eligible)
+        if slow:
+            reasons.append(
+                f"{slow} of {len(tried)} fused systems over the time limit "
+                f"({max_time_ratio:g}x {leader}'s {lead.per_answer:.2f} s per answer)"
+            )
+    paper = next((t for t in tried if t.name == "mean_ppl"), None)
+    paper_note = f"; mean_ppl, the paper's rule: {paper.run.accuracy:.0%}" if paper else ""
+    if not eligible:
+        reasons.append(f"answer with {leader} alone: no fused system is fast enough")
+        return replace(alone, reasons=tuple(reasons))
+    best = min(eligible, key=rank)
+    accuracy = best.run.accuracy
+    cost = _ratio(best.run, lead)
     if accuracy <= top:
         reasons.append(
-            f"answer with {leader} alone: the best policy, {best}, was no more accurate "
-            f"({accuracy:.0%}{paper}) and costs more"
+            f"answer with {leader} alone: the best fused system, {best.name}, was no more "
+            f"accurate ({accuracy:.0%}{paper_note}) and costs more"
         )
-        return Recommendation((leader,), leader, {leader: 1.0}, {}, alone, tuple(reasons))
-    reasons.append(f"policy: {best} had the best development accuracy ({accuracy:.0%}{paper})")
-    return Recommendation(kept, leader, weights, stats, policies[best][0], tuple(reasons))
+        return replace(alone, reasons=tuple(reasons))
+    if best.members != tuple(kept):
+        reasons.append(f"members: {', '.join(best.members)} (as accurate without the others)")
+    reasons.append(
+        "weights: smoothed member accuracies "
+        + ", ".join(f"{n} {w:g}" for n, w in best.weights.items())
+    )
+    reasons.append(
+        f"policy: {best.name} had the best development accuracy ({accuracy:.0%}{paper_note}), "
+        f"at {cost} {leader}'s time per answer"
+    )
+    return Recommendation(
+        best.members, best.leader, best.weights, best.stats, best.policy, tuple(reasons)
+    )
+
+
+def _ratio(run: Run, base: Run) -> str:
+    return f"{run.seconds / base.seconds:.1f}x" if base.seconds > 0 else "-"
 
 
 async def answer_all(
@@ -284,6 +329,7 @@ async def answer_all(
 ) -> Run:
     correct: list[bool] = []
     segments: list[Segment] = []
+    began = time.perf_counter()
     for q in task.questions:
         outcome = FusionOutcome()
         async with contextlib.aclosing(fuser.run(Prompt(text=q.prompt), params, outcome)) as steps:
@@ -291,7 +337,7 @@ async def answer_all(
                 segments.append(seg)
         correct.append(task.is_correct(outcome.text, q))
         progress(f"{system} q{q.index}: {'right' if correct[-1] else 'wrong'}")
-    return Run(system, tuple(correct), tuple(segments))
+    return Run(system, tuple(correct), tuple(segments), time.perf_counter() - began)
 
 
 def to_yaml(rec: Recommendation, header: Sequence[str]) -> str:
@@ -324,11 +370,15 @@ async def calibrate(
     max_segment_tokens: int = 16,
     gate_thresholds: Sequence[float] = (0.5,),
     leader_margins: Sequence[float] = (1.0,),
+    subsets: bool = True,
+    max_time_ratio: float | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[Recommendation, list[str]]:
     """Run the development set through each member alone, then the kept members fused
-    under the paper's rule and the candidate policies; return the recommendation and a
-    report of what was measured. With one member kept nothing is fused."""
+    under the paper's rule and the candidate policies (with ``subsets`` and three or more
+    kept, each set without one of them too: a cheaper set may do as well); return the
+    recommendation and a report of what was measured. With one member kept nothing is
+    fused."""
     base = FusionParams(
         method="cool",
         max_tokens=task.max_tokens,
@@ -339,41 +389,58 @@ async def calibrate(
     for m in members:
         alone.append(await answer_all(fuser, task, replace(base, models=(m,)), m, progress))
     kept = keep_members(alone)
-    runs: dict[str, tuple[SelectionPolicy, Run]] = {}
-    samples: dict[str, dict[str, list[float]]] = {}
+    leader = choose_leader([r for r in alone if r.system in kept], {})
     if len(kept) < 2:
-        leader = kept[0]
-        rec = recommend(alone, runs, leader, {leader: 1.0}, {})
-        return rec, report(task, alone, kept, runs, samples)
-    fused = replace(base, models=kept)
-    paper = await answer_all(fuser, task, fused, "mean_ppl", progress)
-    samples = nll_samples(paper.segments)
-    voters = [r for r in alone if r.system in kept]
-    leader = choose_leader(voters, samples)
-    weights = member_weights(voters)
-    stats = nll_stats(samples)
-    runs["mean_ppl"] = (SelectionPolicy(), paper)
-    for name, policy in candidate_policies(
-        leader, weights, stats, gate_thresholds, leader_margins
-    ).items():
-        if name not in runs:
-            params = replace(fused, selection=policy)
-            runs[name] = (policy, await answer_all(fuser, task, params, name, progress))
-    rec = recommend(alone, runs, leader, weights, stats)
-    return rec, report(task, alone, kept, runs, samples)
+        rec = recommend(alone, [], leader, max_time_ratio)
+        return rec, report(task, alone, kept, [], {}, leader)
+    sets = [kept]
+    if subsets and len(kept) >= 3:
+        sets += [tuple(m for m in kept if m != out) for out in kept]
+    tried: list[Tried] = []
+    samples: dict[str, dict[str, list[float]]] = {}
+    for group in sets:
+        suffix = "" if group == kept else " w/o " + next(m for m in kept if m not in group)
+        fused = replace(base, models=group)
+        paper = await answer_all(fuser, task, fused, "mean_ppl" + suffix, progress)
+        got = nll_samples(paper.segments)
+        if group == kept:
+            samples = got
+        voters = [r for r in alone if r.system in group]
+        lead = choose_leader(voters, got)
+        if group == kept:
+            leader = lead
+        weights = member_weights(voters)
+        stats = nll_stats(got)
+        tried.append(
+            Tried("mean_ppl" + suffix, group, lead, weights, stats, SelectionPolicy(), paper)
+        )
+        for name, policy in candidate_policies(
+            lead, weights, stats, gate_thresholds, leader_margins
+        ).items():
+            if name != "mean_ppl":
+                params = replace(fused, selection=policy)
+                run = await answer_all(fuser, task, params, name + suffix, progress)
+                tried.append(Tried(name + suffix, group, lead, weights, stats, policy, run))
+    rec = recommend(alone, tried, leader, max_time_ratio)
+    return rec, report(task, alone, kept, tried, samples, leader)
 
 
 def report(
     task: DevTask,
     members: Sequence[Run],
     kept: Sequence[str],
-    runs: dict[str, tuple[SelectionPolicy, Run]],
+    tried: Sequence[Tried],
     samples: dict[str, dict[str, list[float]]],
+    leader: str,
 ) -> list[str]:
+    """What was measured: members alone, then every fused system; times are wall seconds
+    per answer, one question at a time, and their ratio to the leader alone."""
+    lead = next(r for r in members if r.system == leader)
     lines = [
         f"development set: {task.source}",
         "",
-        f"{'member':<18}{'accuracy':>9}{'kept':>6}{'NLL own':>10}{'NLL others':>12}{'sd':>8}",
+        f"{'member':<18}{'accuracy':>9}{'kept':>6}{'NLL own':>10}{'NLL others':>12}{'sd':>8}"
+        f"{'s/answer':>10}{'time':>7}",
     ]
     for r in members:
         own = samples.get(r.system, {}).get("own", [])
@@ -383,12 +450,20 @@ def report(
             f"{r.system:<18}{r.accuracy:>9.0%}{'yes' if r.system in kept else 'no':>6}"
             f"{_fmt(own):>10}{_fmt(other):>12}"
             + (f"{statistics.pstdev(every):>8.3f}" if len(every) > 1 else f"{'-':>8}")
+            + f"{r.per_answer:>10.2f}{_ratio(r, lead):>7}"
         )
-    if runs:
-        lines += ["", f"{'policy':<18}{'accuracy':>9}{'gated steps':>13}{'steps':>7}"]
-    for name, (_, run) in runs.items():
+    if tried:
+        width = max(18, *(len(t.name) + 2 for t in tried))
+        lines += [
+            "",
+            f"{'fused':<{width}}{'accuracy':>9}{'gated steps':>13}{'steps':>7}"
+            f"{'s/answer':>10}{'time':>7}",
+        ]
+    for t in tried:
+        run = t.run
         lines.append(
-            f"{name:<18}{run.accuracy:>9.0%}{run.gated_share:>13.0%}{len(run.segments):>7}"
+            f"{t.name:<{width}}{run.accuracy:>9.0%}{run.gated_share:>13.0%}"
+            f"{len(run.segments):>7}{run.per_answer:>10.2f}{_ratio(run, lead):>7}"
         )
     if len(task.questions) < 50:
         lines += ["", f"note: {len(task.questions)} questions decide little; use 100 or more."]

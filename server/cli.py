@@ -75,6 +75,17 @@ def _parser() -> argparse.ArgumentParser:
         "--gate-thresholds", default="0.5", help="comma-separated gate thresholds to compare"
     )
     cal.add_argument(
+        "--max-time-ratio",
+        type=float,
+        help="only recommend fused systems whose time per answer is at most this many "
+        "times the best member's alone (e.g. 1.5); default: no limit",
+    )
+    cal.add_argument(
+        "--no-subsets",
+        action="store_true",
+        help="with three or more members kept, do not also try each set without one of them",
+    )
+    cal.add_argument(
         "--leader-margins",
         default="1",
         help="comma-separated leader's-veto margins (nats/token) to compare with each gate "
@@ -183,6 +194,9 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
     if not all(m >= 0 for m in margins):
         print("fusion-server: --leader-margins must be numbers ≥ 0", file=sys.stderr)
         return 2
+    if args.max_time_ratio is not None and not args.max_time_ratio >= 1:
+        print("fusion-server: --max-time-ratio must be at least 1", file=sys.stderr)
+        return 2
     if args.task == "gsm8k":
         task = gsm8k_task(args.questions, args.max_tokens)
     else:
@@ -201,6 +215,8 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
             max_segment_tokens=config.fusion.max_segment_tokens,
             gate_thresholds=thresholds,
             leader_margins=margins,
+            subsets=not args.no_subsets,
+            max_time_ratio=args.max_time_ratio,
             progress=lambda line: logging.getLogger("calibrate").info("%s", line),
         )
     finally:

@@ -14,6 +14,7 @@ from fusion.calibration import (
     MAX_QUESTIONS,
     Recommendation,
     Run,
+    Tried,
     calibrate,
     candidate_policies,
     choose_leader,
@@ -27,7 +28,7 @@ from fusion.calibration import (
     to_yaml,
 )
 from fusion.loop import Fuser
-from fusion.types import ScoredCandidate, Segment, SelectionPolicy
+from fusion.types import NllStats, ScoredCandidate, Segment, SelectionPolicy
 from server.config import load_config
 
 
@@ -122,32 +123,92 @@ def test_leader_is_the_most_accurate_member_ties_to_the_better_judge():
     assert keep_members(weak) == ("x",)  # 25% is under half of 100%
 
 
+def tried(name: str, run: Run, members=("x", "y"), policy=None, leader="x") -> Tried:
+    weights = {m: 1.0 for m in members}
+    return Tried(name, members, leader, weights, {}, policy or SelectionPolicy(), run)
+
+
 def test_recommendation_prefers_the_cheaper_policy_on_a_tie_and_says_why():
     members = [Run("x", (True, True, False, False), ()), Run("y", (True, False, False, False), ())]
     paper = Run("mean_ppl", (False,) * 4, ())
     good = Run("any", (True, True, True, False), ())
-    policies = {
-        "mean_ppl": (SelectionPolicy(), paper),
-        "weighted": (SelectionPolicy("weighted"), good),
-        "gate@0.5": (SelectionPolicy("gate", leader="x"), good),
-    }
-    rec = recommend(members, policies, "x", {"x": 1.2, "y": 0.8}, {})
+    systems = [
+        tried("mean_ppl", paper),
+        tried("weighted", good, policy=SelectionPolicy("weighted")),
+        tried("gate@0.5", good, policy=SelectionPolicy("gate", leader="x")),
+    ]
+    rec = recommend(members, systems, "x")
     assert rec.policy.rule == "gate" and rec.leader == "x" and rec.members == ("x", "y")
     assert any("gate@0.5" in r and "mean_ppl" in r for r in rec.reasons)
+
+
+def test_a_tie_in_accuracy_goes_to_the_faster_system():
+    members = [Run("x", (True, False), (), 2.0), Run("y", (True, False), (), 1.0)]
+    good = (True, True)
+    systems = [
+        tried("gate@0.5", Run("g", good, (), 9.0), policy=SelectionPolicy("gate", leader="x")),
+        tried("zscore", Run("z", good, (), 3.0), policy=SelectionPolicy("zscore")),
+    ]
+    rec = recommend(members, systems, "x")
+    assert rec.policy.rule == "zscore"
+    assert any("zscore" in r and "1.5x x's time" in r for r in rec.reasons)
 
 
 def test_the_leader_answers_alone_when_no_policy_beats_it():
     members = [Run("x", (True, True, False, False), ()), Run("y", (True, False, False, False), ())]
     tie = Run("any", (True, True, False, False), ())  # as good as x alone: not worth its cost
-    policies = {"mean_ppl": (SelectionPolicy(), tie), "gate@0.5": (SelectionPolicy("gate"), tie)}
-    rec = recommend(members, policies, "x", {"x": 1.2, "y": 0.8}, {})
+    systems = [tried("mean_ppl", tie), tried("gate@0.5", tie, policy=SelectionPolicy("gate"))]
+    rec = recommend(members, systems, "x")
     assert rec.members == ("x",) and rec.policy.rule == "leader" and rec.policy.leader == "x"
     assert any("x alone" in r and "gate@0.5" in r for r in rec.reasons)
-    better = {
-        **policies,
-        "gate@0.5": (SelectionPolicy("gate"), Run("g", (True,) * 3 + (False,), ())),
-    }
-    assert recommend(members, better, "x", {"x": 1.2, "y": 0.8}, {}).members == ("x", "y")
+    better = [systems[0], tried("gate@0.5", Run("g", (True,) * 3 + (False,), ()))]
+    assert recommend(members, better, "x").members == ("x", "y")
+
+
+def test_a_time_limit_leaves_out_the_slower_systems_even_when_more_accurate():
+    # x alone: 4 questions in 4 s; the trio is the most accurate but takes 3x that
+    members = [
+        Run("x", (True, True, False, False), (), 4.0),
+        Run("y", (True, False, False, False), (), 2.0),
+        Run("z", (True, False, True, False), (), 6.0),
+    ]
+    trio = tried("zscore", Run("t", (True,) * 4, (), 12.0), ("x", "y", "z"))
+    pair = tried(
+        "gate@0.5 w/o z",
+        Run("p", (True, True, True, False), (), 5.0),
+        ("x", "y"),
+        SelectionPolicy("gate", leader="x"),
+    )
+    assert recommend(members, [trio, pair], "x").members == ("x", "y", "z")  # no limit
+    rec = recommend(members, [trio, pair], "x", max_time_ratio=1.5)
+    assert rec.members == ("x", "y") and rec.policy.rule == "gate"
+    assert any(
+        "1 of 2 fused systems over the time limit (1.5x x's 1.00 s" in r for r in rec.reasons
+    )
+    assert any("members: x, y" in r for r in rec.reasons)
+    # nothing fused fits under 1.2x: the leader answers alone, and says so
+    alone = recommend(members, [trio, pair], "x", max_time_ratio=1.2)
+    assert alone.members == ("x",) and any("fast enough" in r for r in alone.reasons)
+
+
+def test_a_smaller_set_brings_its_own_leader_and_weights():
+    members = [Run("x", (True, False), ()), Run("y", (True, False), ()), Run("z", (False,) * 2, ())]
+    pair = Tried(
+        "zscore w/o x",
+        ("y", "z"),
+        "y",
+        {"y": 1.3, "z": 0.7},
+        {"y": NllStats(1.0, 0.5), "z": NllStats(2.0, 1.0)},
+        SelectionPolicy("zscore"),
+        Run("p", (True, True), ()),
+    )
+    rec = recommend(
+        members, [tried("mean_ppl", Run("m", (True, False), ()), ("x", "y", "z")), pair], "x"
+    )
+    assert (rec.members, rec.leader, rec.weights) == (("y", "z"), "y", {"y": 1.3, "z": 0.7})
+    block = yaml.safe_load(to_yaml(rec, []))["fusion"]
+    assert block["models"] == ["y", "z"] and block["selection"]["leader"] == "y"
+    assert block["selection"]["calibration"]["z"] == {"nll_mean": 2.0, "nll_std": 1.0}
 
 
 async def test_calibrate_end_to_end_writes_a_config_block_that_loads(make_model, tmp_path):
@@ -191,6 +252,25 @@ async def test_calibrate_fuses_the_members_it_keeps_under_every_candidate_policy
     assert any(line.startswith("mean_ppl ") for line in report)
     assert any(line.startswith("gate@0.5/veto@1") for line in report)
     assert len(rec.members) == 1 and any("no more accurate" in r for r in rec.reasons)
+    assert not any(" w/o " in line for line in report)  # two members: no smaller set
+
+
+async def test_calibrate_with_three_members_also_tries_each_set_without_one(make_model):
+    answer = "He runs 3 * 3 * 60 = 540 meters a week."
+    names = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]
+    models = [make_model(n, answer) for n in names]
+    rec, report = await calibrate(Fuser(models), names, gsm8k_task(1, 40))
+    at = report.index(next(line for line in report if line.startswith("fused ")))
+    fused = [line.rsplit(None, 5)[0] for line in report[at + 1 :] if line]
+    policies = ["mean_ppl", "leader", "weighted", "zscore", "gate@0.5", "gate@0.5/veto@1"]
+    without = [f"{p} w/o {n}" for n in names for p in policies]
+    assert fused[: len(policies) * 4] == policies + without
+    # every row ends with its seconds per answer and its time against the leader alone
+    assert all(line.split()[-1].endswith("x") for line in report[at + 1 : at + 25])
+    # all equally right: none beats the leader alone, which answers
+    assert rec.members == ("smollm2-135m",)
+    _, fewer = await calibrate(Fuser(models), names, gsm8k_task(1, 40), subsets=False)
+    assert not any(" w/o " in line for line in fewer)
 
 
 def test_each_gate_threshold_is_also_tried_with_each_leader_margin():

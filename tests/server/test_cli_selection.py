@@ -17,6 +17,8 @@ from server.cli import main
         (["--gate-thresholds", "1.5"], "--gate-thresholds"),
         (["--task", "qa", "--data", "/nonexistent/qa.jsonl"], "--data /nonexistent/qa.jsonl"),
         (["--task", "qa", "--questions", "0"], "--questions must be at least 1"),
+        (["--max-time-ratio", "0.5"], "--max-time-ratio must be at least 1"),
+        (["--max-time-ratio", "nan"], "--max-time-ratio must be at least 1"),
     ],
 )
 def test_calibrate_refuses_bad_arguments(args, message, capsys):
