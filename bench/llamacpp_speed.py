@@ -7,7 +7,12 @@ Three measurements, side by side in one run on the same GGUF files:
 2. threads per model: the fused trio (``cool``) with 1 and with 2 threads per model;
 3. concurrency: one fused request alone vs N at once (aggregate output tokens/s, and
    each request's latency: p50 / p99 / max, so starvation shows);
-4. ctxrow (not in the default parts): the fused trio with a candidate's first token
+4. batch (not in the default parts): each model alone, N greedy generations at once
+   through our engine (one tick carries all N), N = 1, 2, 4, 8, 16, with small ticks
+   split into one-token decodes (``split_below`` 7, the default) and not (0): aggregate tokens/s
+   against N = 1, what batching can give on these cores at most;
+5. split (not in the default parts): as ctxrow below, for ``split_below`` 7 against 0;
+6. ctxrow (not in the default parts): the fused trio with a candidate's first token
    scored from the row kept after the context (``score_from_ctx_row``, the default) and
    without, interleaved with each model alone through the same loop: fused ÷ Σ singles
    (seconds per output token) for both.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
@@ -141,21 +147,70 @@ async def fused_one(
     return {"wall_s": time.perf_counter() - started, "tokens": outcome.completion_tokens}
 
 
-async def ctx_row(args: argparse.Namespace) -> list[dict[str, Any]]:
+async def toggled(args: argparse.Namespace, part: str) -> list[dict[str, Any]]:
+    """Each model alone through the fusion loop, then the fused trio with a setting on
+    and off (alternating which goes first): ``ctxrow`` = ``score_from_ctx_row``,
+    ``split`` = the runtime's ``split_below`` (the engine's default against 0)."""
     models = await load(args.concurrency_threads)
+
+    def setting(on: bool) -> None:
+        for m in models:
+            if part == "ctxrow":
+                m.engine.score_from_ctx_row = on  # type: ignore[attr-defined]
+            else:
+                m.engine.rt.split_below = m.engine.split_below if on else 0  # type: ignore[attr-defined]
+
     rows = []
     try:
         fuser = Fuser(models)
         await fused_one(fuser, "Hi", 4)
         for i, q in enumerate(QUESTIONS[: args.questions]):
+            setting(True)
             for m in models:
                 res = await fused_one(fuser, q, args.max_tokens, (m.name,))
-                rows.append({"part": "ctxrow_single", "model": m.name, "question": q, **res})
+                rows.append({"part": f"{part}_single", "model": m.name, "question": q, **res})
             for on in (True, False) if i % 2 == 0 else (False, True):  # alternate the order
-                for m in models:
-                    m.engine.score_from_ctx_row = on  # type: ignore[attr-defined]
+                setting(on)
                 res = await fused_one(fuser, q, args.max_tokens)
-                rows.append({"part": "ctxrow_fused", "ctx_row": on, "question": q, **res})
+                rows.append({"part": f"{part}_fused", "on": on, "question": q, **res})
+    finally:
+        for m in models:
+            await m.engine.shutdown()
+    return rows
+
+
+async def batch_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
+    models = await load(args.concurrency_threads, max_requests=32)
+    rows = []
+    try:
+        for m in models:
+            ids = m.tokenizer.encode_prompt(PROMPT)
+            await ours_alone(m, ids, 8)  # warm-up
+            for _, split in itertools.product(range(args.rounds), (m.engine.split_below, 0)):  # type: ignore[attr-defined]
+                m.engine.rt.split_below = split  # type: ignore[attr-defined]
+                for n in (1, 2, 4, 8, 16):
+                    states = [await m.engine.open(f"b{n}-{k}", ids) for k in range(n)]
+                    started = time.perf_counter()
+                    gens = await asyncio.gather(
+                        *(
+                            m.engine.generate(st, args.max_tokens, frozenset(), lambda _: False)
+                            for st in states
+                        )
+                    )
+                    wall = time.perf_counter() - started
+                    for st in states:
+                        await m.engine.release(st)
+                    tokens = sum(len(g.ids) for g in gens)
+                    rows.append(
+                        {
+                            "part": "batch",
+                            "model": m.name,
+                            "split_below": split,
+                            "n": n,
+                            "tokens": tokens,
+                            "wall_s": wall,
+                        }
+                    )
     finally:
         for m in models:
             await m.engine.shutdown()
@@ -184,25 +239,31 @@ async def concurrency(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         fuser = Fuser(models)
         await fused_one(fuser, "Hi", 4)
-        for q in QUESTIONS[: args.concurrent]:  # one at a time
-            res = await fused_one(fuser, q, args.max_tokens)
-            rows.append({"part": "sequential", "question": q, **res})
-        started = time.perf_counter()
-        many = await asyncio.gather(
-            *(fused_one(fuser, q, args.max_tokens) for q in QUESTIONS[: args.concurrent])
-        )
-        wall = time.perf_counter() - started
-        rows += [
-            {"part": "concurrent", "question": q, "batch_wall_s": wall, **r}
-            for q, r in zip(QUESTIONS, many)
-        ]
-        rows.append(
-            {
-                "part": "batching",
-                "max_batch_seqs": [m.engine.rt.max_batch_seqs for m in models],  # type: ignore[attr-defined]
-                "thread_seconds": {m.name: m.engine.rt.seconds for m in models},  # type: ignore[attr-defined]
-            }
-        )
+        for split in args.splits:
+            for m in models:
+                m.engine.rt.split_below = split  # type: ignore[attr-defined]
+                m.engine.rt.seconds = {"decode": 0.0, "jobs": 0.0}  # type: ignore[attr-defined]
+                m.engine.rt.max_batch_seqs = 0  # type: ignore[attr-defined]
+            for q in QUESTIONS[: args.concurrent]:  # one at a time
+                res = await fused_one(fuser, q, args.max_tokens)
+                rows.append({"part": "sequential", "split": split, "question": q, **res})
+            started = time.perf_counter()
+            many = await asyncio.gather(
+                *(fused_one(fuser, q, args.max_tokens) for q in QUESTIONS[: args.concurrent])
+            )
+            wall = time.perf_counter() - started
+            rows += [
+                {"part": "concurrent", "split": split, "question": q, "batch_wall_s": wall, **r}
+                for q, r in zip(QUESTIONS, many)
+            ]
+            rows.append(
+                {
+                    "part": "batching",
+                    "split": split,
+                    "max_batch_seqs": [m.engine.rt.max_batch_seqs for m in models],  # type: ignore[attr-defined]
+                    "thread_seconds": {m.name: dict(m.engine.rt.seconds) for m in models},  # type: ignore[attr-defined]
+                }
+            )
     finally:
         for m in models:
             await m.engine.shutdown()
@@ -229,6 +290,29 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
                 f"{r['llama_tok_s']:.1f} | {ratio:.2f} |"
             )
         out.append("")
+    batch = [r for r in rows if r["part"] == "batch"]
+    if batch:
+        sizes = sorted({r["n"] for r in batch})
+        out += [
+            "| model | split_below | "
+            + " | ".join(f"{n} at once tok/s" for n in sizes)
+            + " | best ÷ 1 |",
+            "|---|--:|" + "--:|" * (len(sizes) + 1),
+        ]
+        for name, split in itertools.product(
+            dict.fromkeys(r["model"] for r in batch), sorted({r["split_below"] for r in batch})
+        ):
+            rate = {}
+            for n in sizes:
+                sel = [
+                    r
+                    for r in batch
+                    if r["model"] == name and r["n"] == n and r["split_below"] == split
+                ]
+                rate[n] = statistics.median(r["tokens"] / r["wall_s"] for r in sel)
+            cells = " | ".join(f"{rate[n]:.1f}" for n in sizes)
+            out.append(f"| {name} | {split} | {cells} | {max(rate.values()) / rate[1]:.2f} |")
+        out.append("")
     ft = [r for r in rows if r["part"] == "fused_threads"]
     if ft:
         out += [
@@ -241,28 +325,48 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
             wall = sum(r["wall_s"] for r in sel)
             out.append(f"| trio | {t} | {tok} | {wall:.1f} | {tok / wall:.1f} |")
         out.append("")
-    cs = [r for r in rows if r["part"] == "ctxrow_single"]
-    cf = [r for r in rows if r["part"] == "ctxrow_fused"]
-    if cs and cf:
+    labels = {
+        "ctxrow": (
+            "first token scored",
+            "from the kept row (ctx_row)",
+            "by re-decoding the last token",
+        ),
+        "split": (
+            "decodes of 2-7 tokens",
+            "one token per llama_decode (split_below 7)",
+            "batched (split_below 0)",
+        ),
+    }
+    for part, (what, on_label, off_label) in labels.items():
+        cs = [r for r in rows if r["part"] == f"{part}_single"]
+        cf = [r for r in rows if r["part"] == f"{part}_fused"]
+        if not (cs and cf):
+            continue
         singles_s = sum(
             sum(r["wall_s"] for r in cs if r["model"] == n)
             / max(sum(r["tokens"] for r in cs if r["model"] == n), 1)
             for n in {r["model"] for r in cs}
         )
         out += [
-            "| fused trio cool, first token scored | tokens | wall s | tok/s "
-            "| s/token ÷ Σ singles |",
+            f"| fused trio cool, {what} | tokens | wall s | tok/s | s/token ÷ Σ singles |",
             "|---|--:|--:|--:|--:|",
         ]
         for on in (True, False):
-            sel = [r for r in cf if r["ctx_row"] is on]
+            sel = [r for r in cf if r["on"] is on]
             tok, wall = sum(r["tokens"] for r in sel), sum(r["wall_s"] for r in sel)
-            label = "from the kept row (ctx_row)" if on else "by re-decoding the last token"
             out.append(
-                f"| {label} | {tok} | {wall:.1f} | {tok / wall:.1f} | "
+                f"| {on_label if on else off_label} | {tok} | {wall:.1f} | {tok / wall:.1f} | "
                 f"{wall / max(tok, 1) / singles_s:.2f} |"
             )
         out += [f"Σ singles: {singles_s:.4f} s/token (each model alone, same questions)", ""]
+    for split in dict.fromkeys(r["split"] for r in rows if r["part"] == "sequential"):
+        out += concurrency_report(rows, split)
+    return "\n".join(out)
+
+
+def concurrency_report(every: list[dict[str, Any]], split: int) -> list[str]:
+    out = [f"Concurrency, split_below {split}:", ""]
+    rows = [r for r in every if r.get("split") == split]
     seq = [r for r in rows if r["part"] == "sequential"]
     con = [r for r in rows if r["part"] == "concurrent"]
     if seq and con:
@@ -281,11 +385,11 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
         ]
         batching = [r for r in rows if r["part"] == "batching"]
         if batching:
-            out.append(f"Most sequences in one decode, per model: {batching[0]['max_batch_seqs']}")
+            out.append(f"Most sequences in one tick, per model: {batching[0]['max_batch_seqs']}")
             for name, secs in batching[0]["thread_seconds"].items():
                 parts = ", ".join(f"{k} {v:.1f} s" for k, v in secs.items())
                 out.append(f"Decode thread of {name}: {parts}")
-    return "\n".join(out)
+    return [*out, ""]
 
 
 async def main() -> int:
@@ -297,6 +401,12 @@ async def main() -> int:
     ap.add_argument("--questions", type=int, default=3)
     ap.add_argument("--concurrent", type=int, default=8)
     ap.add_argument("--concurrency-threads", type=int, default=1)
+    ap.add_argument(
+        "--splits",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[7],
+        help="concurrency part: split_below values to run it with (e.g. 7,0)",
+    )
     ap.add_argument("--raw", type=Path, default=Path("bench/results/llamacpp_speed.json"))
     args = ap.parse_args()
     parts = args.parts.split(",")
@@ -307,8 +417,11 @@ async def main() -> int:
         rows += await fused_threads(args)
     if "concurrency" in parts:
         rows += await concurrency(args)
-    if "ctxrow" in parts:
-        rows += await ctx_row(args)
+    if "batch" in parts:
+        rows += await batch_scaling(args)
+    for part in ("ctxrow", "split"):
+        if part in parts:
+            rows += await toggled(args, part)
     command = "bench/llamacpp_speed.py " + " ".join(sys.argv[1:])
     args.raw.parent.mkdir(parents=True, exist_ok=True)
     raw = {"command": command, "when": time.ctime(), "rows": rows}

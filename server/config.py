@@ -132,6 +132,14 @@ class LlamaCppOptions(_Strict):
         "a prompt that starts like one of them (few-shot examples, system prompt, earlier "
         "chat turns) decodes only the rest. 0: off.",
     )
+    split_below: int = Field(
+        7,
+        ge=0,
+        le=64,
+        description="A decode of 2 to this many tokens (a few scoring branches, a few "
+        "requests' next tokens) runs one token per llama_decode: on CPUs llama.cpp's batched "
+        "matmul costs more than that under 8 tokens (docs/BENCHMARKS.md). 0: never.",
+    )
 
 
 class VllmRemoteOptions(_VllmScoring):

@@ -60,6 +60,7 @@ class LlamaCppEngine:
         n_batch: int = 512,
         prefix_cache: int = 8,
         score_from_ctx_row: bool = True,
+        split_below: int = 7,
     ) -> None:
         self.name = name
         self.gguf = Path(gguf)
@@ -72,6 +73,7 @@ class LlamaCppEngine:
         self.prefix_cache = prefix_cache
         # off: every branch re-decodes the last context token (tests compare the two)
         self.score_from_ctx_row = score_from_ctx_row
+        self.split_below = split_below
         self.max_model_len = 0
         self.open_states = 0
         self.rt: LlamaRuntime | None = None
@@ -92,6 +94,7 @@ class LlamaCppEngine:
             n_batch=self.n_batch,
             name=self.name,
             prefix_entries=self.prefix_cache,
+            split_below=self.split_below,
         )
         try:
             check_vocabulary(rt, self.tokenizer_dir, self.name)

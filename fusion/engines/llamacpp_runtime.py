@@ -98,6 +98,7 @@ class LlamaRuntime:
         n_batch: int,
         name: str = "",
         prefix_entries: int = 0,
+        split_below: int = 0,
     ) -> None:
         import llama_cpp as lc
 
@@ -107,6 +108,10 @@ class LlamaRuntime:
         logging.getLogger("llama-cpp-python").setLevel(quiet)
         self.name = name or gguf.stem
         self.n_batch = n_batch
+        # A tick of 2..split_below tokens is decoded one token per llama_decode: on CPUs
+        # llama.cpp's batched matmul (llamafile sgemm) costs far more than that for a
+        # handful of tokens (docs/BENCHMARKS.md); 0 or 1: never split.
+        self.split_below = split_below
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -136,6 +141,7 @@ class LlamaRuntime:
         self.n_ctx = int(lc.llama_n_ctx(ctx))
         self.n_seq_max = int(lc.llama_n_seq_max(ctx))
         self._batch = lc.llama_batch_init(n_batch, 0, 1)
+        self._one = lc.llama_batch_init(1, 0, 1)  # a split tick's single token
         self._free_seqs = list(range(self.n_seq_max - 1, -1, -1))
         # finished contexts kept for prompts that start the same way (a quarter of the cells)
         self.prefix = PrefixCache(
@@ -232,6 +238,7 @@ class LlamaRuntime:
         self._thread.join(timeout=30)
         lc = self._lc
         lc.llama_batch_free(self._batch)
+        lc.llama_batch_free(self._one)
         lc.llama_free(self._ctx)
         lc.llama_model_free(self._model)
 
@@ -313,22 +320,26 @@ class LlamaRuntime:
             t for t in self._tasks if t in chosen
         ]
         outputs = self._fill(chosen)
+        total = sum(n for per_task in outputs for n in per_task)
         started = time.perf_counter()
-        rc = self._lc.llama_decode(self._ctx, self._batch)
+        n_tokens = self._batch.n_tokens
+        if 2 <= n_tokens <= self.split_below:
+            rc, table = self._decode_split(total)
+        else:
+            rc = self._lc.llama_decode(self._ctx, self._batch)
+            table = np.empty((0, self.n_vocab), dtype=np.float32)
+            if rc == 0 and total:
+                logits = self._lc.llama_get_logits(self._ctx)
+                table = np.ctypeslib.as_array(logits, shape=(total, self.n_vocab))
+            self.decodes += 1
         self.seconds["decode"] += time.perf_counter() - started
         if rc != 0:
             self._decode_failed(rc, chosen)
             return
-        self.decodes += 1
-        self.decoded_tokens += self._batch.n_tokens
+        self.decoded_tokens += n_tokens
         self.max_batch_seqs = max(
             self.max_batch_seqs, len({f.seq for t in chosen for f in t.feeds})
         )
-        total = sum(n for per_task in outputs for n in per_task)
-        table = np.empty((0, self.n_vocab), dtype=np.float32)
-        if total:
-            logits = self._lc.llama_get_logits(self._ctx)
-            table = np.ctypeslib.as_array(logits, shape=(total, self.n_vocab))
         row = 0
         for task, per_feed in zip(chosen, outputs):
             rows = []
@@ -355,6 +366,35 @@ class LlamaRuntime:
             outputs.append(per_feed)
         self._batch.n_tokens = i
         return outputs
+
+    def _decode_split(self, total: int) -> tuple[int, np.ndarray]:
+        """The filled batch decoded one token at a time, in order (a sequence's tokens
+        stay in position order); the output rows as one decode would return them. On a
+        failure the tokens already decoded are taken out of the cache again, so the tick
+        can be retried whole."""
+        batch, one, lc = self._batch, self._one, self._lc
+        table = np.empty((total, self.n_vocab), dtype=np.float32)
+        row = 0
+        done: dict[int, int] = {}  # seq -> first position decoded in this tick
+        for i in range(batch.n_tokens):
+            seq, pos = batch.seq_id[i][0], batch.pos[i]
+            one.n_tokens = 1
+            one.token[0], one.pos[0] = batch.token[i], pos
+            one.n_seq_id[0], one.seq_id[0][0] = 1, seq
+            one.logits[0] = batch.logits[i]
+            rc = lc.llama_decode(self._ctx, one)
+            if rc != 0:
+                for s, p in done.items():
+                    with contextlib.suppress(LlamaError):
+                        self.drop_from(s, p)
+                return rc, table
+            self.decodes += 1
+            done.setdefault(seq, pos)
+            if batch.logits[i]:
+                logits = lc.llama_get_logits_ith(self._ctx, -1)
+                table[row] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+                row += 1
+        return 0, table
 
     def _put(self, i: int, token: int, pos: int, seq: int, output: bool) -> None:
         batch = self._batch

@@ -159,12 +159,16 @@ def test_the_winning_branch_becomes_the_context_without_a_decode(llama_models, n
     assert more.ids[0] == first.ids[0]
 
 
-def test_concurrent_requests_share_decodes_and_answer_as_alone(llama_models):
+@pytest.mark.parametrize("split", [0, 7])
+def test_concurrent_requests_share_decodes_and_answer_as_alone(llama_models, split):
     """Exact on SmolLM2 (q4_1), whose llama.cpp CPU kernels give a token the same numbers
     whatever else is in the batch. On Qwen's q5_0/q8_0 and Gemma's K-quants they do not
     (0.05-0.2 nats between batch shapes, see docs/BENCHMARKS.md), so there a greedy answer
-    can change at a near-tie when other requests share its decodes."""
+    can change at a near-tie when other requests share its decodes. With ``split_below``
+    0 the requests' tokens go through one llama_decode; with 7 (the default) a tick of
+    four requests' next tokens is four one-token decodes."""
     m = llama_models["smollm2-135m"]
+    m.engine.rt.split_below = split
     prompts = [
         "Write a haiku about autumn.",
         "def fibonacci(n):",
@@ -189,9 +193,12 @@ def test_concurrent_requests_share_decodes_and_answer_as_alone(llama_models):
         out = await asyncio.gather(*(one(i, p) for i, p in enumerate(ids)))
         return out, m.engine.rt.max_batch_seqs
 
-    solo = asyncio.run(alone())
-    both, widest = asyncio.run(together())
-    assert widest >= 3  # several requests really went through one llama_decode
+    try:
+        solo = asyncio.run(alone())
+        both, widest = asyncio.run(together())
+    finally:
+        m.engine.rt.split_below = m.engine.split_below
+    assert widest >= 3  # several requests really shared ticks (one decode without split)
     assert both == solo
 
 
@@ -656,3 +663,90 @@ def test_a_context_restored_from_the_prefix_cache_scores_from_its_row_as_without
     assert ids == ref_ids
     for got, ref in zip([*a, *b], [*ref_a, *ref_b]):  # bit-identical here
         assert got == pytest.approx(ref, abs=1e-6)
+
+
+def small_engine(name: str, **kw):
+    from fusion.engines.llamacpp_engine import LlamaCppEngine
+    from fusion.models import build_source_model
+
+    found = resolve_gguf(DEFAULT_SOURCES[name])
+    engine = LlamaCppEngine(name, found.gguf, found.tokenizer_dir, **kw)
+    return build_source_model(name, engine, found.tokenizer_dir)
+
+
+def test_a_small_tick_is_decoded_a_token_at_a_time_with_the_numbers_of_one_decode():
+    """Scoring three short candidates is a tick of 2-7 tokens: with ``split_below`` it
+    runs as one llama_decode per token (llama.cpp's batched matmul costs more than that
+    for a handful of tokens on CPUs) and gives the log-probs one batched decode gives
+    (SmolLM2's q4_1 kernels give a token the same numbers in any batch shape)."""
+    m = small_engine("smollm2-135m", n_ctx=1024, max_requests=2)
+    prompt = m.tokenizer.encode_prompt("Name a colour:")
+    cands = [m.tokenizer.encode(t) for t in (" red", " deep blue", " green")]
+    size = sum(len(c) for c in cands) + 1  # the generated token rides along, undecoded
+    assert 2 <= size <= 7
+
+    async def run(split: int) -> tuple[list[list[float]], int]:
+        m.engine.rt.split_below = split
+        state = await m.engine.open(f"s{split}", prompt)
+        await m.engine.generate(state, 1, frozenset(), NEVER)
+        decodes = m.engine.rt.decodes
+        scores = await m.engine.score(state, cands)
+        spent = m.engine.rt.decodes - decodes
+        await m.engine.release(state)
+        return scores, spent
+
+    async def both():
+        await m.engine.start()
+        try:
+            return await run(7), await run(0)
+        finally:
+            await m.engine.shutdown()
+
+    (split, split_decodes), (whole, whole_decodes) = asyncio.run(both())
+    assert (split_decodes, whole_decodes) == (size, 1)
+    for a, b in zip(split, whole):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_a_split_tick_that_runs_out_of_cells_is_taken_back_before_it_is_retried():
+    """A split tick that finds no KV room half-way (here: a finished context kept in the
+    prefix cache holds the cells) removes the tokens it had decoded; the retry after the
+    prefix cache is cleared then decodes each token once, so the scores are the ones the
+    same engine gives when that tick is one decode, which fails whole (a token decoded
+    twice would leave duplicate cells behind)."""
+    name = "smollm2-135m"
+    split = small_engine(name, n_ctx=256, max_requests=2, prefix_cache=4)
+    assert split.engine.split_below >= 5  # the default splits this tick
+    whole = small_engine(name, n_ctx=256, max_requests=2, prefix_cache=4, split_below=0)
+    enc = split.tokenizer.encode
+    cands = [enc(" red"), enc(" deep blue"), enc(" green")]
+    size = sum(len(c) for c in cands)
+    n_ctx, kept = 256, 60  # the prefix cache keeps contexts of up to n_ctx / 4 tokens
+    # room for the second prompt, its look-ahead token and 3 of the 4+ candidate tokens:
+    # the split tick fails part-way
+    second = enc("Colours of the rainbow, in order, one per line: " * 40)[: n_ctx - kept - 1 - 3]
+
+    async def run(m, kept: int) -> list[list[float]]:
+        await m.engine.start()
+        try:
+            if kept:  # a finished context, different from the second prompt, stays cached
+                first = enc("The history of lighthouses around the world. " * 40)[:kept]
+                state = await m.engine.open("a", first)
+                await m.engine.generate(state, 1, frozenset(), NEVER)
+                await m.engine.release(state)
+                await settled(m.engine.rt, m.engine.rt.n_seq_max)
+                assert len(m.engine.rt.prefix) == 1
+            state = await m.engine.open("b", second)
+            await m.engine.generate(state, 1, frozenset(), NEVER)
+            scores = await m.engine.score(state, cands)
+            assert len(m.engine.rt.prefix) == 0  # the tick failed, the cache made room
+            await m.engine.release(state)
+            return scores
+        finally:
+            await m.engine.shutdown()
+
+    assert size > 3
+    got = asyncio.run(run(split, kept))
+    want = asyncio.run(run(whole, kept))
+    for a, b in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-5)
