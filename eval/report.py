@@ -16,7 +16,9 @@ says whether a difference is more than chance.
 exp of its mean token NLL in that model's own tokens; the cross-model perplexity of an
 answer is exp of the mean over models of those NLLs (the geometric mean of their
 perplexities); the table shows its median over a system's answers (a mean is ruled by
-the rare answer one model finds absurd). Scores are cached in ``<out>/ppl.jsonl``.
+the rare answer one model finds absurd). Scores are cached in ``<out>/ppl.jsonl``, and
+read from there without ``--ppl`` too; a system shows a median only once every one of
+its answers is scored.
 """
 
 from __future__ import annotations
@@ -131,9 +133,13 @@ def table(
             p_text = "(best single)"
         secs = runs.get((task, s))
         per = f"{secs / n:.1f}" if secs and n else "-"
-        scored = [ppl[(task, s, i)] for i in docs if (task, s, i) in ppl]
+        # a median only over every (non-empty) answer: a part of them could mislead
+        wanted = [i for i in docs if d[i]["text"].strip()]
+        scored = [ppl[(task, s, i)] for i in wanted if ppl.get((task, s, i))]
         cross = (
-            f"{median(math.exp(sum(v.values()) / len(v)) for v in scored):.2f}" if scored else "-"
+            f"{median(math.exp(sum(v.values()) / len(v)) for v in scored):.2f}"
+            if scored and len(scored) == len(wanted)
+            else "-"
         )
         lines.append(
             f"| {s} | {acc[s]} | {100 * acc[s] / max(n, 1):.1f}% | {100 * lo:.1f}-{100 * hi:.1f} "
@@ -141,6 +147,17 @@ def table(
         )
         rows.append(row)
     return "\n".join(lines), rows
+
+
+def read_ppl(cache: Path) -> dict[tuple[str, str, int], dict[str, float]]:
+    """The answers' NLLs scored so far (``--ppl`` adds the missing ones)."""
+    have: dict[tuple[str, str, int], dict[str, float]] = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                have[(r["task"], r["system"], r["doc_id"])] = r["nll"]
+    return have
 
 
 async def score_ppl(
@@ -151,12 +168,7 @@ async def score_ppl(
     from server.engines import load_models, shutdown_models
     from tokenizers_align import IncrementalCodec
 
-    have: dict[tuple[str, str, int], dict[str, float]] = {}
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                have[(r["task"], r["system"], r["doc_id"])] = r["nll"]
+    have = read_ppl(cache)
     todo = [
         (t, s, i, d)
         for t, systems in samples.items()
@@ -216,7 +228,8 @@ def main() -> int:
     samples = read_samples(args.out)
     if args.tasks:
         samples = {t: v for t, v in samples.items() if t in args.tasks}
-    ppl = asyncio.run(score_ppl(args.config, samples, args.out / "ppl.jsonl")) if args.ppl else {}
+    cache = args.out / "ppl.jsonl"
+    ppl = asyncio.run(score_ppl(args.config, samples, cache)) if args.ppl else read_ppl(cache)
     runs = read_runs(args.out)
     parts, rows = [], []
     for task in sorted(samples):

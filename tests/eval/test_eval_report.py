@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from types import ModuleType
 
@@ -95,3 +96,27 @@ def test_systems_are_paired_on_the_questions_all_answered_against_the_best_singl
 def test_wikidata_answers_match_any_target_after_normalising(said, targets, right):
     result = wikidata.process_results({"targets": targets}, [said])
     assert result == {"exact_match": float(right)}
+
+
+def test_cross_model_perplexity_shows_only_once_every_answer_is_scored(tmp_path):
+    task = "qa_wikidata_pkg_dev"
+    write_samples(tmp_path, "a", task, {0: True, 1: False, 2: True})
+    write_samples(tmp_path, "fusion", task, {0: True, 1: True, 2: True})
+    cache = tmp_path / "ppl.jsonl"
+    scores = {  # NLLs per model; the cross-model perplexity is exp of their mean
+        ("a", 0): {"x": 1.0, "y": 3.0},  # e^2
+        ("a", 1): {"x": 0.0, "y": 0.0},  # e^0
+        ("a", 2): {"x": 2.0, "y": 4.0},  # e^3
+        ("fusion", 0): {"x": 1.0, "y": 1.0},
+    }
+    cache.write_text(
+        "".join(
+            json.dumps({"task": task, "system": s, "doc_id": i, "nll": v}) + "\n"
+            for (s, i), v in scores.items()
+        )
+    )
+    samples = report.read_samples(tmp_path)
+    text, _ = report.table(task, samples[task], ["a"], {}, report.read_ppl(cache))
+    line = {row.split("|")[1].strip(): row for row in text.splitlines() if row.startswith("| ")}
+    assert line["a"].rstrip(" |").endswith(f"{math.exp(2):.2f}")  # the median of e^0, e^2, e^3
+    assert line["fusion"].rstrip(" |").endswith("-")  # one of three answers scored: no median
