@@ -32,8 +32,23 @@ def test_stop_tracker_holds_back_possible_prefixes():
     stops=st.lists(st.text(alphabet="abXY", min_size=1, max_size=3), max_size=2),
 )
 def test_stop_tracker_emits_exactly_the_text_before_the_first_stop(parts, stops):
+    """Generation stops at the first piece after which some stop string is in the text,
+    which is cut where the earliest of those starts (vLLM's way). A stop that would only
+    complete later never does, even if it starts earlier: pieces "aY", "Y" with stops
+    "Y" and "aYY" give "a"."""
     t = StopStringTracker(tuple(stops))
     emitted = "".join(t.feed(p) for p in parts) + t.flush()
-    full = "".join(parts)
-    cut = min((i for s in stops if (i := full.find(s)) >= 0), default=len(full))
-    assert emitted == full[:cut]
+    seen = ""
+    cut = None
+    for p in parts:
+        seen += p
+        hits = [i for s in stops if (i := seen.find(s)) >= 0]
+        if hits:
+            cut = min(hits)
+            break
+    assert emitted == (seen[:cut] if cut is not None else seen)
+
+
+def test_a_stop_that_starts_earlier_but_completes_later_does_not_apply():
+    t = StopStringTracker(("Y", "aYY"))
+    assert t.feed("aY") + t.feed("Y") + t.flush() == "a"
