@@ -3,7 +3,10 @@ any model loads."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from server.cli import main
 
@@ -26,8 +29,13 @@ def test_calibrate_refuses_bad_arguments(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_generate_refuses_a_rule_without_its_leader(capsys):
-    assert main(["generate", "hi", "--config", "config.yaml", "--rule", "gate"]) == 2
+def test_generate_refuses_a_rule_without_its_leader(capsys, tmp_path):
+    # config.yaml's default policy names a leader; without that block there is none
+    config = yaml.safe_load(Path("config.yaml").read_text())
+    del config["fusion"]["selection"]
+    leaderless = tmp_path / "config.yaml"
+    leaderless.write_text(yaml.safe_dump(config))
+    assert main(["generate", "hi", "--config", str(leaderless), "--rule", "gate"]) == 2
     assert "selection.leader" in capsys.readouterr().err
     assert main(["generate", "hi", "--config", "config.yaml", "--leader", "nobody"]) == 2
     assert "unknown source models: nobody" in capsys.readouterr().err

@@ -77,6 +77,9 @@ def test_the_papers_methods_stay_reachable_by_name_exactly():
         assert fusion.variants[name].method == method
         policy = fusion.variant_selection(name).policy()
         assert policy.rule == "mean_ppl" and policy.repetition_limit == 0
+        # no filter inherited from the default's policy: every candidate may win
+        assert policy.min_support == 1
+        assert policy.leader_margin is None and policy.leader_excess is None
     assert fusion.ppl_mode == "mean" and not fusion.variants["fusion-cool"].ppl_mode
 
 

@@ -257,7 +257,7 @@ function showDetails(span) {
     el("th", { class: "num", title: "arithmetic mean of the perplexities (the paper's score)" }, "mean"),
     el("th", { class: "num", title: `the ${seg.rule || "mean_ppl"} rule's score: lowest wins` }, "score"));
   const rows = seg.candidates.map((c) => el("tr", { class: (c.proposers.includes(seg.winner) ? "winner" : "") + (c.excluded ? " excluded" : "") },
-    el("td", { class: "cand-text", title: c.excluded ? "excluded by the repetition guard" : "" }, JSON.stringify(c.text) + (c.ended ? " ⏎end" : "")),
+    el("td", { class: "cand-text", title: c.excluded ? "excluded by a filter: the repetition guard, the leader's veto or consensus" : "" }, JSON.stringify(c.text) + (c.ended ? " ⏎end" : "")),
     el("td", { title: c.proposers.join(", ") }, c.proposers.map(shortName).join(", ")),
     ...scorers.map((m) => el("td", { class: "num" }, fmt(c.perplexities[m]))),
     el("td", { class: "num" }, fmt(c.mean_perplexity)),
