@@ -220,9 +220,11 @@ def candidate_policies(
     stats: dict[str, NllStats],
     gate_thresholds: Sequence[float],
     leader_margins: Sequence[float] = (),
+    consensus: bool = False,
 ) -> dict[str, SelectionPolicy]:
     """The policies to compare, named for the report (``gate@t``: the gate at threshold
-    t; ``gate@t/veto@m``: with the leader's veto at margin m)."""
+    t; ``gate@t/veto@m``: with the leader's veto at margin m; ``gate@t/consensus``: a
+    segment the leader did not write needs two proposers, for three or more members)."""
     w = tuple(weights.items())
     weighted = SelectionPolicy("weighted", aggregate="nll", weights=w, leader=leader)
     out = {"mean_ppl": SelectionPolicy(), "leader": SelectionPolicy("leader", leader=leader)}
@@ -234,6 +236,10 @@ def candidate_policies(
         for m in leader_margins:
             out[f"gate@{t:g}/veto@{m:g}"] = replace(
                 weighted, rule="gate", gate_threshold=t, leader_margin=m
+            )
+        if consensus:
+            out[f"gate@{t:g}/consensus"] = replace(
+                weighted, rule="gate", gate_threshold=t, min_support=2
             )
     return out
 
@@ -415,7 +421,7 @@ async def calibrate(
             Tried("mean_ppl" + suffix, group, lead, weights, stats, SelectionPolicy(), paper)
         )
         for name, policy in candidate_policies(
-            lead, weights, stats, gate_thresholds, leader_margins
+            lead, weights, stats, gate_thresholds, leader_margins, consensus=len(group) >= 3
         ).items():
             if name != "mean_ppl":
                 params = replace(fused, selection=policy)

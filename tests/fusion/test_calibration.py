@@ -264,7 +264,8 @@ async def test_calibrate_with_three_members_also_tries_each_set_without_one(make
     fused = [line.rsplit(None, 5)[0] for line in report[at + 1 :] if line]
     policies = ["mean_ppl", "leader", "weighted", "zscore", "gate@0.5", "gate@0.5/veto@1"]
     without = [f"{p} w/o {n}" for n in names for p in policies]
-    assert fused[: len(policies) * 4] == policies + without
+    # the consensus gate needs two members besides the leader: the trio only
+    assert fused[: len(policies) * 4 + 1] == [*policies, "gate@0.5/consensus", *without]
     # every row ends with its seconds per answer and its time against the leader alone
     assert all(line.split()[-1].endswith("x") for line in report[at + 1 : at + 25])
     # all equally right: none beats the leader alone, which answers
@@ -287,3 +288,15 @@ def test_each_gate_threshold_is_also_tried_with_each_leader_margin():
     rec = Recommendation(("x", "y"), "x", {"x": 1.5, "y": 0.5}, {}, p, ())
     block = yaml.safe_load(to_yaml(rec, []))["fusion"]["selection"]
     assert block["leader_margin"] == 2.0 and block["gate_threshold"] == 0.3
+
+
+def test_the_consensus_gate_is_tried_only_with_three_or_more_members():
+    two = candidate_policies("x", {"x": 1.0, "y": 1.0}, {}, [0.5, 0.3], consensus=False)
+    assert not any("consensus" in n for n in two)
+    three = candidate_policies("x", {"x": 1.0, "y": 1.0, "z": 1.0}, {}, [0.5], consensus=True)
+    p = three["gate@0.5/consensus"]
+    assert (p.rule, p.gate_threshold, p.min_support, p.leader) == ("gate", 0.5, 2, "x")
+    assert three["gate@0.5"].min_support == 1
+    rec = Recommendation(("x", "y", "z"), "x", {}, {}, p, ())
+    block = yaml.safe_load(to_yaml(rec, []))["fusion"]["selection"]
+    assert block["min_support"] == 2 and block["rule"] == "gate"
