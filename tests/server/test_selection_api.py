@@ -69,10 +69,13 @@ def test_selection_config_becomes_the_cores_policy(tmp_path):
     assert policy.min_support == 2
 
 
-def test_the_papers_methods_stay_reachable_by_name_exactly():
+@pytest.mark.parametrize(
+    "shipped", ["config.yaml", "config.vllm-cpu.yaml", "config.transformers.yaml"]
+)
+def test_the_papers_methods_stay_reachable_by_name_exactly(shipped):
     """Whatever policy the shipped `fusion` uses, `fusion-cool` and `fusion-cool-rerank`
     are the paper's: its method, the arithmetic mean of perplexities, no guard."""
-    fusion = load_config("config.yaml").fusion
+    fusion = load_config(shipped).fusion
     for name, method in (("fusion-cool", "cool"), ("fusion-cool-rerank", "cool_rerank")):
         assert fusion.variants[name].method == method
         policy = fusion.variant_selection(name).policy()
