@@ -290,7 +290,7 @@ def test_each_gate_threshold_is_also_tried_with_each_leader_margin():
     assert block["leader_margin"] == 2.0 and block["gate_threshold"] == 0.3
 
 
-def test_the_consensus_gate_is_tried_only_with_three_or_more_members():
+def test_the_consensus_candidate_is_the_gate_needing_two_proposers_and_is_written_out():
     two = candidate_policies("x", {"x": 1.0, "y": 1.0}, {}, [0.5, 0.3], consensus=False)
     assert not any("consensus" in n for n in two)
     three = candidate_policies("x", {"x": 1.0, "y": 1.0, "z": 1.0}, {}, [0.5], consensus=True)
