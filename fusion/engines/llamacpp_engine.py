@@ -1,19 +1,19 @@
 """llama.cpp backend of the engine protocol: GGUF weights, many requests per decode.
 
-Each request state is one llama.cpp sequence; its layout, the log-prob rows kept past it
-(``ctx_row``, look-ahead rows) and the bookkeeping of commits, branches and the prefix
-cache are in ``llamacpp_state``. This module runs the calls: each is a job on the
+Each request state is one llama.cpp sequence; what is in it (the context, look-ahead,
+rows, branches) is the shared bookkeeping of ``ledger``, and its cache operations and
+the prefix cache are in ``llamacpp_state``. This module runs the calls: each is a job on the
 runtime's decode thread (``llamacpp_runtime``), a generator yielding the feeds of its
 next decode and receiving their rows, so that one ``llama_decode`` serves many requests.
 
 Scoring branches the context: each candidate gets a sequence that shares the committed
-cells (a metadata copy) and decodes the candidate on it. With ``ctx_row`` known the
-branch shares ``[0, n_past)`` and decodes ``candidate``: its first token's log-prob is
-read from ``ctx_row``, its rows give the rest and the row after it. Otherwise it shares
-``[0, n_past - 1)`` and decodes ``[last_id, *candidate]``, one more token per candidate.
+cells (a metadata copy) and decodes the candidate on it. With the row after the context
+kept the branch shares ``[0, done)`` and decodes ``candidate``: its first token's
+log-prob is read from that row, its rows give the rest and the row after it. Otherwise
+it shares ``[0, done - 1)`` and decodes ``[last_id, *candidate]``, one more token each.
 All candidates (and any undecoded look-ahead) go in one decode. Committing a scored
 candidate copies its branch's cells into the request's sequence: no recomputation.
-Committing this model's own candidate moves ``n_past`` over its look-ahead.
+Committing this model's own candidate moves the context over its look-ahead.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
+from fusion.engines.ledger import Branch
 from fusion.engines.llamacpp_runtime import (
     Feed,
     Job,
@@ -37,7 +38,7 @@ from fusion.engines.llamacpp_runtime import (
     log_softmax,
     logsumexp,
 )
-from fusion.engines.llamacpp_state import Branch, LlamaState
+from fusion.engines.llamacpp_state import LlamaState
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class LlamaCppEngine:
             )
         await self._slots.acquire()  # back-pressure: wait for a free request slot
         self.open_states += 1
-        return LlamaState(request_id=request_id, pending=list(prompt_ids), tokens=list(prompt_ids))
+        return LlamaState.opened(request_id, prompt_ids)
 
     async def generate(
         self,
@@ -201,27 +202,25 @@ class LlamaCppEngine:
             st.seq = rt.take_seq()
             if st.seq is None:
                 yield []  # every sequence is busy: wait a tick
-            elif st.n_past == 0:
+            elif st.book.done == 0:
                 st.reuse_prefix(rt)
-        for op in st.ops:
-            op(rt)
-        st.ops.clear()
+        st.run_ops(rt)
         st.drop_branches(rt)
         yield from self._decode_pending(st)
 
     def _decode_pending(self, st: LlamaState) -> Generator[list[Feed], list[np.ndarray], None]:
-        """Decode the pending context in chunks; its last row is ``tail`` and ``ctx_row``."""
-        rt = self.rt
+        """Decode the pending context in chunks; its last row is the row after it."""
+        rt, book = self.rt, st.book
         assert rt is not None and st.seq is not None
         chunk = max(1, rt.n_batch // 2)
-        while st.pending:
-            piece, rest = st.pending[:chunk], st.pending[chunk:]
-            rows = yield [Feed(st.seq, st.n_past, tuple(piece), "none" if rest else "last")]
-            st.n_past += len(piece)
-            st.last_id = piece[-1]
-            st.pending = rest
-            if not rest:
-                st.tail = st.ctx_row = log_softmax(rows[0][-1])
+        while book.pending:
+            piece = book.pending[:chunk]
+            last = len(piece) == len(book.pending)
+            rows = yield [Feed(st.seq, book.done, tuple(piece), "last" if last else "none")]
+            if last:
+                book.decoded_pending(log_softmax(rows[0][-1]))
+            else:
+                book.done += len(piece)
 
     def _generate(
         self,
@@ -232,25 +231,22 @@ class LlamaCppEngine:
         sampling: Sampling,
     ) -> Generator[list[Feed], list[np.ndarray], Generation]:
         yield from self._ready(st)
-        assert st.seq is not None
+        book = st.book
         out: list[int] = []
         lps: list[float] = []
         stopped_on: int | None = None
-        kept = len(st.ahead)  # look-ahead from an earlier call, replayed first
+        kept = len(book.ahead)  # look-ahead from an earlier call, replayed first
         while len(out) < max_tokens:
             i = len(out)
-            if i >= len(st.ahead):
-                if st.tail is None:
+            if i >= len(book.ahead):
+                if book.tail is None:
                     yield from self._decode_ahead(st)
-                row = st.tail
+                row = book.tail
                 assert row is not None
                 tok = _pick(st, row, sampling)
-                st.keep_row(row)
-                st.ahead.append(tok)
-                st.ahead_lp.append(float(row[tok]))
-                st.tail = None
-            out.append(st.ahead[i])
-            lps.append(st.ahead_lp[i])
+                book.push(tok, float(row[tok]), row)
+            out.append(book.ahead[i])
+            lps.append(book.ahead_lp[i])
             if out[-1] in stop_ids:
                 stopped_on = out[-1]
                 break
@@ -264,22 +260,18 @@ class LlamaCppEngine:
         )
 
     def _decode_ahead(self, st: LlamaState) -> Generator[list[Feed], list[np.ndarray], None]:
-        """Make ``tail`` known: decode the look-ahead not in the cache yet (or, with none,
-        take ``ctx_row``, or failing that decode the last committed token again)."""
-        rt = self.rt
+        """Make the tail known: decode the look-ahead not in the cache yet (or, with none,
+        decode the last committed token again: the row after the context was not kept)."""
+        rt, book = self.rt, st.book
         assert rt is not None and st.seq is not None
-        todo = st.ahead[st.ahead_fed :]
+        todo = book.unfed
         if not todo:
-            assert not st.ahead, "look-ahead decoded without its row"
-            if st.ctx_row is not None:
-                st.tail = st.ctx_row
-                return
+            assert not book.ahead, "look-ahead decoded without its row"
             st.redo_last(rt)
             yield from self._decode_pending(st)
             return
-        rows = yield [Feed(st.seq, st.n_past + st.ahead_fed, tuple(todo), "last")]
-        st.ahead_fed = len(st.ahead)
-        st.tail = log_softmax(rows[0][-1])
+        rows = yield [Feed(st.seq, book.done + book.ahead_done, tuple(todo), "last")]
+        book.fed_ahead(log_softmax(rows[0][-1]))
 
     def _score(
         self, st: LlamaState, candidates: list[tuple[int, ...]]
@@ -289,7 +281,7 @@ class LlamaCppEngine:
         assert rt is not None and st.seq is not None
         results: list[list[float]] = [[] for _ in candidates]
         todo = list(range(len(candidates)))
-        ctx = st.ctx_row if self.score_from_ctx_row else None
+        ctx = st.book.ctx_row if self.score_from_ctx_row else None
         while todo:
             want = min(len(todo), self.branches)
             seqs: list[int] = []
@@ -312,7 +304,8 @@ class LlamaCppEngine:
                 raise
             for x in streams:
                 assert x.after is not None
-                st.branches.append(Branch(candidates[x.index], x.seq, x.after))
+                branch = Branch(st.book.context_len, candidates[x.index], x.seq, (x.after,))
+                st.book.add_branch(branch)
         return results
 
     def _decode_streams(
@@ -324,15 +317,15 @@ class LlamaCppEngine:
     ) -> Generator[list[Feed], list[np.ndarray], None]:
         """Decode one round's candidates on their branches, with any undecoded look-ahead
         riding along (its row for free)."""
-        rt = self.rt
+        rt, book = self.rt, st.book
         assert rt is not None and st.seq is not None
         while any(x.left for x in streams):
             feeds: list[Feed] = []
             owners: list[_Stream | None] = []
             room = rt.n_batch
-            extra = st.ahead[st.ahead_fed :]
+            extra = book.unfed
             if extra and len(extra) <= room:
-                feeds.append(Feed(st.seq, st.n_past + st.ahead_fed, tuple(extra), "last"))
+                feeds.append(Feed(st.seq, book.done + book.ahead_done, tuple(extra), "last"))
                 owners.append(None)
                 room -= len(extra)
             for x in streams:  # long candidates (Rerank) go in batch-sized pieces
@@ -345,8 +338,7 @@ class LlamaCppEngine:
             rows = yield feeds
             for owner, r in zip(owners, rows):
                 if owner is None:
-                    st.ahead_fed = len(st.ahead)
-                    st.tail = log_softmax(r[-1])
+                    book.fed_ahead(log_softmax(r[-1]))
                 else:
                     owner.take(r, candidates[owner.index], results[owner.index])
 
@@ -364,14 +356,15 @@ def _branch_off(
     (``ctx``) the branch shares all of it and decodes only the candidate, whose first
     log-prob comes from that row; without, it decodes ``[last_id, *candidate]``."""
     assert st.seq is not None
+    n = st.book.done
     if ctx is None:
-        rt.copy_span(st.seq, seq, 0, st.n_past - 1)
-        return _Stream(index, seq, st.n_past - 1, [st.last_id, *cand])
-    rt.copy_span(st.seq, seq, 0, st.n_past)
+        rt.copy_span(st.seq, seq, 0, n - 1)
+        return _Stream(index, seq, n - 1, [st.book.last_id, *cand])
+    rt.copy_span(st.seq, seq, 0, n)
     if not cand:
-        return _Stream(index, seq, st.n_past, [], after=ctx)
+        return _Stream(index, seq, n, [], after=ctx)
     out.append(float(ctx[cand[0]]))
-    return _Stream(index, seq, st.n_past, list(cand), done=1)
+    return _Stream(index, seq, n, list(cand), done=1)
 
 
 @dataclass

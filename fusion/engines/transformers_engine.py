@@ -33,7 +33,8 @@ import torch
 
 from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
 from fusion.engines.kv_arena import ArenaCache
-from fusion.engines.transformers_state import Block, TransformersState, free_if_released
+from fusion.engines.ledger import Branch
+from fusion.engines.transformers_state import TransformersState, free_if_released
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -166,9 +167,7 @@ class TransformersEngine:
         if not prompt_ids:
             raise EngineError(f"engine {self.name}: empty prompt")
         self.open_states += 1
-        return TransformersState(
-            request_id=request_id, cache=ArenaCache(self._num_layers), ids=list(prompt_ids)
-        )
+        return TransformersState.opened(request_id, ArenaCache(self._num_layers), list(prompt_ids))
 
     async def generate(
         self,
@@ -268,17 +267,15 @@ class TransformersEngine:
         return mask[None, None].to(self._device)
 
     def _feed_pending(self, st: TransformersState) -> None:
-        st.cache.truncate(st.fed)
-        st.blocks = []
-        st.ahead_fed = 0
-        st.ahead_next = None
-        dists = self._forward(st, [(st.pending, st.fed)], last_only=True)
-        st.fed = len(st.ids)
-        st.next_lp = dists[-1]  # a one-row output: nothing larger is pinned
+        book = st.book
+        st.cache.truncate(book.done)
+        book.take_branches()
+        dists = self._forward(st, [(book.pending, book.done)], last_only=True)
+        book.decoded_pending(dists[-1])  # a one-row output: nothing larger is pinned
 
     def _drop_blocks(self, st: TransformersState) -> None:
-        st.cache.truncate(st.fed + st.ahead_fed)
-        st.blocks = []
+        st.book.take_branches()
+        st.cache.truncate(st.in_cache)
 
     # -- generate -----------------------------------------------------------------------
     def _generate(
@@ -290,7 +287,8 @@ class TransformersEngine:
         sampling: Sampling = GREEDY,
     ) -> Generation:
         self._drop_blocks(st)
-        if st.pending:
+        book = st.book
+        if book.pending:
             self._feed_pending(st)
         out: list[int] = []
         lps: list[float] = []
@@ -300,21 +298,16 @@ class TransformersEngine:
             if st.cancelled:  # released (e.g. timed out): stop at the next token
                 raise asyncio.CancelledError()
             i = len(out)
-            if i < len(st.ahead):
+            if i < len(book.ahead):
                 reused += 1
             else:
-                if i == 0:
-                    dist = st.next_lp if st.next_lp is not None else self._refeed_last(st)
-                elif st.ahead_fed == i and st.ahead_next is not None:
-                    dist = st.ahead_next  # fed along with the last scoring pass
-                else:
-                    dist = self._dist_after_ahead(st, i)
-                st.ahead_next = None
+                dist = book.tail
+                if dist is None:
+                    dist = self._refeed_last(st) if i == 0 else self._dist_after_ahead(st)
                 tok = self._pick(st, dist, sampling)
-                st.ahead.append(tok)
-                st.ahead_lp.append(float(dist[tok]))
-            out.append(st.ahead[i])
-            lps.append(st.ahead_lp[i])
+                book.push(tok, float(dist[tok]), dist)
+            out.append(book.ahead[i])
+            lps.append(book.ahead_lp[i])
             if out[-1] in stop_ids:
                 stopped_on = out[-1]
                 break
@@ -323,11 +316,13 @@ class TransformersEngine:
         return Generation(tuple(out), tuple(lps), stopped_on=stopped_on, reused=reused)
 
     def _refeed_last(self, st: TransformersState) -> torch.Tensor:
-        """``next_lp`` when it was not kept and no look-ahead is fed: one token re-fed."""
-        st.fed -= 1
+        """The row after the context when it was not kept and there is no look-ahead: the
+        last context token fed once more."""
+        st.book.unfeed_last()
         self._feed_pending(st)
-        assert st.next_lp is not None
-        return st.next_lp
+        row = st.book.ctx_row
+        assert row is not None
+        return row
 
     @staticmethod
     def _pick(st: TransformersState, dist: torch.Tensor, sampling: Sampling) -> int:
@@ -346,89 +341,55 @@ class TransformersEngine:
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=st.generator))
 
-    def _dist_after_ahead(self, st: TransformersState, i: int) -> torch.Tensor:
-        """Distribution of the token after ``ahead[:i]``: feeds the unfed look-ahead."""
-        st.cache.truncate(st.fed + st.ahead_fed)
-        todo = st.ahead[st.ahead_fed : i]
-        dists = self._forward(st, [(todo, st.fed + st.ahead_fed)], last_only=True)
-        st.ahead_fed = i
+    def _dist_after_ahead(self, st: TransformersState) -> torch.Tensor:
+        """The row after the whole look-ahead: feeds what of it is not in the cache."""
+        book = st.book
+        st.cache.truncate(st.in_cache)
+        dists = self._forward(st, [(book.unfed, st.in_cache)], last_only=True)
+        book.fed_ahead(dists[-1])
         return dists[-1]
 
     # -- score --------------------------------------------------------------------------
     def _score(self, st: TransformersState, candidates: list[tuple[int, ...]]) -> list[list[float]]:
         self._drop_blocks(st)
-        if st.pending:
+        book = st.book
+        if book.pending:
             self._feed_pending(st)
+        done = book.done
         # The unfed look-ahead rides along in the same forward (nearly free when batched):
         # if this model's own candidate wins, its next generation needs no forward.
-        extra = st.ahead[st.ahead_fed :] if st.ahead_next is None else []
+        extra = book.unfed
         blocks: list[tuple[Sequence[int], int]] = []
         if extra:
-            blocks.append((extra, st.fed + st.ahead_fed))
-        # next_lp not kept (part of the look-ahead was committed): the last context token
-        # once more, seeing the context before it, gives it in the same forward
-        derive = st.next_lp is None
+            blocks.append((extra, st.in_cache))
+        # the row after the context not kept (part of the look-ahead was committed): the
+        # last context token once more, seeing the context before it, gives it in the
+        # same forward
+        derive = book.ctx_row is None
         if derive:
-            blocks.append(([st.ids[-1]], st.fed - 1))
-        blocks += [(c, st.fed) for c in candidates]
+            blocks.append(([book.ids[-1]], done - 1))
+        blocks += [(c, done) for c in candidates]
         skip = len(extra) + derive
         start = st.cache.length + skip
         dists = self._forward(st, blocks, last_only=False)
         if extra:
-            st.ahead_fed = len(st.ahead)
-            st.ahead_next = dists[len(extra) - 1].clone()
+            book.fed_ahead(dists[len(extra) - 1].clone())
         if derive:
-            st.next_lp = dists[skip - 1].clone()
-        assert st.next_lp is not None
+            book.keep_ctx_row(dists[skip - 1].clone())
+        ctx_row = book.ctx_row
+        assert ctx_row is not None
         results: list[list[float]] = []
         offset = skip
         for cand in candidates:
             n = len(cand)
-            lps = [float(st.next_lp[cand[0]])]
+            lps = [float(ctx_row[cand[0]])]
             lps += [float(dists[offset + j - 1][cand[j]]) for j in range(1, n)]
             results.append(lps)
             after = dists[offset + n - 1].clone()
-            st.blocks.append(Block(ids=cand, start=start + offset - skip, after=after))
+            book.add_branch(Branch(book.context_len, cand, start + offset - skip, (after,)))
             offset += n
         return results
 
     # -- commit -------------------------------------------------------------------------
     def _commit(self, st: TransformersState, ids: tuple[int, ...]) -> None:
-        n = len(ids)
-        if n == 0:
-            return
-        block = next((b for b in st.blocks if b.ids == ids), None)
-        if not st.pending and tuple(st.ahead[:n]) == ids:
-            self._commit_ahead(st, n)
-        elif block is not None and not st.pending:
-            st.cache.move(block.start, st.fed, n)
-            st.cache.truncate(st.fed + n)
-            st.ids.extend(ids)
-            st.fed += n
-            st.next_lp = block.after
-            self._clear_ahead(st)
-        else:
-            st.cache.truncate(st.fed)
-            st.ids.extend(ids)
-            st.next_lp = None
-            self._clear_ahead(st)
-        st.blocks = []
-
-    def _commit_ahead(self, st: TransformersState, n: int) -> None:
-        st.cache.truncate(st.fed + st.ahead_fed)
-        kept = min(st.ahead_fed, n)  # the rest becomes pending
-        st.ids.extend(st.ahead[:n])
-        st.fed += kept
-        st.ahead_fed -= kept
-        if n == len(st.ahead) and not st.pending:
-            st.next_lp = st.ahead_next
-            st.ahead_next = None
-        else:
-            st.next_lp = None  # fed with the pending tokens, or derived when scoring
-        st.ahead = st.ahead[n:]
-        st.ahead_lp = st.ahead_lp[n:]
-
-    @staticmethod
-    def _clear_ahead(st: TransformersState) -> None:
-        st.ahead, st.ahead_lp, st.ahead_fed = [], [], 0
-        st.ahead_next = None
+        st.apply(st.book.commit(ids))

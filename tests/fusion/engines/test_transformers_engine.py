@@ -93,7 +93,7 @@ async def test_release_stops_a_running_generation(real_models):
     await m.engine.release(state)
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert len(state.ahead) < 400
+    assert len(state.book.ahead) < 400
 
 
 async def test_repeated_failures_make_the_engine_unhealthy_until_it_recovers(model_dirs):
@@ -241,7 +241,7 @@ async def test_scores_after_committing_part_of_the_look_ahead_equal_plain_forwar
     state = await m.engine.open("part", prompt)
     gen = await m.engine.generate(state, 6, frozenset(), lambda ids: False)
     await m.engine.commit(state, gen.ids[:2])
-    assert state.next_lp is None
+    assert state.book.ctx_row is None
     context = prompt + list(gen.ids[:2])
     cands = [list(gen.ids[2:4]), m.tokenizer.encode(" Rome")]
     scores = await m.engine.score(state, cands)
@@ -263,8 +263,8 @@ async def test_state_invariants_are_checked_after_every_call(real_models):
     state = await m.engine.open("inv", m.tokenizer.encode_prompt("Hello"))
     gen = await m.engine.generate(state, 4, frozenset(), lambda ids: False)
     state.check()
-    state.ahead_fed = len(gen.ids) + 1  # a broken cursor
-    with pytest.raises(EngineError, match="fed look-ahead beyond look-ahead"):
+    state.book.ahead_done = len(gen.ids) + 1  # a broken cursor
+    with pytest.raises(EngineError, match="look-ahead done beyond look-ahead"):
         await m.engine.commit(state, [])
     await m.engine.release(state)
 

@@ -39,7 +39,6 @@ async def make(kind: str, fake: FakeVllm, tok_dir: Path, lookahead: int | None =
         )
         await engine.start()
         return engine
-    pytest.importorskip("vllm")  # the engine builds vLLM's own SamplingParams
     from fusion.engines.vllm_engine import VllmEngine
 
     engine = VllmEngine("local-a", tok_dir, opts)
@@ -250,7 +249,7 @@ async def test_a_failed_look_ahead_request_leaves_the_scores(fake, tok_dir):
 
 
 def test_commit_keeps_the_longer_known_continuation_and_drops_the_others():
-    look = LookAhead()
+    look = LookAhead.after([1, 2])
     for tok in (5, 6):
         look.push(tok, {tok: -0.5, 9: -2.0})
     look.generated(2, True, frozenset())
@@ -258,7 +257,7 @@ def test_commit_keeps_the_longer_known_continuation_and_drops_the_others():
     look.record_scored([4], [1, 2, 3], [{1: -0.1}, {2: -0.2}, {3: -0.3}])
     look.commit([5])  # its own text, and scored: the scoring request saw further
     assert look.ids == [6, 7, 8] and look.lps == [-0.1, -0.2, -0.3] and look.taken == 0
-    assert not look.scored
+    assert not look.book.branches
     look.record_scored([1], [2, 3], [{2: -0.1}, {3: -0.1}])
     look.commit([6])  # its own text only: the scored [1] lost
     assert look.ids == [7, 8] and look.next_top == {7: -0.2}

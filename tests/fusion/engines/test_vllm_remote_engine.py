@@ -116,7 +116,7 @@ async def test_a_server_that_does_not_report_cached_tokens_is_scored_without_the
 
 
 def test_look_ahead_commit_keeps_what_is_known_after_the_committed_tokens():
-    look = LookAhead()
+    look = LookAhead.after([1, 2])
     for tok in (5, 6, 7):
         look.push(tok, {tok: -0.5, 9: -2.0})
     assert look.next_top == {5: -0.5, 9: -2.0}

@@ -1,0 +1,194 @@
+"""The engine protocol's calls on vLLM, written once for both transports.
+
+The in-process engine (``vllm_engine.py``, vLLM's ``AsyncLLM``) and the remote one
+(``vllm_remote_engine.py``, ``vllm serve --enable-scale-out`` over HTTP) do the same
+things with the same requests (``vllm_requests.py``) and the same look-ahead
+(``vllm_logprobs.LookAhead``): ``generate`` replays the look-ahead, then streams until
+the segment is known; ``score`` sends one ``prompt_logprobs`` request per candidate,
+fills positions vLLM served from its prefix cache from what the state saw before, and
+recomputes a candidate without the cache when nothing can fill them; beside the scores
+one request extends the state's own look-ahead. Each engine supplies only its transport:
+
+- ``_stream(st, prompt, fields)``: one streaming request, yielding what arrives
+  (``Chunk``: the tokens with their top log-probs, and the cached prompt tokens when
+  reported), ended early by closing it (vLLM aborts the request);
+- ``_once(st, prompt, fields, n)``: one non-streamed request (``Answer``, with the
+  prompt-logprob entries of its last ``n`` positions);
+- ``_call(st, work)``: how a call runs (the remote runs it as a task ``release`` can
+  cancel), and ``_retry_without_cache(exc)``: whether a failed scoring request is worth
+  one more try without reading the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections import deque
+from collections.abc import AsyncGenerator, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
+from fusion.engines.vllm_logprobs import LookAhead, Taker, Top
+from fusion.engines.vllm_requests import generate_fields, score_and_extend, score_fields
+
+T = TypeVar("T")
+
+
+@dataclass
+class VllmState:
+    """Per-request state: the context and what is known past it live here (``look``);
+    vLLM keeps only its prefix cache."""
+
+    request_id: str
+    look: LookAhead
+    live: set[Any] = field(default_factory=set)  # running requests (ids or tasks)
+    cancelled: bool = False
+    counter: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
+    prefill: list[tuple[int, int]] = field(default_factory=list)  # (prompt len, cached)
+
+    @classmethod
+    def opened(cls, request_id: str, prompt: Sequence[int]) -> VllmState:
+        return cls(request_id, LookAhead.after(prompt))
+
+    @property
+    def ids(self) -> list[int]:
+        """The committed context, resent with every request."""
+        return self.look.context
+
+    @property
+    def ahead(self) -> list[int]:
+        """Tokens generated past the committed context (look-ahead)."""
+        return self.look.ids
+
+    def next_rid(self) -> str:
+        return f"{self.request_id}-{next(self.counter)}"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one streamed answer delivers at a time."""
+
+    tokens: list[tuple[int, Top]]  # generated tokens with the top log-probs at each
+    cached: int | None = None  # prompt tokens read from the prefix cache, when reported
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One non-streamed answer."""
+
+    cached: int | None  # prompt tokens read from the prefix cache (None: not reported)
+    entries: list[Top | None]  # prompt-logprob entries of the last positions asked for
+    ids: list[int]  # generated tokens
+    tops: list[Top]  # the top log-probs at each
+
+
+class VllmCalls:
+    """``generate``, ``score`` and ``commit`` over an engine's transport (module doc)."""
+
+    name: str
+    score_lookahead: int
+    read_cache: bool = True  # False: the remote does not say what it read from its cache
+    prefill_log: deque[tuple[int, int]]  # (prompt, cached) of recent requests, for benches
+
+    # -- the transport (each engine's) ------------------------------------------------
+    def _stream(
+        self, st: VllmState, prompt: list[int], fields: dict[str, Any]
+    ) -> AsyncGenerator[Chunk, None]:
+        raise NotImplementedError
+
+    async def _once(
+        self, st: VllmState, prompt: list[int], fields: dict[str, Any], n: int
+    ) -> Answer:
+        raise NotImplementedError
+
+    async def _call(self, st: VllmState, work: Coroutine[Any, Any, T]) -> T:
+        if st.cancelled:
+            work.close()
+            raise asyncio.CancelledError()
+        result = await work
+        if st.cancelled:  # released mid-way: vLLM ends an aborted request quietly
+            raise asyncio.CancelledError()
+        return result
+
+    def _retry_without_cache(self, exc: EngineError) -> bool:
+        return False
+
+    # -- the protocol -----------------------------------------------------------------
+    async def commit(self, state: VllmState, ids: Sequence[int]) -> None:
+        state.look.commit(ids)
+
+    async def generate(
+        self,
+        state: VllmState,
+        max_tokens: int,
+        stop_ids: frozenset[int],
+        should_stop: StopCheck,
+        sampling: Sampling = GREEDY,
+    ) -> Generation:
+        st = state
+        taker = Taker(st.look, max_tokens, stop_ids, should_stop, sampling.greedy)
+        if taker.replay():
+            return taker.result()
+        fields = generate_fields(taker, sampling, len(st.ids))
+        st.look.sampled = True
+        await self._call(st, self._pump(st, st.ids + st.look.ids, fields, taker))
+        return taker.result()
+
+    async def _pump(
+        self, st: VllmState, prompt: list[int], fields: dict[str, Any], taker: Taker
+    ) -> None:
+        """Push streamed tokens into the look-ahead until ``taker`` has its segment;
+        leaving closes the stream (vLLM aborts the request)."""
+        logged = False
+        async with contextlib.aclosing(self._stream(st, prompt, fields)) as stream:
+            async for chunk in stream:
+                if not logged and chunk.cached is not None:
+                    logged = True
+                    self._log_prefill(st, len(prompt), chunk.cached)
+                done = False
+                for tok, top in chunk.tokens:
+                    lp = st.look.push(tok, top)
+                    done = done or taker.take(tok, lp)
+                if done:
+                    return
+
+    async def score(
+        self, state: VllmState, candidates: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        st = state
+
+        async def one(cand: list[int], use_cache: bool) -> list[float]:
+            prompt = st.ids + cand
+            fields = score_fields(st.look, self.score_lookahead, use_cache)
+            try:
+                ans = await self._call(st, self._once(st, prompt, fields, len(cand)))
+            except EngineError as exc:
+                if not (use_cache and self._retry_without_cache(exc)):
+                    raise
+                return await one(cand, use_cache=False)
+            # not reported: count it all as cached (the state's knowledge fills it in)
+            cached = (len(prompt) if ans.cached is None else ans.cached) if use_cache else 0
+            self._log_prefill(st, len(prompt), cached)
+            scores = st.look.read_scored(cand, ans.entries, cached, ans.ids, ans.tops)
+            if scores is not None:
+                return scores
+            if not use_cache:
+                raise EngineError(f"engine {self.name}: no prompt log-probs for a candidate")
+            return await one(cand, use_cache=False)  # a cached gap nothing else fills
+
+        async def fetch(prompt: list[int], fields: dict[str, Any]) -> tuple[list[int], list[Top]]:
+            ans = await self._call(st, self._once(st, prompt, fields, 0))
+            if ans.cached is not None:
+                self._log_prefill(st, len(prompt), ans.cached)
+            return ans.ids, ans.tops
+
+        scoring = asyncio.gather(*(one(list(c), self.read_cache) for c in candidates))
+        return await score_and_extend(
+            self.name, st.look, st.ids, self.score_lookahead, scoring, fetch
+        )
+
+    def _log_prefill(self, st: VllmState, prompt_len: int, cached: int) -> None:
+        st.prefill.append((prompt_len, cached))
+        self.prefill_log.append(st.prefill[-1])
