@@ -204,7 +204,9 @@ async def resend_cost(
     # the same request as the engine's (vllm_requests.score_fields), by hand
     body = {
         "token_ids": [*ids, ids[-1]],
-        "sampling_params": score_fields(LookAhead.after([]), remote.score_lookahead, use_cache=True),
+        "sampling_params": score_fields(
+            LookAhead.after([]), remote.score_lookahead, use_cache=True
+        ),
         "stream": False,
     }
     out["encode_s"] = _best_of(lambda: httpx.Request("POST", remote.url + GENERATE, json=body))

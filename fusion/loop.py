@@ -36,6 +36,7 @@ from fusion.types import (
     Segment,
     StepKind,
     StepTimings,
+    each_once,
     perplexity,
 )
 from tokenizers_align import IncrementalCodec
@@ -46,6 +47,9 @@ T = TypeVar("T")
 
 class FusionError(RuntimeError):
     """No source model is left to continue the request."""
+
+
+WRITTEN_KEPT = 64  # characters of the committed answer kept for turn markers spanning it
 
 
 @dataclass
@@ -67,6 +71,10 @@ class _Run:
     releases: list[asyncio.Future[None]] = field(default_factory=list)  # of dropped models
     ended: bool = False  # the last chosen candidate ended the answer (Cool+R's fused text)
     prompt_weights: dict[str, float] | None = None  # PackLLM's, once per request
+    written: str = ""  # the end of the committed answer, where a turn marker may start
+
+    def wrote(self, text: str) -> None:
+        self.written = (self.written + text)[-WRITTEN_KEPT:]
 
     def close_step(self) -> StepTimings:
         timings = self.clock.timings()
@@ -125,6 +133,7 @@ class Fuser:
     def select(self, names: Sequence[str] | None) -> list[SourceModel]:
         if not names:
             return list(self.models.values())
+        each_once(list(names))
         return [self.models[n] for n in names]
 
     async def run(
@@ -171,6 +180,7 @@ class Fuser:
             run.outcome.usage[m.name].prompt_tokens = len(prompt_ids[m.name])
             run.fused_logprobs[m.name] = []
         run.encoded.clear()
+        run.written = ""
         run.context_tokens = len(prompt_ids[run.models[0].name]) if run.models else 0
 
         async def open_one(m: SourceModel) -> StateHandle:
@@ -403,6 +413,7 @@ class Fuser:
                 cap=cap,
                 until_boundary=True,
                 sampling=_model_sampling(run, m),
+                written=run.written,
             )
 
         got = await self._each(run, one)
@@ -464,6 +475,7 @@ class Fuser:
                 run.context_tokens += len(ids)
 
         await self._each(run, one)
+        run.wrote(win.text)
         run.encoded.clear()  # every codec's tail moved on
 
     # -- Rerank and Cool+R ----------------------------------------------------------------

@@ -40,7 +40,7 @@ class Proposal:
 class StopFound:
     """What the stop check found in the text generated so far (offsets into that text)."""
 
-    stop_at: int | None = None  # where a stop string starts
+    stop_at: int | None = None  # where a stop string starts (< 0: in the committed answer)
     ends_answer: bool = False  # that stop is a turn marker of the model, not a user stop
     cut_at: int | None = None  # the first word boundary every adapter shares
 
@@ -56,11 +56,15 @@ class _StopCheck:
         turn_markers: Sequence[str],
         user_stops: Sequence[str],
         until_boundary: bool,
+        written: str = "",
     ) -> None:
         self.codec = codec
         self.tail = codec.tail_text
         self.adapters = adapters
         self.stops = [(s, True) for s in turn_markers if s] + [(s, False) for s in user_stops if s]
+        # the end of the answer committed so far: a turn marker may start there (a segment
+        # cut right after "\n", then "User:"); user stops are the fused tracker's concern
+        self.written = written
         self.until_boundary = until_boundary
         self.texts: list[str] = []  # decoded text after each generated token
         self.found = StopFound()
@@ -76,7 +80,8 @@ class _StopCheck:
     def _check(self, ids: Sequence[int]) -> bool:
         text = complete_text(self.codec.decode_next(list(ids)))
         self.texts.append(text)
-        hits = [(at, ends) for stop, ends in self.stops if (at := text.find(stop)) >= 0]
+        found = ((self._find(text, stop, ends), ends) for stop, ends in self.stops)
+        hits = [(at, ends) for at, ends in found if at is not None]
         if hits:
             at, ends = min(hits, key=lambda h: (h[0], not h[1]))
             self.found = StopFound(stop_at=at, ends_answer=ends)
@@ -87,6 +92,15 @@ class _StopCheck:
                 self.found = StopFound(cut_at=p - len(self.tail))
                 return True
         return False
+
+    def _find(self, text: str, stop: str, turn_marker: bool) -> int | None:
+        """Where ``stop`` starts in ``text`` (negative: in the committed answer before it)."""
+        if not turn_marker:
+            at = text.find(stop)
+            return at if at >= 0 else None
+        before = self.written[max(0, len(self.written) - len(stop) + 1) :]
+        at = (before + text).find(stop)
+        return at - len(before) if at >= 0 else None
 
 
 async def propose(
@@ -99,12 +113,16 @@ async def propose(
     until_boundary: bool,
     user_stops: Sequence[str] = (),
     sampling: Sampling = GREEDY,
+    written: str = "",
 ) -> Proposal:
     """Generate ``model``'s candidate after the shared text.
 
-    The model's own turn markers end its answer; ``user_stops`` (Rerank's request stop
+    The model's own turn markers end its answer, also one that starts at the end of
+    ``written`` (the answer committed so far); ``user_stops`` (Rerank's request stop
     strings) cut it: the text before one is the candidate, an answer that did not end."""
-    check = _StopCheck(codec, boundary_adapters, model.stop_strings, user_stops, until_boundary)
+    check = _StopCheck(
+        codec, boundary_adapters, model.stop_strings, user_stops, until_boundary, written
+    )
     gen = await model.engine.generate(state, cap, model.stop_ids, check, sampling)
     text, ended, own, hit_cap = _candidate(gen, check, cap)
     own_ids, own_lps = (gen.ids[:own], gen.logprobs[:own]) if own is not None else (None, None)
@@ -128,7 +146,7 @@ def _candidate(gen: Generation, check: _StopCheck, cap: int) -> tuple[str, bool,
     if gen.stopped_on is not None:
         return last, True, n, False
     if found.stop_at is not None:
-        text = last[: found.stop_at]
+        text = last[: max(found.stop_at, 0)]
         if found.ends_answer:
             # ended by a turn marker it wrote as text: scored with each model's end token,
             # its own included, since it never generated one

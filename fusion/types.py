@@ -43,6 +43,20 @@ class NllStats:
     std: float
 
 
+def repeated(names: Sequence[str]) -> list[str]:
+    """Names that occur more than once (a model fused twice would hold two engine states
+    under one name: one leaks, and every segment is committed twice to the other)."""
+    return sorted({n for n in names if list(names).count(n) > 1})
+
+
+def each_once(models: list[str] | None) -> list[str] | None:
+    """``models`` if no source model is named twice (ValueError naming them otherwise)."""
+    twice = repeated(models or [])
+    if twice:
+        raise ValueError(f"a source model can take part once; named twice: {', '.join(twice)}")
+    return models
+
+
 @dataclass(frozen=True)
 class SelectionPolicy:
     """How a step chooses among its candidates (``fusion.selection``, docs/SELECTION.md)."""

@@ -39,6 +39,8 @@ from fusion.types import (
     PplMode,
     Rule,
     SelectionPolicy,
+    each_once,
+    repeated,
 )
 
 
@@ -445,6 +447,11 @@ class VariantConfig(_Strict):
         "fusion.selection); checked at start.",
     )
 
+    @field_validator("models")
+    @classmethod
+    def _each_model_once(cls, models: list[str] | None) -> list[str] | None:
+        return each_once(models)
+
 
 class FusionConfig(_Strict):
     """Defaults of the fused model."""
@@ -474,6 +481,11 @@ class FusionConfig(_Strict):
         description="More fused model names, each the fused model with some settings "
         "replaced, e.g. the paper's exact method beside a tuned default.",
     )
+
+    @field_validator("models")
+    @classmethod
+    def _each_model_once(cls, models: list[str] | None) -> list[str] | None:
+        return each_once(models)
 
     def variant_selection(self, name: str) -> SelectionConfig:
         """The selection settings of the fused model or of one of its variants."""
@@ -546,10 +558,9 @@ class AppConfig(BaseSettings):
     @field_validator("models")
     @classmethod
     def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
-        names = [m.name for m in models]
-        dup = {n for n in names if names.count(n) > 1}
+        dup = repeated([m.name for m in models])
         if dup:
-            raise ValueError(f"model names must be unique: {', '.join(sorted(dup))}")
+            raise ValueError(f"model names must be unique: {', '.join(dup)}")
         return models
 
     @model_validator(mode="after")

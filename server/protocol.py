@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fusion.types import Aggregate, FallbackRule, Method, PplMode, Rule
+from fusion.types import Aggregate, FallbackRule, Method, PplMode, Rule, each_once
 
 
 class OpenAIModel(BaseModel):
@@ -58,6 +58,11 @@ class FusionOptions(BaseModel):
     selection: SelectionOptions | None = Field(
         None, description="How each step chooses its segment (overrides the server's)."
     )
+
+    @field_validator("models")
+    @classmethod
+    def _each_model_once(cls, models: list[str] | None) -> list[str] | None:
+        return each_once(models)
 
 
 class StreamOptions(OpenAIModel):

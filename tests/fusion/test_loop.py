@@ -310,3 +310,38 @@ async def test_completion_tokens_do_not_count_a_turn_marker_written_as_text(make
     _, outcome = await run(Fuser([m]), FusionParams(), Prompt(text="Q:"))
     assert outcome.text == "Yes it is. " and outcome.finish_reason == "stop"
     assert outcome.completion_tokens == len(m.tokenizer.encode("Yes it is. "))
+
+
+@pytest.mark.parametrize("tokenizer", ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"])
+async def test_a_turn_marker_split_across_segments_ends_the_answer(make_model, tokenizer):
+    """Regression (issue 21, item 3): the word-boundary cut ends a segment right after
+    "\\n", so the plain template's marker "\\nUser:" arrives in two segments; the check
+    saw only the current one and the model went on writing invented turns."""
+    import dataclasses
+
+    m = make_model(tokenizer, "Yes it is.\nUser: and more words here.\nAssistant: ok")
+    m = dataclasses.replace(m, stop_strings=("\nUser:",))
+    segments, outcome = await run(Fuser([m]), FusionParams(max_tokens=64))
+    assert any(s.text.endswith("\n") for s in segments), "the marker was not split"
+    assert outcome.finish_reason == "stop"
+    assert "User" not in outcome.text and outcome.text.rstrip() == "Yes it is."
+
+
+async def test_a_turn_marker_needs_the_whole_marker_across_segments(make_model):
+    """The committed end and the new text together must hold the whole marker: a line
+    that starts with "Use" is no turn."""
+    import dataclasses
+
+    m = make_model("qwen2.5-0.5b", "Yes it is.\nUse it well.\nUser: no")
+    m = dataclasses.replace(m, stop_strings=("\nUser:",))
+    _, outcome = await run(Fuser([m]), FusionParams(max_tokens=64))
+    assert outcome.text.rstrip() == "Yes it is.\nUse it well." and outcome.finish_reason == "stop"
+
+
+async def test_a_model_named_twice_is_refused_before_any_state_opens(make_model):
+    """Regression (issue 21, item 2): a model named twice held two engine states under
+    one name; the first leaked and every segment was committed twice to the second."""
+    m = make_model("qwen2.5-0.5b", "Yes.")
+    with pytest.raises(ValueError, match=r"named twice: qwen2\.5-0\.5b"):
+        await run(Fuser([m]), FusionParams(models=("qwen2.5-0.5b", "qwen2.5-0.5b")))
+    assert m.engine.states == []

@@ -79,6 +79,7 @@ async def test_bad_requests_get_400_with_the_openai_envelope(client):
         {**CHAT, "logprobs": True},
         {**CHAT, "fusion": {"method": "vote"}},
         {**CHAT, "fusion": {"models": ["nope"]}},
+        {**CHAT, "fusion": {"models": ["qwen2.5-0.5b", "qwen2.5-0.5b"]}},
         {
             "model": "fusion",
             "messages": [

@@ -34,6 +34,11 @@ def test_env_overrides_yaml_and_flags_override_env(monkeypatch):
         ("models: [{name: a, source: x}, {name: a, source: y}]", "models"),
         ("models: [{name: a, source: x, options: {threads: 0}}]", "models.0.options.threads"),
         ("models: [{name: a, source: x}]\nserver: {prot: 1}", "server.prot"),
+        ("models: [{name: a, source: x}]\nfusion: {models: [a, a]}", "fusion.models"),
+        (
+            "models: [{name: a, source: x}]\nfusion: {variants: {v: {models: [a, a]}}}",
+            "fusion.variants.v.models",
+        ),
     ],
 )
 def test_invalid_config_names_the_field(tmp_path, yaml_text, field):
