@@ -359,8 +359,16 @@ class Fuser:
         score = dict(seen.perplexities)[p.model]
         return _Step(win, (dataclasses.replace(seen, score=score),), "gated", "gate")
 
-    async def _select(self, run: _Run, inputs: list[Scored], answer: str) -> Selection:
+    async def _select(
+        self, run: _Run, inputs: list[Scored], answer: str, whole: bool = False
+    ) -> Selection:
+        """The step's (or, ``whole``, the final answer's) choice under the run's policy.
+        Consensus counts models that proposed the same segment; whole answers (Rerank's,
+        and Cool+R's fused one, proposed by no single model) are never held to it, or the
+        leader's would be the only one allowed."""
         policy = run.params.selection
+        if whole:
+            policy = dataclasses.replace(policy, min_support=1)
         if policy.step_rule == "packllm" and run.prompt_weights is None:
             prompt_nll = await self._prompt_nlls(run)
             run.prompt_weights = packllm_weights(prompt_nll, policy.packllm_temperature)
@@ -510,7 +518,7 @@ class Fuser:
             inputs.append(Scored(fused.text, (FUSED,), fused.ended, mine))
         if not scored:  # every model stopped before writing anything
             return self._answer(run, "", None, 0, "stop", (), context)
-        chosen = await self._select(run, inputs, answer="")
+        chosen = await self._select(run, inputs, answer="", whole=True)
         best = chosen.index
         scored = list(_with_scores(scored, chosen))
         win = scored[best]

@@ -32,7 +32,8 @@ every candidate is excluded:
   surprise beyond the leader's own per-token rate (nats in all);
 - consensus (``min_support: k``): a candidate fewer than k models proposed (the same
   text) is excluded, unless the leader proposed it. With a leader and two weak members
-  and k = 2, they overrule the leader only when they agree with each other.
+  and k = 2, they overrule the leader only when they agree with each other. It applies to
+  segments only: Rerank's whole answers, and Cool+R's fused one, are judged without it.
 """
 
 from __future__ import annotations

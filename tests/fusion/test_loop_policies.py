@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import pytest
+
 from fusion.engine import GREEDY, Generation, Sampling, StopCheck
 from fusion.loop import Fuser
 from fusion.models import ChatTemplate, SourceModel
@@ -129,13 +131,15 @@ async def test_gate_threshold_decides_which_steps_are_gated(default_adapters):
     assert {s.step for s in gated} == {"gated"} and {s.step for s in fused} == {"fused"}
 
 
+@pytest.mark.parametrize("min_support", [1, 2])
 async def test_gate_in_cool_rerank_still_scores_the_fused_text_under_every_model(
-    default_adapters,
+    default_adapters, min_support
 ):
     ms = models(default_adapters)
-    segments, _ = await run(ms, SelectionPolicy("gate", leader=LEADER), "cool_rerank")
+    policy = SelectionPolicy("gate", leader=LEADER, min_support=min_support)
+    segments, _ = await run(ms, policy, "cool_rerank")
     fused = next(c for c in segments[0].candidates if c.proposers == ("fusion",))
-    assert fused.text == MAT
+    assert fused.text == MAT and not any(c.excluded for c in segments[0].candidates)
     assert all(math.isfinite(p) for _, p in fused.perplexities)
     assert {n for n, _ in fused.perplexities} == {*WEAK, LEADER}
 
@@ -180,3 +184,28 @@ async def test_repetition_guard_keeps_a_loop_every_model_wants(make_model):
     segments, outcome = await run(ms, SelectionPolicy(repetition_limit=1))
     assert outcome.text == loop
     assert not any(c.excluded for s in segments for c in s.candidates)
+
+
+SOFA = "The cat sat on the sofa."
+
+
+def three_answers(default_adapters) -> list[SourceModel]:
+    """Three different whole answers: no two models propose the same one."""
+    ms = models(default_adapters)
+    ms[1].engine.script = SOFA  # type: ignore[attr-defined]
+    return ms
+
+
+@pytest.mark.parametrize("method", ["rerank", "cool_rerank"])
+async def test_whole_answers_are_not_held_to_consensus(default_adapters, method):
+    """Regression (issue 21, item 4): consensus counted each whole answer (and Cool+R's
+    fused one) as proposed by one model, so under ``min_support: 2`` every answer but the
+    leader's was excluded and Rerank returned the leader's answer whatever the scores."""
+    free, _ = await run(three_answers(default_adapters), SelectionPolicy(leader=LEADER), method)
+    policy = SelectionPolicy(leader=LEADER, min_support=2)
+    segments, outcome = await run(three_answers(default_adapters), policy, method)
+    final = segments[-1]
+    assert not any(c.excluded for c in final.candidates)
+    assert outcome.text == free[-1].text == RUG  # ties go to the first model: not the leader
+    if method == "cool_rerank":
+        assert any(c.proposers == ("fusion",) for c in final.candidates)
