@@ -31,13 +31,26 @@ class Generation:
     reused: int = 0
 
 
+SEED_SPACE = 2**63  # every engine's RNG takes a seed in [0, 2**63)
+
+
+def wrap_seed(seed: int) -> int:
+    """Any integer seed (OpenAI's API takes negative ones too) as one every engine
+    takes; seeds that differ by less than 2**63 stay different."""
+    return seed % SEED_SPACE
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How a model picks its tokens: greedy at temperature 0 (the default)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # wrapped into [0, 2**63), offsets added to it included
+
+    def __post_init__(self) -> None:
+        if self.seed is not None:
+            object.__setattr__(self, "seed", wrap_seed(self.seed))
 
     @property
     def greedy(self) -> bool:

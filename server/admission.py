@@ -63,7 +63,8 @@ class Lane:
             if entry[1].done() and not entry[1].cancelled():
                 self._give_back(units)  # granted just as the caller left: pass it on
             else:
-                self._waiters.remove(entry)
+                if entry in self._waiters:  # else _wake already dropped it
+                    self._waiters.remove(entry)
                 self._wake()  # it may have been first in line: the next may fit now
             raise
         finally:
@@ -82,8 +83,14 @@ class Lane:
 
     def _wake(self) -> None:
         """Admit waiters in order while the first one fits (no overtaking: no starvation)."""
-        while self._waiters and self._waiters[0][0] <= self.free:
-            units, fut = self._waiters.popleft()
+        while self._waiters:
+            units, fut = self._waiters[0]
+            if fut.done():  # cancelled, its task not yet resumed: it takes nothing
+                self._waiters.popleft()
+                continue
+            if units > self.free:
+                break
+            self._waiters.popleft()
             self.free -= units
             self._metrics.in_flight.inc()
             fut.set_result(None)

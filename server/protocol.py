@@ -100,7 +100,7 @@ class _Sampling(OpenAIModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # as vLLM: a 64-bit integer
     user: str | None = None
     fusion: FusionOptions | None = None
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -331,7 +331,7 @@ class FusionService:
                 async for _ in segments:
                     pass
 
-        await asyncio.gather(*(one(c) for c in job.choices))
+        await all_or_none([one(c) for c in job.choices])
 
     async def chunks(self, job: Job) -> AsyncGenerator[dict[str, Any], None]:
         """Every choice's stream chunks (role, one per segment, finish) as they come: the
@@ -370,3 +370,19 @@ class FusionService:
                 task.cancel()
             # each choice's fusion run releases its engine states on the way out
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def all_or_none(work: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``work`` concurrently. At the first failure cancel the rest, and return (or
+    raise that failure) only once every one has finished, its engine states released:
+    the request's admission permit is given back after this returns."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+        if failed is not None:
+            raise failed.exception()  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -29,7 +29,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fusion.engine import EngineError, Sampling
+from fusion.engine import EngineError, Sampling, wrap_seed
 from fusion.engines.vllm_logprobs import TOP_LOGPROBS, LookAhead, Taker, Top
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def generate_fields(taker: Taker, sampling: Sampling, context_len: int) -> dict[
         "detokenize": False,
     }
     if sampling.seed is not None:
-        fields["seed"] = sampling.seed + context_len
+        fields["seed"] = wrap_seed(sampling.seed + context_len)
     return fields
 
 

@@ -142,6 +142,10 @@ async def _answer(
         await _until_disconnected(request, service.run_all(job))
         status = "200"
         return JSONResponse(response(job))
+    except _ClientGone:
+        # nobody reads this answer; returning it (rather than raising) keeps a client
+        # that leaves out of the error log
+        return Response(status_code=499)
     except Exception as exc:
         err = to_api_error(exc)
         status = str(err.status)
@@ -172,6 +176,10 @@ async def _stream(
     yield {"data": "[DONE]"}
 
 
+class _ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer."""
+
+
 async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Run ``work``; cancel it (and its engine work) if the client goes away first."""
     task = asyncio.ensure_future(work)
@@ -181,8 +189,7 @@ async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
             if done:
                 return task.result()
             if await request.is_disconnected():
-                task.cancel()
-                raise asyncio.CancelledError()
+                raise _ClientGone()
     finally:
         if not task.done():
             task.cancel()

@@ -25,6 +25,25 @@ async def test_releasing_a_permit_twice_gives_its_units_back_once():
         await admission.acquire(1, single=False)
 
 
+async def test_a_release_right_after_a_waiter_is_cancelled_loses_no_units():
+    """Regression (issue 21, item 7): cancelling a waiting task cancels its future at
+    once but resumes the task later; a release in between woke the cancelled future
+    (InvalidStateError in the releasing request, the units gone for good)."""
+    admission = Admission(Metrics(), fused=1, single=1, max_queue=2)
+    held = await admission.acquire(1, single=False)
+    gone = asyncio.ensure_future(admission.acquire(1, single=False))
+    later = asyncio.ensure_future(admission.acquire(1, single=False))
+    await asyncio.sleep(0)
+    gone.cancel()
+    held.release()  # before ``gone`` resumes
+    [result] = await asyncio.gather(gone, return_exceptions=True)
+    assert isinstance(result, asyncio.CancelledError)
+    permit = await asyncio.wait_for(later, 1)  # the unit went to the next waiter
+    assert admission.fused.waiting == 0 and admission.fused.free == 0
+    permit.release()
+    assert admission.fused.free == 1
+
+
 async def test_a_waiter_cancelled_in_the_queue_lets_the_next_one_in():
     admission = Admission(Metrics(), fused=2, single=1, max_queue=2)
     held = await admission.acquire(2, single=False)

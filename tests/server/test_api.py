@@ -80,6 +80,7 @@ async def test_bad_requests_get_400_with_the_openai_envelope(client):
         {**CHAT, "fusion": {"method": "vote"}},
         {**CHAT, "fusion": {"models": ["nope"]}},
         {**CHAT, "fusion": {"models": ["qwen2.5-0.5b", "qwen2.5-0.5b"]}},
+        {**CHAT, "seed": 2**63},  # vLLM's range: a 64-bit signed integer
         {
             "model": "fusion",
             "messages": [

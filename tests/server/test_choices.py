@@ -8,7 +8,7 @@ import json
 
 import httpx
 
-from fusion.engine import GREEDY
+from fusion.engine import GREEDY, EngineError
 from fusion.models import ChatTemplate, SourceModel
 from tests.conftest import SCRIPT, TEMPLATE
 from tests.fusion.fake_engine import ScriptedEngine
@@ -147,3 +147,54 @@ async def test_a_client_leaving_a_streamed_n_request_stops_every_choice(live_ser
         for m in models:
             assert len(m.engine.states) == 2, m.name  # both choices had started
             assert all(s.released for s in m.engine.states), m.name
+
+
+class FailsOneChoice(ScriptedEngine):
+    """Fails the generation of the choice sampled from ``seed`` (all of its models do,
+    so that choice fails), and is slow for every other choice."""
+
+    def __init__(self, *args, fail_seeds=(), **kw) -> None:
+        super().__init__(*args, **kw)
+        self.fail_seeds = set(fail_seeds)
+
+    async def generate(self, state, max_tokens, stop_ids, should_stop, sampling=GREEDY):
+        if sampling.seed in self.fail_seeds:
+            raise EngineError(f"{self.name} failed for seed {sampling.seed}")
+        return await super().generate(state, max_tokens, stop_ids, should_stop, sampling)
+
+
+async def test_a_failing_choice_stops_the_others_before_the_error_answer(client, default_adapters):
+    """Regression (issue 21, item 5): with several choices, one failing choice answered
+    the error while the others went on running, their engine states held, the admission
+    permit already given back and their exceptions never retrieved."""
+    models = []
+    for k, name in enumerate(NAMES):
+        end = default_adapters[name].eos_ids[0]
+        engine = FailsOneChoice(
+            name, default_adapters[name], SCRIPT * 8, end_id=end, delay=0.05, fail_seeds={7 + k}
+        )
+        models.append(
+            SourceModel(
+                name, engine, default_adapters[name], ChatTemplate(TEMPLATE), chat_end_id=end
+            )
+        )
+    body = {**CHAT, "n": 3, "seed": 7, "temperature": 0.8, "max_tokens": 200}
+    async with client(models=models, max_concurrent=3) as http:
+        r = await http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 503 and "every source model failed" in r.text
+        for m in models:  # at the moment the answer came, nothing was left running
+            assert len(m.engine.states) == 3 and all(s.released for s in m.engine.states)
+        calls = [m.engine.calls for m in models]
+        await asyncio.sleep(0.3)
+        assert [m.engine.calls for m in models] == calls
+        assert http.app.state.fusion.admission.fused.free == 3
+
+
+async def test_a_negative_seed_is_taken_and_wrapped(client, default_adapters):
+    """OpenAI's API takes any integer seed: -3 samples as 2**63 - 3 does, everywhere."""
+    models = seed_writers(default_adapters)
+    body = {**CHAT, "seed": -3, "temperature": 0.8, "max_tokens": 32}
+    async with client(models=models) as http:
+        r = await http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+    assert set(models[0].engine.seeds) == {2**63 - 3} and set(models[1].engine.seeds) == {2**63 - 2}

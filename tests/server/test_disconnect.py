@@ -31,7 +31,7 @@ async def test_streaming_client_disconnect_stops_all_engines(live_server, trio):
             assert m.engine.states and all(s.released for s in m.engine.states), m.name
 
 
-async def test_non_streaming_client_disconnect_stops_all_engines(live_server, trio):
+async def test_non_streaming_client_disconnect_stops_all_engines(live_server, trio, capfd):
     models = trio(LONG, delay=0.02)
     async with live_server(models) as url, httpx.AsyncClient(base_url=url) as http:
         with contextlib.suppress(httpx.TimeoutException):
@@ -42,4 +42,6 @@ async def test_non_streaming_client_disconnect_stops_all_engines(live_server, tr
         assert committed_segments(models) == done
         assert done < 40
         for m in models:
-            assert all(s.released for s in m.engine.states), m.name
+            assert m.engine.states and all(s.released for s in m.engine.states), m.name
+    # regression (issue 21, item 7): a client that leaves is no server error
+    assert "Exception in ASGI application" not in capfd.readouterr().err

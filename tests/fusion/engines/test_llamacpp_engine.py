@@ -879,3 +879,25 @@ def test_a_gated_commit_of_an_earlier_candidate_keeps_the_sequence_whole(llama_m
     context, got = asyncio.run(run())
     assert context == [*prompt, *a, *b]
     assert got == pytest.approx(plain_logprobs(m.engine, context, enc(" Then")), abs=SHAPE_NOISE)
+
+
+def test_a_negative_seed_samples_as_its_wrapped_value(llama_models):
+    """Regression (issue 21, item 6): np.random.default_rng(-3) raised on the decode
+    thread and the model was dropped; OpenAI's API takes any integer seed."""
+    from fusion.engine import SEED_SPACE, Sampling
+
+    m = llama_models["smollm2-135m"]
+    prompt = m.tokenizer.encode_prompt("Name an animal:")
+
+    async def sample(seed: int):
+        state = await m.engine.open(f"seed{seed}", prompt)
+        try:
+            return await m.engine.generate(
+                state, 8, frozenset(), NEVER, Sampling(temperature=1.0, seed=seed)
+            )
+        finally:
+            await m.engine.release(state)
+
+    negative = asyncio.run(sample(-3))
+    assert len(negative.ids) == 8
+    assert asyncio.run(sample(SEED_SPACE - 3)).ids == negative.ids
