@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class BodyLimit:
-    """Refuses request bodies over ``max_bytes`` with 413 (declared or actual size)."""
+    """Refuses request bodies over ``max_bytes`` with 413, by their declared size or, for
+    a chunked body, by what arrives: the body is read here (at most ``max_bytes``) and
+    handed on whole, since a failure raised inside the app's own read would come out as
+    a 400 "error parsing the body"."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
@@ -40,25 +43,28 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_large = PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes")
+        too_large = error_response(PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes"))
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(too_large)(scope, receive, send)
+            await too_large(scope, receive, send)
             return
-        seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
+        body = bytearray()
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise too_large
-            return message
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        whole: list[Any] = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
-        try:
-            await self.app(scope, limited, send)
-        except PayloadTooLarge as exc:
-            await error_response(exc)(scope, receive, send)
+        async def replay() -> Any:
+            # the body once, then the connection's own messages (a disconnect)
+            return whole.pop() if whole else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> FastAPI:

@@ -137,15 +137,19 @@ class CompletionRequest(_Sampling):
 
     def prompts(self) -> list[str]:
         if isinstance(self.prompt, str):
-            return [self.prompt]
-        if not self.prompt:
+            texts = [self.prompt]
+        elif not self.prompt:
             raise ValueError("prompt must not be an empty list")
-        if all(isinstance(p, str) for p in self.prompt):
-            return [str(p) for p in self.prompt]
-        raise ValueError(
-            "token-id prompts are not supported: the fused models use different tokenizers; "
-            "send text"
-        )
+        elif all(isinstance(p, str) for p in self.prompt):
+            texts = [str(p) for p in self.prompt]
+        else:
+            raise ValueError(
+                "token-id prompts are not supported: the fused models use different "
+                "tokenizers; send text"
+            )
+        if not all(texts):  # as vLLM: there is nothing to continue
+            raise ValueError("prompt must not be empty")
+        return texts
 
 
 def error_body(

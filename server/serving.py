@@ -343,6 +343,8 @@ class FusionService:
             try:
                 if job.kind == "chat":
                     queue.put_nowait(chunk(job, choice.index, "", role=True))
+                elif choice.echo:  # as vLLM: the prompt comes first, in a chunk of its own
+                    queue.put_nowait(chunk(job, choice.index, choice.echo))
                 async with contextlib.aclosing(self.segments(job, choice)) as segments:
                     async for seg in segments:
                         if seg.text or job.trace:

@@ -127,6 +127,20 @@ async def test_completions_with_prompt_list_n_and_echo(client):
         assert bad.status_code == 400 and "token-id" in bad.json()["error"]["message"]
         empty = await http.post("/v1/completions", json={"model": "fusion", "prompt": []})
         assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
+        # regression (issue 21, item 7): an empty prompt got a 503 or one model's answer
+        for prompt in ("", ["A", ""]):
+            empty = await http.post("/v1/completions", json={"model": "fusion", "prompt": prompt})
+            assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
+        # regression (issue 21, item 7): streamed, the echo was dropped
+        body = {"model": "fusion", "prompt": ["A", "B"], "echo": True, "max_tokens": 4}
+        streamed = await http.post("/v1/completions", json={**body, "stream": True})
+        texts = {0: "", 1: ""}
+        for e in sse_events(streamed.text)[:-1]:
+            c = json.loads(e)["choices"][0]
+            texts[c["index"]] += c["text"]
+        whole = (await http.post("/v1/completions", json=body)).json()["choices"]
+        assert [texts[0], texts[1]] == [c["text"] for c in whole]
+        assert texts[0].startswith("A") and texts[1].startswith("B")
 
 
 async def test_stop_string_spanning_segments_is_cut_and_not_emitted(client):
@@ -208,6 +222,29 @@ async def test_oversized_body_is_413(client):
         big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
         r = await http.post("/v1/chat/completions", json=big)
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        # regression (issue 21, item 7): chunked, with no content-length, it was a 400
+        async def chunks():
+            data = json.dumps(big).encode()
+            for i in range(0, len(data), 1000):
+                yield data[i : i + 1000]
+
+        r = await http.post(
+            "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert "content-length" not in r.request.headers
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        small = json.dumps(CHAT).encode()
+
+        async def one_chunk():
+            yield small
+
+        r = await http.post(
+            "/v1/chat/completions",
+            content=one_chunk(),
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 200, r.text
 
 
 def with_limits(models, limits):
