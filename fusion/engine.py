@@ -79,8 +79,10 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load the model; called once before any request."""
 
-    async def open(self, request_id: str, prompt_ids: Sequence[int]) -> StateHandle:
-        """M1: a new state whose context is ``prompt_ids``."""
+    async def open(self, request_id: str, prompt_ids: Sequence[int], room: int = 0) -> StateHandle:
+        """M1: a new state whose context is ``prompt_ids``. ``room``: the most tokens the
+        request may hold beyond the prompt at once (its answer, look-ahead and scoring
+        branches); an engine whose requests share a fixed cache waits until it is free."""
 
     async def generate(
         self,

@@ -183,8 +183,20 @@ class Fuser:
         run.written = ""
         run.context_tokens = len(prompt_ids[run.models[0].name]) if run.models else 0
 
+        # Opened one after the other, always in the server's model order: an engine may
+        # make a request wait for cache room, and two requests that each held one engine
+        # while waiting for the other's would wait for ever.
+        order = [m for m in self.models.values() if m in run.models]
+        opened = {m.name: asyncio.Event() for m in order}
+
         async def open_one(m: SourceModel) -> StateHandle:
-            state = await m.engine.open(f"{rid}-{m.name}", prompt_ids[m.name])
+            at = order.index(m)
+            try:
+                if at:
+                    await opened[order[at - 1].name].wait()
+                state = await m.engine.open(f"{rid}-{m.name}", prompt_ids[m.name], _room(run))
+            finally:
+                opened[m.name].set()
             # recorded at once: a request cancelled while others still open must release it
             run.states[m.name] = state
             return state
@@ -384,7 +396,8 @@ class Fuser:
             ids = _prompt_ids(run.prompt, m)
             if len(ids) < 2:
                 return math.inf
-            state = await m.engine.open(f"{uuid.uuid4().hex}-{m.name}-prompt", ids[:1])
+            rid = f"{uuid.uuid4().hex}-{m.name}-prompt"
+            state = await m.engine.open(rid, ids[:1], room=len(ids))
             try:
                 [lps] = await m.engine.score(state, [ids[1:]])
             finally:
@@ -591,6 +604,16 @@ async def _bounded(m: SourceModel, work: Awaitable[T]) -> T:
         raise EngineError(
             f"engine {m.name}: no answer within its step timeout ({m.step_timeout:g} s)"
         ) from None
+
+
+def _room(run: _Run) -> int:
+    """The most tokens a request may hold in one engine beyond its prompt: its answer,
+    plus a candidate per model to score (a segment each, or a whole answer each for
+    Rerank and Cool+R's rerank), plus look-ahead of a segment."""
+    params, n = run.params, len(run.models)
+    if params.method in ("rerank", "cool_rerank"):
+        return (n + 1) * params.max_tokens
+    return params.max_tokens + (n + 1) * params.max_segment_tokens
 
 
 def _model_sampling(run: _Run, m: SourceModel) -> Sampling:

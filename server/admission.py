@@ -10,9 +10,7 @@ every slot. Each lane is first come, first served.
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
-
+from fusion.capacity import Pool
 from server.errors import Overloaded
 from server.metrics import Metrics
 
@@ -34,66 +32,39 @@ class Permit:
 
 
 class Lane:
-    """A weighted FIFO semaphore with a bounded queue of waiting requests."""
+    """A first-come-first-served pool of choices with a bounded queue of waiting requests."""
 
     def __init__(self, name: str, capacity: int, max_queue: int, metrics: Metrics) -> None:
         self.name = name
         self.capacity = capacity
-        self.free = capacity
         self.max_queue = max_queue
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._pool = Pool(capacity)
         self._metrics = metrics
 
     @property
+    def free(self) -> int:
+        return self._pool.free
+
+    @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return self._pool.waiting
 
     async def acquire(self, choices: int) -> Permit:
         units = max(1, min(choices, self.capacity))
-        if not self._waiters and self.free >= units:
-            return self._grant(units)
-        if len(self._waiters) >= self.max_queue:
-            raise Overloaded("too many requests are queued; retry shortly", retry_after=5)
-        entry = (units, asyncio.get_running_loop().create_future())
-        self._waiters.append(entry)
-        self._metrics.queued.inc()
-        try:
-            await entry[1]
-        except asyncio.CancelledError:
-            if entry[1].done() and not entry[1].cancelled():
-                self._give_back(units)  # granted just as the caller left: pass it on
-            else:
-                if entry in self._waiters:  # else _wake already dropped it
-                    self._waiters.remove(entry)
-                self._wake()  # it may have been first in line: the next may fit now
-            raise
-        finally:
-            self._metrics.queued.dec()
-        return Permit(self, units)
-
-    def _grant(self, units: int) -> Permit:
-        self.free -= units
+        if not self._pool.take_now(units):
+            if self._pool.waiting >= self.max_queue:
+                raise Overloaded("too many requests are queued; retry shortly", retry_after=5)
+            self._metrics.queued.inc()
+            try:
+                await self._pool.take(units)
+            finally:
+                self._metrics.queued.dec()
         self._metrics.in_flight.inc()
         return Permit(self, units)
 
     def _give_back(self, units: int) -> None:
-        self.free += units
         self._metrics.in_flight.dec()
-        self._wake()
-
-    def _wake(self) -> None:
-        """Admit waiters in order while the first one fits (no overtaking: no starvation)."""
-        while self._waiters:
-            units, fut = self._waiters[0]
-            if fut.done():  # cancelled, its task not yet resumed: it takes nothing
-                self._waiters.popleft()
-                continue
-            if units > self.free:
-                break
-            self._waiters.popleft()
-            self.free -= units
-            self._metrics.in_flight.inc()
-            fut.set_result(None)
+        self._pool.give(units)
 
 
 class Admission:

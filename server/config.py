@@ -111,7 +111,9 @@ class LlamaCppOptions(_Strict):
         16384,
         ge=256,
         description="KV cells shared by all of this model's requests (every sequence of every "
-        "request: contexts, look-ahead, scoring branches).",
+        "request: contexts, look-ahead, scoring branches). A request waits at its start until "
+        "the cells it may fill are free: its prompt, max_tokens and a segment per model to "
+        "score (a whole answer each for rerank).",
     )
     max_requests: int = Field(
         16, ge=1, le=64, description="Requests holding a state at once; more wait for a slot."

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from fusion.capacity import Pool
 from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
 from fusion.engines.ledger import Branch
 from fusion.engines.llamacpp_runtime import (
@@ -79,11 +80,13 @@ class LlamaCppEngine:
         self.open_states = 0
         self.rt: LlamaRuntime | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._cells: Pool | None = None  # KV cells reserved by open requests
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         self.rt = await asyncio.to_thread(self._load)
         self._slots = asyncio.Semaphore(self.max_requests)
+        self._cells = Pool(self.rt.n_ctx)
 
     def _load(self) -> LlamaRuntime:
         started = time.monotonic()
@@ -126,8 +129,8 @@ class LlamaCppEngine:
             raise EngineError(f"engine {self.name}: its decode thread stopped")
 
     # -- protocol -----------------------------------------------------------------------
-    async def open(self, request_id: str, prompt_ids: Sequence[int]) -> LlamaState:
-        if self.rt is None or self._slots is None:
+    async def open(self, request_id: str, prompt_ids: Sequence[int], room: int = 0) -> LlamaState:
+        if self.rt is None or self._slots is None or self._cells is None:
             raise EngineError(f"engine {self.name} is not loaded")
         if not prompt_ids:
             raise EngineError(f"engine {self.name}: empty prompt")
@@ -136,9 +139,19 @@ class LlamaCppEngine:
                 f"engine {self.name}: prompt of {len(prompt_ids)} tokens leaves no room "
                 f"in its {self.max_model_len}-token context"
             )
-        await self._slots.acquire()  # back-pressure: wait for a free request slot
+        # back-pressure: wait for a free request slot, then for the KV cells the request
+        # may fill (every request shares the n_ctx cells; one alone always fits)
+        cells = min(len(prompt_ids) + room, self.rt.n_ctx)
+        await self._slots.acquire()
+        try:
+            await self._cells.take(cells)
+        except BaseException:
+            self._slots.release()
+            raise
         self.open_states += 1
-        return LlamaState.opened(request_id, prompt_ids)
+        state = LlamaState.opened(request_id, prompt_ids)
+        state.cells = cells
+        return state
 
     async def generate(
         self,
@@ -171,6 +184,8 @@ class LlamaCppEngine:
         self.open_states -= 1
         if self._slots is not None:
             self._slots.release()
+        if self._cells is not None:
+            self._cells.give(state.cells)
         rt = self.rt
         if rt is not None:  # freed on the decode thread, not waited for
             rt.run_soon(lambda: state.free(rt))

@@ -416,7 +416,7 @@ class LlamaRuntime:
             return
         what = "no room in the KV cache" if rc == 1 else f"llama_decode returned {rc}"
         for task in chosen:
-            self._finish(task, None, LlamaError(f"engine {self.name}: {what}"))
+            self._finish(task, None, LlamaError(what))  # the engine names itself
 
 
 def ctypes_ok() -> bool:

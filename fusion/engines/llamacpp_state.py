@@ -49,6 +49,7 @@ class LlamaState:
     ops: list[Callable[[LlamaRuntime], None]] = field(default_factory=list)
     rng: np.random.Generator | None = None
     cancelled: bool = False
+    cells: int = 0  # KV cells reserved for it at open (given back at release)
 
     @classmethod
     def opened(cls, request_id: str, prompt: Sequence[int]) -> LlamaState:

@@ -161,7 +161,9 @@ class TransformersEngine:
             self._dead = exc
 
     # -- protocol -----------------------------------------------------------------------
-    async def open(self, request_id: str, prompt_ids: Sequence[int]) -> TransformersState:
+    async def open(
+        self, request_id: str, prompt_ids: Sequence[int], room: int = 0
+    ) -> TransformersState:
         if self._model is None:
             raise EngineError(f"engine {self.name} is not loaded")
         if not prompt_ids:

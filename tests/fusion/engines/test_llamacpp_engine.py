@@ -901,3 +901,42 @@ def test_a_negative_seed_samples_as_its_wrapped_value(llama_models):
     negative = asyncio.run(sample(-3))
     assert len(negative.ids) == 8
     assert asyncio.run(sample(SEED_SPACE - 3)).ids == negative.ids
+
+
+def test_concurrent_requests_wait_for_kv_room_instead_of_losing_a_model():
+    """Regression (issue 21, item 7): every request shares the n_ctx cells and nothing
+    reserved room, so concurrent long answers ran out mid-answer ("no room in the KV
+    cache") and the model was dropped. A request now waits at open until the cells it
+    may fill are free."""
+    from fusion.loop import Fuser
+    from fusion.types import FusionOutcome, FusionParams, Prompt
+
+    models = [small_engine(n, n_ctx=512, max_requests=8) for n in ("smollm2-135m", "gemma3-270m")]
+    story = "Write a long story about a lighthouse keeper, a storm, a ship and a rescue. " * 3
+    prompts = [Prompt(text=f"{story}Chapter {i}:") for i in range(6)]
+    params = FusionParams(max_tokens=64)
+
+    async def one(fuser: Fuser, prompt: Prompt) -> FusionOutcome:
+        outcome = FusionOutcome()
+        async for _ in fuser.run(prompt, params, outcome):
+            pass
+        return outcome
+
+    async def run_all():
+        for m in models:
+            await m.engine.start()
+        try:
+            fuser = Fuser(models)
+            outcomes = await asyncio.gather(*(one(fuser, p) for p in prompts))
+            return outcomes, [m.engine._cells.free for m in models]
+        finally:
+            for m in models:
+                await m.engine.shutdown()
+
+    outcomes, free = asyncio.run(run_all())
+    need = len(models[0].tokenizer.encode(prompts[0].text)) + 64
+    assert need * len(prompts) > 512  # together they could not all fit at once
+    for o in outcomes:
+        assert not [u.dropped for u in o.usage.values() if u.dropped]
+        assert o.text.strip() and o.completion_tokens > 0
+    assert free == [512, 512]  # every reservation given back
