@@ -2,9 +2,16 @@
 clients that disconnect mid-stream. Afterwards: no 5xx, nothing left open in any engine,
 server memory back near its baseline.
 
+With ``--mixed`` (docs/RELIABILITY.md) each request also asks for 1-4 choices and, half
+the time, a random subset of the source models in ``fusion.models``, a model named twice
+in a quarter of those. Those must get a 400; every other answer must be complete: every
+choice non-empty, no source model dropped in ``usage.models``, and afterwards every
+engine's free sequences back at their value before the load.
+
 Starts `fusion-server serve` itself (default config.yaml) unless --url/--pid are given.
 
     .venv/bin/python bench/load.py [--requests 200] [--clients 16] [--max-tokens 8]
+    .venv/bin/python bench/load.py --mixed --requests 200 --clients 8 --max-tokens 40
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -24,6 +33,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.server_process import start_server, stop_server
 
 Result = tuple[str, int, float]  # (kind, HTTP status, seconds)
+SOURCES = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]
+
+
+@dataclass
+class Check:
+    """What the mixed load found wrong in the answers it read."""
+
+    duplicates_sent: int = 0
+    duplicates_refused: int = 0
+    other_400: int = 0
+    dropped: list[str] = field(default_factory=list)
+    empty_choices: int = 0
+    choices: int = 0
+
+
+CHECK = Check()
 PROMPTS = [
     "Name a colour.",
     "What is 2 plus 3?",
@@ -41,6 +66,9 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+FREE = "fusion_engine_free_sequences{"
+
+
 def metric(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -49,29 +77,88 @@ def metric(text: str, name: str) -> float:
     return total
 
 
-async def one(http: httpx.AsyncClient, kind: str, max_tokens: int) -> tuple[str, int, float]:
-    body = {
+def mixed_fields() -> tuple[dict[str, Any], bool]:
+    """Random ``n`` and ``fusion.models`` (a model named twice in an eighth of all)."""
+    extra: dict[str, Any] = {"n": random.randint(1, 4)}
+    twice = False
+    if random.random() < 0.5:
+        models = random.sample(SOURCES, random.randint(1, 3))
+        if random.random() < 0.25:
+            models.append(random.choice(models))
+            twice = True
+        extra["fusion"] = {"models": models}
+    if random.random() < 0.5:
+        extra["temperature"] = 0.8
+    return extra, twice
+
+
+def read_usage(usage: dict[str, Any] | None) -> None:
+    for name, u in ((usage or {}).get("models") or {}).items():
+        if u.get("dropped"):
+            CHECK.dropped.append(f"{name}: {u['dropped']}")
+
+
+async def one(
+    http: httpx.AsyncClient, kind: str, max_tokens: int, mixed: bool
+) -> tuple[str, int, float]:
+    body: dict[str, Any] = {
         "model": "fusion",
         "max_tokens": max_tokens,
         "messages": [{"role": "user", "content": random.choice(PROMPTS)}],
     }
+    twice = False
+    if mixed:
+        extra, twice = mixed_fields()
+        body.update(extra)
+        CHECK.duplicates_sent += twice
     started = time.perf_counter()
     if kind == "plain":
         r = await http.post("/v1/chat/completions", json=body)
+        if r.status_code == 200 and mixed:
+            answer = r.json()
+            read_usage(answer.get("usage"))
+            CHECK.choices += len(answer["choices"])
+            CHECK.empty_choices += sum(
+                not c["message"]["content"].strip() for c in answer["choices"]
+            )
+        note_400(r.status_code, twice)
         return kind, r.status_code, time.perf_counter() - started
     body["stream"] = True
+    body["stream_options"] = {"include_usage": True}
+    texts: dict[int, str] = {}
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         status = r.status_code
         async for line in r.aiter_lines():
             if kind == "disconnect" and line.startswith("data: ") and '"content"' in line:
                 break  # leaves mid-stream: the server must stop this request's work
             if line == "data: [DONE]":
+                if mixed:
+                    CHECK.choices += len(texts)
+                    CHECK.empty_choices += sum(not t.strip() for t in texts.values())
                 break
+            if mixed and line.startswith("data: "):
+                event = json.loads(line[len("data: ") :])
+                if "error" in event:  # an error after the 200 header: counted as a 5xx
+                    print(f"stream error: {event['error']['message']}", file=sys.stderr)
+                    status = 599
+                    continue
+                read_usage(event.get("usage"))
+                for c in event.get("choices", []):
+                    content = c["delta"].get("content") or ""
+                    texts[c["index"]] = texts.get(c["index"], "") + content
+    note_400(status, twice)
     return kind, status, time.perf_counter() - started
 
 
+def note_400(status: int, twice: bool) -> None:
+    if twice:
+        CHECK.duplicates_refused += status == 400
+    elif status == 400:
+        CHECK.other_400 += 1
+
+
 async def drive(
-    url: str, requests: int, clients: int, max_tokens: int
+    url: str, requests: int, clients: int, max_tokens: int, mixed: bool = False
 ) -> list[tuple[str, int, float]]:
     kinds = [random.choice(["plain", "stream", "disconnect"]) for _ in range(requests)]
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -84,7 +171,7 @@ async def drive(
             while not queue.empty():
                 kind = queue.get_nowait()
                 try:
-                    results.append(await one(http, kind, max_tokens))
+                    results.append(await one(http, kind, max_tokens, mixed))
                 except httpx.HTTPError as exc:
                     results.append((kind, 0, 0.0))
                     print(f"client error: {exc!r}", file=sys.stderr)
@@ -104,6 +191,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--mixed", action="store_true", help="n 1-4 and random fusion.models")
     ap.add_argument("--json", type=Path, default=Path("bench/results/load.json"))
     args = ap.parse_args()
     random.seed(0)
@@ -117,8 +205,9 @@ def main() -> int:
         asyncio.run(drive(url, 8, 4, args.max_tokens))  # warm-up: caches, allocator
         time.sleep(2)
         baseline = rss_mib(pid) if pid else 0.0
+        free_before = metric(httpx.get(f"{url}/metrics", timeout=10).text, FREE)
         started = time.perf_counter()
-        results = asyncio.run(drive(url, args.requests, args.clients, args.max_tokens))
+        results = asyncio.run(drive(url, args.requests, args.clients, args.max_tokens, args.mixed))
         wall = time.perf_counter() - started
         time.sleep(3)
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
@@ -147,11 +236,25 @@ def main() -> int:
         "open_states_after": open_states,
         "in_flight_after": in_flight,
         "rss_mib": {"baseline": baseline, "after": after},
+        "free_sequences": {"before": free_before, "after": metric(metrics, FREE)},
     }
+    if args.mixed:
+        report["mixed"] = {
+            "choices_read": CHECK.choices,
+            "empty_choices": CHECK.empty_choices,
+            "dropped": CHECK.dropped,
+            "duplicates_sent": CHECK.duplicates_sent,
+            "duplicates_refused_400": CHECK.duplicates_refused,
+            "other_400": CHECK.other_400,
+        }
     print(json.dumps(report, indent=2))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     ok = report["server_5xx"] == 0 and open_states == 0 and in_flight == 0 and 0 not in by_status
+    ok = ok and metric(metrics, FREE) == free_before
+    if args.mixed:
+        ok = ok and not CHECK.dropped and not CHECK.empty_choices and not CHECK.other_400
+        ok = ok and CHECK.duplicates_refused == CHECK.duplicates_sent
     if pid and baseline:
         ok = ok and after < baseline * 1.25 + 64
     print("OK" if ok else "FAILED")

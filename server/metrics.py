@@ -99,6 +99,12 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.free_sequences = Gauge(
+            "fusion_engine_free_sequences",
+            "Sequences a new request can take in a source engine (llama.cpp)",
+            ["source"],
+            registry=r,
+        )
         self.dropped = Counter(
             "fusion_model_dropped", "Source models dropped mid-request", ["source"], registry=r
         )

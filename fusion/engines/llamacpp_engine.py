@@ -82,6 +82,11 @@ class LlamaCppEngine:
         self._slots: asyncio.Semaphore | None = None
         self._cells: Pool | None = None  # KV cells reserved by open requests
 
+    @property
+    def free_sequences(self) -> int | None:
+        """Sequences a new request can take now (free ones and kept prefix contexts)."""
+        return None if self.rt is None else self.rt.free_seqs
+
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         self.rt = await asyncio.to_thread(self._load)

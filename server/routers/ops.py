@@ -44,6 +44,9 @@ async def metrics(state: State) -> Response:
         open_states = getattr(m.engine, "open_states", None)
         if open_states is not None:
             state.metrics.open_states.labels(m.name).set(open_states)
+        free = getattr(m.engine, "free_sequences", None)
+        if free is not None:
+            state.metrics.free_sequences.labels(m.name).set(free)
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 

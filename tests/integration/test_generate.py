@@ -113,11 +113,13 @@ async def test_gate_and_packllm_policies_on_the_real_models(real_models):
     gate = SelectionPolicy("gate", leader="qwen2.5-0.5b")
     segments, outcome = await fuse(models, SEA, max_tokens=24, selection=gate)
     assert outcome.text.strip()
+    assert not [u.dropped for u in outcome.usage.values() if u.dropped]
     gated = [s for s in segments if s.step == "gated"]
     assert gated and all(s.winner == "qwen2.5-0.5b" and len(s.candidates) == 1 for s in gated)
     assert all(s.rule == "weighted" for s in segments if s.step == "fused")
     segments, outcome = await fuse(models, SEA, max_tokens=16, selection=SelectionPolicy("packllm"))
     assert outcome.text.strip()
+    assert not [u.dropped for u in outcome.usage.values() if u.dropped]
     assert {s.rule for s in segments if len(s.candidates) > 1} <= {"packllm"}
     for m in models:  # the prompt-scoring scratch states were released with the rest
         assert getattr(m.engine, "open_states", 0) == 0

@@ -940,3 +940,40 @@ def test_concurrent_requests_wait_for_kv_room_instead_of_losing_a_model():
         assert not [u.dropped for u in o.usage.values() if u.dropped]
         assert o.text.strip() and o.completion_tokens > 0
     assert free == [512, 512]  # every reservation given back
+
+
+def test_the_shipped_default_gate_runs_gated_and_fused_steps_without_losing_a_model(
+    llama_models,
+):
+    """The default selection (config.yaml: the consensus gate) on llama.cpp, through the
+    loop: gated steps commit the leader's segment to members that made no call in that
+    step (issue 21, item 1, where stale branches corrupted the cache), fused steps score
+    under every model; no decode fails, so no model is dropped."""
+    from fusion.loop import Fuser
+    from fusion.types import FusionOutcome, FusionParams, Prompt
+    from server.config import load_config
+
+    policy = load_config("config.yaml").fusion.selection.policy()
+    models = [llama_models[n] for n in NAMES]
+    prompts = [
+        "Give three tips for learning to cook.",
+        "What is 17 times 23? Explain step by step.",
+        "Write a haiku about the sea.",
+    ]
+
+    async def one(text: str) -> tuple[list, FusionOutcome]:
+        outcome = FusionOutcome()
+        params = FusionParams(max_tokens=48, selection=policy)
+        prompt = Prompt(messages=({"role": "user", "content": text},))
+        segments = [s async for s in Fuser(models).run(prompt, params, outcome)]
+        return segments, outcome
+
+    async def run_all():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    steps = set()
+    for segments, outcome in asyncio.run(run_all()):
+        assert outcome.text.strip()
+        assert not [u.dropped for u in outcome.usage.values() if u.dropped]
+        steps |= {s.step for s in segments}
+    assert steps == {"gated", "fused"}
