@@ -1,0 +1,174 @@
+"""The paper's three steps over every model of a run (Cool-Fusion §2.2-2.3): each model
+proposes its candidate, every model scores every candidate, the selection policy chooses;
+then every model commits the winner. PackLLM's per-request weights are measured here,
+once, the first time a step needs them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import uuid
+from collections.abc import Sequence
+
+from fusion.members import Members
+from fusion.models import SourceModel
+from fusion.proposals import Proposal, propose
+from fusion.run import Candidate, Run, group, model_sampling, own_logprobs, prompt_ids
+from fusion.selection import Scored, Selection, nll, packllm_weights, select
+from fusion.types import ScoredCandidate, perplexity
+
+
+async def propose_all(
+    members: Members,
+    run: Run,
+    cap: int,
+    given: dict[str, Proposal] | None = None,
+    only: SourceModel | None = None,
+) -> list[Candidate]:
+    """Every model's candidate; models in ``given`` have proposed already, and with
+    ``only`` that model alone proposes (the gate's leader)."""
+    shortest = run.params.method == "cool_shortest"
+    adapters = [m.tokenizer for m in run.models]
+    known = given or {}
+
+    async def one(m: SourceModel) -> Proposal | None:
+        if m.name in known:
+            return known[m.name]
+        if only is not None and m is not only:
+            return None
+        return await propose(
+            m,
+            run.states[m.name],
+            run.codecs[m.name],
+            [m.tokenizer] if shortest else adapters,
+            cap=cap,
+            until_boundary=True,
+            sampling=model_sampling(run, m),
+            written=run.written,
+        )
+
+    got = await members.each(run, one)
+    made = {n: p for n, p in got.items() if p is not None and n not in known}
+    proposed(run, made)
+    return group(p for m in run.models if (p := got.get(m.name)) is not None)
+
+
+def proposed(run: Run, proposals: dict[str, Proposal]) -> list[Candidate]:
+    """Count new proposals in the usage and timings; the distinct candidates among them."""
+    for name, p in proposals.items():
+        run.outcome.usage[name].generated_tokens += p.generated - p.reused
+        run.clock.add_align(p.align_seconds)
+    return group(proposals[m.name] for m in run.models if m.name in proposals)
+
+
+async def score_all(
+    members: Members, run: Run, candidates: list[Candidate]
+) -> tuple[list[ScoredCandidate], dict[str, list[list[float]]]]:
+    """Every candidate's perplexity under every model, and the log-probs behind them."""
+    chat = run.prompt.is_chat
+
+    def ids_for(m: SourceModel, c: Candidate) -> list[int]:
+        ids = run.encode(m.name, c.text) if c.text else []
+        end = m.end_id(chat)
+        return [*ids, end] if c.ended and end is not None else ids
+
+    async def one(m: SourceModel) -> list[list[float]]:
+        own = [own_logprobs(c, m.name) for c in candidates]
+        todo = [i for i, lp in enumerate(own) if lp is None]
+        batch = [ids_for(m, candidates[i]) for i in todo]
+        scores = await m.engine.score(run.states[m.name], batch) if batch else []
+        run.outcome.usage[m.name].scored_tokens += sum(len(b) for b in batch)
+        got = dict(zip(todo, scores))
+        return [got[i] if lp is None else list(lp) for i, lp in enumerate(own)]
+
+    per_model = await members.each(run, one)
+    scored: list[ScoredCandidate] = []
+    for i, c in enumerate(candidates):
+        ppl = tuple(
+            (name, perplexity(lps[i], run.params.ppl_mode)) for name, lps in per_model.items()
+        )
+        mean = sum(p for _, p in ppl) / len(ppl)
+        scored.append(
+            ScoredCandidate(c.text, tuple(p.model for p in c.proposals), c.ended, ppl, mean)
+        )
+    return scored, per_model
+
+
+async def choose(
+    members: Members, run: Run, inputs: list[Scored], answer: str, whole: bool = False
+) -> Selection:
+    """The step's (or, ``whole``, the final answer's) choice under the run's policy.
+    Consensus counts models that proposed the same segment; whole answers (Rerank's,
+    and Cool+R's fused one, proposed by no single model) are never held to it, or the
+    leader's would be the only one allowed."""
+    policy = run.params.selection
+    if whole:
+        policy = dataclasses.replace(policy, min_support=1)
+    if policy.step_rule == "packllm" and run.prompt_weights is None:
+        prompt_nll = await prompt_nlls(members, run)
+        run.prompt_weights = packllm_weights(prompt_nll, policy.packllm_temperature)
+    return select(
+        inputs, policy, run.params.ppl_mode, answer=answer, prompt_weights=run.prompt_weights
+    )
+
+
+async def prompt_nlls(members: Members, run: Run) -> dict[str, float]:
+    """Each model's mean token NLL of the prompt (PackLLM's expertise measure): a
+    scratch state on the prompt's first token scores the rest, then is released."""
+
+    async def one(m: SourceModel) -> float:
+        ids = prompt_ids(run.prompt, m)
+        if len(ids) < 2:
+            return math.inf
+        rid = f"{uuid.uuid4().hex}-{m.name}-prompt"
+        state = await m.engine.open(rid, ids[:1], room=len(ids))
+        try:
+            [lps] = await m.engine.score(state, [ids[1:]])
+        finally:
+            await asyncio.shield(members.start_release(m.name, state))
+        run.outcome.usage[m.name].scored_tokens += len(ids) - 1
+        return nll(lps)
+
+    return await members.each(run, one)
+
+
+async def commit_all(members: Members, run: Run, win: Candidate) -> None:
+    """Append the winner to every model's state, in its own tokens where it wrote them."""
+    by_model = {p.model: p for p in win.proposals}
+
+    async def one(m: SourceModel) -> None:
+        own = by_model.get(m.name)
+        codec = run.codecs[m.name]
+        if own is not None and own.own_ids is not None:
+            ids = list(own.own_ids)
+        else:
+            ids = run.encode(m.name, win.text)
+        await m.engine.commit(run.states[m.name], ids)
+        codec.commit(win.text)
+        if m is run.models[0]:
+            run.context_tokens += len(ids)
+
+    await members.each(run, one)
+    run.wrote(win.text)
+    run.encoded.clear()  # every codec's tail moved on
+
+
+def scored_inputs(
+    scored: Sequence[ScoredCandidate], logprobs: dict[str, list[list[float]]]
+) -> list[Scored]:
+    """The selection rules' view of the candidates: every scoring model's log-probs."""
+    return [
+        Scored(c.text, c.proposers, c.ended, tuple((n, tuple(lp[i])) for n, lp in logprobs.items()))
+        for i, c in enumerate(scored)
+    ]
+
+
+def with_scores(
+    scored: Sequence[ScoredCandidate], chosen: Selection
+) -> tuple[ScoredCandidate, ...]:
+    """The candidates as the trace shows them: with the rule's score and exclusion."""
+    return tuple(
+        dataclasses.replace(c, score=chosen.scores[i], excluded=chosen.excluded[i])
+        for i, c in enumerate(scored)
+    )
