@@ -30,6 +30,7 @@ from pydantic_settings import (
 
 from fusion.engines.vllm_requests import LOOKAHEAD_TOKENS
 from fusion.types import (
+    DEFAULT_POLICY,
     METHODS,
     RULES,
     Aggregate,
@@ -312,15 +313,20 @@ class NllStatsConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
-    """How a fusion step chooses among candidates (docs/SELECTION.md)."""
+    """How a fusion step chooses among candidates (docs/SELECTION.md).
+
+    The one declaration of the selection settings: the config file's, and, all optional,
+    the request's ``fusion.selection`` (``server.protocol.SelectionOptions``, made from
+    this). Defaults come from the core's ``SelectionPolicy``, which has the same fields
+    (a test holds them equal)."""
 
     rule: Rule = Field(
-        "mean_ppl",
+        DEFAULT_POLICY.rule,
         description=f"Selection rule, one of {', '.join(RULES)}. mean_ppl is the paper's "
         "(arithmetic mean of the models' perplexities, equal votes).",
     )
     aggregate: Aggregate = Field(
-        "nll",
+        DEFAULT_POLICY.aggregate,
         description="For rule weighted (and the gate's weighted fallback): 'nll' (weighted "
         "mean of NLLs: a weighted geometric mean of perplexities, which one exploding "
         "perplexity cannot rule) or 'ppl' (weighted arithmetic mean of perplexities).",
@@ -331,7 +337,7 @@ class SelectionConfig(_Strict):
         "models not listed weigh 1.",
     )
     leader: str | None = Field(
-        None,
+        DEFAULT_POLICY.leader,
         description="The strong model: the sole judge under 'leader', the writer under 'gate'.",
     )
     calibration: dict[str, NllStatsConfig] = Field(
@@ -339,45 +345,50 @@ class SelectionConfig(_Strict):
         description="Per source model NLL mean/std for rule zscore (from fusion-server calibrate).",
     )
     packllm_temperature: float = Field(
-        1.0, gt=0, description="PackLLM's τ: weights = softmax(-prompt NLL / τ) over models."
+        DEFAULT_POLICY.packllm_temperature,
+        gt=0,
+        description="PackLLM's τ: weights = softmax(-prompt NLL / τ) over models.",
     )
     gate_threshold: float = Field(
-        0.5,
+        DEFAULT_POLICY.gate_threshold,
         gt=0,
         le=1,
         description="Gate: the leader's segment is kept alone when every one of its tokens "
         "has at least this probability (GaC uses 0.5).",
     )
     gate_fallback: FallbackRule = Field(
-        "weighted",
+        DEFAULT_POLICY.gate_fallback,
         description="Gate: the rule that chooses when the leader is unsure (every model "
         "proposes and scores).",
     )
     repetition_ngram: int = Field(
-        4, ge=1, le=32, description="Repetition guard: word n-gram length."
+        DEFAULT_POLICY.repetition_ngram,
+        ge=1,
+        le=32,
+        description="Repetition guard: word n-gram length.",
     )
     repetition_limit: int = Field(
-        0,
+        DEFAULT_POLICY.repetition_limit,
         ge=0,
         description="Repetition guard: exclude a candidate that closes an n-gram already seen "
         "this many times in the answer (unless every candidate does); 0: off.",
     )
     leader_margin: float | None = Field(
-        None,
+        DEFAULT_POLICY.leader_margin,
         ge=0,
         description="Leader's veto (needs leader): exclude a candidate whose per-token NLL "
         "under the leader exceeds that of the leader's own candidate by more than this many "
         "nats; the others vote among the rest. null: off.",
     )
     leader_excess: float | None = Field(
-        None,
+        DEFAULT_POLICY.leader_excess,
         ge=0,
         description="Leader's veto on the whole candidate (needs leader): exclude it when its "
         "tokens together cost the leader more than this many nats beyond the leader's own "
         "per-token rate (one wrong word in a long segment counts fully). null: off.",
     )
     min_support: int = Field(
-        1,
+        DEFAULT_POLICY.min_support,
         ge=1,
         description="Consensus: a candidate fewer than this many models proposed (the same "
         "text) cannot win, unless the leader proposed it (unless no candidate qualifies). "
@@ -412,24 +423,13 @@ class SelectionConfig(_Strict):
         return out
 
     def policy(self) -> SelectionPolicy:
-        """The core's frozen view of these settings."""
-        return SelectionPolicy(
-            rule=self.rule,
-            aggregate=self.aggregate,
-            weights=tuple(self.weights.items()),
-            leader=self.leader,
-            calibration=tuple(
-                (n, NllStats(s.nll_mean, s.nll_std)) for n, s in self.calibration.items()
-            ),
-            packllm_temperature=self.packllm_temperature,
-            gate_threshold=self.gate_threshold,
-            gate_fallback=self.gate_fallback,
-            repetition_ngram=self.repetition_ngram,
-            repetition_limit=self.repetition_limit,
-            leader_margin=self.leader_margin,
-            leader_excess=self.leader_excess,
-            min_support=self.min_support,
+        """The core's frozen view of these settings (maps become tuples of pairs)."""
+        values = dict(self)
+        values["weights"] = tuple(self.weights.items())
+        values["calibration"] = tuple(
+            (n, NllStats(s.nll_mean, s.nll_std)) for n, s in self.calibration.items()
         )
+        return SelectionPolicy(**values)
 
 
 class VariantConfig(_Strict):

@@ -10,41 +10,32 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from fusion.types import Aggregate, FallbackRule, Method, PplMode, Rule, each_once
+from fusion.types import Method, PplMode, each_once
+from server.config import SelectionConfig
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class NllStatsOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _all_optional(model: type[BaseModel], name: str, doc: str) -> type[BaseModel]:
+    """``model``'s fields, each optional with no default (what a request may override);
+    the merged settings are validated as ``model``, so its checks apply."""
+    fields: dict[str, Any] = {
+        n: (f.annotation | None, Field(None, description=f.description))
+        for n, f in model.model_fields.items()
+    }
+    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **fields)
 
-    nll_mean: float
-    nll_std: float = Field(..., gt=0)
 
-
-class SelectionOptions(BaseModel):
-    """Per-request selection settings; each one given replaces the server's
-    (``fusion.selection`` in config.yaml; docs/SELECTION.md)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rule: Rule | None = Field(None, description="mean_ppl, weighted, zscore, packllm, leader, gate")
-    aggregate: Aggregate | None = None
-    weights: dict[str, float] | None = None
-    leader: str | None = None
-    calibration: dict[str, NllStatsOptions] | None = None
-    packllm_temperature: float | None = Field(None, gt=0)
-    gate_threshold: float | None = Field(None, gt=0, le=1)
-    gate_fallback: FallbackRule | None = None
-    repetition_ngram: int | None = Field(None, ge=1, le=32)
-    repetition_limit: int | None = Field(None, ge=0)
-    leader_margin: float | None = Field(None, ge=0)
-    leader_excess: float | None = Field(None, ge=0)
-    min_support: int | None = Field(None, ge=1)
+SelectionOptions = _all_optional(
+    SelectionConfig,
+    "SelectionOptions",
+    "Per-request selection settings; each one given replaces the server's "
+    "(``fusion.selection`` in config.yaml; docs/SELECTION.md).",
+)
 
 
 class FusionOptions(BaseModel):

@@ -152,7 +152,9 @@ class FusionService:
         try:
             chosen = SelectionConfig.model_validate(merged)
         except ValidationError as exc:
-            raise BadRequest(_first_error(exc), param="fusion.selection") from None
+            where = exc.errors()[0]["loc"][:1]
+            param = ".".join(["fusion.selection", *(str(p) for p in where)])
+            raise BadRequest(_first_error(exc), param=param) from None
         for problem in chosen.problems(list(self.models)):
             field_name = problem.split(":", 1)[0]
             raise BadRequest(problem, param=f"fusion.{field_name}")

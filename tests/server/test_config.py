@@ -55,3 +55,22 @@ def test_cli_reports_a_bad_config_and_exits_2(tmp_path, capsys):
     assert main(["serve", "--config", str(path)]) == 2
     assert "models.0.source" in capsys.readouterr().err
     assert main(["serve", "--config", str(tmp_path / "none.yaml")]) == 2
+
+
+def test_the_selection_settings_are_declared_once():
+    """The config's SelectionConfig is the declaration; the request's options are made
+    from it, and the core's SelectionPolicy has the same fields and defaults."""
+    import dataclasses
+
+    from fusion.types import DEFAULT_POLICY, SelectionPolicy
+    from server.config import SelectionConfig
+    from server.protocol import SelectionOptions
+
+    core = [f.name for f in dataclasses.fields(SelectionPolicy)]
+    assert list(SelectionConfig.model_fields) == core == list(SelectionOptions.model_fields)
+    assert SelectionConfig().policy() == DEFAULT_POLICY
+    assert all(f.default is None for f in SelectionOptions.model_fields.values())
+    custom = SelectionConfig(rule="gate", leader="a", weights={"a": 2}, min_support=2)
+    assert custom.policy() == SelectionPolicy(
+        rule="gate", leader="a", weights=(("a", 2.0),), min_support=2
+    )
