@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -47,6 +48,10 @@ from fusion.types import (
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the field."""
+
+
+# source model names for one fused model (a model fused twice would hold two states)
+SourceNames = Annotated[list[str], AfterValidator(each_once)]
 
 
 class _Strict(BaseModel):
@@ -438,7 +443,7 @@ class VariantConfig(_Strict):
 
     description: str | None = Field(None, description="Shown in /v1/models.")
     method: Method | None = Field(None, description="Method; null: the fused model's.")
-    models: list[str] | None = Field(
+    models: SourceNames | None = Field(
         None, min_length=1, description="Source models to fuse; null: the fused model's."
     )
     max_segment_tokens: int | None = Field(None, ge=1, le=256)
@@ -448,11 +453,6 @@ class VariantConfig(_Strict):
         description="Selection fields replacing the fused model's (as a request's "
         "fusion.selection); checked at start.",
     )
-
-    @field_validator("models")
-    @classmethod
-    def _each_model_once(cls, models: list[str] | None) -> list[str] | None:
-        return each_once(models)
 
 
 class FusionConfig(_Strict):
@@ -468,7 +468,7 @@ class FusionConfig(_Strict):
         4, ge=1, description="Committed segments kept for incremental tokenisation."
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request omits it.")
-    models: list[str] | None = Field(
+    models: SourceNames | None = Field(
         None,
         min_length=1,
         description="Source models the fused model uses unless a request names its own "
@@ -483,11 +483,6 @@ class FusionConfig(_Strict):
         description="More fused model names, each the fused model with some settings "
         "replaced, e.g. the paper's exact method beside a tuned default.",
     )
-
-    @field_validator("models")
-    @classmethod
-    def _each_model_once(cls, models: list[str] | None) -> list[str] | None:
-        return each_once(models)
 
     def variant_selection(self, name: str) -> SelectionConfig:
         """The selection settings of the fused model or of one of its variants."""

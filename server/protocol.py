@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from fusion.types import Method, PplMode, each_once
-from server.config import SelectionConfig
+from fusion.types import Method, PplMode
+from server.config import SelectionConfig, SourceNames
 
 
 class OpenAIModel(BaseModel):
@@ -42,18 +42,13 @@ class FusionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Method | None = Field(None, description="cool, cool_shortest, rerank, cool_rerank")
-    models: list[str] | None = Field(None, min_length=1, description="Source models to fuse.")
+    models: SourceNames | None = Field(None, min_length=1, description="Source models to fuse.")
     max_segment_tokens: int | None = Field(None, ge=1, le=256)
     ppl_mode: PplMode | None = None
     trace: bool = Field(False, description="Return every segment's candidates and scores.")
     selection: SelectionOptions | None = Field(
         None, description="How each step chooses its segment (overrides the server's)."
     )
-
-    @field_validator("models")
-    @classmethod
-    def _each_model_once(cls, models: list[str] | None) -> list[str] | None:
-        return each_once(models)
 
 
 class StreamOptions(OpenAIModel):
