@@ -79,10 +79,13 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load the model; called once before any request."""
 
-    async def open(self, request_id: str, prompt_ids: Sequence[int], room: int = 0) -> StateHandle:
+    async def open(
+        self, request_id: str, prompt_ids: Sequence[int], room: int | None = None
+    ) -> StateHandle:
         """M1: a new state whose context is ``prompt_ids``. ``room``: the most tokens the
         request may hold beyond the prompt at once (its answer, look-ahead and scoring
-        branches); an engine whose requests share a fixed cache waits until it is free."""
+        branches); an engine whose requests share a fixed cache waits until it is free
+        (None: unknown, the engine reserves a fair share)."""
 
     async def generate(
         self,

@@ -23,7 +23,15 @@ from fusion.proposals import Proposal
 from fusion.rerank import FusedAnswer, rerank
 from fusion.run import FusionError, Run, Step, content_tokens
 from fusion.selection import gate_confident
-from fusion.steps import choose, commit_all, propose_all, score_all, scored_inputs, with_scores
+from fusion.steps import (
+    choose,
+    commit_all,
+    prompt_weights,
+    propose_all,
+    score_all,
+    scored_inputs,
+    with_scores,
+)
 from fusion.stops import StopStringTracker
 from fusion.types import FinishReason, FusionOutcome, FusionParams, ModelUsage, Prompt, Segment
 
@@ -46,7 +54,11 @@ class Fuser:
         run = Run(params, prompt, self.select(params.models), outcome=outcome or FusionOutcome())
         run.outcome.usage = {m.name: ModelUsage() for m in run.models}
         try:
-            await self.members.open(run)
+            if params.selection.step_rule == "packllm":
+                # before the run holds any engine state: scoring the prompt opens a
+                # scratch state in every engine, which may have to wait for room
+                await prompt_weights(self.members, run)
+            await self.members.open(run, whole=params.method == "rerank")
             if params.method in ("cool", "cool_shortest"):
                 async with contextlib.aclosing(self._cool(run, emit=True)) as segments:
                     async for seg in segments:

@@ -36,9 +36,10 @@ class Members:
         each_once(list(names))
         return [self.models[n] for n in names]
 
-    async def open(self, run: Run, request_id: str | None = None) -> None:
+    async def open(self, run: Run, request_id: str | None = None, whole: bool = False) -> None:
         """A fresh state in every engine of the run (releasing any it held), on the
-        prompt, with a codec per model and the usage's prompt counts."""
+        prompt, with a codec per model and the usage's prompt counts. ``whole``: the
+        models will write and score whole answers (Rerank), which needs more room."""
         rid = request_id or uuid.uuid4().hex
         await self.release(run)
         ids: dict[str, list[int]] = {}
@@ -54,27 +55,36 @@ class Members:
         run.encoded.clear()
         run.written = ""
         run.context_tokens = len(ids[run.models[0].name]) if run.models else 0
-
-        # Opened one after the other, always in the server's model order: an engine may
-        # make a request wait for cache room, and two requests that each held one engine
-        # while waiting for the other's would wait for ever.
-        order = [m for m in self.models.values() if m in run.models]
-        opened = {m.name: asyncio.Event() for m in order}
-        extra = room(run)
+        extra = room(run, whole)
 
         async def open_one(m: SourceModel) -> StateHandle:
-            at = order.index(m)
-            try:
-                if at:
-                    await opened[order[at - 1].name].wait()
-                state = await m.engine.open(f"{rid}-{m.name}", ids[m.name], extra)
-            finally:
-                opened[m.name].set()
+            state = await m.engine.open(f"{rid}-{m.name}", ids[m.name], extra)
             # recorded at once: a request cancelled while others still open must release it
             run.states[m.name] = state
             return state
 
-        await self.each(run, open_one)
+        await self.open_in_order(run, open_one)
+
+    async def open_in_order(
+        self, run: Run, open_one: Callable[[SourceModel], Awaitable[T]]
+    ) -> dict[str, T]:
+        """``open_one`` for every model of the run, one after the other, always in the
+        server's model order: an engine may make a request wait for cache room, and two
+        requests that each held one engine while waiting for the other's would wait for
+        ever. Waiting in line is not a hang, so no step timeout applies here."""
+        order = [m for m in self.models.values() if m in run.models]
+        opened = {m.name: asyncio.Event() for m in order}
+
+        async def in_turn(m: SourceModel) -> T:
+            at = order.index(m)
+            try:
+                if at:
+                    await opened[order[at - 1].name].wait()
+                return await open_one(m)
+            finally:
+                opened[m.name].set()
+
+        return await self.each(run, in_turn, bounded_by_step=False)
 
     async def release(self, run: Run) -> None:
         """Release every engine state of the run, even while the request is cancelled.
@@ -100,14 +110,20 @@ class Members:
         except Exception:  # releasing must never mask the request's own outcome
             log.warning("releasing state of %s failed", name, exc_info=True)
 
-    async def each(self, run: Run, work: Callable[[SourceModel], Awaitable[T]]) -> dict[str, T]:
-        """Run ``work(model)`` for every active model concurrently; drop models that fail."""
+    async def each(
+        self,
+        run: Run,
+        work: Callable[[SourceModel], Awaitable[T]],
+        bounded_by_step: bool = True,
+    ) -> dict[str, T]:
+        """Run ``work(model)`` for every active model concurrently (each within its step
+        timeout); drop models that fail."""
         models = list(run.models)
 
         async def timed(m: SourceModel) -> T:
             started = time.perf_counter()
             try:
-                return await bounded(m, work(m))
+                return await (bounded(m, work(m)) if bounded_by_step else work(m))
             finally:
                 run.clock.add_busy(m.name, time.perf_counter() - started)
 

@@ -49,7 +49,7 @@ async def rerank(members: Members, run: Run, fused: FusedAnswer | None) -> Segme
     context = run.context_tokens
     params = run.params
     if fused is not None:
-        await members.open(run)
+        await members.open(run, whole=True)
 
     async def one(m: SourceModel) -> Proposal:
         return await propose(

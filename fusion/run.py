@@ -122,12 +122,14 @@ def model_sampling(run: Run, m: SourceModel) -> Sampling:
     return Sampling(sampling.temperature, sampling.top_p, sampling.seed + offset)
 
 
-def room(run: Run) -> int:
+def room(run: Run, whole: bool = False) -> int:
     """The most tokens a request may hold in one engine beyond its prompt: its answer,
-    plus a candidate per model to score (a segment each, or a whole answer each for
-    Rerank and Cool+R's rerank), plus look-ahead of a segment."""
+    plus a candidate per model to score (a segment each, or a whole answer each when
+    ``whole``: Rerank, and Cool+R's final rerank), plus look-ahead of a segment. Counted
+    in the request's tokens, not each engine's: an estimate, which the llama.cpp runtime
+    backs by retrying a decode that finds no room once the others have gone."""
     params, n = run.params, len(run.models)
-    if params.method in ("rerank", "cool_rerank"):
+    if whole:
         return (n + 1) * params.max_tokens
     return params.max_tokens + (n + 1) * params.max_segment_tokens
 

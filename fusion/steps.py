@@ -1,7 +1,7 @@
 """The paper's three steps over every model of a run (Cool-Fusion §2.2-2.3): each model
 proposes its candidate, every model scores every candidate, the selection policy chooses;
 then every model commits the winner. PackLLM's per-request weights are measured here,
-once, the first time a step needs them."""
+once, before the run opens its states."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import math
 import uuid
 from collections.abc import Sequence
 
+from fusion.engine import StateHandle
 from fusion.members import Members
 from fusion.models import SourceModel
 from fusion.proposals import Proposal, propose
@@ -105,24 +106,30 @@ async def choose(
     policy = run.params.selection
     if whole:
         policy = dataclasses.replace(policy, min_support=1)
-    if policy.step_rule == "packllm" and run.prompt_weights is None:
-        prompt_nll = await prompt_nlls(members, run)
-        run.prompt_weights = packllm_weights(prompt_nll, policy.packllm_temperature)
     return select(
         inputs, policy, run.params.ppl_mode, answer=answer, prompt_weights=run.prompt_weights
     )
 
 
-async def prompt_nlls(members: Members, run: Run) -> dict[str, float]:
-    """Each model's mean token NLL of the prompt (PackLLM's expertise measure): a
-    scratch state on the prompt's first token scores the rest, then is released."""
+async def prompt_weights(members: Members, run: Run) -> None:
+    """PackLLM's per-request weights from each model's mean token NLL of the prompt
+    (its expertise measure). In every engine, in the server's order (as any open), a
+    scratch state on the prompt's first token scores the rest, then is released; the
+    run holds no other state meanwhile, so waiting for room cannot wait on itself."""
+    scratch: dict[str, StateHandle] = {}
 
-    async def one(m: SourceModel) -> float:
+    async def open_one(m: SourceModel) -> list[int]:
         ids = prompt_ids(run.prompt, m)
-        if len(ids) < 2:
+        if len(ids) >= 2:
+            rid = f"{uuid.uuid4().hex}-{m.name}-prompt"
+            scratch[m.name] = await m.engine.open(rid, ids[:1], room=len(ids))
+        return ids
+
+    async def score_one(m: SourceModel) -> float:
+        ids = prompt[m.name]
+        state = scratch.pop(m.name, None)
+        if state is None:
             return math.inf
-        rid = f"{uuid.uuid4().hex}-{m.name}-prompt"
-        state = await m.engine.open(rid, ids[:1], room=len(ids))
         try:
             [lps] = await m.engine.score(state, [ids[1:]])
         finally:
@@ -130,7 +137,13 @@ async def prompt_nlls(members: Members, run: Run) -> dict[str, float]:
         run.outcome.usage[m.name].scored_tokens += len(ids) - 1
         return nll(lps)
 
-    return await members.each(run, one)
+    try:
+        prompt = await members.open_in_order(run, open_one)
+        prompt_nll = await members.each(run, score_one)
+    finally:
+        for name, state in scratch.items():  # a model dropped or a request cancelled
+            run.releases.append(members.start_release(name, state))
+    run.prompt_weights = packllm_weights(prompt_nll, run.params.selection.packllm_temperature)
 
 
 async def commit_all(members: Members, run: Run, win: Candidate) -> None:

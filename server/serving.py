@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fusion.engine import Sampling
-from fusion.loop import Fuser
+from fusion.loop import Fuser, FusionError
 from fusion.models import SourceModel
 from fusion.types import FusionParams, Prompt, Segment, SelectionPolicy
 from server.config import AppConfig, SelectionConfig, VariantConfig
@@ -386,6 +386,8 @@ async def all_or_none(work: list[Coroutine[Any, Any, None]]) -> None:
         failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
         if failed is not None:
             raise failed.exception()  # type: ignore[misc]
+        if any(t.cancelled() for t in tasks):  # from within, not by our caller: no answer
+            raise FusionError("a choice was cancelled before it finished")
     finally:
         for task in tasks:
             task.cancel()

@@ -134,7 +134,9 @@ class LlamaCppEngine:
             raise EngineError(f"engine {self.name}: its decode thread stopped")
 
     # -- protocol -----------------------------------------------------------------------
-    async def open(self, request_id: str, prompt_ids: Sequence[int], room: int = 0) -> LlamaState:
+    async def open(
+        self, request_id: str, prompt_ids: Sequence[int], room: int | None = None
+    ) -> LlamaState:
         if self.rt is None or self._slots is None or self._cells is None:
             raise EngineError(f"engine {self.name} is not loaded")
         if not prompt_ids:
@@ -146,7 +148,8 @@ class LlamaCppEngine:
             )
         # back-pressure: wait for a free request slot, then for the KV cells the request
         # may fill (every request shares the n_ctx cells; one alone always fits)
-        cells = min(len(prompt_ids) + room, self.rt.n_ctx)
+        extra = room if room is not None else self.rt.n_ctx // self.max_requests
+        cells = min(len(prompt_ids) + extra, self.rt.n_ctx)
         await self._slots.acquire()
         try:
             await self._cells.take(cells)

@@ -71,21 +71,30 @@ class LlamaState:
             return
 
         def apply(rt: LlamaRuntime) -> None:
-            if seq is not None and plan.cut is not None:
-                rt.drop_from(seq, plan.cut)
-            if seq is not None and plan.adopt is not None:
-                b = plan.adopt
-                rt.copy_span(b.handle, seq, b.start, b.start + len(b.ids))
-                rt.give_seq(b.handle)
-            for b in plan.free:
-                rt.give_seq(b.handle)
+            try:
+                if seq is not None and plan.cut is not None:
+                    rt.drop_from(seq, plan.cut)
+                if seq is not None and plan.adopt is not None:
+                    b = plan.adopt
+                    rt.copy_span(b.handle, seq, b.start, b.start + len(b.ids))
+            finally:  # the branches' sequences come back even if a cache operation fails
+                for b in [*([plan.adopt] if plan.adopt else []), *plan.free]:
+                    rt.give_seq(b.handle)
 
         self.ops.append(apply)
 
     def run_ops(self, rt: LlamaRuntime) -> None:
+        """Every queued operation, each one even if an earlier one failed (the first
+        failure is raised after the rest ran: none of them leaks its sequences)."""
         ops, self.ops = self.ops, []
+        failed: Exception | None = None
         for op in ops:
-            op(rt)
+            try:
+                op(rt)
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def redo_last(self, rt: LlamaRuntime) -> None:
         """With no row after the context kept (and nothing pending, no look-ahead), put the

@@ -162,7 +162,7 @@ class TransformersEngine:
 
     # -- protocol -----------------------------------------------------------------------
     async def open(
-        self, request_id: str, prompt_ids: Sequence[int], room: int = 0
+        self, request_id: str, prompt_ids: Sequence[int], room: int | None = None
     ) -> TransformersState:
         if self._model is None:
             raise EngineError(f"engine {self.name} is not loaded")

@@ -139,7 +139,9 @@ class VllmEngine(VllmCalls):
         except Exception as exc:
             raise EngineError(f"engine {self.name} is unhealthy: {exc}") from exc
 
-    async def open(self, request_id: str, prompt_ids: Sequence[int], room: int = 0) -> VllmState:
+    async def open(
+        self, request_id: str, prompt_ids: Sequence[int], room: int | None = None
+    ) -> VllmState:
         if self._llm is None:
             raise EngineError(f"engine {self.name} is not loaded")
         self.open_states += 1

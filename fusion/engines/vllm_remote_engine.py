@@ -181,7 +181,9 @@ class VllmRemoteEngine(VllmCalls):
             log.info("engine %s: vLLM at %s answers again", self.name, self.url)
 
     # -- protocol -----------------------------------------------------------------------
-    async def open(self, request_id: str, prompt_ids: Sequence[int], room: int = 0) -> VllmState:
+    async def open(
+        self, request_id: str, prompt_ids: Sequence[int], room: int | None = None
+    ) -> VllmState:
         breaker = self._rv().breaker
         if breaker.down is not None:
             wait = breaker.wait()

@@ -75,7 +75,9 @@ class ScriptedEngine:
     async def check_health(self) -> None: ...
     async def shutdown(self) -> None: ...
 
-    async def open(self, request_id: str, prompt_ids: Sequence[int], room: int = 0) -> FakeState:
+    async def open(
+        self, request_id: str, prompt_ids: Sequence[int], room: int | None = None
+    ) -> FakeState:
         await self._tick()
         st = FakeState(request_id, list(prompt_ids))
         self.states.append(st)

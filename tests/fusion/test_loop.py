@@ -345,3 +345,34 @@ async def test_a_model_named_twice_is_refused_before_any_state_opens(make_model)
     with pytest.raises(ValueError, match=r"named twice: qwen2\.5-0\.5b"):
         await run(Fuser([m]), FusionParams(models=("qwen2.5-0.5b", "qwen2.5-0.5b")))
     assert m.engine.states == []
+
+
+class WaitsForRoomAtOpen:
+    """An engine whose ``open`` waits in line (for cache room, say) before it answers."""
+
+    def __init__(self, inner, wait: float) -> None:
+        self.inner, self.wait = inner, wait
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def open(self, request_id, prompt_ids, room=None):
+        await asyncio.sleep(self.wait)
+        return await self.inner.open(request_id, prompt_ids, room)
+
+
+async def test_waiting_in_line_at_open_is_not_a_hang(make_model):
+    """Review of issue 21's KV admission: waiting for room at open ran under the step
+    timeout, and one after the other the waits added up, so a request that queued long
+    enough lost its models (or all of them: a 503)."""
+    import dataclasses
+
+    script = "The cat sat on the mat."
+    models = []
+    for name in ("smollm2-135m", "gemma3-270m"):
+        m = make_model(name, script)
+        engine = WaitsForRoomAtOpen(m.engine, wait=0.15)
+        models.append(dataclasses.replace(m, engine=engine, step_timeout=0.2))
+    _, outcome = await run(Fuser(models), FusionParams())
+    assert outcome.text == script
+    assert not [u.dropped for u in outcome.usage.values() if u.dropped]

@@ -977,3 +977,36 @@ def test_the_shipped_default_gate_runs_gated_and_fused_steps_without_losing_a_mo
         assert not [u.dropped for u in outcome.usage.values() if u.dropped]
         steps |= {s.step for s in segments}
     assert steps == {"gated", "fused"}
+
+
+def test_packllm_with_a_request_that_fills_the_cache_does_not_wait_on_itself():
+    """Review of issue 21's KV admission: PackLLM's scratch states opened while the run
+    held its own states; a run whose reservation took every cell (Rerank, a long answer)
+    then waited for itself until its step timeout dropped every model."""
+    from fusion.loop import Fuser
+    from fusion.types import FusionOutcome, FusionParams, Prompt, SelectionPolicy
+
+    models = [small_engine(n, n_ctx=512, max_requests=4) for n in ("smollm2-135m", "gemma3-270m")]
+    params = FusionParams(
+        method="rerank", max_tokens=200, selection=SelectionPolicy("packllm")
+    )  # room: 3 × 200 > 512 cells: the whole cache
+
+    async def run_one():
+        for m in models:
+            await m.engine.start()
+        try:
+            outcome = FusionOutcome()
+            prompt = Prompt(messages=({"role": "user", "content": "Name a colour."},))
+            async for _ in Fuser(models).run(prompt, params, outcome):
+                pass
+            return outcome
+        finally:
+            for m in models:
+                await m.engine.shutdown()
+
+    async def bounded():
+        return await asyncio.wait_for(run_one(), 120)
+
+    outcome = asyncio.run(bounded())
+    assert not [u.dropped for u in outcome.usage.values() if u.dropped]
+    assert outcome.text.strip()
