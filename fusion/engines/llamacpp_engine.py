@@ -148,8 +148,10 @@ class LlamaCppEngine:
             )
         # back-pressure: wait for a free request slot, then for the KV cells the request
         # may fill (every request shares the n_ctx cells; one alone always fits)
-        extra = room if room is not None else self.rt.n_ctx // self.max_requests
-        cells = min(len(prompt_ids) + extra, self.rt.n_ctx)
+        if room is None:  # unknown: a fair share of the cells, or the prompt if longer
+            cells = max(len(prompt_ids), self.rt.n_ctx // self.max_requests)
+        else:
+            cells = min(len(prompt_ids) + room, self.rt.n_ctx)
         await self._slots.acquire()
         try:
             await self._cells.take(cells)
