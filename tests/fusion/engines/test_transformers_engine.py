@@ -182,8 +182,8 @@ async def test_a_model_hung_mid_generate_is_dropped_and_released_without_waiting
     opened = []
     open_state = engine.open
 
-    async def recording_open(request_id, prompt_ids):
-        opened.append(await open_state(request_id, prompt_ids))
+    async def recording_open(request_id, prompt_ids, room=None):
+        opened.append(await open_state(request_id, prompt_ids, room))
         return opened[-1]
 
     engine.open = recording_open
