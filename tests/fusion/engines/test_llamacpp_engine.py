@@ -30,6 +30,12 @@ NEVER = lambda ids: False  # noqa: E731
 # wrong positions are llama_decode's to refuse ("inconsistent sequence positions"), and
 # which tokens a path decodes is counted exactly by the tests, not through the numbers.
 SHAPE_NOISE = 0.2
+# A context assembled by many cache operations (copied branch spans, cuts, redone rows)
+# differs more from a plain evaluation: a probe after 14 random steps, six cases, was off
+# by up to 0.14 nats on this AVX-512 machine and 0.22 on an AVX2-only build here. The
+# cells themselves are checked exactly; a context missing a token moves these log-probs
+# by nats (test_the_shape_tolerance_separates_a_wrong_context).
+ASSEMBLED_NOISE = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -579,14 +585,14 @@ def test_a_fused_answer_with_the_row_after_the_context_decodes_less(llama_models
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_shape_tolerance_separates_a_wrong_context(llama_models, name):
-    """SHAPE_NOISE is far below what a wrong context does to the candidates compared."""
+    """The tolerances are far below what a wrong context does to the candidates compared."""
     m = llama_models[name]
     enc = m.tokenizer.encode
     prompt = m.tokenizer.encode_prompt("The capital of France is Paris. The capital of Italy is")
     for cand in [enc(" Rome, of course"), enc(" Milan"), enc(" Milan, I think")]:
         right = plain_logprobs(m.engine, prompt, cand)
         wrong = plain_logprobs(m.engine, prompt[:-1], cand)
-        assert max(abs(a - b) for a, b in zip(right, wrong)) > 5 * SHAPE_NOISE
+        assert max(abs(a - b) for a, b in zip(right, wrong)) > 2 * ASSEMBLED_NOISE
 
 
 def test_a_scoring_call_stopped_between_its_decodes_gives_its_branches_back(llama_models):
@@ -847,7 +853,7 @@ def test_random_steps_keep_every_decode_valid(llama_models, name, seed):
             await m.engine.release(state)
 
     context, got, probe = asyncio.run(run())
-    assert got == pytest.approx(plain_logprobs(m.engine, context, probe), abs=SHAPE_NOISE)
+    assert got == pytest.approx(plain_logprobs(m.engine, context, probe), abs=ASSEMBLED_NOISE)
     asyncio.run(settled(rt, rt.n_seq_max))
     assert rt.free_seqs == rt.n_seq_max
 
