@@ -68,7 +68,7 @@ EVAL_OUT ?= eval/results
 
 $(EVAL_VENV)/.installed:
 	test -x $(EVAL_VENV)/bin/python || $(PYTHON) -m venv $(EVAL_VENV)
-	$(EVAL_VENV)/bin/python -m pip install $(FIND_LINKS) "torch==2.13.0" "lm-eval==0.4.13"
+	$(EVAL_VENV)/bin/python -m pip install $(FIND_LINKS) "torch==2.13.0" "lm-eval[api]==0.4.13"
 	touch $@
 
 eval: install $(EVAL_VENV)/.installed
