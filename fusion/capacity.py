@@ -15,7 +15,6 @@ from collections import deque
 
 class Pool:
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
         self.free = capacity
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
@@ -31,7 +30,8 @@ class Pool:
         return True
 
     async def take(self, units: int) -> None:
-        """Wait in line for ``units`` (at most ``capacity``) and take them."""
+        """Wait in line for ``units`` and take them (the caller caps them at the
+        capacity: more would never come free)."""
         if self.take_now(units):
             return
         entry = (units, asyncio.get_running_loop().create_future())
