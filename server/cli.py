@@ -8,9 +8,9 @@ import contextlib
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from fusion.loop import Fuser
+from fusion.sources import SourceError
 from fusion.types import (
     METHODS,
     RULES,
@@ -20,6 +20,7 @@ from fusion.types import (
     Segment,
     SelectionPolicy,
 )
+from server.cli_flags import add_model_arguments, config_file, overrides
 from server.config import AppConfig, ConfigError, load_config
 
 
@@ -28,13 +29,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
-    serve.add_argument("--config", default="config.yaml")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server",
+        description="Serve the source models fused under one model name (and each alone "
+        "under its own), e.g. `fusion-server serve Qwen/Qwen2.5-7B-Instruct "
+        "meta-llama/Llama-3.1-8B-Instruct --api-key K`; without models, config.yaml.",
+    )
+    add_model_arguments(serve)
 
-    prep = sub.add_parser("prepare", help="convert and cache every configured model once")
-    prep.add_argument("--config", default="config.yaml")
+    prep = sub.add_parser(
+        "prepare",
+        help="fetch, convert and cache every model once (the same models and flags as serve)",
+    )
+    add_model_arguments(prep)
 
     gen = sub.add_parser("generate", help="print one fused answer")
     gen.add_argument("prompt")
@@ -95,10 +103,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    pairs = (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)))
-    server = {k: v for k, v in pairs if v is not None}
-    return {"server": server} if server else {}
+def _load(args: argparse.Namespace) -> AppConfig:
+    if args.command in ("serve", "prepare"):
+        return load_config(config_file(args), **overrides(args))
+    return load_config(args.config)
+
+
+def _check_sources(config: AppConfig) -> None:
+    """Hub models that cannot be had (missing, gated, not cached offline) fail before the
+    server starts, rather than as a load error behind a listening port."""
+    from fusion import hub
+
+    for mc in config.models:
+        try:
+            hub.check(mc.source)
+        except SourceError as exc:
+            raise ConfigError(f"model {mc.name}: {exc}") from None
 
 
 def _selection(config: AppConfig, args: argparse.Namespace) -> SelectionPolicy:
@@ -239,14 +259,18 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
 
 
 def _prepare(config: AppConfig) -> int:
-    from fusion.sources import SourceError
-    from server.engine_registry import prepare
+    from server.engine_registry import plan, prepare
 
-    for mc in config.models:
+    try:
+        planned = plan(list(config.models))
+    except SourceError as exc:
+        print(f"fusion-server: {exc}", file=sys.stderr)
+        return 1
+    for p in planned:
         try:
-            print(f"{mc.name}: {prepare(mc)}")
+            print(f"{p.config.name}: {prepare(p)}")
         except SourceError as exc:
-            print(f"fusion-server: model {mc.name}: {exc}", file=sys.stderr)
+            print(f"fusion-server: model {p.config.name}: {exc}", file=sys.stderr)
             return 1
     return 0
 
@@ -255,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config, **_overrides(args))
+        config = _load(args)
         if args.command == "generate":
             return asyncio.run(_generate(config, args))
         if args.command == "prepare":
@@ -264,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_calibrate(config, args))
         from server.app import serve
 
+        _check_sources(config)
         return serve(config)
     except ConfigError as exc:
         print(f"fusion-server: {exc}", file=sys.stderr)

