@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,12 @@ class Metrics:
         self.queued = Gauge("fusion_requests_queued", "Requests waiting", registry=r)
         self.engine_up = Gauge(
             "fusion_engine_up", "1 if a source engine is healthy", ["source"], registry=r
+        )
+        self.model_available = Gauge(
+            "fusion_model_available",
+            "1 if a served model name can answer (a fused one: one of its engines is up)",
+            ["model"],
+            registry=r,
         )
         self.open_states = Gauge(
             "fusion_engine_open_states",
@@ -187,6 +194,14 @@ class Metrics:
             self.source_tokens.labels(name, "scored").inc(usage.scored_tokens)
             if usage.dropped:
                 self.dropped.labels(name).inc()
+
+    def availability(self, engines: Mapping[str, bool], models: Mapping[str, bool]) -> None:
+        """What the last health check found: each engine up or not, each served model
+        name able to answer or not."""
+        for name, up in engines.items():
+            self.engine_up.labels(name).set(up)
+        for name, ok in models.items():
+            self.model_available.labels(name).set(ok)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -28,6 +28,9 @@ class ServerState:
     service: FusionService | None = None
     models: list[SourceModel] = field(default_factory=list)
     load_error: str | None = None
+    # the longest /health waits for one engine's check_health (they run at once); below
+    # an orchestrator's probe timeout, so a hung engine is reported down, not the server
+    health_timeout_seconds: float = 5.0
 
     def ready_service(self) -> FusionService:
         if self.service is None:

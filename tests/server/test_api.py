@@ -334,41 +334,6 @@ async def test_one_failing_model_does_not_fail_the_request(client, trio):
         assert "dropped" in r.json()["usage"]["models"]["gemma3-270m"]
 
 
-async def test_health_is_503_when_loading_failed_or_an_engine_is_down(make_config, trio):
-    import httpx
-
-    from server.app import create_app
-    from server.config import load_config
-
-    broken = load_config(None, models=[{"name": "x", "source": "pip:no-such-model"}])
-    app = create_app(broken)
-    transport = httpx.ASGITransport(app=app)
-    client = httpx.AsyncClient(transport=transport, base_url="http://t")
-    async with client as http, app.router.lifespan_context(app):
-        for _ in range(100):
-            if app.state.fusion.load_error:
-                break
-            await asyncio.sleep(0.02)
-        r = await http.get("/health")
-        assert r.status_code == 503 and "unknown pip model" in r.json()["status"]
-        chat = await http.post("/v1/chat/completions", json=CHAT)
-        assert chat.status_code == 503 and chat.headers["retry-after"]
-
-    models = trio()
-    app = create_app(make_config(), models=models)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-        assert (await http.get("/health")).status_code == 200
-
-        async def down() -> None:
-            raise RuntimeError("engine process died")
-
-        models[0].engine.check_health = down
-        r = await http.get("/health")
-        assert r.status_code == 503 and "smollm2-135m" in r.json()["engines"]
-        assert 'fusion_engine_up{source="smollm2-135m"} 0.0' in (await http.get("/metrics")).text
-
-
 def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     """The (labels, value) of every sample called ``name`` in a Prometheus exposition."""
     return [
