@@ -212,7 +212,7 @@ def materialize(source: str, weights: bool = True) -> str:
         if is_gguf(ref):
             parts = pick_gguf(ref, _files(ref))
             paths = [hub.hf_hub_download(ref.repo, part, revision=ref.revision) for part in parts]
-            log.info("model %s: GGUF %s", ref, parts[0])
+            log.info("model %s: %s", ref, paths[0])
             return f"gguf:{paths[0]}"
         files = _files(ref)
         patterns = list(_TOKENIZER_FILES)
@@ -232,6 +232,7 @@ def materialize(source: str, weights: bool = True) -> str:
         raise
     except Exception as exc:
         raise _explain(ref, exc) from exc
+    log.info("model %s: %s", ref, folder)
     if not _has_tokenizer(folder):
         raise SourceError(
             f"model {ref}: {ref.repo} has no tokenizer (tokenizer.json, tokenizer.model or "
@@ -239,4 +240,10 @@ def materialize(source: str, weights: bool = True) -> str:
         )
     if weights and not (folder / "config.json").is_file():
         raise SourceError(f"model {ref}: {ref.repo} has no config.json (not a Transformers model)")
+    if weights and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        where = "in the local Hub cache (HF_HUB_OFFLINE is set)" if _offline() else "in the repo"
+        raise SourceError(
+            f"model {ref}: {ref.repo} has no weights (*.safetensors or *.bin) {where}; a GGUF "
+            "repo needs its quantisation, e.g. ORG/NAME:Q4_K_M"
+        )
     return f"hf:{folder}"
