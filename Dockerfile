@@ -1,10 +1,14 @@
-# fusion-server on a GPU host, on top of vLLM's official OpenAI-server image (which
-# brings CUDA, torch and vllm). Cannot be built on the CPU-only development machines.
+# fusion-server on a GPU host, on top of vLLM's official OpenAI-server image (CUDA, torch,
+# vLLM). NOT built on the development machines (no Docker engine, no GPU there);
+# tests/test_images.py checks what it can without Docker (docs/DEPLOYMENT.md, "Images").
 #
 #   docker build -t fusion-server .
-#   docker run --gpus all -p 8000:8000 -v /srv/models:/models fusion-server
+#   docker run --gpus all --ipc=host -p 8000:8000 \
+#     -v ~/.cache/huggingface:/root/.cache/huggingface -e HF_TOKEN \
+#     fusion-server serve Qwen/Qwen2.5-7B-Instruct meta-llama/Llama-3.1-8B-Instruct --host 0.0.0.0
 #
-# The default command serves config.gpu.yaml; mount your own and pass --config to change it.
+# Without arguments it serves config.gpu.yaml (three ~8B models from the Hub); mount your
+# own config and pass `serve --config /path/in/container.yaml --host 0.0.0.0` to change it.
 FROM vllm/vllm-openai:v0.32.0
 
 WORKDIR /app
@@ -12,12 +16,20 @@ COPY pyproject.toml README.md ./
 COPY fusion ./fusion
 COPY tokenizers_align ./tokenizers_align
 COPY server ./server
+
+# Our package on the image's vLLM, torch and transformers, without the llamacpp extra (it
+# compiles llama.cpp; vLLM is the engine here). The image's own versions are passed as
+# constraints, so pip adds our light dependencies and replaces nothing the image ships.
+RUN python3 -m pip list --format=freeze | grep -v -E '^(pip|setuptools|wheel)==' > /tmp/image.txt \
+ && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir -c /tmp/image.txt . \
+ && rm /tmp/image.txt \
+ && python3 -c "import vllm, fusion.engines.vllm_engine, server.app; print('vllm', vllm.__version__)" \
+ && fusion-server --help > /dev/null
+
 COPY config.yaml config.gpu.yaml ./
 
-# vllm is already in the image; install only our package and its light dependencies.
-RUN pip install --no-cache-dir -e . \
- && python -c "import vllm, fusion, server; print('vllm', vllm.__version__)"
-
 EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30m --retries=3 \
+  CMD curl -fsS http://localhost:8000/health || exit 1
 ENTRYPOINT ["fusion-server"]
 CMD ["serve", "--config", "config.gpu.yaml", "--host", "0.0.0.0", "--port", "8000"]
