@@ -47,7 +47,7 @@ $(STAMP)-venv:
 	    exit 1; }; \
 	else \
 	  $(PYTHON) -c '$(PY_OK)' 2>/dev/null || { echo "fusion-server needs Python >= 3.11, and" \
-	    "PYTHON=$(PYTHON) is $$($(PYTHON) --version 2>&1 || echo 'not found'). Pass another" \
+	    "PYTHON=$(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo 'not found'). Pass another" \
 	    "interpreter, e.g. make serve PYTHON=python3.12" >&2; exit 1; }; \
 	  echo "$(PYTHON) -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); \
 	fi

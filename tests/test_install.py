@@ -79,7 +79,10 @@ def test_install_picks_vllm_by_what_nvidia_smi_lists(
 @pytest.mark.parametrize(
     ("script", "shown"),
     [
-        ('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.10.14"\nexit 1\n', "Python 3.10.14"),
+        (
+            '#!/bin/sh\n[ "$1" = --version ] && { echo "Python 3.10.14"; exit 0; }\nexit 1\n',
+            "3.10.14",
+        ),
         (None, "not found"),
     ],
 )
@@ -99,6 +102,7 @@ def test_an_old_or_missing_python_is_named_with_the_way_out(
     )
     assert done.returncode != 0
     assert "needs Python >= 3.11" in done.stderr and shown in done.stderr, done.stderr
+    assert ("not found" in done.stderr) == (script is None), done.stderr
     assert "make serve PYTHON=python3.12" in done.stderr, done.stderr
     assert not venv.exists()
 
