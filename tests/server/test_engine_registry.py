@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import logging
+
+import pytest
 
 from fusion.engines.vllm_engine import engine_settings
 from server.config import ConfigError, LlamaCppOptions, VllmOptions, load_config
