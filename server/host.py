@@ -117,7 +117,7 @@ def gpu_shares(weights: Mapping[str, int], gpu_bytes: int, taken: float = 0.0) -
             f"{ENGINE_OVERHEAD_BYTES / GIB:.0f} GiB each for activations and KV cache, need "
             f"{sum(need.values()) / GIB:.1f} GiB; {budget:.0%} of the GPU's "
             f"{gpu_bytes / GIB:.1f} GiB is {max(budget, 0) * gpu_bytes / GIB:.1f} GiB. Use "
-            "smaller or quantised models, one GPU per model (options: {gpu: 'N'}), or set "
+            "smaller or quantised models, one GPU per model (options: {vllm: {gpu: 'N'}}), or set "
             "gpu_memory_utilization per model"
         )
     total = sum(weights.values()) or 1
