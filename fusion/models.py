@@ -15,6 +15,7 @@ from pathlib import Path
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from fusion.engine import Engine
+from fusion.tokenizer_loading import load_tokenizer
 from tokenizers_align import TokenizerAdapter
 
 PLAIN_TEMPLATE = (
@@ -112,9 +113,12 @@ def build_source_model(
     stop_strings: Sequence[str] = (),
     max_model_len: int = 0,
     step_timeout: float | None = None,
+    trust_remote_code: bool = False,
 ) -> SourceModel:
-    """A ``SourceModel`` from an HF folder: its tokenizer, template and turn-end token."""
-    tokenizer = TokenizerAdapter.from_dir(model_dir, name=name)
+    """A ``SourceModel`` from an HF folder: its tokenizer (``tokenizer.json``, else through
+    transformers, running the folder's tokenizer code only with ``trust_remote_code``),
+    template and turn-end token."""
+    tokenizer = load_tokenizer(model_dir, name, trust_remote_code=trust_remote_code)
     template = chat_template or load_chat_template(model_dir)
     stops = tuple(stop_strings)
     if template is None:

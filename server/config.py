@@ -263,6 +263,12 @@ class _ModelBase(_Strict):
         description="Longest one engine call may take (a step; a whole continuation for "
         "rerank) before the model is dropped from the request; null: no limit.",
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the Python code the model folder ships (auto_map: a tokenizer such "
+        "as GLM-4's or Qwen-1's, a model class) when loading its tokenizer and in vLLM, as "
+        "vLLM's --trust-remote-code; only for folders you trust.",
+    )
 
 
 class TransformersModel(_ModelBase):

@@ -74,16 +74,19 @@ def _llamacpp(name: str, source: str, opts: Any) -> Built:
 def tokenizer_source(source: str) -> Path:
     """A folder with the tokenizer and chat template of ``source``, without its weights:
     the tokenizer-only folder of a GGUF (``pip:``, ``gguf:``), else the HF folder itself
-    (``tokenizer.json`` is enough; no ``config.json`` or weights needed)."""
+    (its tokenizer files are enough: tokenizer.json, tokenizer.model, *.tiktoken or remote
+    code; no ``config.json`` or weights needed)."""
+    from fusion.tokenizer_loading import TOKENIZER_FILES, has_tokenizer_files
+
     if _has_gguf(source):
         return resolve_gguf(source).tokenizer_dir
     kind, _, rest = source.partition(":")
     path = Path(rest if kind == "hf" else source).expanduser()
-    if not (path / "tokenizer.json").is_file():
+    if not has_tokenizer_files(path):
         raise SourceError(
-            f"model source {source!r}: {path} has no tokenizer.json (an engine on a remote "
-            "server still needs the model's tokenizer here); use pip:<name>, gguf:<file>, "
-            "or a folder with the model's tokenizer files"
+            f"model source {source!r}: {path} has no tokenizer ({TOKENIZER_FILES}; an engine "
+            "on a remote server still needs the model's tokenizer here); use pip:<name>, "
+            "gguf:<file>, or a folder with the model's tokenizer files"
         )
     return path
 

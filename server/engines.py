@@ -29,6 +29,7 @@ async def load_models(config: AppConfig) -> list[SourceModel]:
                     chat_template=mc.chat_template,
                     stop_strings=mc.stop,
                     step_timeout=mc.step_timeout_seconds,
+                    trust_remote_code=mc.trust_remote_code,
                 )
             )
             await built.engine.start()

@@ -30,6 +30,16 @@ def complete_text(text: str) -> str:
     return text.rstrip(REPLACEMENT)
 
 
+def folder_settings(folder: Path) -> tuple[dict[str, object], dict[str, object]]:
+    """(tokenizer_config.json, generation_config.json) of a model folder; {} when absent."""
+
+    def read(name: str) -> dict[str, object]:
+        path = folder / name
+        return dict(json.loads(path.read_text())) if path.is_file() else {}
+
+    return read("tokenizer_config.json"), read("generation_config.json")
+
+
 def _pretokenizer_splits(tokenizer: Tokenizer) -> bool:
     """Whether the pre-tokenizer splits text into several words (so word_ids mean words)."""
     # Probed through a full encode: a pre-tokenizer may run after a normalizer that removes
@@ -56,15 +66,19 @@ class TokenizerAdapter:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_dir(cls, folder: str | Path, name: str | None = None) -> TokenizerAdapter:
-        """Load ``tokenizer.json`` (+ ``tokenizer_config.json``) from a model folder."""
+        """Load ``tokenizer.json`` (+ ``tokenizer_config.json``) from a model folder.
+
+        Folders without ``tokenizer.json`` (a SentencePiece or tiktoken vocabulary, remote
+        code) load through transformers, outside this package: ``fusion.tokenizer_loading``.
+        """
         folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"{folder} has no tokenizer.json (fusion.tokenizer_loading.load_tokenizer "
+                "reads tokenizer.model, *.tiktoken and remote-code tokenizers)"
+            )
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        config: dict[str, object] = {}
-        if (folder / "tokenizer_config.json").is_file():
-            config = json.loads((folder / "tokenizer_config.json").read_text())
-        gen: dict[str, object] = {}
-        if (folder / "generation_config.json").is_file():
-            gen = json.loads((folder / "generation_config.json").read_text())
+        config, gen = folder_settings(folder)
         return cls.from_tokenizer(tokenizer, name or folder.name, config, gen)
 
     @classmethod

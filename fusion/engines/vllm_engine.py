@@ -70,6 +70,7 @@ def engine_settings(opts: dict[str, Any], on_cpu: bool) -> tuple[dict[str, str],
         "dtype": dtype,
         "disable_log_stats": True,
         "seed": 0,
+        "trust_remote_code": bool(opts.get("trust_remote_code", False)),  # the model's field
     }
     if opts.get("max_model_len"):
         settings["max_model_len"] = int(opts["max_model_len"])

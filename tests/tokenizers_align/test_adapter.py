@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from tests.tokenizers_align.conftest import SLOW
 from tokenizers_align import TokenizerAdapter, complete_text
 
 
@@ -36,8 +37,8 @@ def test_llama2_dummy_prefix_and_byte_fallback(all_adapters):
     assert words(llama2, text) == ["Hi", " ", "🙂", " there", "\n", "ok"]
 
 
-def test_last_word_is_never_complete(all_adapters):
-    for adapter in all_adapters.values():
+def test_last_word_is_never_complete(aligned_adapters):
+    for adapter in aligned_adapters.values():
         assert 7 not in adapter.word_ends("capital"), adapter.name
         assert adapter.word_ends("") == []
 
@@ -51,12 +52,12 @@ def test_incomplete_utf8_is_cut_before_analysis(default_adapters):
     assert all(p <= len(complete_text(partial)) for p in smol.word_ends(partial))
 
 
-ALL = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "llama3", "llama2"]
+ALL = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "llama3", "llama2", *SLOW]
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_word_ends_are_token_boundaries_that_round_trip(all_adapters, name):
-    adapter = all_adapters[name]
+def test_word_ends_are_token_boundaries_that_round_trip(aligned_adapters, name):
+    adapter = aligned_adapters[name]
     text = "def f(x):\n    return x**2  # 12345 café 你好 🙂\ttab"
     for p in adapter.word_ends(text):
         assert adapter.decode(adapter.encode(text[:p])) == text[:p]
@@ -69,3 +70,18 @@ def test_gemma_adds_bos_to_prompts_only(default_adapters):
     assert gemma.bos_id not in gemma.encode("hi")
     qwen = default_adapters["qwen2.5-0.5b"]
     assert qwen.encode_prompt("hi") == qwen.encode("hi")
+
+
+def test_from_dir_without_tokenizer_json_names_the_folder(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer\.json") as err:
+        TokenizerAdapter.from_dir(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_mistral_sentencepiece_words_split_at_whitespace_edges(slow_adapters):
+    mistral = slow_adapters["mistral-spm"]
+    assert not mistral.splits_words  # SentencePiece-style, as Llama-2 and Gemma
+    # its vocabulary has no "\n\n": each newline is a token, and a word of its own
+    expected = ["Hello", " world,", " it's", "\n", "\n", "fine"]
+    assert words(mistral, "Hello world, it's\n\nfine") == expected
