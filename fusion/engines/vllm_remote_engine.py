@@ -66,9 +66,11 @@ class VllmRemoteEngine(VllmCalls):
         max_backoff_seconds: float = 30.0,
         score_lookahead_tokens: int = LOOKAHEAD_TOKENS,
         transport: httpx.AsyncBaseTransport | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         self.name = name
         self.tokenizer_dir = Path(tokenizer_dir)
+        self.trust_remote_code = trust_remote_code
         self.url = url.rstrip("/")
         self.start_timeout = start_timeout_seconds
         self.score_lookahead = max(0, score_lookahead_tokens)
@@ -128,11 +130,15 @@ class VllmRemoteEngine(VllmCalls):
 
     async def _check_vocabulary(self) -> None:
         """The remote must serve the vocabulary alignment and templates use (ours)."""
-        from tokenizers import Tokenizer
+        from fusion.tokenizer_loading import load_tokenizer
 
-        path = str(self.tokenizer_dir / "tokenizer.json")
-        tok = await asyncio.to_thread(Tokenizer.from_file, path)
-        ours = tok.encode(PROBE_TEXT, add_special_tokens=False).ids
+        adapter = await asyncio.to_thread(
+            load_tokenizer,
+            self.tokenizer_dir,
+            self.name,
+            trust_remote_code=self.trust_remote_code,
+        )
+        ours = adapter.encode(PROBE_TEXT)
         body = {"prompt": PROBE_TEXT, "add_special_tokens": False}
         answer = await self._rv().post("/tokenize", body)
         theirs = [int(t) for t in answer.get("tokens", [])]

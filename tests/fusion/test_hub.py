@@ -176,8 +176,8 @@ def test_a_repo_without_a_tokenizer_is_refused(tmp_path):
     add_repo(tmp_path, "org/no-tokenizer", {"config.json": config})
     (message,) = _resolve(tmp_path, "org/no-tokenizer")
     assert message == (
-        "error: model hf:org/no-tokenizer: org/no-tokenizer has no tokenizer "
-        "(tokenizer.json, tokenizer.model or *.tiktoken)"
+        "error: model hf:org/no-tokenizer: org/no-tokenizer has no tokenizer (tokenizer.json, "
+        "tokenizer.model, *.tiktoken, or remote code (auto_map))"
     )
 
 

@@ -401,5 +401,5 @@ def test_the_registry_builds_a_remote_engine_from_tokenizer_files_only(
     assert built.engine.score_lookahead == 0  # off
     assert build(planned[1]).engine.score_lookahead == LOOKAHEAD_TOKENS
     assert (prepare(planned[1]) / "tokenizer.json").is_file()
-    with pytest.raises(SourceError, match=r"no tokenizer\.json"):
+    with pytest.raises(SourceError, match=r"has no tokenizer \(tokenizer\.json, tokenizer\.model"):
         build(planned[2])
