@@ -11,8 +11,8 @@ costs nothing. The transformers and vLLM backends implement this protocol.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 
 class EngineError(RuntimeError):
@@ -40,6 +40,21 @@ def wrap_seed(seed: int) -> int:
     return seed % SEED_SPACE
 
 
+class TokenConstraint(Protocol):
+    """Which tokens may come next in one model's vocabulary (a grammar: fusion/grammar.py).
+
+    An engine that honours it (``constrains = True``) calls ``mask`` on each next-token
+    distribution before it picks, and ``take`` with each token it emits, look-ahead it
+    replays included; it stops where ``take`` refuses. Between calls the fusion loop owns
+    it: it rewinds what a call took and advances it over what is committed."""
+
+    def mask(self, logprobs: Any) -> Any:
+        """``logprobs`` (a 1-D numpy array) with every disallowed token at -inf (a copy)."""
+
+    def take(self, token: int) -> bool:
+        """Advance over ``token``; False (and no move) when the grammar does not allow it."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How a model picks its tokens: greedy at temperature 0 (the default)."""
@@ -47,6 +62,8 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None  # wrapped into [0, 2**63), offsets added to it included
+    # the request's grammar in this model's tokens (per model and request; not a value)
+    constraint: TokenConstraint | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.seed is not None:
