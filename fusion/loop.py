@@ -13,10 +13,12 @@ request (open, run on all, drop, release) in ``fusion.members``, the three steps
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Sequence
 
 from fusion.gate import gate_leader, gated
+from fusion.grammar import AnswerGrammar, MemberGrammar, Vocabularies
 from fusion.members import Members
 from fusion.models import SourceModel
 from fusion.proposals import Proposal
@@ -44,6 +46,7 @@ class Fuser:
     def __init__(self, models: Sequence[SourceModel], window_pieces: int = 4) -> None:
         self.members = Members(models, window_pieces)
         self.models = self.members.models
+        self.vocabularies = Vocabularies()  # per member, for grammars
 
     def select(self, names: Sequence[str] | None) -> list[SourceModel]:
         return self.members.select(names)
@@ -58,6 +61,7 @@ class Fuser:
                 # before the run holds any engine state: scoring the prompt opens a
                 # scratch state in every engine, which may have to wait for room
                 await prompt_weights(self.members, run)
+            await self._grammar(run)
             await self.members.open(run, whole=params.method == "rerank")
             if params.method in ("cool", "cool_shortest"):
                 async with contextlib.aclosing(self._cool(run, emit=True)) as segments:
@@ -69,9 +73,26 @@ class Fuser:
                 async with contextlib.aclosing(self._cool(run, emit=False)) as segments:
                     async for _ in segments:
                         pass
-                yield await rerank(self.members, run, fused=FusedAnswer.of(run))
+                fused = FusedAnswer.of(run)
+                await self._grammar(run)  # whole answers start the grammar afresh
+                yield await rerank(self.members, run, fused=fused)
         finally:
             await self.members.release(run)
+
+    async def _grammar(self, run: Run) -> None:
+        """Start the request's grammar: over the answer's bytes, and in the tokens of each
+        member whose engine constrains its sampling (the others' candidates are cut)."""
+        spec = run.params.grammar
+        if spec is None:
+            return
+        run.answer_grammar = AnswerGrammar(spec)
+        run.member_grammars = {}
+        for m in run.models:
+            if getattr(m.engine, "constrains", False):
+                vocab = await asyncio.to_thread(
+                    self.vocabularies.get, m.name, m.tokenizer.tokenizer.to_str, m.stop_ids
+                )
+                run.member_grammars[m.name] = MemberGrammar(vocab, spec)
 
     async def _cool(self, run: Run, emit: bool) -> AsyncGenerator[Segment, None]:
         """Step after step until an end, a stop string or the token budget; each winner

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fusion.engine import GREEDY, Generation, Sampling, StateHandle
+from fusion.grammar import AnswerGrammar, MemberGrammar
 from fusion.models import SourceModel
 from tokenizers_align import (
     IncrementalCodec,
@@ -34,6 +35,8 @@ class Proposal:
     hit_cap: bool  # generation stopped at the token cap
     align_seconds: float = 0.0  # decoding and word-boundary checks while generating
     reused: int = 0  # of ``generated``, look-ahead the engine kept from an earlier step
+    cut: bool = False  # cut to the grammar's longest valid prefix (its engine could not
+    # constrain it, or it ended where the grammar does not)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ async def propose(
     user_stops: Sequence[str] = (),
     sampling: Sampling = GREEDY,
     written: str = "",
+    grammar: AnswerGrammar | None = None,
 ) -> Proposal:
     """Generate ``model``'s candidate after the shared text.
 
@@ -123,8 +127,18 @@ async def propose(
     check = _StopCheck(
         codec, boundary_adapters, model.stop_strings, user_stops, until_boundary, written
     )
-    gen = await model.engine.generate(state, cap, model.stop_ids, check, sampling)
+    try:
+        gen = await model.engine.generate(state, cap, model.stop_ids, check, sampling)
+    finally:
+        if isinstance(sampling.constraint, MemberGrammar):
+            sampling.constraint.rewind()
     text, ended, own, hit_cap = _candidate(gen, check, cap)
+    cut = False
+    if grammar is not None:
+        valid, complete = grammar.valid_prefix(text)
+        cut = valid != text or (ended and not complete)
+        if cut:  # scored as text: no end token, and not the tokens it generated
+            text, ended, own = valid, False, None
     own_ids, own_lps = (gen.ids[:own], gen.logprobs[:own]) if own is not None else (None, None)
     return Proposal(
         model=model.name,
@@ -136,6 +150,7 @@ async def propose(
         hit_cap=hit_cap,
         align_seconds=check.seconds,
         reused=min(gen.reused, len(gen.ids)),
+        cut=cut,
     )
 
 

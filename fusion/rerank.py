@@ -61,6 +61,7 @@ async def rerank(members: Members, run: Run, fused: FusedAnswer | None) -> Segme
             until_boundary=False,
             user_stops=params.stop,
             sampling=model_sampling(run, m),
+            grammar=run.answer_grammar,
         )
 
     candidates = proposed(run, await members.each(run, one))

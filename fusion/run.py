@@ -4,12 +4,14 @@ candidates grouped by text, token counts, per-model sampling and cache room."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fusion.clock import StepClock
 from fusion.engine import Sampling, StateHandle
+from fusion.grammar import AnswerGrammar, MemberGrammar
 from fusion.models import SourceModel
 from fusion.proposals import Proposal
 from fusion.types import (
@@ -50,6 +52,9 @@ class Run:
     ended: bool = False  # the last chosen candidate ended the answer (Cool+R's fused text)
     prompt_weights: dict[str, float] | None = None  # PackLLM's, once per request
     written: str = ""  # the end of the committed answer, where a turn marker may start
+    # structured output: the answer's grammar over bytes, and each constraining member's
+    answer_grammar: AnswerGrammar | None = None
+    member_grammars: dict[str, MemberGrammar] = field(default_factory=dict)
 
     def wrote(self, text: str) -> None:
         self.written = (self.written + text)[-WRITTEN_KEPT:]
@@ -114,12 +119,16 @@ def content_tokens(run: Run, p: Proposal) -> int:
 
 
 def model_sampling(run: Run, m: SourceModel) -> Sampling:
-    """The request's sampling for one model: a seed of its own, so models differ."""
+    """The request's sampling for one model: a seed of its own, so models differ, and
+    its grammar in its own tokens where its engine constrains."""
     sampling = run.params.sampling
+    grammar = run.member_grammars.get(m.name)
+    if grammar is not None and not grammar.lost:
+        sampling = dataclasses.replace(sampling, constraint=grammar)
     if sampling.greedy or sampling.seed is None:
         return sampling
     offset = list(run.outcome.usage).index(m.name)
-    return Sampling(sampling.temperature, sampling.top_p, sampling.seed + offset)
+    return dataclasses.replace(sampling, seed=sampling.seed + offset)
 
 
 def room(run: Run, whole: bool = False) -> int:

@@ -47,6 +47,7 @@ async def propose_all(
             until_boundary=True,
             sampling=model_sampling(run, m),
             written=run.written,
+            grammar=run.answer_grammar,
         )
 
     got = await members.each(run, one)
@@ -90,9 +91,9 @@ async def score_all(
             (name, perplexity(lps[i], run.params.ppl_mode)) for name, lps in per_model.items()
         )
         mean = sum(p for _, p in ppl) / len(ppl)
-        scored.append(
-            ScoredCandidate(c.text, tuple(p.model for p in c.proposals), c.ended, ppl, mean)
-        )
+        proposers = tuple(p.model for p in c.proposals)
+        cut = any(p.cut for p in c.proposals)
+        scored.append(ScoredCandidate(c.text, proposers, c.ended, ppl, mean, cut=cut))
     return scored, per_model
 
 
@@ -159,10 +160,15 @@ async def commit_all(members: Members, run: Run, win: Candidate) -> None:
             ids = run.encode(m.name, win.text)
         await m.engine.commit(run.states[m.name], ids)
         codec.commit(win.text)
+        grammar = run.member_grammars.get(m.name)
+        if grammar is not None:
+            grammar.commit(ids)
         if m is run.models[0]:
             run.context_tokens += len(ids)
 
     await members.each(run, one)
+    if run.answer_grammar is not None:
+        run.answer_grammar.commit(win.text)
     run.wrote(win.text)
     run.encoded.clear()  # every codec's tail moved on
 

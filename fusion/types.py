@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fusion.engine import GREEDY, Sampling
+from fusion.grammar import GrammarSpec
 
 Method = Literal["cool", "cool_shortest", "rerank", "cool_rerank"]
 METHODS: tuple[Method, ...] = ("cool", "cool_shortest", "rerank", "cool_rerank")
@@ -96,6 +97,7 @@ class FusionParams:
     models: tuple[str, ...] | None = None  # a subset of the source models, by name
     sampling: Sampling = GREEDY  # each source model samples its own candidates this way
     selection: SelectionPolicy = DEFAULT_POLICY
+    grammar: GrammarSpec | None = None  # structured output: every segment keeps it valid
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class ScoredCandidate:
     mean_perplexity: float
     score: float | None = None  # the selection rule's aggregate (lower wins), if it ran
     excluded: bool = False  # by the repetition guard
+    cut: bool = False  # cut to the grammar's longest valid prefix (a member not constrained)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ def trace_of(seg: Segment) -> dict[str, Any]:
                 "mean_perplexity": _finite(c.mean_perplexity),
                 "score": None if c.score is None else _finite(c.score),  # the rule's; lowest won
                 "excluded": c.excluded,  # by the repetition guard
+                "cut": c.cut,  # to the grammar's longest valid prefix
                 "perplexities": {name: _finite(p) for name, p in c.perplexities},
             }
             for c in seg.candidates

@@ -49,6 +49,8 @@ PROBE_TEXT = "Natalia sold clips to 48 of her friends in April.\n  Größe: 3.5 
 class LlamaCppEngine:
     """Engine protocol on llama.cpp (llama-cpp-python's low-level API)."""
 
+    constrains = True  # honours Sampling.constraint (grammars) in its own sampling
+
     def __init__(
         self,
         name: str,
@@ -261,6 +263,7 @@ class LlamaCppEngine:
         lps: list[float] = []
         stopped_on: int | None = None
         kept = len(book.ahead)  # look-ahead from an earlier call, replayed first
+        grammar = sampling.constraint
         while len(out) < max_tokens:
             i = len(out)
             if i >= len(book.ahead):
@@ -268,8 +271,10 @@ class LlamaCppEngine:
                     yield from self._decode_ahead(st)
                 row = book.tail
                 assert row is not None
-                tok = _pick(st, row, sampling)
-                book.push(tok, float(row[tok]), row)
+                tok = _pick(st, row if grammar is None else grammar.mask(row), sampling)
+                book.push(tok, float(row[tok]), row)  # scored raw: as the others score it
+            if grammar is not None and not grammar.take(book.ahead[i]):
+                break  # the grammar allows nothing more (or look-ahead it refuses)
             out.append(book.ahead[i])
             lps.append(book.ahead_lp[i])
             if out[-1] in stop_ids:

@@ -50,6 +50,8 @@ def _inference(fn: Callable[..., T], *args: Any) -> T:
 class TransformersEngine:
     """Engine protocol on a Hugging Face causal LM (CPU fp32 by default)."""
 
+    constrains = True  # honours Sampling.constraint (grammars) in its own sampling
+
     def __init__(
         self,
         name: str,
@@ -300,6 +302,7 @@ class TransformersEngine:
         lps: list[float] = []
         stopped_on: int | None = None
         reused = 0
+        grammar = sampling.constraint
         while len(out) < max_tokens:
             if st.cancelled:  # released (e.g. timed out): stop at the next token
                 raise asyncio.CancelledError()
@@ -310,8 +313,14 @@ class TransformersEngine:
                 dist = book.tail
                 if dist is None:
                     dist = self._refeed_last(st) if i == 0 else self._dist_after_ahead(st)
-                tok = self._pick(st, dist, sampling)
-                book.push(tok, float(dist[tok]), dist)
+                allowed = dist
+                if grammar is not None:
+                    masked = grammar.mask(dist.detach().float().cpu().numpy())
+                    allowed = torch.from_numpy(masked).to(dist.device, dist.dtype)
+                tok = self._pick(st, allowed, sampling)
+                book.push(tok, float(dist[tok]), dist)  # scored raw: as the others score it
+            if grammar is not None and not grammar.take(book.ahead[i]):
+                break  # the grammar allows nothing more (or look-ahead it refuses)
             out.append(book.ahead[i])
             lps.append(book.ahead_lp[i])
             if out[-1] in stop_ids:
@@ -319,6 +328,7 @@ class TransformersEngine:
                 break
             if should_stop(out):
                 break
+        reused = min(reused, len(out))  # a replayed token the grammar refused is not out
         return Generation(tuple(out), tuple(lps), stopped_on=stopped_on, reused=reused)
 
     def _refeed_last(self, st: TransformersState) -> torch.Tensor:

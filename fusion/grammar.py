@@ -1,0 +1,182 @@
+"""Structured outputs across tokenizers: one grammar, each member's tokens (llguidance).
+
+A request's grammar (a JSON schema, a regex, a choice, a Lark or GBNF grammar) is compiled
+once per member against that member's vocabulary. While a member generates, its engine
+masks every next-token distribution with the member's ``MemberGrammar`` (so its candidate
+is a valid continuation) and advances it over each token; the loop rewinds what a call
+took and, when a segment is committed, advances every member's grammar over the winner
+in that member's own tokens. llguidance matches bytes, so a member accepts the winner in
+any tokenization, not only its canonical one (measured: bench/grammar_masks.py).
+
+``AnswerGrammar`` holds the same grammar over bytes, for the committed answer: it checks
+candidates whatever wrote them, and cuts those of a member whose engine cannot constrain
+its sampling to their longest valid prefix. llguidance was chosen over xgrammar by
+measurement (docs/BENCHMARKS.md): no torch import, grammars compile in under a
+millisecond per member, and no special token slips into a JSON string.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+GrammarKind = Literal["json", "regex", "choice", "grammar"]
+
+
+class GrammarError(ValueError):
+    """The request's grammar or schema cannot be compiled; the message says why."""
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What the answer must match: ``json`` (a JSON schema, as text), ``regex``, ``choice``
+    (a JSON list of strings) or ``grammar`` (Lark, or GBNF when it uses ``::=``)."""
+
+    kind: GrammarKind
+    text: str
+
+    @functools.cached_property
+    def compiled(self) -> str:
+        """llguidance's grammar text, checked (GrammarError when it does not compile)."""
+        import llguidance as llg
+
+        try:
+            if self.kind == "json":
+                grammar = llg.LLMatcher.grammar_from_json_schema(
+                    self.text, defaults={"whitespace_flexible": False}
+                )
+            elif self.kind == "choice":
+                grammar = llg.grammar_from("choice", self.text)
+            elif self.kind == "regex":
+                grammar = llg.grammar_from("regex", self.text)
+            else:
+                grammar = llg.grammar_from("gbnf" if "::=" in self.text else "lark", self.text)
+        except (ValueError, TypeError) as exc:
+            raise GrammarError(f"the {self.kind} grammar does not compile: {exc}") from None
+        error = llg.LLMatcher.validate_grammar(grammar, _bytes_tokenizer())
+        if error:
+            raise GrammarError(f"the {self.kind} grammar does not compile: {error}")
+        return str(grammar)
+
+
+def json_schema(schema: dict[str, Any] | None) -> GrammarSpec:
+    """A JSON answer under ``schema`` (None: any JSON object, OpenAI's json_object)."""
+    return GrammarSpec("json", json.dumps(schema if schema is not None else {"type": "object"}))
+
+
+@functools.cache
+def _bytes_tokenizer() -> Any:
+    import llguidance as llg
+
+    return llg.LLTokenizer("byte")
+
+
+class Vocabularies:
+    """Each member's llguidance tokenizer, built once per process on first use (it reads
+    the whole vocabulary: ~0.4 s for 49k tokens, ~3 s and ~380 MB for Gemma's 262k)."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, tokenizer_json: Callable[[], str], eos_ids: frozenset[int]) -> Any:
+        """The tokenizer of member ``name`` from its ``tokenizers`` JSON and its end ids
+        (blocking on first use: call it in a thread)."""
+        with self._lock:
+            if name not in self._built:
+                import llguidance as llg
+
+                self._built[name] = llg.LLTokenizer(tokenizer_json(), eos_token=sorted(eos_ids))
+            return self._built[name]
+
+
+class MemberGrammar:
+    """One member's grammar state in its own tokens, at the committed answer plus what the
+    current call took (a ``TokenConstraint`` for its engine)."""
+
+    def __init__(self, tokenizer: Any, spec: GrammarSpec) -> None:
+        import llguidance as llg
+        from llguidance.numpy import allocate_token_bitmask
+
+        self.matcher = llg.LLMatcher(tokenizer, spec.compiled, log_level=0)
+        if self.matcher.is_error():
+            raise GrammarError(self.matcher.get_error())
+        self.vocab = int(tokenizer.vocab_size)
+        self.bitmask = allocate_token_bitmask(1, self.vocab)
+        self.taken = 0  # tokens taken since the last commit
+        self.lost = False  # the committed answer left the grammar: constrain no more
+
+    def mask(self, logprobs: Any) -> Any:
+        from llguidance.numpy import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self.matcher, self.bitmask)
+        width = len(logprobs)
+        allowed = np.unpackbits(self.bitmask.view(np.uint8), count=self.vocab, bitorder="little")
+        out = np.full(width, -np.inf, dtype=logprobs.dtype)
+        n = min(width, self.vocab)
+        keep = allowed[:n].astype(bool)
+        out[:n][keep] = logprobs[:n][keep]
+        return out
+
+    def take(self, token: int) -> bool:
+        if self.matcher.validate_tokens([token]) != 1:
+            return False
+        self.matcher.consume_token(token)
+        self.taken += 1
+        return True
+
+    def rewind(self) -> None:
+        """Back to the committed answer (what the last call took is undone)."""
+        if self.taken:
+            self.matcher.rollback(self.taken)
+            self.taken = 0
+
+    def commit(self, ids: list[int]) -> None:
+        """Advance over the winner, in this member's tokens."""
+        self.rewind()
+        if self.lost:
+            return
+        if self.matcher.try_consume_tokens(ids) != len(ids) or self.matcher.is_error():
+            self.lost = True  # its candidates are then cut by the answer's grammar
+
+
+class AnswerGrammar:
+    """The grammar over the bytes of the committed answer: which candidate texts keep the
+    answer valid, and whether an answer may end after them."""
+
+    def __init__(self, spec: GrammarSpec) -> None:
+        import llguidance as llg
+
+        self.spec = spec
+        self.matcher = llg.LLMatcher(_bytes_tokenizer(), spec.compiled, log_level=0)
+        if self.matcher.is_error():
+            raise GrammarError(self.matcher.get_error())
+
+    def valid_prefix(self, text: str) -> tuple[str, bool]:
+        """The longest prefix of ``text`` that keeps the answer valid (whole characters),
+        and whether the answer could end right after it."""
+        data = text.encode()
+        n = self.matcher.validate_tokens(list(data))
+        while n > 0 and n < len(data) and (data[n] & 0xC0) == 0x80:
+            n -= 1  # not inside a character
+        prefix = data[:n].decode()
+        taken = self.matcher.try_consume_tokens(list(data[:n]))
+        complete = self.matcher.is_accepting()
+        self.matcher.rollback(taken)
+        return prefix, complete
+
+    def commit(self, text: str) -> None:
+        data = list(text.encode())
+        if self.matcher.try_consume_tokens(data) != len(data):
+            raise GrammarError("a committed segment left the grammar")  # cannot happen
+
+    @property
+    def done(self) -> bool:
+        """Nothing more can be added: the answer is complete."""
+        return bool(self.matcher.is_stopped())
