@@ -51,6 +51,46 @@ class FusionOptions(BaseModel):
     )
 
 
+class JsonSchema(BaseModel):
+    """``response_format.json_schema`` (OpenAI's; the SDK's ``parse`` sends it)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = Field(
+        None, description="Accepted either way: the answer always follows the schema."
+    )
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON under a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` extension: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, description="Lark, or GBNF (rules written with ::=).")
+    json_object: bool | None = None
+    disable_any_whitespace: bool = Field(
+        False, description="Accepted either way: JSON is always written without free whitespace."
+    )
+    disable_additional_properties: bool = Field(
+        False, description="Objects of the schema that do not say get additionalProperties: false."
+    )
+
+
 class StreamOptions(OpenAIModel):
     include_usage: bool | None = False
 
@@ -89,6 +129,8 @@ class _Sampling(OpenAIModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # as vLLM: a 64-bit integer
     user: str | None = None
     fusion: FusionOptions | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fusion.engine import Sampling
+from fusion.grammar import GrammarSpec
 from fusion.loop import Fuser, FusionError
 from fusion.models import SourceModel
 from fusion.types import FusionParams, Prompt, Segment, SelectionPolicy
@@ -32,6 +33,7 @@ from server.protocol import (
     FusionOptions,
     SelectionOptions,
 )
+from server.structured import grammar_of
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class FusionService:
         max_tokens: int | None,
         stop: tuple[str, ...],
         sampling: Sampling,
+        grammar: GrammarSpec | None = None,
     ) -> FusionParams:
         opts = opts or FusionOptions()
         cfg = self.config.fusion
@@ -142,6 +145,7 @@ class FusionService:
             models=subset,
             sampling=sampling,
             selection=self._selection(base, opts.selection),
+            grammar=grammar,
         )
 
     def _selection(self, base: SelectionConfig, asked: SelectionOptions | None) -> SelectionPolicy:
@@ -247,6 +251,7 @@ class FusionService:
             req.max_new(),
             req.stop_list(),
             self._sampling(req.temperature, req.top_p, req.seed),
+            grammar_of(req.response_format, req.structured_outputs),
         )
         prompt = Prompt(messages=messages)
         choices = self._choices([prompt], req.n or 1, params, req.max_new() is not None, False)
@@ -270,6 +275,7 @@ class FusionService:
             req.max_tokens,
             req.stop_list(),
             self._sampling(req.temperature, req.top_p, req.seed),
+            grammar_of(req.response_format, req.structured_outputs),
         )
         choices = self._choices(
             [Prompt(text=t) for t in prompts],
