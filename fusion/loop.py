@@ -103,6 +103,7 @@ class Fuser:
         strip_leading = run.prompt.is_chat
         while True:
             run.clock.start()
+            run.cut_to_nothing.clear()
             context = run.context_tokens
             budget = params.max_tokens - run.outcome.completion_tokens
             if budget <= 0:
@@ -151,6 +152,7 @@ class Fuser:
                     context_tokens=context,
                     step=step.kind,
                     rule=step.rule,
+                    cut_to_nothing=tuple(run.cut_to_nothing),
                 )
             index += 1
             if finish is not None:

@@ -54,6 +54,7 @@ class Run:
     written: str = ""  # the end of the committed answer, where a turn marker may start
     # structured output: the answer's grammar over bytes, and each constraining member's
     answer_grammar: AnswerGrammar | None = None
+    cut_to_nothing: list[str] = field(default_factory=list)  # this step's, for the trace
     member_grammars: dict[str, MemberGrammar] = field(default_factory=dict)
 
     def wrote(self, text: str) -> None:

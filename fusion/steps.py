@@ -61,6 +61,8 @@ def proposed(run: Run, proposals: dict[str, Proposal]) -> list[Candidate]:
     for name, p in proposals.items():
         run.outcome.usage[name].generated_tokens += p.generated - p.reused
         run.clock.add_align(p.align_seconds)
+        if p.cut and not p.text and not p.ended:
+            run.cut_to_nothing.append(name)
     return group(proposals[m.name] for m in run.models if m.name in proposals)
 
 

@@ -163,6 +163,8 @@ class Segment:
     context_tokens: int = 0  # prompt + answer tokens before this step (first model's tokens)
     step: StepKind = "fused"
     rule: Rule = "mean_ppl"  # the rule that chose (the gate's fallback on fused steps)
+    # models whose candidate the grammar cut to nothing (their engines cannot constrain)
+    cut_to_nothing: tuple[str, ...] = ()
 
     @property
     def step_seconds(self) -> float:

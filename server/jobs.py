@@ -55,6 +55,7 @@ def trace_of(seg: Segment) -> dict[str, Any]:
         "winner": seg.winner,
         "step": seg.step,  # "gated": the leader wrote alone; "fused": several candidates
         "rule": seg.rule,
+        "cut_to_nothing": list(seg.cut_to_nothing),  # by the grammar: dropped
         "step_ms": round(seg.step_seconds * 1000, 1),
         "timings_ms": {
             phase: round(getattr(seg.timings, phase) * 1000, 1)
