@@ -5,10 +5,11 @@
 #   docker build -t fusion-server .
 #   docker run --gpus all --ipc=host -p 8000:8000 \
 #     -v ~/.cache/huggingface:/root/.cache/huggingface -e HF_TOKEN \
-#     fusion-server serve Qwen/Qwen2.5-7B-Instruct meta-llama/Llama-3.1-8B-Instruct --host 0.0.0.0
+#     fusion-server serve Qwen/Qwen2.5-7B-Instruct meta-llama/Llama-3.1-8B-Instruct
 #
 # Without arguments it serves config.gpu.yaml (three ~8B models from the Hub); mount your
-# own config and pass `serve --config /path/in/container.yaml --host 0.0.0.0` to change it.
+# own config and pass `serve --config /path/in/container.yaml` to change it. It listens on
+# 0.0.0.0 whatever the arguments (FUSION_SERVER__HOST below; a --host flag still wins).
 FROM vllm/vllm-openai:v0.32.0
 
 WORKDIR /app
@@ -28,8 +29,11 @@ RUN python3 -m pip list --format=freeze | grep -v -E '^(pip|setuptools|wheel)=='
 
 COPY config.yaml config.gpu.yaml ./
 
+# Outside the container's loopback also when a user's arguments replace CMD
+ENV FUSION_SERVER__HOST=0.0.0.0
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=5s --start-period=30m --retries=3 \
-  CMD curl -fsS http://localhost:8000/health || exit 1
+# /health waits up to 5 s for an engine's check (server/state.py): the probe waits longer
+HEALTHCHECK --interval=10s --timeout=10s --start-period=30m --retries=3 \
+  CMD curl -fsS --max-time 9 http://localhost:8000/health || exit 1
 ENTRYPOINT ["fusion-server"]
-CMD ["serve", "--config", "config.gpu.yaml", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["serve", "--config", "config.gpu.yaml", "--port", "8000"]

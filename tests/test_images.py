@@ -26,7 +26,9 @@ import pytest
 import yaml
 
 from bench.server_process import free_port
+from server import cli
 from server.config import load_config
+from server.state import ServerState
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = ("Dockerfile", "Dockerfile.cpu")
@@ -51,6 +53,8 @@ class Stage:
     runs: list[tuple[str, frozenset[str]]] = field(default_factory=list)  # (command, files then)
     entrypoint: list[str] = field(default_factory=list)
     cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # ENV (this stage's own)
+    healthcheck: dict[str, str] = field(default_factory=dict)  # HEALTHCHECK's --options
 
     def files(self, root: Path = ROOT) -> dict[str, Path]:
         """Image path -> repo file for everything this stage copies from the context."""
@@ -110,6 +114,14 @@ def parse_dockerfile(path: Path) -> list[Stage]:
         elif word in ("CMD", "ENTRYPOINT"):
             assert args.startswith("["), f"{path.name}: {word} in shell form gets no SIGTERM"
             setattr(stage, word.lower(), json.loads(args))
+        elif word == "ENV":
+            pairs = shlex.split(args)
+            if "=" not in pairs[0]:  # the old form, ENV KEY VALUE
+                pairs = ["=".join(args.split(None, 1))]
+            stage.env |= dict(pair.split("=", 1) for pair in pairs)
+        elif word == "HEALTHCHECK":
+            options = itertools.takewhile(lambda t: t.startswith("--"), args.split())
+            stage.healthcheck = dict(o[2:].split("=", 1) for o in options)
     return stages
 
 
@@ -235,14 +247,54 @@ def test_files_the_commands_name_are_copied(name: str) -> None:
                 assert image_path in present, f"{name}: RUN {run!r} needs {rel}, not copied before"
     image = stages[-1]
     assert image.entrypoint == ["fusion-server"], f"{name}: ENTRYPOINT {image.entrypoint}"
-    assert image.cmd[:1] == ["serve"] and "--host" in image.cmd, image.cmd
-    assert image.cmd[image.cmd.index("--host") + 1] == "0.0.0.0", "the image must listen outside"
+    assert image.cmd[:1] == ["serve"], image.cmd
     files = image.files()
     configs = referenced_files(image.cmd)
     assert configs, f"{name}: the default command names no config"
     for rel in configs:
         assert posixpath.join(image.workdir, rel) in files, f"{name}: CMD needs {rel}, not copied"
         load_config(ROOT / rel)  # a config the image would refuse at start fails here
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_image_listens_outside_whatever_arguments_it_gets(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the GPU image listened on 127.0.0.1 as soon as a user passed arguments of
+    their own (they replace CMD, and CMD's --host 0.0.0.0 went with them). The image's
+    FUSION_ environment, its WORKDIR's files: its CMD, a config of the user's and models
+    on the command line all bind 0.0.0.0; a --host flag still wins."""
+    image = final(name)
+    materialize(image, tmp_path)
+    (tmp_path / "mine.yaml").write_text("models: [{name: a, source: pip:smollm2-135m-instruct}]")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for key in [k for k in os.environ if k.startswith("FUSION_")]:
+        monkeypatch.delenv(key)
+    for key, value in image.env.items():
+        if key.startswith("FUSION_"):  # not PATH=/opt/venv/bin:$PATH
+            monkeypatch.setenv(key, value)
+    for args, host in [
+        (image.cmd, "0.0.0.0"),
+        (["serve", "--config", "mine.yaml"], "0.0.0.0"),
+        (["serve", "Qwen/Qwen2.5-7B-Instruct", "--port", "9000"], "0.0.0.0"),
+        (["serve", "--config", "mine.yaml", "--host", "127.0.0.1"], "127.0.0.1"),
+    ]:
+        config = cli._load(cli._parser().parse_args(args))
+        assert config.server.host == host, f"{name}: fusion-server {shlex.join(args)}"
+
+
+def test_health_probes_wait_longer_than_health_does() -> None:
+    """/health may wait ``health_timeout_seconds`` for a hung engine's check, then answers
+    with the engine down: a probe that gives up first fails the server in exactly the case
+    /health was built to survive. Twice that, for the answer itself and a busy event loop."""
+    limit = ServerState.health_timeout_seconds
+    probes = {name: final(name).healthcheck["timeout"] for name in DOCKERFILES}
+    services = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]
+    probes["compose.yaml fusion"] = services["fusion"]["healthcheck"]["timeout"]
+    for where, timeout in probes.items():
+        assert re.fullmatch(r"\d+s", timeout), f"{where}: timeout {timeout}"
+        assert float(timeout[:-1]) >= 2 * limit, f"{where}: {timeout}; /health waits {limit} s"
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
@@ -252,8 +304,15 @@ def test_dockerignore_keeps_local_state_out() -> None:
         ".venv-eval/bin/python",
         "eval/results/x.json",
         "fusion/__pycache__/loop.cpython-311.pyc",
+        "server/routers/__pycache__/ops.cpython-311.pyc",
         ".pytest_cache/v",
+        ".mypy_cache/3.11/x.json",
+        ".ruff_cache/CACHEDIR.TAG",
         "bench/results/a",
+        ".env",
+        "deploy/.env",
+        "model.gguf",
+        "models/smollm2.Q4_K_M.gguf",
     ):
         assert ignored(rel), f"{rel} would be sent to the Docker build"
 
