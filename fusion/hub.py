@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fusion.sources import SourceError
+from fusion.sources import SourceError, weight_files
 from fusion.tokenizer_loading import TOKENIZER_FILES, has_tokenizer_files
 
 log = logging.getLogger(__name__)
@@ -45,8 +44,12 @@ class HubRef:
     quant: str | None = None
 
     def __str__(self) -> str:
-        rev = f"@{self.revision}" if self.revision else ""
-        return f"hf:{self.repo}{rev}{f':{self.quant}' if self.quant else ''}"
+        return f"{self.label}{f':{self.quant}' if self.quant else ''}"
+
+    @property
+    def label(self) -> str:
+        """How errors name it: the repo, and the revision when one was asked for."""
+        return f"{self.repo}@{self.revision}" if self.revision else self.repo
 
 
 def parse(source: str) -> HubRef | None:
@@ -81,13 +84,16 @@ def default_name(source: str) -> str:
 def _hub() -> Any:
     try:
         import huggingface_hub
+        import huggingface_hub.constants
+        import huggingface_hub.errors
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise SourceError("Hub models need huggingface_hub (pip install huggingface_hub)") from exc
     return huggingface_hub
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    """huggingface_hub's own reading (HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE)."""
+    return bool(_hub().constants.HF_HUB_OFFLINE)
 
 
 def _explain(ref: HubRef, exc: Exception) -> SourceError:
@@ -102,38 +108,46 @@ def _explain(ref: HubRef, exc: Exception) -> SourceError:
         why = f"has no revision {ref.revision!r}"
     elif isinstance(exc, errors.RepositoryNotFoundError):
         why = "was not found on the Hub (a private repo needs HF_TOKEN)"
-    elif isinstance(exc, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
-        where = _hub().constants.HF_HUB_CACHE
-        why = (
-            f"is not in the local Hub cache ({where}) and the Hub cannot be reached"
-            + (" (HF_HUB_OFFLINE is set)" if _offline() else "")
-            + f": fetch it once online, e.g. `hf download {ref.repo}`"
-        )
-    elif isinstance(exc, errors.HfHubHTTPError) and getattr(exc, "response", None) is not None:
-        status = exc.response.status_code
-        hint = ": check HF_TOKEN" if status in (401, 403) else ""
-        why = f"could not be fetched (HTTP {status}){hint}"
+    elif isinstance(exc, errors.HfHubHTTPError) or not _offline():
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status is not None:
+            hint = ": check HF_TOKEN" if status in (401, 403) else ""
+            why = f"could not be fetched (HTTP {status}){hint}"
+        else:
+            why = (
+                f"is not in the local Hub cache ({_hub().constants.HF_HUB_CACHE}) and the Hub "
+                f"cannot be reached ({type(exc).__name__}: {exc})"
+            )
     else:
-        why = f"could not be fetched ({type(exc).__name__}: {exc})"
-    return SourceError(f"model {ref}: {ref.repo} {why}")
+        why = (
+            f"is not in the local Hub cache ({_hub().constants.HF_HUB_CACHE}) and the Hub "
+            f"cannot be reached (HF_HUB_OFFLINE is set): fetch it once online, e.g. "
+            f"`hf download {ref.repo}`"
+        )
+    return SourceError(f"{ref.label} {why}")
 
 
 @functools.lru_cache(maxsize=64)
 def _files(ref: HubRef) -> tuple[str, ...]:
-    """The repo's file names at the revision: from the Hub, or, offline, from the cached
-    snapshot (the files that were fetched)."""
+    """The repo's file names at the revision: from the Hub, or, offline or when the Hub
+    cannot be reached, from the cached snapshot (the files that were fetched), as
+    huggingface_hub itself falls back."""
     hub = _hub()
+    if not _offline():
+        try:
+            return tuple(sorted(hub.HfApi().list_repo_files(ref.repo, revision=ref.revision)))
+        except hub.errors.HfHubHTTPError as exc:  # the Hub answered: missing, gated, ...
+            raise _explain(ref, exc) from exc
+        except Exception as exc:  # no connection: what the cache holds
+            log.warning("model %s: the Hub cannot be reached (%s); using the cache", ref, exc)
+            unreachable: Exception | None = exc
+    else:
+        unreachable = None
     try:
-        if _offline():
-            folder = Path(
-                hub.snapshot_download(ref.repo, revision=ref.revision, local_files_only=True)
-            )
-            return tuple(
-                sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-            )
-        return tuple(sorted(hub.HfApi().list_repo_files(ref.repo, revision=ref.revision)))
+        folder = Path(hub.snapshot_download(ref.repo, revision=ref.revision, local_files_only=True))
     except Exception as exc:
-        raise _explain(ref, exc) from exc
+        raise _explain(ref, unreachable or exc) from exc
+    return tuple(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
 
 
 def _ggufs(files: tuple[str, ...]) -> list[str]:
@@ -141,10 +155,21 @@ def _ggufs(files: tuple[str, ...]) -> list[str]:
     return [f for f in files if f.lower().endswith(".gguf") and "mmproj" not in f.lower()]
 
 
+def _stem(filename: str) -> str:
+    """A GGUF file's name without the split-part suffix and the extension."""
+    return _SPLIT.sub(".gguf", Path(filename).name)[: -len(".gguf")]
+
+
 def _quant_of(filename: str) -> str:
     """The quantisation tag in a GGUF file name: 'model-Q4_K_M.gguf' -> 'Q4_K_M'."""
-    stem = _SPLIT.sub(".gguf", Path(filename).name)[: -len(".gguf")]
-    return re.split(r"[-.]", stem)[-1]
+    return re.split(r"[-.]", _stem(filename))[-1]
+
+
+def _tagged(filename: str, tag: str) -> bool:
+    """Whether the file is of quantisation ``tag``: the name ends with it after a '-' or
+    '.' (so unsloth's 'UD-Q4_K_XL' matches 'model-UD-Q4_K_XL.gguf'), any case."""
+    stem, tag = _stem(filename).upper(), tag.upper()
+    return stem == tag or (stem.endswith(tag) and stem[-len(tag) - 1] in "-.")
 
 
 def pick_gguf(ref: HubRef, files: tuple[str, ...]) -> list[str]:
@@ -152,27 +177,24 @@ def pick_gguf(ref: HubRef, files: tuple[str, ...]) -> list[str]:
     first), as llama.cpp's ``-hf`` picks them."""
     ggufs = _ggufs(files)
     if not ggufs:
-        raise SourceError(f"model {ref}: {ref.repo} has no GGUF file")
+        raise SourceError(f"{ref.label} has no GGUF file")
     tags = sorted({_quant_of(f) for f in ggufs}, key=str.upper)
     want = ref.quant or (DEFAULT_QUANT if DEFAULT_QUANT in map(str.upper, tags) else None)
     if want is None:
-        if len(tags) > 1:
+        if len(tags) > 1:  # llama.cpp would take its first; we say which there are
             raise SourceError(
-                f"model {ref}: {ref.repo} has several GGUF quantisations ({', '.join(tags)}) "
-                f"and no {DEFAULT_QUANT}; name one, e.g. {ref.repo}:{tags[0]}"
+                f"{ref.label} has several GGUF quantisations ({', '.join(tags)}) and no "
+                f"{DEFAULT_QUANT}; name one, e.g. {ref.repo}:{tags[0]}"
             )
         want = tags[0]
-    chosen = sorted(f for f in ggufs if _quant_of(f).upper() == want.upper())
+    chosen = sorted(f for f in ggufs if _tagged(f, want))
     if not chosen:
         raise SourceError(
-            f"model {ref}: {ref.repo} has no GGUF of quantisation {want} "
-            f"(it has: {', '.join(tags)})"
+            f"{ref.label} has no GGUF of quantisation {want} (it has: {', '.join(tags)})"
         )
     firsts = [f for f in chosen if not _SPLIT.search(f) or _SPLIT.search(f)[1] == "00001"]  # type: ignore[index]
     if len(firsts) > 1:
-        raise SourceError(
-            f"model {ref}: {ref.repo} has several {want} GGUF files ({', '.join(firsts)})"
-        )
+        raise SourceError(f"{ref.label} has several {want} GGUF files ({', '.join(firsts)})")
     return chosen
 
 
@@ -182,22 +204,27 @@ def is_gguf(ref: HubRef) -> bool:
     if ref.quant:
         return True
     files = _files(ref)
-    weights = any(f.endswith((".safetensors", ".bin")) for f in files)
-    return not weights and bool(_ggufs(files))
+    return not weight_files(files) and bool(_ggufs(files))
 
 
 def check(source: str) -> None:
-    """Fail fast (SourceError) when a Hub source cannot be had: the repo is missing, gated,
-    not cached while offline, or lacks the GGUF asked for. Downloads nothing."""
+    """Fail fast (SourceError) when a Hub source cannot be had: the repo is missing, not
+    cached while offline, gated for this token (the Hub lists a gated repo's files to
+    anyone; only its downloads need access), or lacks the GGUF asked for. Downloads
+    nothing."""
     ref = parse(source)
-    if ref is not None and is_gguf(ref):
+    if ref is None:
+        return
+    if is_gguf(ref):
         pick_gguf(ref, _files(ref))
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")) or any(
-        folder.glob("*.tiktoken")
-    )
+    if not _offline():
+        hub = _hub()
+        try:
+            hub.HfApi().auth_check(ref.repo)
+        except hub.errors.HfHubHTTPError as exc:
+            raise _explain(ref, exc) from exc
+        except Exception as exc:  # the Hub cannot be reached: the cache decides later
+            log.warning("model %s: could not check access (%s)", ref, exc)
 
 
 def materialize(source: str, weights: bool = True) -> str:
@@ -216,10 +243,7 @@ def materialize(source: str, weights: bool = True) -> str:
             log.info("model %s: %s", ref, paths[0])
             return f"gguf:{paths[0]}"
         files = _files(ref)
-        patterns = list(_TOKENIZER_FILES)
-        if weights:
-            safetensors = any(f.endswith(".safetensors") for f in files)
-            patterns.append("*.safetensors" if safetensors else "*.bin")
+        patterns = list(_TOKENIZER_FILES) + (weight_files(files) if weights else [])
         folder = Path(
             hub.snapshot_download(
                 ref.repo,
@@ -235,13 +259,13 @@ def materialize(source: str, weights: bool = True) -> str:
         raise _explain(ref, exc) from exc
     log.info("model %s: %s", ref, folder)
     if not has_tokenizer_files(folder):
-        raise SourceError(f"model {ref}: {ref.repo} has no tokenizer ({TOKENIZER_FILES})")
+        raise SourceError(f"{ref.label} has no tokenizer ({TOKENIZER_FILES})")
     if weights and not (folder / "config.json").is_file():
-        raise SourceError(f"model {ref}: {ref.repo} has no config.json (not a Transformers model)")
-    if weights and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise SourceError(f"{ref.label} has no config.json (not a Transformers model)")
+    if weights and not weight_files(p.name for p in folder.iterdir()):
         where = "in the local Hub cache (HF_HUB_OFFLINE is set)" if _offline() else "in the repo"
         raise SourceError(
-            f"model {ref}: {ref.repo} has no weights (*.safetensors or *.bin) {where}; a GGUF "
+            f"{ref.label} has no weights (*.safetensors or pytorch_model*.bin) {where}; a GGUF "
             "repo needs its quantisation, e.g. ORG/NAME:Q4_K_M"
         )
     return f"hf:{folder}"

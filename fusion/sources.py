@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +110,16 @@ PIP_MODELS: dict[str, PipModel] = {
 }
 
 
+def weight_files(names: Iterable[str]) -> list[str]:
+    """Which of a model repo's files (names relative to its root) hold its Transformers
+    weights: the top-level safetensors (not Mistral's ``consolidated`` copy of the same
+    weights in its own format), else the ``pytorch_model*.bin`` files. One rule for what
+    to download, what to count as a model's size, and whether a repo has weights."""
+    top = sorted(n for n in names if "/" not in n)
+    tensors = [n for n in top if n.endswith(".safetensors") and not n.startswith("consolidated")]
+    return tensors or [n for n in top if n.startswith("pytorch_model") and n.endswith(".bin")]
+
+
 def cache_root() -> Path:
     """Folder for converted models: ``$FUSION_CACHE_DIR`` or ``~/.cache/fusion-server``."""
     env = os.environ.get("FUSION_CACHE_DIR")
@@ -122,6 +132,23 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(8 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def known_sha256(path: Path, cache: Path) -> str:
+    """``path``'s sha256, hashed once per (path, size, modification time): a start must not
+    read a many-GB GGUF through again. Kept under ``cache``/digests."""
+    stat = path.stat()
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    record = cache / "digests" / key
+    stamp = f"{stat.st_size} {stat.st_mtime_ns}"
+    if record.is_file():
+        seen, _, digest = record.read_text().strip().rpartition(" ")
+        if seen == stamp and len(digest) == 64:
+            return digest
+    digest = sha256_file(path)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"{stamp} {digest}\n")
+    return digest
 
 
 def resolve_source(source: str, cache_dir: Path | None = None) -> Path:
@@ -218,7 +245,7 @@ def resolve_gguf(source: str, cache_dir: Path | None = None) -> GgufSource:
         )
     if not path.is_file():
         raise SourceError(f"GGUF file {path} does not exist")
-    digest = sha256_file(path)
+    digest = known_sha256(path, cache)
     tokenizer_dir = _tokenizer_folder(path, cache / "tokenizers" / f"gguf-{digest[:16]}", digest)
     return GgufSource(path, tokenizer_dir)
 
@@ -269,7 +296,7 @@ def _is_complete(folder: Path, expected_sha256: str) -> bool:
 def _convert_gguf_cached(gguf: Path, cache: Path, expected_sha256: str) -> Path:
     if not gguf.is_file():
         raise SourceError(f"GGUF file {gguf} does not exist")
-    digest = sha256_file(gguf)
+    digest = known_sha256(gguf, cache)
     folder = cache / "models" / f"gguf-{digest[:16]}"
     if _is_complete(folder, digest):
         return folder

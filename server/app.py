@@ -129,6 +129,8 @@ async def _load(state: ServerState) -> None:
     except Exception as exc:
         state.load_error = f"loading the source models failed: {exc}"
         log.error("%s", state.load_error)
+        if state.on_load_error is not None:
+            state.on_load_error()
         return
     state.models = loaded
     state.service = FusionService(config, loaded, state.metrics)
@@ -166,11 +168,20 @@ def serve_app(config: AppConfig, models: list[SourceModel] | None) -> int:
     )
     # uvicorn logs at the level given to the CLI (--log-level), access lines included
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=level if level in ("debug", "info", "warning", "error") else "info",
-        timeout_graceful_shutdown=int(config.server.shutdown_grace_seconds) + 1,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=level if level in ("debug", "info", "warning", "error") else "info",
+            timeout_graceful_shutdown=int(config.server.shutdown_grace_seconds) + 1,
+        )
     )
-    return 0
+    state: ServerState = app.state.fusion
+
+    def stop() -> None:
+        server.should_exit = True
+
+    state.on_load_error = stop  # a start that cannot load its models fails, as vLLM's does
+    server.run()
+    return 1 if state.load_error else 0

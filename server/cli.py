@@ -8,6 +8,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fusion.loop import Fuser
 from fusion.sources import SourceError
@@ -24,10 +25,26 @@ from server.cli_flags import add_model_arguments, config_file, overrides
 from server.config import AppConfig, ConfigError, load_config
 
 
+class _Intermixed(argparse.ArgumentParser):
+    """A subcommand parser that takes options between its positionals, as vLLM's and
+    llama.cpp's do (``serve A --api-key K B``)."""
+
+    _mixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        if self._mixing:  # the intermixed parse calls this twice
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusion-server", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Intermixed)
 
     serve = sub.add_parser(
         "serve",
@@ -54,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--trace", action="store_true", help="show every segment's candidates")
     gen.add_argument("--rule", choices=RULES, help="selection rule (default: the config's)")
     gen.add_argument("--leader", help="leader model for the leader and gate rules")
+    _add_calibrate(sub)
+    return parser
+
+
+def _add_calibrate(sub: argparse._SubParsersAction[Any]) -> None:
     cal = sub.add_parser(
         "calibrate",
         help="choose the members to keep and the selection policy on a development set "
@@ -100,7 +122,6 @@ def _parser() -> argparse.ArgumentParser:
         "threshold; empty: none",
     )
     cal.add_argument("--out", help="write the fusion: YAML block to this file (else print it)")
-    return parser
 
 
 def _load(args: argparse.Namespace) -> AppConfig:
@@ -118,7 +139,8 @@ def _check_sources(config: AppConfig) -> None:
         try:
             hub.check(mc.source)
         except SourceError as exc:
-            raise ConfigError(f"model {mc.name}: {exc}") from None
+            named = mc.name == hub.default_name(mc.source)  # the message names it already
+            raise ConfigError(str(exc) if named else f"model {mc.name}: {exc}") from None
 
 
 def _selection(config: AppConfig, args: argparse.Namespace) -> SelectionPolicy:

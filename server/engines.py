@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from fusion.models import SourceModel, build_source_model
 from server.config import AppConfig
 from server.engine_registry import build, plan
 
 log = logging.getLogger(__name__)
+
+
+def template_text(template: str | None) -> str | None:
+    """A chat template given as the template or, as vLLM takes it, a path to a file."""
+    if template and "{" not in template and Path(template).expanduser().is_file():
+        return Path(template).expanduser().read_text()
+    return template
 
 
 async def load_models(config: AppConfig) -> list[SourceModel]:
@@ -28,7 +36,7 @@ async def load_models(config: AppConfig) -> list[SourceModel]:
                     mc.name,
                     built.engine,
                     built.tokenizer_dir,
-                    chat_template=mc.chat_template,
+                    chat_template=template_text(mc.chat_template),
                     stop_strings=mc.stop,
                     step_timeout=mc.step_timeout_seconds,
                     trust_remote_code=mc.trust_remote_code,

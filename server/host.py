@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from fusion.sources import weight_files
 
 GIB = 1 << 30
 # vLLM's own default gpu_memory_utilization: the share of a GPU its engines may take
@@ -97,37 +100,75 @@ class GpuFitError(ValueError):
     """The models meant to share a GPU cannot fit in it."""
 
 
-def gpu_shares(weights: Mapping[str, int], gpu_bytes: int, taken: float = 0.0) -> dict[str, float]:
+@dataclass(frozen=True)
+class Need:
+    """What one vLLM engine must have on its GPU: its weights, and the KV cache of one
+    sequence of its longest context (vLLM refuses to start with less)."""
+
+    weights: int
+    kv: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + ENGINE_OVERHEAD_BYTES
+
+
+def gpu_shares(needs: Mapping[str, Need], gpu_bytes: int, taken: float = 0.0) -> dict[str, float]:
     """``gpu_memory_utilization`` per engine sharing one GPU of ``gpu_bytes``.
 
-    Each engine gets its weights plus ``ENGINE_OVERHEAD_BYTES``, and what is left of
+    Each engine gets what it ``Need``s plus ``ENGINE_OVERHEAD_BYTES``, and what is left of
     ``GPU_BUDGET`` (less the share ``taken`` by engines whose share is set by hand) in
     proportion to its weights: a larger model gets more KV cache. ``gpu_bytes`` 0
     (unknown) splits the budget evenly. Raises GpuFitError when they cannot fit."""
+    if taken > 1:
+        raise GpuFitError(f"the gpu_memory_utilization set for it adds up to {taken:.2f} (> 1)")
     budget = GPU_BUDGET - taken
-    if not weights:
+    if not needs:
         return {}
     if gpu_bytes <= 0:
-        return {name: round(budget / len(weights), 4) for name in weights}
-    need = {name: w + ENGINE_OVERHEAD_BYTES for name, w in weights.items()}
-    room = budget * gpu_bytes - sum(need.values())
+        return {name: round(max(budget, 0) / len(needs), 4) for name in needs}
+    room = budget * gpu_bytes - sum(n.total for n in needs.values())
     if budget <= 0 or room < 0:
-        listed = ", ".join(f"{n} {w / GIB:.1f} GiB" for n, w in weights.items())
-        raise GpuFitError(
-            f"the models sharing one GPU do not fit: weights {listed}, plus "
-            f"{ENGINE_OVERHEAD_BYTES / GIB:.0f} GiB each for activations and KV cache, need "
-            f"{sum(need.values()) / GIB:.1f} GiB; {budget:.0%} of the GPU's "
-            f"{gpu_bytes / GIB:.1f} GiB is {max(budget, 0) * gpu_bytes / GIB:.1f} GiB. Use "
-            "smaller or quantised models, one GPU per model (options: {vllm: {gpu: 'N'}}), or set "
-            "gpu_memory_utilization per model"
+        listed = ", ".join(
+            f"{name} {n.weights / GIB:.1f} GiB + KV {n.kv / GIB:.1f} GiB"
+            for name, n in needs.items()
         )
-    total = sum(weights.values()) or 1
+        usable = max(budget, 0)
+        total = sum(n.total for n in needs.values()) / GIB
+        raise GpuFitError(
+            f"the models sharing one GPU do not fit: {listed} (KV: one sequence of the model's "
+            f"context; --max-model-len lowers it), plus {ENGINE_OVERHEAD_BYTES / GIB:.0f} GiB "
+            f"each for activations and graphs, need {total:.1f} GiB; {usable:.0%} of the "
+            f"GPU's {gpu_bytes / GIB:.1f} GiB is "
+            f"{usable * gpu_bytes / GIB:.1f} GiB. Use smaller or quantised models, one GPU per "
+            "model (options: {vllm: {gpu: 'N'}}), or set gpu_memory_utilization per model."
+        )
+    weights = sum(n.weights for n in needs.values()) or 1
     return {
-        name: round((need[name] + room * weights[name] / total) / gpu_bytes, 4) for name in weights
+        name: round((n.total + room * n.weights / weights) / gpu_bytes, 4)
+        for name, n in needs.items()
     }
 
 
+def kv_bytes(folder: Path, max_model_len: int | None, dtype_bytes: int = 2) -> int:
+    """KV cache of one sequence of ``max_model_len`` tokens (default: the model's context)
+    for the model in ``folder``, from its config.json; 0 when the config does not say."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    text = config.get("text_config") or config
+    try:
+        heads = int(text["num_attention_heads"])
+        layers = int(text["num_hidden_layers"])
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError):
+        return 0
+    length = max_model_len or int(text.get("max_position_embeddings") or 0)
+    return 2 * layers * kv_heads * head_dim * dtype_bytes * length
+
+
 def weight_bytes(folder: Path) -> int:
-    """Bytes of a Transformers model's weights (safetensors, else .bin) in ``folder``."""
-    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
-    return sum(f.stat().st_size for f in files)
+    """Bytes of a Transformers model's weights in ``folder`` (fusion.sources.weight_files)."""
+    return sum((folder / n).stat().st_size for n in weight_files(p.name for p in folder.iterdir()))

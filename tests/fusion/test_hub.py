@@ -91,7 +91,7 @@ def test_gguf_tags_pick_files_as_llama_cpp_does():
 def test_a_missing_quant_names_the_repo_and_what_it_has():
     with pytest.raises(SourceError) as err:
         hub.pick_gguf(HubRef("o/m", quant="Q5_K_S"), FILES)
-    assert "o/m has no GGUF of quantisation Q5_K_S" in str(err.value)
+    assert str(err.value).startswith("o/m has no GGUF of quantisation Q5_K_S")
     assert "IQ2_XS, Q4_K_M, Q8_0" in str(err.value)
 
 
@@ -141,9 +141,7 @@ def test_gguf_repos_resolve_from_the_hub_cache_offline(tmp_path):
     assert tagged.startswith(f"gguf:{snapshots}") and tagged.endswith("-q4_k_m.gguf")
     assert Path(tagged[5:]).stat().st_size > 100 << 20  # the real file, through the blob
     assert by_tag.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert missing == (
-        f"error: model hf:{smol}:Q8_0: {smol} has no GGUF of quantisation Q8_0 (it has: Q4_1)"
-    )
+    assert missing == f"error: {smol} has no GGUF of quantisation Q8_0 (it has: Q4_1)"
 
 
 def test_a_model_repo_resolves_to_its_snapshot_and_a_revision_to_its_own(tmp_path):
@@ -155,9 +153,9 @@ def test_a_model_repo_resolves_to_its_snapshot_and_a_revision_to_its_own(tmp_pat
     ) + _resolve(tmp_path, "HuggingFaceTB/SmolLM2-135M-Instruct@v2", weights=False)
     assert folder == f"hf:{main}"
     assert pinned == (  # v2 has no weights…
-        "error: model hf:HuggingFaceTB/SmolLM2-135M-Instruct@v2: HuggingFaceTB/SmolLM2-135M-"
-        "Instruct has no weights (*.safetensors or *.bin) in the local Hub cache (HF_HUB_OFFLINE "
-        "is set); a GGUF repo needs its quantisation, e.g. ORG/NAME:Q4_K_M"
+        "error: HuggingFaceTB/SmolLM2-135M-Instruct@v2 has no weights (*.safetensors or "
+        "pytorch_model*.bin) in the local Hub cache (HF_HUB_OFFLINE is set); a GGUF repo needs "
+        "its quantisation, e.g. ORG/NAME:Q4_K_M"
     )
     assert tokenizer_only == f"hf:{v2}"  # …but a tokenizer, which is all a remote engine needs
     assert (Path(folder[3:]) / "model.safetensors").is_file()
@@ -165,7 +163,7 @@ def test_a_model_repo_resolves_to_its_snapshot_and_a_revision_to_its_own(tmp_pat
 
 def test_what_is_not_in_the_cache_offline_is_a_clear_error_naming_the_repo(tmp_path):
     (message,) = _resolve(tmp_path, "meta-llama/Llama-3.1-8B-Instruct")
-    assert message.startswith("error: model hf:meta-llama/Llama-3.1-8B-Instruct: ")
+    assert message.startswith("error: meta-llama/Llama-3.1-8B-Instruct is not in the local")
     assert "not in the local Hub cache" in message and "HF_HUB_OFFLINE is set" in message
     assert str(tmp_path / "hub") in message  # where it looked: HF_HOME honoured
 
@@ -176,31 +174,37 @@ def test_a_repo_without_a_tokenizer_is_refused(tmp_path):
     add_repo(tmp_path, "org/no-tokenizer", {"config.json": config})
     (message,) = _resolve(tmp_path, "org/no-tokenizer")
     assert message == (
-        "error: model hf:org/no-tokenizer: org/no-tokenizer has no tokenizer (tokenizer.json, "
-        "tokenizer.model, *.tiktoken, or remote code (auto_map))"
+        "error: org/no-tokenizer has no tokenizer (tokenizer.json, tokenizer.model, *.tiktoken, "
+        "or remote code (auto_map))"
     )
 
 
 # -- online: a loopback server answering as the Hub does ---------------------------------------
 class _FakeHub(BaseHTTPRequestHandler):
-    """The Hub's answers for a missing repo (404 RepoNotFound) and a gated one (401/403
-    GatedRepo), as huggingface_hub reads them (the X-Error-Code header)."""
+    """Answers as the Hub does (huggingface_hub reads the X-Error-Code header): a missing
+    repo is a 404 everywhere; a gated repo's files are listed to anyone, but its access
+    check and its downloads are a 403 without a token that was granted access."""
 
     def do_GET(self) -> None:
-        if "/gated/" in self.path or "/gated" in self.path:
-            code, error = 403, "GatedRepo"
-        else:
-            code, error = 404, "RepoNotFound"
-        body = json.dumps({"error": "nope"}).encode()
+        if "/gated" not in self.path:
+            self._answer(404, {"error": "Repository not found"}, "RepoNotFound")
+        elif "/auth-check" in self.path or "/resolve/" in self.path:
+            self._answer(403, {"error": "Access to this model is restricted"}, "GatedRepo")
+        else:  # the tree listing
+            self._answer(200, [{"type": "file", "oid": "0" * 40, "size": 2, "path": "config.json"}])
+
+    do_HEAD = do_GET
+
+    def _answer(self, code: int, payload: object, error: str | None = None) -> None:
+        body = json.dumps(payload).encode()
         self.send_response(code)
-        self.send_header("X-Error-Code", error)
-        self.send_header("X-Error-Message", "from the fake hub")
+        if error:
+            self.send_header("X-Error-Code", error)
+            self.send_header("X-Error-Message", str(payload))
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-
-    do_HEAD = do_GET
 
     def log_message(self, *args: object) -> None:
         pass
@@ -219,9 +223,9 @@ def _online(hf_home: Path, endpoint: str, source: str) -> str:
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_ENDPOINT": endpoint}
     for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_HUB_CACHE"):
         env.pop(name, None)
-    script = (
+    script = (  # the check alone: it must catch a gated repo before any download
         "from fusion import hub\nfrom fusion.sources import SourceError\n"
-        f"try:\n    hub.check({source!r})\n    hub.materialize({source!r})\n"
+        f"try:\n    hub.check({source!r})\n    print('passed')\n"
         "except SourceError as exc:\n    print(exc)\n"
     )
     done = subprocess.run(
@@ -233,11 +237,71 @@ def _online(hf_home: Path, endpoint: str, source: str) -> str:
 
 def test_a_missing_repo_online_says_not_found(tmp_path, fake_hub):
     message = _online(tmp_path, fake_hub, "org/missing")
-    assert message.startswith("model hf:org/missing: org/missing was not found on the Hub")
+    assert message.startswith("org/missing was not found on the Hub")
     assert "HF_TOKEN" in message
 
 
 def test_a_gated_repo_online_says_to_accept_the_licence_and_set_a_token(tmp_path, fake_hub):
     message = _online(tmp_path, fake_hub, "org/gated")
-    assert message.startswith("model hf:org/gated: org/gated is gated")
+    assert message.startswith("org/gated is gated")
     assert "https://huggingface.co/org/gated" in message and "HF_TOKEN" in message
+
+
+def test_a_cached_model_resolves_when_the_hub_cannot_be_reached_without_offline_set(tmp_path):
+    """As huggingface_hub falls back to its cache: no HF_HUB_OFFLINE, no network."""
+    repo = add_gguf_repo(tmp_path, "smollm2-135m-instruct")
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path),
+        "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
+    }
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE"):
+        env.pop(name, None)
+    script = f"from fusion import hub\nhub.check({repo!r})\nprint(hub.materialize({repo!r}))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_transformers_offline_counts_as_offline(tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path), "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    script = (
+        "from fusion import hub\ntry:\n    hub.materialize('org/x')\n"
+        "except Exception as e:\n    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "(HF_HUB_OFFLINE is set)" in done.stdout
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unsloth_style_tags_match_the_end_of_the_name():
+    files = ("m-UD-Q4_K_XL.gguf", "m-Q4_K_XL.gguf", "m-UD-IQ1_S.gguf")
+    assert hub.pick_gguf(HubRef("o/m", quant="UD-Q4_K_XL"), files) == ["m-UD-Q4_K_XL.gguf"]
+    assert hub.pick_gguf(HubRef("o/m", quant="ud-iq1_s"), files) == ["m-UD-IQ1_S.gguf"]
+
+
+def test_weights_are_the_shards_not_mistrals_consolidated_copy():
+    from fusion.sources import weight_files
+
+    names = [
+        "consolidated.safetensors",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "original/model.safetensors",
+        "training_args.bin",
+    ]
+    assert weight_files(names) == names[1:3]
+    assert weight_files(["pytorch_model.bin", "training_args.bin"]) == ["pytorch_model.bin"]
+    assert weight_files(["consolidated.safetensors"]) == []

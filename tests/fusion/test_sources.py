@@ -65,3 +65,20 @@ def test_gguf_file_converts_once_then_loads_from_the_cache(tmp_path):
     marker = (first / "fusion-source.txt").read_text()
     again = resolve_source(f"gguf:{gguf}", cache_dir=tmp_path)
     assert again == first and (again / "fusion-source.txt").read_text() == marker
+
+
+def test_a_files_digest_is_hashed_once_until_the_file_changes(tmp_path, monkeypatch):
+    import os
+
+    from fusion import sources
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"one")
+    calls = []
+    real = sources.sha256_file
+    monkeypatch.setattr(sources, "sha256_file", lambda p: calls.append(p) or real(p))
+    first = sources.known_sha256(path, tmp_path / "cache")
+    assert sources.known_sha256(path, tmp_path / "cache") == first and len(calls) == 1
+    path.write_bytes(b"two")
+    os.utime(path, ns=(1, 1))  # a changed size and time: hashed again
+    assert sources.known_sha256(path, tmp_path / "cache") != first and len(calls) == 2

@@ -64,6 +64,4 @@ def test_serve_refuses_a_hub_model_missing_offline_before_listening(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2
-    assert "model org/not-cached: model hf:org/not-cached: org/not-cached is not in the local " in (
-        done.stderr
-    )
+    assert "fusion-server: org/not-cached is not in the local Hub cache" in done.stderr

@@ -20,6 +20,7 @@ from server.config import (
     TransformersOptions,
     VllmOptions,
     _ModelBase,
+    load_config,
 )
 
 
@@ -186,3 +187,84 @@ def test_help_lists_the_models_and_vllm_spelled_flags():
     assert done.returncode == 0
     for text in ("[NAME=]SOURCE", "--served-model-name", "--max-model-len", "ORG/NAME-GGUF:Q4_K_M"):
         assert text in done.stdout
+
+
+def test_serve_exits_non_zero_when_its_models_cannot_load(tmp_path):
+    """As vLLM: a start that cannot load its models fails (an orchestrator sees it),
+    rather than listening forever with /health 503."""
+    from tests.fixtures.processes import free_port
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            str(tmp_path / "missing.gguf"),
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "loading the source models failed" in done.stderr
+    assert "missing.gguf does not exist" in done.stderr
+
+
+def test_options_go_between_models_and_vllm_and_llamacpp_spellings_add_models():
+    args = _parser().parse_args(
+        [
+            "serve",
+            "pip:gemma3-270m",
+            "--api-key",
+            "K",
+            "org/b",
+            "--stop",
+            "###",
+            "org/c",
+            "-hf",
+            "org/d-GGUF:Q4_K_M",
+            "--model",
+            "org/e",
+            "--log-level",
+            "DEBUG",
+        ]
+    )
+    config = _load(args)
+    assert [m.name for m in config.models] == [
+        "gemma3-270m",
+        "org/b",
+        "org/c",
+        "org/d-GGUF",
+        "org/e",
+    ]
+    assert config.models[1].source == "org/b" and config.models[3].source == "org/d-GGUF:Q4_K_M"
+    assert config.models[0].stop == ["###"]  # one value: the models after it stay models
+    assert config.server.api_keys == ["K"] and args.log_level == "DEBUG"
+
+
+def test_engine_flag_over_an_auto_config_takes_that_engines_block():
+    config = load("--config", "config.gpu.yaml", "--engine", "vllm")
+    assert all(m.engine == "vllm" and m.options.max_model_len == 8192 for m in config.models)
+
+
+def test_a_chat_template_file_is_read_as_vllm_reads_it(tmp_path):
+    from server.engines import template_text
+
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ messages[0]['content'] }}")
+    assert template_text(str(path)) == "{{ messages[0]['content'] }}"
+    assert template_text("{{ x }}") == "{{ x }}"
+    assert template_text(None) is None
+
+
+def test_dtype_is_checked_and_auto_by_default():
+    assert load("org/a").models[0].options.transformers.dtype == "auto"
+    with pytest.raises(SystemExit):  # argparse: "invalid choice: 'bf16'"
+        load("org/a", "--dtype", "bf16")
+    with pytest.raises(ConfigError, match="dtype"):  # and the same in a config file
+        load_config(
+            None, models=[{"name": "a", "source": "x", "options": {"vllm": {"dtype": "bf16"}}}]
+        )

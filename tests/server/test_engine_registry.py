@@ -176,3 +176,64 @@ def test_members_on_different_gpus_each_get_their_own(tmp_path):
 
 def test_an_unknown_gpu_size_splits_the_budget_evenly():
     assert gpu_shares({"a": GIB, "b": 3 * GIB}, gpu_bytes=0) == {"a": 0.45, "b": 0.45}
+
+
+def test_a_gguf_on_a_gpu_host_goes_to_llamacpp_not_to_a_fp32_conversion():
+    picked = choose(one_model(source="pip:smollm2-135m-instruct"), GPU_HOST)
+    assert picked.kind == "llamacpp" and "runs as it is" in picked.reason
+
+
+def test_a_gguf_without_llamacpp_is_refused_rather_than_converted(tmp_path):
+    from fusion.sources import SourceError
+
+    gguf = tmp_path / "big.gguf"
+    gguf.write_bytes(b"GGUF")
+    host = Host(gpu_mib=(81559,), vllm_build="cuda", llama_cpp=False)
+    with pytest.raises(SourceError, match=r"is a GGUF and llama\.cpp is not installed"):
+        choose(one_model(source=str(gguf)), host)
+
+
+def test_the_kv_cache_of_one_full_length_sequence_counts_toward_the_fit(tmp_path):
+    import json
+
+    folder = _weights(tmp_path / "m", 15)
+    config = {  # Llama-3.1-8B's shape: 32 layers, 8 KV heads of 128, 128k context
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "hidden_size": 4096,
+        "max_position_embeddings": 131072,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    small_gpu = Host(gpu_mib=(24 * 1024,), vllm_build="cuda", llama_cpp=False)
+    model = {"name": "m", "source": f"hf:{folder}"}
+    with pytest.raises(ConfigError, match=r"KV 16\.0 GiB .*--max-model-len lowers it"):
+        plan(list(load_config(None, models=[model]).models), small_gpu)
+    capped = {**model, "options": {"vllm": {"max_model_len": 8192}}}
+    (fitted,) = plan(list(load_config(None, models=[capped]).models), small_gpu)
+    assert fitted.choice.options.gpu_memory_utilization == pytest.approx(0.9, abs=1e-3)
+
+
+def test_shares_set_by_hand_that_add_up_past_the_gpu_are_refused(tmp_path):
+    a, b = _weights(tmp_path / "a", 1), _weights(tmp_path / "b", 1)
+    share = {"vllm": {"gpu_memory_utilization": 0.9}}
+    config = load_config(
+        None,
+        models=[
+            {"name": "a", "source": f"hf:{a}", "options": share},
+            {"name": "b", "source": f"hf:{b}", "options": share},
+        ],
+    )
+    with pytest.raises(
+        ConfigError, match=r"GPU 0: the gpu_memory_utilization set for it adds up to 1\.80"
+    ):
+        plan(list(config.models), GPU_HOST)
+
+
+def test_a_gpu_index_beyond_the_visible_ones_is_refused(tmp_path):
+    a = _weights(tmp_path / "a", 1)
+    config = load_config(
+        None, models=[{"name": "a", "source": f"hf:{a}", "options": {"vllm": {"gpu": "3"}}}]
+    )
+    with pytest.raises(ConfigError, match=r"options\.gpu 3, but 1 GPU\(s\) are visible"):
+        plan(list(config.models), GPU_HOST)
