@@ -62,6 +62,18 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None  # wrapped into [0, 2**63), offsets added to it included
+    # OpenAI's and vLLM's logit processors, applied by each model in its own tokens
+    # (fusion/engines/sampler.py), greedy picks included: presence and frequency over the
+    # answer so far, repetition (HF's: divides positive logits, multiplies negative ones)
+    # over prompt and answer; top_k and min_p cut what sampling draws from
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    top_k: int = 0  # 0 or -1: every token
+    min_p: float = 0.0
+    # (token id, bias) pairs, added to the logits: ids of one vocabulary, so only for a
+    # request that one model answers alone
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # the request's grammar in this model's tokens (per model and request; not a value)
     constraint: TokenConstraint | None = field(default=None, compare=False, repr=False)
 
@@ -72,6 +84,17 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def shapes_logits(self) -> bool:
+        """True when a penalty or a bias moves the logits before the pick: a greedy pick
+        is then not the model's own argmax (a plain greedy pass's tokens are not its)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+        )
 
 
 GREEDY = Sampling()

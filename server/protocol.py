@@ -1,4 +1,5 @@
-"""OpenAI request models for the endpoints we serve (pydantic v2, unknown fields allowed).
+"""OpenAI request models for the endpoints we serve (pydantic v2, unknown fields allowed;
+those known and not honoured are refused by ``server/request_fields.py``).
 
 Standard fields follow the OpenAI API; ``null`` is accepted for every optional one. The
 extension field ``fusion`` (``extra_body={"fusion": {...}}`` in the SDK) steers the fused
@@ -8,6 +9,7 @@ to return the trace.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
@@ -127,10 +129,36 @@ class _Sampling(OpenAIModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # as vLLM: a 64-bit integer
+    # OpenAI's penalties and vLLM's extensions, with vLLM's ranges; each source model
+    # applies them in its own tokens (docs/API.md, "Sampling")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1: every token")
+    min_p: float | None = Field(None, ge=0, le=1)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id -> bias in [-100, 100]; only for a source model by name"
+    )
     user: str | None = None
     fusion: FusionOptions | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        """Keys are token ids; biases are clamped to [-100, 100], as vLLM does."""
+        if v is None:
+            return None
+        for key, bias in v.items():
+            if not key.strip().isdigit():
+                raise ValueError(f"key {key!r} is not a token id")
+            if not math.isfinite(bias):
+                raise ValueError(f"bias of token {key} is not a finite number")
+        return {k: min(100.0, max(-100.0, b)) for k, b in v.items()}
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), b) for k, b in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod

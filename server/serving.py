@@ -23,6 +23,7 @@ from fusion.grammar import GrammarSpec
 from fusion.loop import Fuser, FusionError
 from fusion.models import SourceModel
 from fusion.types import FusionParams, Prompt, Segment, SelectionPolicy
+from server import request_fields
 from server.config import AppConfig, SelectionConfig, VariantConfig
 from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound
 from server.jobs import Choice, Job, chunk
@@ -33,6 +34,7 @@ from server.protocol import (
     FusionOptions,
     SelectionOptions,
 )
+from server.request_fields import refuse_unhonoured
 from server.structured import grammar_of
 
 log = logging.getLogger(__name__)
@@ -164,9 +166,47 @@ class FusionService:
             raise BadRequest(problem, param=f"fusion.{field_name}")
         return chosen.policy()
 
-    @staticmethod
-    def _sampling(temperature: float | None, top_p: float | None, seed: int | None) -> Sampling:
-        return Sampling(temperature=temperature or 0.0, top_p=top_p or 1.0, seed=seed)
+    def _sampling(self, req: ChatCompletionRequest | CompletionRequest) -> Sampling:
+        return Sampling(
+            temperature=req.temperature or 0.0,
+            top_p=req.top_p or 1.0,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            top_k=max(req.top_k or 0, 0),
+            min_p=req.min_p or 0.0,
+            logit_bias=self._logit_bias(req),
+        )
+
+    def _logit_bias(
+        self, req: ChatCompletionRequest | CompletionRequest
+    ) -> tuple[tuple[int, float], ...]:
+        """The request's biases, for a source model served alone: token ids are one
+        vocabulary's, and a fused answer is written in several."""
+        bias = req.logit_bias_pairs()
+        if not bias:
+            return ()
+        cfg = self.config.fusion
+        if req.model == cfg.name or req.model in cfg.variants:
+            raise BadRequest(
+                f"logit_bias is not supported for the fused model `{req.model}`: its token "
+                "ids would name different tokens in each source model's vocabulary; send "
+                f"it to one source model by name ({', '.join(self.models)})",
+                param="logit_bias",
+            )
+        model = self.models.get(req.model)
+        if model is None:
+            return bias  # no such model: a 404 comes next
+        size = model.tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+        outside = [t for t, _ in bias if t >= size]
+        if outside:
+            raise BadRequest(
+                f"logit_bias: token id {outside[0]} is outside {model.name}'s vocabulary "
+                f"of {size} tokens",
+                param="logit_bias",
+            )
+        return bias
 
     def _check_choices(self, prompts: int, n: int) -> None:
         cap = self.config.server.max_choices
@@ -234,11 +274,13 @@ class FusionService:
         return choices
 
     def chat_job(self, req: ChatCompletionRequest) -> Job:
+        refuse_unhonoured(req, request_fields.CHAT)
         if req.logprobs or req.top_logprobs:
+            name = "logprobs" if req.logprobs else "top_logprobs"
             raise BadRequest(
-                "logprobs are not supported: a fused answer's tokens come from several "
+                f"{name} is not supported: a fused answer's tokens come from several "
                 "tokenizers, so there is no single token distribution to report",
-                param="logprobs",
+                param=name,
             )
         try:
             messages = tuple({"role": m.role, "content": m.text()} for m in req.messages)
@@ -250,7 +292,7 @@ class FusionService:
             req.fusion,
             req.max_new(),
             req.stop_list(),
-            self._sampling(req.temperature, req.top_p, req.seed),
+            self._sampling(req),
             grammar_of(req.response_format, req.structured_outputs),
         )
         prompt = Prompt(messages=messages)
@@ -258,6 +300,7 @@ class FusionService:
         return self._job("chat", req, choices)
 
     def completion_job(self, req: CompletionRequest) -> Job:
+        refuse_unhonoured(req, request_fields.COMPLETIONS)
         if req.logprobs is not None:
             raise BadRequest(
                 "logprobs are not supported (see the chat endpoint's reason)", param="logprobs"
@@ -274,7 +317,7 @@ class FusionService:
             req.fusion,
             req.max_tokens,
             req.stop_list(),
-            self._sampling(req.temperature, req.top_p, req.seed),
+            self._sampling(req),
             grammar_of(req.response_format, req.structured_outputs),
         )
         choices = self._choices(

@@ -7,6 +7,8 @@ of which tokens are where and which distributions are known is this module's alo
 
 Layout of a ``Ledger`` (positions count from the start of the context ``ids``)::
 
+    ids[:prompt_len]      the prompt the state was opened with; the rest of ``ids`` is
+                          the committed answer (what answer penalties count)
     ids[:done]            committed and in the engine's cache
     ids[done:]            committed, not in the cache yet ("pending"): the next call
                           decodes them first; while any is pending there is no look-ahead
@@ -88,7 +90,10 @@ class Ledger(Generic[H, R]):
     rows: dict[int, R] = field(default_factory=dict)
     branches: list[Branch[H, R]] = field(default_factory=list)
 
+    prompt_len: int = field(init=False)
+
     def __post_init__(self) -> None:
+        self.prompt_len = len(self.ids)
         if self.cacheless:
             self.done = len(self.ids)
 

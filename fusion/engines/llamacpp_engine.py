@@ -40,6 +40,7 @@ from fusion.engines.llamacpp_runtime import (
     logsumexp,
 )
 from fusion.engines.llamacpp_state import LlamaState
+from fusion.engines.sampler import shaped_logits, shift_of
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +424,15 @@ class _Stream:
 
 
 def _pick(st: LlamaState, row: np.ndarray, sampling: Sampling) -> int:
+    """The next token from ``row``, the tail's log-probs: the request's penalties, bias
+    and cuts first (``sampler``), then greedy, or temperature, top_p and a draw from the
+    state's RNG."""
+    shift = shift_of(row)
+    if shift is None:  # a grammar's masked copy of the tail: its logits are the tail's
+        shift = shift_of(st.book.tail)
+    shaped = shaped_logits(row, sampling, st.book, st.history, shift)
+    if shaped is not None:
+        row = shaped
     if sampling.greedy:
         return int(np.argmax(row))
     if st.rng is None:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fusion.engines.llamacpp_prefix import PrefixCache
+from fusion.engines.sampler import with_shift
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,14 @@ class _Task:
 
 
 def log_softmax(row: np.ndarray) -> np.ndarray:
-    """Log-probabilities of one row of logits, as a new float32 array."""
+    """Log-probabilities of one row of logits, as a new float32 array that remembers its
+    log-normaliser (``sampler.with_shift``: repetition_penalty works on the logits)."""
     out = row.astype(np.float32, copy=True)
-    out -= out.max()
-    out -= np.log(np.exp(out).sum())
-    return out
+    top = out.max()
+    out -= top
+    norm = np.log(np.exp(out).sum())
+    out -= norm
+    return with_shift(out, float(top) + float(norm))
 
 
 def logsumexp(rows: np.ndarray, block: int = 16) -> np.ndarray:

@@ -31,6 +31,7 @@ import numpy as np
 
 from fusion.engines.ledger import Commit, Ledger
 from fusion.engines.llamacpp_runtime import LlamaError, LlamaRuntime
+from fusion.engines.sampler import History
 
 # Look-ahead rows kept per request, for the last positions: a candidate ends where a word
 # boundary showed, usually one or two tokens before its model's look-ahead does.
@@ -48,6 +49,7 @@ class LlamaState:
     seq: int | None = None  # taken on the decode thread at the first call
     ops: list[Callable[[LlamaRuntime], None]] = field(default_factory=list)
     rng: np.random.Generator | None = None
+    history: History = field(default_factory=History)  # what penalties count
     cancelled: bool = False
     cells: int = 0  # KV cells reserved for it at open (given back at release)
 

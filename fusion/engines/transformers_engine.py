@@ -34,10 +34,18 @@ import torch
 from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
 from fusion.engines.kv_arena import ArenaCache
 from fusion.engines.ledger import Branch
+from fusion.engines.sampler import shaped_logits, shift_of, truncates, with_shift
 from fusion.engines.transformers_state import TransformersState, free_if_released
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _row(dists: torch.Tensor, i: int) -> torch.Tensor:
+    """Row ``i`` of a forward's log-probs as a row of its own (a one-row output's view
+    pins nothing larger), remembering its log-normaliser (``sampler.with_shift``)."""
+    row = dists[i] if len(dists) == 1 else dists[i].clone()
+    return with_shift(row, float(dists.shifts[i]))  # type: ignore[attr-defined]
 
 
 def _inference(fn: Callable[..., T], *args: Any) -> T:
@@ -241,7 +249,12 @@ class TransformersEngine:
         )
         st.forwards += 1
         st.fed_tokens += n
-        return torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
+        logits = out.logits[0].float()
+        lps = torch.log_softmax(logits, dim=-1)
+        dists = lps.cpu()
+        # each row's log-normaliser, for the rows kept (``_row``): logits = row + shift
+        dists.shifts = (logits.amax(dim=-1) - lps.amax(dim=-1)).cpu()  # type: ignore[attr-defined]
+        return dists
 
     def _masks(
         self,
@@ -279,7 +292,7 @@ class TransformersEngine:
         st.cache.truncate(book.done)
         book.take_branches()
         dists = self._forward(st, [(book.pending, book.done)], last_only=True)
-        book.decoded_pending(dists[-1])  # a one-row output: nothing larger is pinned
+        book.decoded_pending(_row(dists, -1))
 
     def _drop_blocks(self, st: TransformersState) -> None:
         st.book.take_branches()
@@ -342,6 +355,17 @@ class TransformersEngine:
 
     @staticmethod
     def _pick(st: TransformersState, dist: torch.Tensor, sampling: Sampling) -> int:
+        """The next token from ``dist``, the tail's log-probs: the request's penalties,
+        bias and cuts first (``sampler``), then greedy, or temperature, top_p and a draw
+        from the state's generator."""
+        if sampling.shapes_logits or truncates(sampling):
+            shift = shift_of(dist)
+            if shift is None:  # a grammar's masked copy of the tail: its logits are the tail's
+                shift = shift_of(st.book.tail)
+            row = dist.detach().float().cpu().numpy()
+            shaped = shaped_logits(row, sampling, st.book, st.history, shift)
+            assert shaped is not None
+            dist = torch.from_numpy(shaped)
         if sampling.greedy:
             return int(torch.argmax(dist))
         if st.generator is None:
@@ -362,8 +386,9 @@ class TransformersEngine:
         book = st.book
         st.cache.truncate(st.in_cache)
         dists = self._forward(st, [(book.unfed, st.in_cache)], last_only=True)
-        book.fed_ahead(dists[-1])
-        return dists[-1]
+        row = _row(dists, -1)
+        book.fed_ahead(row)
+        return row
 
     # -- score --------------------------------------------------------------------------
     def _score(self, st: TransformersState, candidates: list[tuple[int, ...]]) -> list[list[float]]:
@@ -389,9 +414,9 @@ class TransformersEngine:
         start = st.cache.length + skip
         dists = self._forward(st, blocks, last_only=False)
         if extra:
-            book.fed_ahead(dists[len(extra) - 1].clone())
+            book.fed_ahead(_row(dists, len(extra) - 1))
         if derive:
-            book.keep_ctx_row(dists[skip - 1].clone())
+            book.keep_ctx_row(_row(dists, skip - 1))
         ctx_row = book.ctx_row
         assert ctx_row is not None
         results: list[list[float]] = []
@@ -401,7 +426,7 @@ class TransformersEngine:
             lps = [float(ctx_row[cand[0]])]
             lps += [float(dists[offset + j - 1][cand[j]]) for j in range(1, n)]
             results.append(lps)
-            after = dists[offset + n - 1].clone()
+            after = _row(dists, offset + n - 1)
             book.add_branch(Branch(book.context_len, cand, start + offset - skip, (after,)))
             offset += n
         return results

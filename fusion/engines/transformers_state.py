@@ -14,6 +14,7 @@ import torch
 
 from fusion.engines.kv_arena import ArenaCache
 from fusion.engines.ledger import Commit, Ledger
+from fusion.engines.sampler import History, shift_of
 
 Book = Ledger[int, torch.Tensor]  # branch handle: the first cache slot of its block
 
@@ -31,8 +32,9 @@ class TransformersState:
                                           dropped by the next generate/score/commit
 
     Rows are single log-prob rows with storage of their own, never views that pin a whole
-    ``[rows, vocab]`` forward output; only the row after the context and the tail are kept
-    (``max_rows=0``). ``check`` asserts all this at the end of every engine call.
+    ``[rows, vocab]`` forward output, each remembering its log-normaliser (``sampler``:
+    repetition_penalty needs the logits); only the row after the context and the tail are
+    kept (``max_rows=0``). ``check`` asserts all this at the end of every engine call.
     """
 
     request_id: str
@@ -40,6 +42,7 @@ class TransformersState:
     book: Book
     cancelled: bool = False  # released: calls stop at their next token or forward
     generator: torch.Generator | None = None  # sampling RNG, seeded once per request
+    history: History = field(default_factory=History)  # what penalties count
     forwards: int = 0
     fed_tokens: int = 0
     # held by the engine thread during a call; release frees the state only when free
@@ -79,6 +82,8 @@ class TransformersState:
             problems.append("a scoring block outside the scoring region")
         if not all(is_own_row(t) for t in self._rows()):
             problems.append("a kept distribution is a view of a larger tensor")
+        if any(shift_of(t) is None for t in self._rows()):
+            problems.append("a kept distribution without its log-normaliser (logits lost)")
         if problems:
             raise AssertionError(f"state {self.request_id}: " + "; ".join(problems))
 

@@ -128,7 +128,10 @@ class VllmCalls:
         sampling: Sampling = GREEDY,
     ) -> Generation:
         st = state
-        taker = Taker(st.look, max_tokens, stop_ids, should_stop, sampling.greedy)
+        # a greedy scoring pass's look-ahead is the model's plain argmax: replayed only
+        # for requests whose picks are that too (no penalty, no bias)
+        plain = sampling.greedy and not sampling.shapes_logits
+        taker = Taker(st.look, max_tokens, stop_ids, should_stop, plain)
         if taker.replay():
             return taker.result()
         fields = generate_fields(taker, sampling, len(st.ids))

@@ -17,7 +17,8 @@ A fusion step of a greedy request costs one round trip per model (``lookahead`` 
 A scoring request generates the single token vLLM requires, and no continuation is sent
 (the request pattern from before this look-ahead), whenever the tokens would not be
 used: ``lookahead`` 0; a sampling request (its tokens are drawn by ``generate`` with its
-seed offsets, so seeded answers stay as they were); and after a ``generate`` that ended
+seed offsets, so seeded answers stay as they were) or a greedy one with penalties or a
+bias (its picks are not the model's plain argmax); and after a ``generate`` that ended
 on a stop id or its token cap, or before any (the answer is over, or this is a scratch
 state: Rerank's last scoring, PackLLM's prompt scoring).
 """
@@ -53,6 +54,28 @@ def generate_fields(taker: Taker, sampling: Sampling, context_len: int) -> dict[
     }
     if sampling.seed is not None:
         fields["seed"] = wrap_seed(sampling.seed + context_len)
+    fields.update(processor_fields(sampling))
+    return fields
+
+
+def processor_fields(sampling: Sampling) -> dict[str, Any]:
+    """The request's logit processors as vLLM's ``SamplingParams`` fields (those set only).
+    vLLM counts presence and frequency over the tokens the request generates: the whole
+    answer for a model alone, one call's tokens in a fused answer (the committed answer
+    is part of the prompt it resends); repetition covers prompt and output either way."""
+    fields: dict[str, Any] = {}
+    if sampling.presence_penalty:
+        fields["presence_penalty"] = sampling.presence_penalty
+    if sampling.frequency_penalty:
+        fields["frequency_penalty"] = sampling.frequency_penalty
+    if sampling.repetition_penalty != 1.0:
+        fields["repetition_penalty"] = sampling.repetition_penalty
+    if sampling.top_k > 0:
+        fields["top_k"] = sampling.top_k
+    if sampling.min_p:
+        fields["min_p"] = sampling.min_p
+    if sampling.logit_bias:
+        fields["logit_bias"] = dict(sampling.logit_bias)
     return fields
 
 
