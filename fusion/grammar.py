@@ -65,6 +65,19 @@ class GrammarSpec:
         return str(grammar)
 
 
+def closed_schema(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that does not say
+    (what OpenAI's strict mode requires of a schema)."""
+    if isinstance(schema, list):
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_schema(v) for k, v in schema.items()}
+    if out.get("type") == "object" or "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
+
+
 def json_schema(schema: dict[str, Any] | None) -> GrammarSpec:
     """A JSON answer under ``schema`` (None: any JSON object, OpenAI's json_object)."""
     return GrammarSpec("json", json.dumps(schema if schema is not None else {"type": "object"}))
@@ -92,8 +105,19 @@ class Vocabularies:
             if name not in self._built:
                 import llguidance as llg
 
-                self._built[name] = llg.LLTokenizer(tokenizer_json(), eos_token=sorted(eos_ids))
+                data = _without_specials(tokenizer_json(), eos_ids)
+                self._built[name] = llg.LLTokenizer(data, eos_token=sorted(eos_ids))
             return self._built[name]
+
+
+def _without_specials(tokenizer_json: str, keep: frozenset[int]) -> str:
+    """The tokenizer without its added tokens (but its end tokens). llguidance takes an
+    added token for a special one, matching no text; yet it forces text that spells one
+    ("<tool_call>" in Qwen's vocabulary) as that token, so nothing would be allowed there.
+    Without the entry, a token that is also in the vocabulary (Qwen's) is its text."""
+    data = json.loads(tokenizer_json)
+    data["added_tokens"] = [t for t in data.get("added_tokens", []) if t.get("id") in keep]
+    return json.dumps(data)
 
 
 class MemberGrammar:

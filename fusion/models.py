@@ -11,11 +11,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from fusion.engine import Engine
 from fusion.tokenizer_loading import load_tokenizer
+from fusion.tools import for_template
 from tokenizers_align import TokenizerAdapter
 
 PLAIN_TEMPLATE = (
@@ -55,15 +57,27 @@ class ChatTemplate:
     bos_token: str = ""
     eos_token: str = ""
 
-    def render(self, messages: Sequence[dict[str, str]]) -> str:
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the template renders ``tools`` itself (Qwen's, Llama 3's, ...)."""
+        return "tools" in self.source
+
+    def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
+        native = self.takes_tools
+        extra: dict[str, Any] = {"tools": list(tools)} if tools and native else {}
         try:
             return env.from_string(self.source).render(
-                messages=list(messages),
+                messages=for_template(messages, tools, native),
                 add_generation_prompt=True,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except ChatTemplateError:
             raise
@@ -97,8 +111,12 @@ class SourceModel:
             return self.chat_end_id
         return self.tokenizer.eos_ids[0] if self.tokenizer.eos_ids else None
 
-    def chat_prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        return self.tokenizer.encode_prompt(self.chat_template.render(messages))
+    def chat_prompt_ids(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        return self.tokenizer.encode_prompt(self.chat_template.render(messages, tools))
 
     def completion_prompt_ids(self, prompt: str) -> list[int]:
         return self.tokenizer.encode_prompt(prompt)

@@ -146,5 +146,5 @@ def room(run: Run, whole: bool = False) -> int:
 
 def prompt_ids(prompt: Prompt, m: SourceModel) -> list[int]:
     if prompt.messages is not None:
-        return m.chat_prompt_ids(prompt.messages)
+        return m.chat_prompt_ids(prompt.messages, prompt.tools)
     return m.completion_prompt_ids(prompt.text or "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fusion.engine import GREEDY, Sampling
 from fusion.grammar import GrammarSpec
@@ -104,7 +104,8 @@ class FusionParams:
 class Prompt:
     """Either a chat conversation or a raw completion prompt."""
 
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
+    tools: tuple[dict[str, Any], ...] | None = None  # OpenAI function tools, for chat
     text: str | None = None
 
     @property

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusion.tools import ToolCall, ToolMode, parse_calls
 from fusion.types import FusionOutcome, FusionParams, Prompt, Segment
 
 
@@ -36,6 +37,7 @@ class Job:
     include_usage: bool
     trace: bool
     single: bool = False  # runs one source model (its own admission lane)
+    tool_mode: ToolMode = "none"  # else a chat answer that is calls is returned as calls
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -122,7 +124,15 @@ def response(job: Job) -> dict[str, Any]:
             "finish_reason": c.outcome.finish_reason,
             "logprobs": None,
         }
-        if job.kind == "chat":
+        calls = tool_calls(job, c.outcome.text)
+        if calls:
+            body["message"] = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [call.openai() for call in calls],
+            }
+            body["finish_reason"] = "tool_calls"
+        elif job.kind == "chat":
             body["message"] = {"role": "assistant", "content": c.outcome.text}
         else:
             body["text"] = c.echo + c.outcome.text
@@ -167,6 +177,20 @@ def chunk(
         body["text"] = delta or ""
     if seg is not None and job.trace:
         body["fusion"] = {"segments": [trace_of(seg)]}
+    return _envelope(job, _chunk_object(job), [body])
+
+
+def tool_calls(job: Job, text: str) -> list[ToolCall] | None:
+    """The calls a chat answer is made of, where the request gave tools (None: text)."""
+    if job.kind != "chat" or job.tool_mode == "none":
+        return None
+    return parse_calls(text)
+
+
+def tool_call_chunk(job: Job, choice: int, index: int, call: ToolCall) -> dict[str, Any]:
+    """One call as a stream delta (OpenAI's: index, id, type, name and the arguments)."""
+    body = {"index": choice, "finish_reason": None, "logprobs": None}
+    body["delta"] = {"tool_calls": [call.openai(index)]}
     return _envelope(job, _chunk_object(job), [body])
 
 

@@ -22,11 +22,12 @@ from fusion.engine import Sampling
 from fusion.grammar import GrammarSpec
 from fusion.loop import Fuser, FusionError
 from fusion.models import SourceModel
+from fusion.tools import ToolCall
 from fusion.types import FusionParams, Prompt, Segment, SelectionPolicy
 from server import request_fields
 from server.config import AppConfig, SelectionConfig, VariantConfig
 from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound
-from server.jobs import Choice, Job, chunk
+from server.jobs import Choice, Job, chunk, tool_call_chunk, tool_calls
 from server.metrics import Metrics
 from server.protocol import (
     ChatCompletionRequest,
@@ -36,6 +37,7 @@ from server.protocol import (
 )
 from server.request_fields import refuse_unhonoured
 from server.structured import grammar_of
+from server.tool_calls import tool_plan
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +231,7 @@ class FusionService:
             if not limit:
                 continue
             n = len(
-                m.chat_prompt_ids(prompt.messages)
+                m.chat_prompt_ids(prompt.messages, prompt.tools)
                 if prompt.messages is not None
                 else m.completion_prompt_ids(prompt.text or "")
             )
@@ -283,21 +285,31 @@ class FusionService:
                 param=name,
             )
         try:
-            messages = tuple({"role": m.role, "content": m.text()} for m in req.messages)
+            messages = tuple(m.core() for m in req.messages)
         except ValueError as exc:
             raise BadRequest(str(exc), param="messages") from None
         self._check_choices(1, req.n or 1)
+        tools = tool_plan(req)
+        grammar = grammar_of(req.response_format, req.structured_outputs)
+        if grammar is not None and tools.grammar is not None:
+            raise BadRequest(
+                "a response format and tool calls cannot both shape the answer; "
+                'use tool_choice "none" with response_format',
+                param="tool_choice",
+            )
         params = self._params(
             req.model,
             req.fusion,
             req.max_new(),
             req.stop_list(),
             self._sampling(req),
-            grammar_of(req.response_format, req.structured_outputs),
+            grammar or tools.grammar,
         )
-        prompt = Prompt(messages=messages)
+        prompt = Prompt(messages=messages, tools=tools.tools)
         choices = self._choices([prompt], req.n or 1, params, req.max_new() is not None, False)
-        return self._job("chat", req, choices)
+        job = self._job("chat", req, choices)
+        job.tool_mode = tools.mode
+        return job
 
     def completion_job(self, req: CompletionRequest) -> Job:
         refuse_unhonoured(req, request_fields.COMPLETIONS)
@@ -396,12 +408,19 @@ class FusionService:
                     queue.put_nowait(chunk(job, choice.index, "", role=True))
                 elif choice.echo:  # as vLLM: the prompt comes first, in a chunk of its own
                     queue.put_nowait(chunk(job, choice.index, choice.echo))
+                calls = _CallWatch(job)
                 async with contextlib.aclosing(self.segments(job, choice)) as segments:
                     async for seg in segments:
-                        if seg.text or job.trace:
-                            queue.put_nowait(chunk(job, choice.index, seg.text, seg=seg))
+                        text = calls.feed(seg.text)
+                        if text or job.trace:
+                            queue.put_nowait(chunk(job, choice.index, text, seg=seg))
                 reason = choice.outcome.finish_reason
-                queue.put_nowait(chunk(job, choice.index, finish=reason))
+                found, rest = calls.end()
+                for i, call in enumerate(found):
+                    queue.put_nowait(tool_call_chunk(job, choice.index, i, call))
+                if rest:
+                    queue.put_nowait(chunk(job, choice.index, rest))
+                queue.put_nowait(chunk(job, choice.index, finish="tool_calls" if found else reason))
             except Exception as exc:
                 queue.put_nowait(exc)
             finally:
@@ -423,6 +442,34 @@ class FusionService:
                 task.cancel()
             # each choice's fusion run releases its engine states on the way out
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _CallWatch:
+    """A streamed chat answer where the request gave tools: text streams as it comes,
+    but an answer that opens with a call (the grammar makes "<" start calls) is held back
+    and sent as tool-call deltas once complete (as text, should it not parse)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.held: list[str] = []
+        self.calling: bool | None = None if job.tool_mode == "auto" else job.tool_mode != "none"
+
+    def feed(self, text: str) -> str:
+        """What of ``text`` to stream now."""
+        if self.calling is None and text.strip():
+            self.calling = text.lstrip().startswith("<")
+            if not self.calling:
+                text, self.held = "".join(self.held) + text, []
+        if self.calling is False:
+            return text
+        self.held.append(text)
+        return ""
+
+    def end(self) -> tuple[list[ToolCall], str]:
+        """The calls, or the held text when they do not parse."""
+        held = "".join(self.held)
+        calls = tool_calls(self.job, held) if self.calling else None
+        return (calls, "") if calls else ([], held)
 
 
 async def all_or_none(work: list[Coroutine[Any, Any, None]]) -> None:

@@ -8,23 +8,10 @@ become one ``GrammarSpec``; a grammar that does not compile is a 400 naming the 
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from fusion.grammar import GrammarError, GrammarSpec, json_schema
+from fusion.grammar import GrammarError, GrammarSpec, closed_schema, json_schema
 from server.errors import BadRequest
 from server.protocol import ResponseFormat, StructuredOutputs
-
-
-def _closed(schema: Any) -> Any:
-    """``schema`` with ``additionalProperties: false`` on every object that does not say."""
-    if isinstance(schema, list):
-        return [_closed(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _closed(v) for k, v in schema.items()}
-    if out.get("type") == "object" or "properties" in out:
-        out.setdefault("additionalProperties", False)
-    return out
 
 
 def _from_structured(so: StructuredOutputs) -> GrammarSpec:
@@ -52,7 +39,7 @@ def _from_structured(so: StructuredOutputs) -> GrammarSpec:
                 "structured_outputs.json must be a JSON schema object",
                 param="structured_outputs",
             )
-        return json_schema(_closed(schema) if so.disable_additional_properties else schema)
+        return json_schema(closed_schema(schema) if so.disable_additional_properties else schema)
     if so.regex is not None:
         return GrammarSpec("regex", so.regex)
     if so.choice is not None:

@@ -100,9 +100,13 @@ class TransformersEngine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         started = time.monotonic()
+        # auto: float32 on CPU (bfloat16 is ~10x slower there), the model's own on a GPU
+        dtype: Any = getattr(torch, self.dtype) if self.dtype != "auto" else "auto"
+        if self.dtype == "auto" and device == "cpu":
+            dtype = torch.float32
         model = AutoModelForCausalLM.from_pretrained(
             str(self.model_dir),
-            dtype=getattr(torch, self.dtype),
+            dtype=dtype,
             trust_remote_code=self.trust_remote_code,
         )
         model = model.to(device)  # type: ignore[arg-type]

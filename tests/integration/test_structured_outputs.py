@@ -101,3 +101,36 @@ def test_a_bad_grammar_is_a_400_naming_the_field(server_url):
     assert answer.status_code == 400
     error = answer.json()["error"]
     assert error["param"] == "structured_outputs" and "does not compile" in error["message"]
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("model", ["fusion", "smollm2-135m"])
+def test_a_streamed_required_tool_call_parses(server_url, model):
+    client = OpenAI(base_url=f"{server_url}/v1", api_key="none", max_retries=0)
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=80,
+        stream=True,
+    )
+    chunks = [c for c in stream if c.choices]
+    calls = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    assert set(json.loads(calls[0].function.arguments)) == {"city"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
