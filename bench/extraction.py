@@ -40,7 +40,8 @@ class Person(BaseModel):
     city: str
 
 
-SCHEMA: dict[str, Any] = Person.model_json_schema()
+# as the SDK's parse sends it (strict): no properties beyond the three
+SCHEMA: dict[str, Any] = {**Person.model_json_schema(), "additionalProperties": False}
 
 
 @dataclass(frozen=True)
