@@ -1,5 +1,6 @@
 """The FastAPI app: ``create_app(config, models=...)`` builds everything and mounts the
-routers (``server/routers/``: OpenAI endpoints, operations, playground).
+routers (``server/routers/``: OpenAI endpoints, the Responses API, operations,
+playground).
 
 Engines load in the background at start-up, so ``/health`` answers 503 ("loading")
 until every source model is ready.
@@ -21,7 +22,7 @@ from server.admission import Admission
 from server.config import AppConfig
 from server.errors import PayloadTooLarge, error_response, install_error_handlers
 from server.metrics import Metrics
-from server.routers import openai, ops, playground
+from server.routers import openai, ops, playground, responses
 from server.serving import FusionService
 from server.state import ServerState
 
@@ -115,6 +116,7 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
         )
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     playground.install(app)
     return app
 

@@ -50,13 +50,13 @@ async def get_model(model_id: str, state: State) -> dict[str, Any]:
 @router.post("/chat/completions")
 async def chat(req: ChatCompletionRequest, request: Request, state: State) -> Response:
     service = state.ready_service()
-    return await _answer(state, service, service.chat_job(req), request, "chat")
+    return await answer(state, service, service.chat_job(req), request, "chat")
 
 
 @router.post("/completions")
 async def completions(req: CompletionRequest, request: Request, state: State) -> Response:
     service = state.ready_service()
-    return await _answer(state, service, service.completion_job(req), request, "completions")
+    return await answer(state, service, service.completion_job(req), request, "completions")
 
 
 class _Admitted:
@@ -107,13 +107,27 @@ class _ClosingEventSource(EventSourceResponse):
                 await self._on_close()
 
 
-async def _answer(
-    state: ServerState, service: FusionService, job: Job, request: Request, endpoint: str
+# a streamed answer's SSE events; it gives the request's admission back (``finish``)
+StreamEvents = Callable[[FusionService, Job, _Admitted], AsyncGenerator[dict[str, str], None]]
+
+
+async def answer(
+    state: ServerState,
+    service: FusionService,
+    job: Job,
+    request: Request,
+    endpoint: str,
+    *,
+    body: Callable[[Job], dict[str, Any]] = response,
+    stream_events: StreamEvents | None = None,
 ) -> Response:
+    """Admit ``job``, run it and answer: ``body`` makes the JSON answer, ``stream_events``
+    the event stream (chat and completions objects by default; /v1/responses gives its
+    own, server/routers/responses.py)."""
     permit = await state.admission.acquire(len(job.choices), single=job.single)
     admitted = _Admitted(state, service, job, endpoint, permit)
     if job.stream:
-        events = _stream(service, job, admitted)
+        events = (stream_events or _stream)(service, job, admitted)
 
         async def close() -> None:
             try:
@@ -141,7 +155,7 @@ async def _answer(
     try:
         await _until_disconnected(request, service.run_all(job))
         status = "200"
-        return JSONResponse(response(job))
+        return JSONResponse(body(job))
     except _ClientGone:
         # nobody reads this answer; returning it (rather than raising) keeps a client
         # that leaves out of the error log
