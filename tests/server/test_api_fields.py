@@ -12,41 +12,58 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+ENDPOINTS = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "responses": "/v1/responses",
+}
 BASE: dict[str, dict[str, Any]] = {
     "chat": {"model": "fusion", "messages": [{"role": "user", "content": "hi"}]},
     "completions": {"model": "fusion", "prompt": "hi", "max_tokens": 4},
+    "responses": {"model": "fusion", "input": "hi", "max_output_tokens": 4},
 }
 SOURCE = "qwen2.5-0.5b"  # a source model by name: where logit_bias is honoured
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+RESPONSES_TOOL = {"type": "function", "name": "f", "parameters": {"type": "object"}}
 
 # a value that asks for something, per field the table marks refused somewhere
 REFUSED_EXAMPLES: dict[str, Any] = {
     "add_generation_prompt": False,
     "allowed_token_ids": [1, 2],
     "audio": {"voice": "alloy", "format": "mp3"},
+    "background": True,
+    "background_options": {"completion_window": "soonest"},
     "bad_words": ["cat"],
     "best_of": 3,
     "chat_template": "{{ messages }}",
     "chat_template_kwargs": {"enable_thinking": False},
+    "context_management": [{"type": "compaction"}],
     "continue_final_message": True,
+    "conversation": "conv_1",
     "echo": True,
     "function_call": "auto",
     "functions": [TOOL["function"]],
     "ignore_eos": True,
+    "include": ["message.output_text.logprobs"],
     "include_stop_str_in_output": True,
     "length_penalty": 0.5,
     "logprobs": {"chat": True, "completions": 1},
     "min_tokens": 3,
     "modalities": ["text", "audio"],
     "moderation": {"model": "omni-moderation-latest"},
+    "previous_response_id": "resp_1",
+    "prompt": {"id": "pmpt_1"},
     "prompt_logprobs": 1,
+    "reasoning": {"effort": "low"},
     "reasoning_effort": "low",
     "stop_token_ids": [2],
     "store": True,
     "suffix": " end",
+    "tool_choice": "required",
+    "tools": [RESPONSES_TOOL],
     "top_logprobs": 2,
     "truncate_prompt_tokens": 8,
+    "truncation": "auto",
     "use_beam_search": True,
     "verbosity": "low",
     "web_search_options": {},
@@ -66,15 +83,31 @@ INERT = {
         "min_tokens": 0,
     },
     "completions": {"suffix": "", "best_of": 1, "ignore_eos": False, "stop_token_ids": []},
+    "responses": {
+        "store": False,
+        "background": False,
+        "context_management": [],
+        "include": ["reasoning.encrypted_content"],
+        "reasoning": {"effort": "none"},
+        "top_logprobs": 0,
+        "truncation": "disabled",
+        "tools": [],
+        "tool_choice": "auto",
+    },
 }
 # a value to send, per field the table marks supported or ignored (other than the base)
 ACCEPTED_EXAMPLES: dict[str, Any] = {
+    "access_programs": {"cyber": "standard"},
     "echo": True,
     "frequency_penalty": 0.5,
     "fusion": {"trace": True},
+    "image": {"context_compression": "auto"},
+    "instructions": "Be brief.",
     "logit_bias": {"5": 2.0},
     "max_completion_tokens": 8,
+    "max_output_tokens": 8,
     "max_tokens": 8,
+    "max_tool_calls": 2,
     "metadata": {"k": "v"},
     "min_p": 0.1,
     "n": 2,
@@ -91,9 +124,14 @@ ACCEPTED_EXAMPLES: dict[str, Any] = {
     "service_tier": "flex",
     "stop": ["\n\n"],
     "stream": True,
-    "stream_options": {"include_usage": True},
+    "stream_options": {
+        "chat": {"include_usage": True},
+        "completions": {"include_usage": True},
+        "responses": {"include_obfuscation": False},
+    },
     "structured_outputs": {"choice": ["The cat sat on the mat. It was warm."]},
     "temperature": 0.7,
+    "text": {"format": {"type": "text"}},
     "tool_choice": "none",
     "tools": [TOOL],
     "top_k": 5,
@@ -156,6 +194,13 @@ def marked(status: str) -> list[tuple[str, str]]:
     )
 
 
+def example_for(endpoint: str, example: Any) -> Any:
+    """The endpoint's own value where the example differs per endpoint."""
+    if isinstance(example, dict) and example and set(example) <= set(ENDPOINTS):
+        return example[endpoint]
+    return example
+
+
 def request(endpoint: str, name: str, value: Any) -> dict[str, Any]:
     body = {**BASE[endpoint], name: value}
     if name == "logit_bias":
@@ -168,9 +213,7 @@ async def test_every_refused_field_gets_a_400_that_names_it(client):
     assert len(refused) > 30
     async with client() as http:
         for endpoint, name in refused:
-            example = REFUSED_EXAMPLES[name]
-            if isinstance(example, dict) and set(example) == set(ENDPOINTS):
-                example = example[endpoint]
+            example = example_for(endpoint, REFUSED_EXAMPLES[name])
             r = await http.post(ENDPOINTS[endpoint], json=request(endpoint, name, example))
             assert r.status_code == 400, (endpoint, name, r.text)
             err = r.json()["error"]
@@ -195,7 +238,7 @@ async def test_every_supported_or_ignored_field_is_accepted(client, status):
         for endpoint, name in fields:
             if name in BASE[endpoint]:
                 continue  # every request sends it
-            value = ACCEPTED_EXAMPLES[name]
+            value = example_for(endpoint, ACCEPTED_EXAMPLES[name])
             body = request(endpoint, name, value)
             if name == "stream_options":
                 body["stream"] = True
@@ -234,11 +277,3 @@ async def test_sampling_fields_outside_vllms_ranges_are_a_400_that_names_them(cl
                     assert r.json()["error"]["param"] == name, (endpoint, name, value)
                 ok = await http.post(ENDPOINTS[endpoint], json=request(endpoint, name, None))
                 assert ok.status_code == 200
-
-
-async def test_the_responses_api_is_not_served_yet(client):
-    table = field_table()
-    assert all(row["responses"] in ("404", "—") for row in table.values())
-    async with client() as http:
-        r = await http.post("/v1/responses", json={"model": "fusion", "input": "hi"})
-        assert r.status_code == 404
