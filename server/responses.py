@@ -89,7 +89,6 @@ RENAMED = {
     "response_format": "text.format",
     "messages": "input",
 }
-TOOLS_LATER = "function tools on /v1/responses arrive with chat tool calls"
 
 
 # -- request -> chat request ---------------------------------------------------------------
@@ -162,23 +161,37 @@ def _refuse_reasoning(reasoning: dict[str, Any] | None) -> None:
 def _tool_fields(req: ResponsesRequest) -> dict[str, Any]:
     """The chat request's tool fields. A Responses function tool is chat's ``function``
     object one level up (type, name, description, parameters, strict), and a named
-    ``tool_choice`` is ``{"type": "function", "name": ...}``; until chat's tool calls
-    answer them here, a request with tools is refused."""
-    if req.tools:
-        kinds = sorted({str(t.get("type")) for t in req.tools} - {"function"})
-        why = (
-            f"built-in tools ({', '.join(kinds)}) are not served: this server runs no tools"
-            if kinds
-            else TOOLS_LATER
-        )
-        raise BadRequest(f"tools is not supported: {why}", param="tools")
-    if req.tool_choice not in (None, "none", "auto"):
+    ``tool_choice`` is ``{"type": "function", "name": ...}``; built-in tools are refused."""
+    tools = req.tools or []
+    kinds = sorted({str(t.get("type")) for t in tools} - {"function"})
+    if kinds:
         raise BadRequest(
-            f"tool_choice {json.dumps(req.tool_choice)} asks for a tool call, but the "
-            "request has no tools",
-            param="tool_choice",
+            f"tools is not supported: built-in tools ({', '.join(kinds)}) are not served: "
+            "this server runs no tools; function tools are",
+            param="tools",
         )
-    return {}
+    out: dict[str, Any] = {}
+    if tools:
+        keys = ("name", "description", "parameters", "strict")
+        out["tools"] = [
+            {"type": "function", "function": {k: t[k] for k in keys if t.get(k) is not None}}
+            for t in tools
+        ]
+    choice = req.tool_choice
+    if not tools and choice in ("auto", "none"):
+        choice = None  # the Responses API's default, with or without tools
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise BadRequest(
+                f"tool_choice {json.dumps(choice)} is not supported (a function by name only)",
+                param="tool_choice",
+            )
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    if choice is not None:
+        out["tool_choice"] = choice
+    if req.parallel_tool_calls is not None:
+        out["parallel_tool_calls"] = req.parallel_tool_calls
+    return out
 
 
 def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
@@ -187,18 +200,33 @@ def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
         return [*out, {"role": "user", "content": req.input}]
     if not req.input:
         raise BadRequest("input must not be an empty list", param="input")
-    return out + [_message(i, item) for i, item in enumerate(req.input)]
+    for i, item in enumerate(req.input):
+        msg = _message(i, item)
+        calls = msg.get("tool_calls")
+        if calls and out and out[-1].get("role") == "assistant" and not out[-1].get("content"):
+            out[-1].setdefault("tool_calls", []).extend(calls)  # consecutive calls: one turn
+        else:
+            out.append(msg)
+    return out
 
 
 def _message(i: int, item: dict[str, Any]) -> dict[str, Any]:
     kind = item.get("type", "message")
-    if kind in ("function_call", "function_call_output"):
-        raise BadRequest(
-            f"input[{i}]: {kind} items are not supported: {TOOLS_LATER}", param="input"
-        )
+    if kind == "function_call":  # an earlier call, as chat's assistant tool call
+        call = {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}
+        return {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": item.get("call_id"), "type": "function", "function": call}],
+        }
+    if kind == "function_call_output":
+        output = item.get("output")
+        text = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False)
+        return {"role": "tool", "tool_call_id": item.get("call_id"), "content": text}
     if kind != "message":
         raise BadRequest(
-            f"input[{i}]: items of type {kind!r} are not supported (message items only)",
+            f"input[{i}]: items of type {kind!r} are not supported (message, function_call "
+            "and function_call_output items only)",
             param="input",
         )
     try:
@@ -300,12 +328,28 @@ class Turn:
             "content": [part],
         }
 
+    @staticmethod
+    def function_call(call: dict[str, Any]) -> dict[str, Any]:
+        """A chat tool call as a Responses ``function_call`` output item."""
+        return {
+            "type": "function_call",
+            "id": f"fc_{uuid.uuid4().hex}",
+            "call_id": call["id"],
+            "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"],
+            "status": "completed",
+        }
+
     def body(self, job: Job) -> dict[str, Any]:
         """The ``response`` object for a finished chat job."""
         choice = response(job)["choices"][0]
         status = status_of(choice["finish_reason"])
-        text = choice["message"]["content"] or ""
-        out = self.resource(job, status, [self.message(text, status)], responses_usage(job))
+        calls = choice["message"].get("tool_calls") or []
+        if calls:
+            items = [self.function_call(c) for c in calls]
+        else:
+            items = [self.message(choice["message"]["content"] or "", status)]
+        out = self.resource(job, status, items, responses_usage(job))
         if "fusion" in choice:
             out["fusion"] = choice["fusion"]
         return out

@@ -91,8 +91,6 @@ INERT = {
         "reasoning": {"effort": "none"},
         "top_logprobs": 0,
         "truncation": "disabled",
-        "tools": [],
-        "tool_choice": "auto",
     },
 }
 # a value to send, per field the table marks supported or ignored (other than the base)
@@ -133,7 +131,7 @@ ACCEPTED_EXAMPLES: dict[str, Any] = {
     "temperature": 0.7,
     "text": {"format": {"type": "text"}},
     "tool_choice": "none",
-    "tools": [TOOL],
+    "tools": {"chat": [TOOL], "responses": [RESPONSES_TOOL]},
     "top_k": 5,
     "top_p": 0.9,
     "user": "someone",

@@ -167,12 +167,11 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("include", {"include": ["file_search_call.results"]}),
     ("reasoning", {"reasoning": {"effort": "low"}}),
     ("text.verbosity", {"text": {"verbosity": "low"}}),
-    ("tools", {"tools": [TOOL]}),
     ("tools", {"tools": [{"type": "web_search"}]}),
-    ("tool_choice", {"tool_choice": "required"}),
+    ("tool_choice", {"tool_choice": "required"}),  # without tools
     ("tool_choice", {"tool_choice": {"type": "function", "name": "f"}}),
+    ("tool_choice", {"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}),
     ("input", {"input": []}),
-    ("input", {"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}),
     ("input", {"input": [{"type": "reasoning", "summary": []}]}),
     ("input", {"input": [{"role": "wizard", "content": "x"}]}),
     ("input", {"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
@@ -210,8 +209,8 @@ async def test_stateless_refusals_say_why_and_tools_name_their_seam(client):
         for extra in ({"store": True}, {"previous_response_id": "resp_1"}):
             r = await http.post("/v1/responses", json={**ASK, **extra})
             assert "keeps no state" in r.json()["error"]["message"]
-        r = await http.post("/v1/responses", json={**ASK, "tools": [TOOL]})
-        assert "function tools on /v1/responses arrive with chat tool calls" in r.text
+        r = await http.post("/v1/responses", json={**ASK, "tools": [{"type": "web_search"}]})
+        assert "built-in tools (web_search) are not served" in r.text
 
 
 ACCEPTED: list[dict[str, Any]] = [
@@ -327,3 +326,67 @@ async def test_a_streaming_client_that_leaves_stops_every_engine(live_server, tr
         assert max(len(m.engine.commits) for m in models) == done < 20
         for m in models:
             assert m.engine.states and all(s.released for s in m.engine.states), m.name
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+CALL = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>'
+
+
+async def test_a_function_call_is_a_function_call_output_item(client, trio):
+    async with client(models=trio(CALL)) as http:
+        body = {**ASK, "tools": [WEATHER], "tool_choice": "required"}
+        r = await http.post("/v1/responses", json=body)
+        assert r.status_code == 200, r.text
+        resp = Response.model_validate(r.json())
+    (item,) = resp.output
+    assert item.type == "function_call" and item.name == "get_weather"
+    assert json.loads(item.arguments) == {"city": "Paris"}
+    assert item.call_id.startswith("call_") and item.id.startswith("fc_")
+    assert resp.tool_choice == "required" and resp.tools[0].name == "get_weather"
+
+
+async def test_a_streamed_function_call_is_its_item_and_argument_events(client, trio):
+    async with client(models=trio(CALL)) as http:
+        body = {**ASK, "tools": [WEATHER], "tool_choice": "required", "stream": True}
+        r = await http.post("/v1/responses", json=body)
+        events = sse(r.text)
+    for e in events:
+        TypeAdapter(ResponseStreamEvent).validate_python(e)
+    kinds = [e["type"] for e in events]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    done = events[-1]["response"]["output"]
+    assert [o["type"] for o in done] == ["function_call"]
+    assert json.loads(events[4]["arguments"]) == {"city": "Paris"}
+
+
+async def test_earlier_calls_and_their_outputs_go_back_into_the_conversation(client, trio):
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "type": "function_call",
+            "call_id": "call_1",
+            "name": "get_weather",
+            "arguments": '{"city":"Paris"}',
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": "18C"},
+    ]
+    async with client(models=trio("It is 18C.")) as http:
+        r = await http.post("/v1/responses", json={**ASK, "input": history, "tools": [WEATHER]})
+        assert r.status_code == 200, r.text
+        assert Response.model_validate(r.json()).output_text == "It is 18C."
