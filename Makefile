@@ -121,7 +121,9 @@ serve-vllm: $(VLLM_STAMP) prepare
 
 TEST_STEPS := $(STAMP)-dev $(VLLM_STAMP) prepare $(STAMP)-tokenizers
 
-test: $(TEST_STEPS) $(STAMP)-chromium
+# lm-eval's venv too: an integration test runs its local-completions against a member
+# (tests/integration/test_logprobs.py; about 50 s to create, once)
+test: $(TEST_STEPS) $(STAMP)-chromium .venv-eval/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -ra
@@ -145,9 +147,12 @@ SYSTEMS ?= qwen2.5-0.5b,smollm2-135m,gemma3-270m,fusion,fusion-cool,fusion-cool-
 LIMIT ?= 200
 EVAL_OUT ?= eval/results
 
-$(EVAL_VENV)/.installed: $(STAMP)-venv
+# transformers: lm-eval reads a member's tokenizer with it (log-likelihood tasks); the
+# Makefile is a prerequisite so that a venv made by an older recipe gets what it lacks
+$(EVAL_VENV)/.installed: $(STAMP)-venv Makefile
 	test -x $(EVAL_VENV)/bin/python || $(PY) -m venv $(EVAL_VENV)
-	$(EVAL_VENV)/bin/python -m pip install $(PIP_SOURCES) "torch==$(TORCH_VERSION)" "lm-eval[api]==0.4.13"
+	$(EVAL_VENV)/bin/python -m pip install $(PIP_SOURCES) "torch==$(TORCH_VERSION)" \
+		"lm-eval[api]==0.4.13" "transformers>=5.16.1,<5.20"
 	touch $@
 
 eval: $(STAMP)-dev prepare $(EVAL_VENV)/.installed

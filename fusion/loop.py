@@ -19,11 +19,12 @@ from collections.abc import AsyncGenerator, Sequence
 
 from fusion.gate import gate_leader, gated
 from fusion.grammar import AnswerGrammar, MemberGrammar, Vocabularies
+from fusion.logprobs import prompt_logprobs, segment_logprobs
 from fusion.members import Members
 from fusion.models import SourceModel
 from fusion.proposals import Proposal
 from fusion.rerank import FusedAnswer, rerank
-from fusion.run import FusionError, Run, Step, content_tokens
+from fusion.run import FusionError, Run, Step, content_tokens, prompt_ids
 from fusion.selection import gate_confident
 from fusion.steps import (
     choose,
@@ -61,6 +62,13 @@ class Fuser:
                 # before the run holds any engine state: scoring the prompt opens a
                 # scratch state in every engine, which may have to wait for room
                 await prompt_weights(self.members, run)
+            if params.prompt_logprobs is not None:  # completions' echo, a model alone
+                run.outcome.prompt_logprobs = await prompt_logprobs(self.members, run)
+            if params.max_tokens == 0:  # the prompt alone (echo): nothing to generate
+                for m in run.models:
+                    run.outcome.usage[m.name].prompt_tokens = len(prompt_ids(run.prompt, m))
+                run.outcome.finish_reason = "length"
+                return
             await self._grammar(run)
             await self.members.open(run, whole=params.method == "rerank")
             if params.method in ("cool", "cool_shortest"):
@@ -117,6 +125,9 @@ class Fuser:
             win = step.win
             lead = win.proposals[0]
             tokens = content_tokens(run, lead)
+            logprobs = None
+            if params.logprobs is not None:  # before the commit: scored after the context
+                logprobs = await segment_logprobs(self.members, run, win)
             run.outcome.completion_tokens += tokens
             run.outcome.usage[lead.model].segments_won += 1
             finish: FinishReason | None = None
@@ -153,6 +164,7 @@ class Fuser:
                     step=step.kind,
                     rule=step.rule,
                     cut_to_nothing=tuple(run.cut_to_nothing),
+                    logprobs=logprobs,
                 )
             index += 1
             if finish is not None:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fusion.engine import GREEDY, Generation, Sampling, StateHandle
+from fusion.engine import GREEDY, Generation, Sampling, StateHandle, TopLogprobs
 from fusion.grammar import AnswerGrammar, MemberGrammar
 from fusion.models import SourceModel
 from tokenizers_align import (
@@ -37,6 +37,8 @@ class Proposal:
     reused: int = 0  # of ``generated``, look-ahead the engine kept from an earlier step
     cut: bool = False  # cut to the grammar's longest valid prefix (its engine could not
     # constrain it, or it ended where the grammar does not)
+    own_top: tuple[TopLogprobs, ...] | None = None  # with ``own_ids``, when the sampling
+    # asked for the most likely tokens at each position
 
 
 @dataclass(frozen=True)
@@ -118,12 +120,15 @@ async def propose(
     sampling: Sampling = GREEDY,
     written: str = "",
     grammar: AnswerGrammar | None = None,
+    alone: bool = False,
 ) -> Proposal:
     """Generate ``model``'s candidate after the shared text.
 
     The model's own turn markers end its answer, also one that starts at the end of
     ``written`` (the answer committed so far); ``user_stops`` (Rerank's request stop
-    strings) cut it: the text before one is the candidate, an answer that did not end."""
+    strings) cut it: the text before one is the candidate, an answer that did not end.
+    A model writing ``alone`` (a source model by name) ends its candidate where one of
+    its tokens ends, so that its answer is the tokens it wrote, as it would be alone."""
     check = _StopCheck(
         codec, boundary_adapters, model.stop_strings, user_stops, until_boundary, written
     )
@@ -133,6 +138,8 @@ async def propose(
         if isinstance(sampling.constraint, MemberGrammar):
             sampling.constraint.rewind()
     text, ended, own, hit_cap = _candidate(gen, check, cap)
+    if alone and own is None and not ended:
+        text, own = _own_tokens(check.texts, text)
     cut = False
     if grammar is not None:
         valid, complete = grammar.valid_prefix(text)
@@ -140,6 +147,7 @@ async def propose(
         if cut:  # scored as text: no end token, and not the tokens it generated
             text, ended, own = valid, False, None
     own_ids, own_lps = (gen.ids[:own], gen.logprobs[:own]) if own is not None else (None, None)
+    own_top = gen.top[:own] if own is not None and gen.top else None
     return Proposal(
         model=model.name,
         text=text,
@@ -151,6 +159,7 @@ async def propose(
         align_seconds=check.seconds,
         reused=min(gen.reused, len(gen.ids)),
         cut=cut,
+        own_top=own_top,
     )
 
 
@@ -180,6 +189,15 @@ def _candidate(gen: Generation, check: _StopCheck, cap: int) -> tuple[str, bool,
     if own is None:
         return text, False, None, n >= cap
     return text, False, own, found.cut_at is None
+
+
+def _own_tokens(texts: Sequence[str], text: str) -> tuple[str, int | None]:
+    """``text`` (a cut inside a token) as whole generated tokens: back to the last token
+    that ends inside it, or, when the first token already runs past it, that token."""
+    inside = [t for t in texts if t and text.startswith(t)]
+    past = [t for t in texts if t.startswith(text) and len(t) > len(text)]
+    whole = max(inside, key=len) if inside else past[0] if past else None
+    return (text, None) if whole is None else (whole, _own_prefix(texts, whole))
 
 
 def _own_prefix(texts: Sequence[str], text: str) -> int | None:

@@ -120,9 +120,12 @@ def content_tokens(run: Run, p: Proposal) -> int:
 
 
 def model_sampling(run: Run, m: SourceModel) -> Sampling:
-    """The request's sampling for one model: a seed of its own, so models differ, and
-    its grammar in its own tokens where its engine constrains."""
+    """The request's sampling for one model: a seed of its own, so models differ, its
+    grammar in its own tokens where its engine constrains, and how many most likely
+    tokens to report (a source model alone)."""
     sampling = run.params.sampling
+    if run.params.logprobs:  # the most likely tokens at each position, reported
+        sampling = dataclasses.replace(sampling, top_logprobs=run.params.logprobs)
     grammar = run.member_grammars.get(m.name)
     if grammar is not None and not grammar.lost:
         sampling = dataclasses.replace(sampling, constraint=grammar)

@@ -11,7 +11,7 @@ import math
 import uuid
 from collections.abc import Sequence
 
-from fusion.engine import StateHandle
+from fusion.engine import StateHandle, TopLogprobs
 from fusion.members import Members
 from fusion.models import SourceModel
 from fusion.proposals import Proposal, propose
@@ -48,6 +48,7 @@ async def propose_all(
             sampling=model_sampling(run, m),
             written=run.written,
             grammar=run.answer_grammar,
+            alone=len(run.models) == 1,
         )
 
     got = await members.each(run, one)
@@ -116,9 +117,21 @@ async def choose(
 
 async def prompt_weights(members: Members, run: Run) -> None:
     """PackLLM's per-request weights from each model's mean token NLL of the prompt
-    (its expertise measure). In every engine, in the server's order (as any open), a
-    scratch state on the prompt's first token scores the rest, then is released; the
-    run holds no other state meanwhile, so waiting for room cannot wait on itself."""
+    (its expertise measure)."""
+    scores = await score_prompts(members, run)
+    prompt_nll = {name: nll(lps) if lps else math.inf for name, (_, lps, _) in scores.items()}
+    run.prompt_weights = packllm_weights(prompt_nll, run.params.selection.packllm_temperature)
+
+
+PromptScores = tuple[list[int], list[float], list[TopLogprobs]]
+
+
+async def score_prompts(members: Members, run: Run, top: int = 0) -> dict[str, PromptScores]:
+    """Every model's prompt tokens, the log-probs of all but the first, and with ``top``
+    the most likely tokens at each of those positions (``score_top``). In every engine, in
+    the server's order (as any open), a scratch state on the prompt's first token scores
+    the rest, then is released; the run holds no other state meanwhile, so waiting for
+    room cannot wait on itself."""
     scratch: dict[str, StateHandle] = {}
 
     async def open_one(m: SourceModel) -> list[int]:
@@ -128,25 +141,27 @@ async def prompt_weights(members: Members, run: Run) -> None:
             scratch[m.name] = await m.engine.open(rid, ids[:1], room=len(ids))
         return ids
 
-    async def score_one(m: SourceModel) -> float:
+    async def score_one(m: SourceModel) -> PromptScores:
         ids = prompt[m.name]
         state = scratch.pop(m.name, None)
         if state is None:
-            return math.inf
+            return ids, [], []
         try:
-            [lps] = await m.engine.score(state, [ids[1:]])
+            if top:
+                lps, tops = await m.engine.score_top(state, ids[1:], top)
+            else:
+                lps, tops = (await m.engine.score(state, [ids[1:]]))[0], []
         finally:
             await asyncio.shield(members.start_release(m.name, state))
         run.outcome.usage[m.name].scored_tokens += len(ids) - 1
-        return nll(lps)
+        return ids, lps, tops
 
     try:
         prompt = await members.open_in_order(run, open_one)
-        prompt_nll = await members.each(run, score_one)
+        return await members.each(run, score_one)
     finally:
         for name, state in scratch.items():  # a model dropped or a request cancelled
             run.releases.append(members.start_release(name, state))
-    run.prompt_weights = packllm_weights(prompt_nll, run.params.selection.packllm_temperature)
 
 
 async def commit_all(members: Members, run: Run, win: Candidate) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fusion.engine import GREEDY, Sampling
+from fusion.engine import GREEDY, Sampling, TopLogprobs
 from fusion.grammar import GrammarSpec
 
 Method = Literal["cool", "cool_shortest", "rerank", "cool_rerank"]
@@ -98,6 +98,21 @@ class FusionParams:
     sampling: Sampling = GREEDY  # each source model samples its own candidates this way
     selection: SelectionPolicy = DEFAULT_POLICY
     grammar: GrammarSpec | None = None  # structured output: every segment keeps it valid
+    # a source model alone only (token ids are one vocabulary's): report each answer
+    # token's log-prob with this many most likely tokens at its position (None: off), and
+    # the prompt's (completions' echo) likewise
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token of a source model's text, its log-prob there (None: the prompt's first
+    token, which follows nothing) and the most likely tokens at its position."""
+
+    id: int
+    logprob: float | None
+    top: TopLogprobs = ()
 
 
 @dataclass(frozen=True)
@@ -166,6 +181,8 @@ class Segment:
     rule: Rule = "mean_ppl"  # the rule that chose (the gate's fallback on fused steps)
     # models whose candidate the grammar cut to nothing (their engines cannot constrain)
     cut_to_nothing: tuple[str, ...] = ()
+    # with ``FusionParams.logprobs``: the winner's tokens (its end token included)
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def step_seconds(self) -> float:
@@ -195,6 +212,8 @@ class FusionOutcome:
     # summed over every step, Cool+R's unemitted ones included: phase -> seconds
     phase_seconds: dict[str, float] = field(default_factory=dict)
     model_seconds: dict[str, float] = field(default_factory=dict)
+    # with ``FusionParams.prompt_logprobs``: the prompt's tokens, known before any segment
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     def add_timings(self, t: StepTimings) -> None:
         for phase in ("generate", "score", "commit", "align", "other"):

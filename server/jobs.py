@@ -11,6 +11,7 @@ from typing import Any
 
 from fusion.tools import ToolCall, ToolMode, parse_calls
 from fusion.types import FusionOutcome, FusionParams, Prompt, Segment
+from server.logprobs import LogprobsAsk
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Job:
     trace: bool
     single: bool = False  # runs one source model (its own admission lane)
     tool_mode: ToolMode = "none"  # else a chat answer that is calls is returned as calls
+    logprobs: LogprobsAsk | None = None  # a source model alone: its tokens' log-probs
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -124,6 +126,10 @@ def response(job: Job) -> dict[str, Any]:
             "finish_reason": c.outcome.finish_reason,
             "logprobs": None,
         }
+        if job.logprobs is not None:
+            tokens = [t for s in c.segments for t in s.logprobs or ()]
+            prompt = (c.outcome.prompt_logprobs or ()) if c.echo else ()
+            body["logprobs"] = job.logprobs.writer().body(tokens, prompt)
         calls = tool_calls(job, c.outcome.text)
         if calls:
             body["message"] = {
@@ -166,8 +172,9 @@ def chunk(
     role: bool = False,
     finish: str | None = None,
     seg: Segment | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"index": choice, "finish_reason": finish, "logprobs": None}
+    body: dict[str, Any] = {"index": choice, "finish_reason": finish, "logprobs": logprobs}
     if job.kind == "chat":
         d: dict[str, Any] = {"role": "assistant"} if role else {}
         if delta is not None:

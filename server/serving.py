@@ -28,6 +28,7 @@ from server import request_fields
 from server.config import AppConfig, SelectionConfig, VariantConfig
 from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound
 from server.jobs import Choice, Job, chunk, tool_call_chunk, tool_calls
+from server.logprobs import LogprobsAsk, TokenTexts
 from server.metrics import Metrics
 from server.protocol import (
     ChatCompletionRequest,
@@ -56,6 +57,7 @@ class FusionService:
         self.models = {m.name: m for m in models}
         self.fuser = Fuser(models, window_pieces=config.fusion.window_pieces)
         self.metrics = metrics
+        self.token_texts: dict[str, TokenTexts] = {}  # per model, made when first asked
 
     # -- catalogue ------------------------------------------------------------------------
     def model_cards(self) -> list[dict[str, Any]]:
@@ -133,7 +135,7 @@ class FusionService:
             segment, ppl_mode, base = opts.max_segment_tokens, opts.ppl_mode, cfg.selection
         else:
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
-        wanted = max_tokens or cfg.default_max_tokens
+        wanted = cfg.default_max_tokens if max_tokens is None else max_tokens
         if wanted > self.config.server.max_tokens_cap:
             raise BadRequest(
                 f"max_tokens is {wanted}; this server allows at most "
@@ -210,6 +212,32 @@ class FusionService:
             )
         return bias
 
+    def _sources(self, fused: str) -> list[str]:
+        variant = self.config.fusion.variants.get(fused)
+        return list((variant and variant.models) or self.config.fusion.models or self.models)
+
+    def _logprobs(
+        self, req: ChatCompletionRequest | CompletionRequest, top: int | None
+    ) -> LogprobsAsk | None:
+        """What ``logprobs`` asks of a source model alone (None: not asked). A fused
+        answer is written in several vocabularies' tokens: a 400 naming who can answer."""
+        if top is None:
+            return None
+        cfg = self.config.fusion
+        if req.model == cfg.name or req.model in cfg.variants:
+            raise BadRequest(
+                f"logprobs is not supported for the fused model `{req.model}`: its answer is "
+                "written in the tokens of several tokenizers, one per source model, so no "
+                "single token distribution gives its log-probs; each source model answers "
+                f"with logprobs when asked by name: {', '.join(self._sources(req.model))}",
+                param="logprobs",
+            )
+        model = self.models.get(req.model)
+        if model is None:
+            return None  # no such model: a 404 comes next
+        texts = self.token_texts.setdefault(model.name, TokenTexts(model.tokenizer))
+        return LogprobsAsk(texts, top, chat=isinstance(req, ChatCompletionRequest))
+
     def _check_choices(self, prompts: int, n: int) -> None:
         cap = self.config.server.max_choices
         if prompts * n > cap:
@@ -277,13 +305,9 @@ class FusionService:
 
     def chat_job(self, req: ChatCompletionRequest) -> Job:
         refuse_unhonoured(req, request_fields.CHAT)
-        if req.logprobs or req.top_logprobs:
-            name = "logprobs" if req.logprobs else "top_logprobs"
-            raise BadRequest(
-                f"{name} is not supported: a fused answer's tokens come from several "
-                "tokenizers, so there is no single token distribution to report",
-                param=name,
-            )
+        if req.top_logprobs and not req.logprobs:  # as vLLM
+            raise BadRequest("top_logprobs needs logprobs set to true", param="top_logprobs")
+        logprobs = self._logprobs(req, (req.top_logprobs or 0) if req.logprobs else None)
         try:
             messages = tuple(m.core() for m in req.messages)
         except ValueError as exc:
@@ -305,18 +329,20 @@ class FusionService:
             self._sampling(req),
             grammar or tools.grammar,
         )
+        if logprobs is not None:
+            params = replace(params, logprobs=logprobs.top)
         prompt = Prompt(messages=messages, tools=tools.tools)
         choices = self._choices([prompt], req.n or 1, params, req.max_new() is not None, False)
         job = self._job("chat", req, choices)
         job.tool_mode = tools.mode
+        job.logprobs = logprobs
         return job
 
     def completion_job(self, req: CompletionRequest) -> Job:
         refuse_unhonoured(req, request_fields.COMPLETIONS)
-        if req.logprobs is not None:
-            raise BadRequest(
-                "logprobs are not supported (see the chat endpoint's reason)", param="logprobs"
-            )
+        logprobs = self._logprobs(req, req.logprobs)
+        if req.max_tokens == 0:  # as vLLM: the prompt alone, echoed (lm-eval's scoring)
+            self._prompt_alone(req)
         if req.suffix:
             raise BadRequest("suffix is not supported", param="suffix")
         try:
@@ -332,6 +358,10 @@ class FusionService:
             self._sampling(req),
             grammar_of(req.response_format, req.structured_outputs),
         )
+        if logprobs is not None:
+            params = replace(
+                params, logprobs=logprobs.top, prompt_logprobs=logprobs.top if req.echo else None
+            )
         choices = self._choices(
             [Prompt(text=t) for t in prompts],
             req.n or 1,
@@ -339,7 +369,25 @@ class FusionService:
             req.max_tokens is not None,
             bool(req.echo),
         )
-        return self._job("text", req, choices)
+        job = self._job("text", req, choices)
+        job.logprobs = logprobs
+        return job
+
+    def _prompt_alone(self, req: CompletionRequest) -> None:
+        """``max_tokens`` 0 asks for no answer: accepted with ``echo``, for a source model
+        (its prompt's log-probs alone, with ``logprobs``)."""
+        if not req.echo:
+            raise BadRequest(
+                "max_tokens must be at least 1, or 0 with echo (the prompt alone)",
+                param="max_tokens",
+            )
+        cfg = self.config.fusion
+        if req.model == cfg.name or req.model in cfg.variants:
+            raise BadRequest(
+                "max_tokens 0 (the prompt alone, with echo) is for a source model by name: "
+                f"{', '.join(self._sources(req.model))}",
+                param="max_tokens",
+            )
 
     def _job(
         self, kind: str, req: ChatCompletionRequest | CompletionRequest, choices: list[Choice]
@@ -404,16 +452,34 @@ class FusionService:
 
         async def one(choice: Choice) -> None:
             try:
+                lp = job.logprobs.writer() if job.logprobs else None
+                # as vLLM: the prompt comes first, in a chunk of its own; with its
+                # log-probs once the run has them (before its first segment)
+                echo = choice.echo
                 if job.kind == "chat":
                     queue.put_nowait(chunk(job, choice.index, "", role=True))
-                elif choice.echo:  # as vLLM: the prompt comes first, in a chunk of its own
-                    queue.put_nowait(chunk(job, choice.index, choice.echo))
+                elif echo and lp is None:
+                    queue.put_nowait(chunk(job, choice.index, echo))
+                    echo = ""
+
+                def echoed() -> None:
+                    nonlocal echo
+                    if echo and lp is not None:
+                        logprobs = lp.body((), choice.outcome.prompt_logprobs or ())
+                        queue.put_nowait(chunk(job, choice.index, echo, logprobs=logprobs))
+                    echo = ""
+
                 calls = _CallWatch(job)
                 async with contextlib.aclosing(self.segments(job, choice)) as segments:
                     async for seg in segments:
+                        echoed()
                         text = calls.feed(seg.text)
-                        if text or job.trace:
-                            queue.put_nowait(chunk(job, choice.index, text, seg=seg))
+                        logprobs = lp.body(seg.logprobs or ()) if lp else None
+                        if text or job.trace or logprobs:
+                            queue.put_nowait(
+                                chunk(job, choice.index, text, seg=seg, logprobs=logprobs)
+                            )
+                echoed()
                 reason = choice.outcome.finish_reason
                 found, rest = calls.end()
                 for i, call in enumerate(found):

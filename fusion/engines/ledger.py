@@ -15,6 +15,10 @@ Layout of a ``Ledger`` (positions count from the start of the context ``ids``)::
     ahead[:ahead_done]    look-ahead (tokens generated past the context) in the cache,
                           right after the context
     ahead[ahead_done:]    look-ahead generated but not in the cache yet
+    ahead_top[k]          the most likely tokens at ``ahead[k]``'s position, when the
+                          request reports them (OpenAI's top_logprobs; None otherwise):
+                          engines whose rows are whole distributions keep only a few
+                          rows, so a replayed token's alternatives are kept here
     rows[k]               the next-token distribution after ``ids + ahead[:k]`` (k = 0:
                           after the context), where kept; a row needs everything before it
                           in the cache, so ``k <= ahead_done`` and nothing is pending
@@ -43,6 +47,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from fusion.engine import TopLogprobs
 
 R = TypeVar("R")  # a distribution row, as the engine keeps it
 H = TypeVar("H")  # an engine's handle of a branch's cached tokens
@@ -86,6 +92,7 @@ class Ledger(Generic[H, R]):
     done: int = 0
     ahead: list[int] = field(default_factory=list)
     ahead_lp: list[float] = field(default_factory=list)
+    ahead_top: list[TopLogprobs | None] = field(default_factory=list)
     ahead_done: int = 0
     rows: dict[int, R] = field(default_factory=dict)
     branches: list[Branch[H, R]] = field(default_factory=list)
@@ -129,6 +136,14 @@ class Ledger(Generic[H, R]):
         """The last token in the cache's context (-1: none)."""
         return self.ids[self.done - 1] if self.done else -1
 
+    def tops(self, n: int) -> tuple[TopLogprobs, ...]:
+        """The kept tops of the first ``n`` look-ahead tokens (a request's calls all ask
+        for them or none does, so each was kept when it was picked)."""
+        tops = self.ahead_top[:n]
+        if any(t is None for t in tops):
+            raise AssertionError("look-ahead without the top log-probs its request asks for")
+        return tuple(t for t in tops if t is not None)
+
     def check(self) -> None:
         """The layout's invariants (cheap; engines call it after every call)."""
         problems = [
@@ -136,6 +151,7 @@ class Ledger(Generic[H, R]):
             for ok, what in (
                 (0 <= self.done <= len(self.ids), "done outside the context"),
                 (len(self.ahead_lp) == len(self.ahead), "look-ahead log-probs out of step"),
+                (len(self.ahead_top) == len(self.ahead), "look-ahead tops out of step"),
                 (0 <= self.ahead_done <= len(self.ahead), "look-ahead done beyond look-ahead"),
                 (not (self.pending and self.ahead), "look-ahead after pending context"),
                 (not (self.pending and self.rows), "a row after pending context"),
@@ -182,14 +198,17 @@ class Ledger(Generic[H, R]):
         self.done -= 1
         return self.done
 
-    def push(self, tok: int, lp: float, row: R | None = None) -> None:
+    def push(
+        self, tok: int, lp: float, row: R | None = None, top: TopLogprobs | None = None
+    ) -> None:
         """A look-ahead token picked from ``row`` (the distribution after the look-ahead
-        so far, kept as such)."""
+        so far, kept as such), with the most likely tokens there when reported."""
         assert not self.pending
         if row is not None:
             self.rows[len(self.ahead)] = row
         self.ahead.append(tok)
         self.ahead_lp.append(lp)
+        self.ahead_top.append(top)
         if self.cacheless:
             self.ahead_done = len(self.ahead)
         self._trim()
@@ -204,7 +223,7 @@ class Ledger(Generic[H, R]):
     def clear_ahead(self) -> Commit[H, R]:
         """Forget the look-ahead (its cells are cut) and the rows past the context."""
         cut = None if self.cacheless or not self.ahead_done else self.done
-        self.ahead, self.ahead_lp, self.ahead_done = [], [], 0
+        self.ahead, self.ahead_lp, self.ahead_top, self.ahead_done = [], [], [], 0
         self.rows = {0: self.rows[0]} if 0 in self.rows else {}
         return Commit(cut=cut)
 
@@ -242,7 +261,7 @@ class Ledger(Generic[H, R]):
         self.ids.extend(new)
         if self.cacheless:
             self.done = len(self.ids)
-        self.ahead, self.ahead_lp, self.ahead_done, self.rows = [], [], 0, {}
+        self._drop_ahead()
         return Commit(cut=cut, free=tuple(branches))
 
     def _commit_own(self, new: tuple[int, ...]) -> None:
@@ -252,18 +271,23 @@ class Ledger(Generic[H, R]):
         self.done += kept
         self.ahead_done -= kept
         if kept < n:  # pending now: nothing past them is in the cache
-            self.ahead, self.ahead_lp, self.ahead_done, self.rows = [], [], 0, {}
+            self._drop_ahead()
             return
         self.ahead, self.ahead_lp = self.ahead[n:], self.ahead_lp[n:]
+        self.ahead_top = self.ahead_top[n:]
         self.rows = {k - n: r for k, r in self.rows.items() if k >= n}
 
     def _adopt(self, branch: Branch[H, R]) -> None:
         self.ids.extend(branch.ids)
         self.done = len(self.ids)
         self.ahead, self.ahead_lp = list(branch.more), list(branch.more_lp)
+        self.ahead_top = [None] * len(branch.more)  # vLLM's: its rows are the tops
         self.ahead_done = len(self.ahead) if self.cacheless else 0
         self.rows = {k: r for k, r in enumerate(branch.rows) if k <= self.ahead_done}
         self._trim()
+
+    def _drop_ahead(self) -> None:
+        self.ahead, self.ahead_lp, self.ahead_top, self.ahead_done, self.rows = [], [], [], 0, {}
 
     def _trim(self) -> None:
         """Keep the row after the context, the tail, and the last ``max_rows`` others

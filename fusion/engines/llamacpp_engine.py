@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from fusion.capacity import Pool
-from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
+from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck, TopLogprobs
 from fusion.engines.ledger import Branch
 from fusion.engines.llamacpp_runtime import (
     Feed,
@@ -40,9 +40,12 @@ from fusion.engines.llamacpp_runtime import (
     logsumexp,
 )
 from fusion.engines.llamacpp_state import LlamaState
-from fusion.engines.sampler import shaped_logits, shift_of
+from fusion.engines.sampler import shaped_logits, shift_of, top_of
 
 log = logging.getLogger(__name__)
+
+# a scoring job's answer: each candidate's log-probs, and the tops at its positions if asked
+_Scores = tuple[list[list[float]], list[list[TopLogprobs]]]
 
 PROBE_TEXT = "Natalia sold clips to 48 of her friends in April.\n  Größe: 3.5 km²; 你好! <b>"
 
@@ -184,8 +187,17 @@ class LlamaCppEngine:
         if not candidates:
             return []
         job = self._score(state, [tuple(c) for c in candidates])
-        result: list[list[float]] = await self._submit(state, job)
-        return result
+        result: _Scores = await self._submit(state, job)
+        return result[0]
+
+    async def score_top(
+        self, state: LlamaState, ids: Sequence[int], n: int
+    ) -> tuple[list[float], list[TopLogprobs]]:
+        if not ids:
+            return [], []
+        job = self._score(state, [tuple(ids)], top=n)
+        result: _Scores = await self._submit(state, job)
+        return result[0][0], result[1][0]
 
     async def commit(self, state: LlamaState, ids: Sequence[int]) -> None:
         state.commit(tuple(ids))
@@ -273,7 +285,8 @@ class LlamaCppEngine:
                 row = book.tail
                 assert row is not None
                 tok = _pick(st, row if grammar is None else grammar.mask(row), sampling)
-                book.push(tok, float(row[tok]), row)  # scored raw: as the others score it
+                top = top_of(row, sampling.top_logprobs) if sampling.top_logprobs else None
+                book.push(tok, float(row[tok]), row, top)  # raw: as the others score it
             if grammar is not None and not grammar.take(book.ahead[i]):
                 break  # the grammar allows nothing more (or look-ahead it refuses)
             out.append(book.ahead[i])
@@ -288,6 +301,7 @@ class LlamaCppEngine:
             logprobs=tuple(lps),
             stopped_on=stopped_on,
             reused=min(kept, len(out)),
+            top=book.tops(len(out)) if sampling.top_logprobs else (),
         )
 
     def _decode_ahead(self, st: LlamaState) -> Generator[list[Feed], list[np.ndarray], None]:
@@ -305,12 +319,15 @@ class LlamaCppEngine:
         book.fed_ahead(log_softmax(rows[0][-1]))
 
     def _score(
-        self, st: LlamaState, candidates: list[tuple[int, ...]]
-    ) -> Generator[list[Feed], list[np.ndarray], list[list[float]]]:
+        self, st: LlamaState, candidates: list[tuple[int, ...]], top: int = 0
+    ) -> Generator[list[Feed], list[np.ndarray], _Scores]:
+        """Every candidate's log-probs (and with ``top``, the most likely tokens at each
+        of its positions)."""
         yield from self._ready(st)
         rt = self.rt
         assert rt is not None and st.seq is not None
         results: list[list[float]] = [[] for _ in candidates]
+        tops: list[list[TopLogprobs]] = [[] for _ in candidates]
         todo = list(range(len(candidates)))
         ctx = st.book.ctx_row if self.score_from_ctx_row else None
         while todo:
@@ -325,7 +342,7 @@ class LlamaCppEngine:
             now, todo = todo[:want], todo[want:]
             try:
                 streams = [
-                    _branch_off(rt, st, ctx, seq, i, candidates[i], results[i])
+                    _branch_off(rt, st, ctx, seq, i, candidates[i], results[i], top, tops[i])
                     for i, seq in zip(now, seqs)
                 ]
                 yield from self._decode_streams(st, streams, candidates, results)
@@ -337,7 +354,7 @@ class LlamaCppEngine:
                 assert x.after is not None
                 branch = Branch(st.book.context_len, candidates[x.index], x.seq, (x.after,))
                 st.book.add_branch(branch)
-        return results
+        return results, tops
 
     def _decode_streams(
         self,
@@ -382,6 +399,8 @@ def _branch_off(
     index: int,
     cand: tuple[int, ...],
     out: list[float],
+    top: int = 0,
+    tops: list[TopLogprobs] | None = None,
 ) -> _Stream:
     """Branch the context into ``seq`` for one candidate: with the row after the context
     (``ctx``) the branch shares all of it and decodes only the candidate, whose first
@@ -390,12 +409,14 @@ def _branch_off(
     n = st.book.done
     if ctx is None:
         rt.copy_span(st.seq, seq, 0, n - 1)
-        return _Stream(index, seq, n - 1, [st.book.last_id, *cand])
+        return _Stream(index, seq, n - 1, [st.book.last_id, *cand], top=top, tops=tops)
     rt.copy_span(st.seq, seq, 0, n)
     if not cand:
         return _Stream(index, seq, n, [], after=ctx)
     out.append(float(ctx[cand[0]]))
-    return _Stream(index, seq, n, list(cand), done=1)
+    if top and tops is not None:
+        tops.append(top_of(ctx, top))
+    return _Stream(index, seq, n, list(cand), done=1, top=top, tops=tops)
 
 
 @dataclass
@@ -410,6 +431,8 @@ class _Stream:
     left: list[int]
     done: int = 0
     after: np.ndarray | None = None  # log-probs after the whole candidate
+    top: int = 0  # the most likely tokens to report at each position (``score_top``)
+    tops: list[TopLogprobs] | None = None
 
     def take(self, rows: np.ndarray, cand: tuple[int, ...], out: list[float]) -> None:
         """Log-probs of the candidate tokens these rows predict, and the row after it."""
@@ -418,6 +441,8 @@ class _Stream:
             k = self.done + r
             if k < len(cand):
                 out.append(float(rows[r, cand[k]] - lse[r]))
+                if self.top and self.tops is not None:
+                    self.tops.append(top_of(rows[r] - lse[r], self.top))
             else:
                 self.after = log_softmax(rows[r])
         self.done += len(rows)

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from fusion.engine import Sampling
+from fusion.engine import Sampling, TopLogprobs
 from fusion.engines.ledger import Ledger
 
 T = TypeVar("T")
@@ -106,6 +106,22 @@ class History:
 def _bins(tokens: np.ndarray, vocab: int) -> np.ndarray:
     tokens = tokens[(tokens >= 0) & (tokens < vocab)]
     return np.bincount(tokens, minlength=vocab).astype(np.int64)
+
+
+def top_of(row: Any, n: int) -> TopLogprobs:
+    """The ``n`` most likely tokens of a log-prob row (numpy, or torch: ``topk``), most
+    likely first: what OpenAI's ``top_logprobs`` reports. Never picked from, and only
+    computed for requests that ask (a partial sort of the row)."""
+    n = min(n, len(row))
+    if n <= 0:
+        return ()
+    if hasattr(row, "topk"):
+        values, ids = row.topk(n)
+        pairs = zip(ids.tolist(), values.tolist())
+        return tuple(sorted(pairs, key=lambda p: (-p[1], p[0])))  # ties: the argmax first
+    ids = np.argpartition(-row, n - 1)[:n]
+    ids = ids[np.lexsort((ids, -row[ids]))]  # ties: the lower id first, as the argmax
+    return tuple((int(i), float(row[i])) for i in ids)
 
 
 def truncates(sampling: Sampling) -> bool:

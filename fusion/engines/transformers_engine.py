@@ -31,10 +31,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
+from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck, TopLogprobs
 from fusion.engines.kv_arena import ArenaCache
 from fusion.engines.ledger import Branch
-from fusion.engines.sampler import shaped_logits, shift_of, truncates, with_shift
+from fusion.engines.sampler import shaped_logits, shift_of, top_of, truncates, with_shift
 from fusion.engines.transformers_state import TransformersState, free_if_released
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,16 @@ class TransformersEngine:
     ) -> list[list[float]]:
         if not candidates:
             return []
-        return await self._call(self._score, state, [tuple(c) for c in candidates])
+        scores, _ = await self._call(self._score, state, [tuple(c) for c in candidates])
+        return scores
+
+    async def score_top(
+        self, state: TransformersState, ids: Sequence[int], n: int
+    ) -> tuple[list[float], list[TopLogprobs]]:
+        if not ids:
+            return [], []
+        scores, tops = await self._call(self._score, state, [tuple(ids)], n)
+        return scores[0], tops[0]
 
     async def commit(self, state: TransformersState, ids: Sequence[int]) -> None:
         # Bookkeeping only (slot moves are a few tokens); runs on the engine thread so it
@@ -335,7 +344,8 @@ class TransformersEngine:
                     masked = grammar.mask(dist.detach().float().cpu().numpy())
                     allowed = torch.from_numpy(masked).to(dist.device, dist.dtype)
                 tok = self._pick(st, allowed, sampling)
-                book.push(tok, float(dist[tok]), dist)  # scored raw: as the others score it
+                top = top_of(dist, sampling.top_logprobs) if sampling.top_logprobs else None
+                book.push(tok, float(dist[tok]), dist, top)  # raw: as the others score it
             if grammar is not None and not grammar.take(book.ahead[i]):
                 break  # the grammar allows nothing more (or look-ahead it refuses)
             out.append(book.ahead[i])
@@ -346,7 +356,8 @@ class TransformersEngine:
             if should_stop(out):
                 break
         reused = min(reused, len(out))  # a replayed token the grammar refused is not out
-        return Generation(tuple(out), tuple(lps), stopped_on=stopped_on, reused=reused)
+        tops = book.tops(len(out)) if sampling.top_logprobs else ()
+        return Generation(tuple(out), tuple(lps), stopped_on, reused, tops)
 
     def _refeed_last(self, st: TransformersState) -> torch.Tensor:
         """The row after the context when it was not kept and there is no look-ahead: the
@@ -395,7 +406,11 @@ class TransformersEngine:
         return row
 
     # -- score --------------------------------------------------------------------------
-    def _score(self, st: TransformersState, candidates: list[tuple[int, ...]]) -> list[list[float]]:
+    def _score(
+        self, st: TransformersState, candidates: list[tuple[int, ...]], top: int = 0
+    ) -> tuple[list[list[float]], list[list[TopLogprobs]]]:
+        """Every candidate's log-probs (and with ``top``, the most likely tokens at each
+        of its positions)."""
         self._drop_blocks(st)
         book = st.book
         if book.pending:
@@ -424,16 +439,19 @@ class TransformersEngine:
         ctx_row = book.ctx_row
         assert ctx_row is not None
         results: list[list[float]] = []
+        tops: list[list[TopLogprobs]] = []
         offset = skip
         for cand in candidates:
             n = len(cand)
             lps = [float(ctx_row[cand[0]])]
             lps += [float(dists[offset + j - 1][cand[j]]) for j in range(1, n)]
             results.append(lps)
+            rows = [ctx_row, *(dists[offset + j - 1] for j in range(1, n))] if top else []
+            tops.append([top_of(row, top) for row in rows])
             after = _row(dists, offset + n - 1)
             book.add_branch(Branch(book.context_len, cand, start + offset - skip, (after,)))
             offset += n
-        return results
+        return results, tops
 
     # -- commit -------------------------------------------------------------------------
     def _commit(self, st: TransformersState, ids: tuple[int, ...]) -> None:

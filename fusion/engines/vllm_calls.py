@@ -29,9 +29,14 @@ from collections.abc import AsyncGenerator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
-from fusion.engines.vllm_logprobs import LookAhead, Taker, Top
-from fusion.engines.vllm_requests import generate_fields, score_and_extend, score_fields
+from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck, TopLogprobs
+from fusion.engines.vllm_logprobs import LookAhead, Taker, Top, ranked
+from fusion.engines.vllm_requests import (
+    generate_fields,
+    score_and_extend,
+    score_fields,
+    score_top_fields,
+)
 
 T = TypeVar("T")
 
@@ -131,7 +136,7 @@ class VllmCalls:
         # a greedy scoring pass's look-ahead is the model's plain argmax: replayed only
         # for requests whose picks are that too (no penalty, no bias)
         plain = sampling.greedy and not sampling.shapes_logits
-        taker = Taker(st.look, max_tokens, stop_ids, should_stop, plain)
+        taker = Taker(st.look, max_tokens, stop_ids, should_stop, plain, sampling.top_logprobs)
         if taker.replay():
             return taker.result()
         fields = generate_fields(taker, sampling, len(st.ids))
@@ -191,6 +196,21 @@ class VllmCalls:
         return await score_and_extend(
             self.name, st.look, st.ids, self.score_lookahead, scoring, fetch
         )
+
+    async def score_top(
+        self, state: VllmState, ids: Sequence[int], n: int
+    ) -> tuple[list[float], list[TopLogprobs]]:
+        if not ids:
+            return [], []
+        prompt = state.ids + list(ids)
+        fields = score_top_fields(n)
+        ans = await self._call(state, self._once(state, prompt, fields, len(ids)))
+        self._log_prefill(state, len(prompt), 0)
+        entries = ans.entries
+        if len(entries) != len(ids) or any(e is None or t not in e for t, e in zip(ids, entries)):
+            raise EngineError(f"engine {self.name}: no prompt log-probs for a sequence")
+        lps = [e[t] for t, e in zip(ids, entries) if e is not None]
+        return lps, [ranked(e, n) for e in entries if e is not None]
 
     def _log_prefill(self, st: VllmState, prompt_len: int, cached: int) -> None:
         st.prefill.append((prompt_len, cached))

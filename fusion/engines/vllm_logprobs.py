@@ -41,7 +41,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fusion.engine import Generation, StopCheck
+from fusion.engine import Generation, StopCheck, TopLogprobs
 from fusion.engines.ledger import Branch, Ledger
 
 TOP_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -83,6 +83,16 @@ class LookAhead:
     def top(self, k: int) -> Top:
         """The top log-probs after ``ids[:k]`` (empty: not known)."""
         return self.book.rows.get(k, {})
+
+    def most_likely(self, k: int, n: int) -> TopLogprobs:
+        """The ``n`` most likely tokens at ``ids[k]``'s position (OpenAI's top_logprobs;
+        vLLM sends its top ``TOP_LOGPROBS`` with every token)."""
+        if n <= 0:
+            return ()
+        top = self.top(k)
+        if not top:
+            raise AssertionError("a look-ahead token without its top log-probs")
+        return ranked(top, n)
 
     def check(self) -> None:
         """The layout's invariants (cheap)."""
@@ -185,6 +195,7 @@ class Taker:
     stop_ids: frozenset[int]
     should_stop: StopCheck
     greedy: bool = True
+    top: int = 0  # the most likely tokens to report at each position (Generation.top)
     out: list[int] = field(default_factory=list)
     lps: list[float] = field(default_factory=list)
     reused: int = 0  # of ``out``, tokens replayed from the look-ahead
@@ -219,12 +230,24 @@ class Taker:
     def result(self) -> Generation:
         """The call's ``Generation``; the look-ahead learns how the request goes on."""
         self.look.generated(len(self.out), self.greedy and self.boundary, self.stop_ids)
-        return generation(self.out, self.lps, self.stop_ids, self.reused)
+        n = len(self.out) if self.top else 0  # Generation.top: empty when not asked
+        tops = tuple(self.look.most_likely(k, self.top) for k in range(n))
+        return generation(self.out, self.lps, self.stop_ids, self.reused, tops)
 
 
 def generation(
-    out: list[int], lps: list[float], stop_ids: frozenset[int], reused: int
+    out: list[int],
+    lps: list[float],
+    stop_ids: frozenset[int],
+    reused: int,
+    top: tuple[TopLogprobs, ...] = (),
 ) -> Generation:
     """A ``Generation`` of ``out`` (ended by a stop id when it is the last token)."""
     stopped = out[-1] if out and out[-1] in stop_ids else None
-    return Generation(tuple(out), tuple(lps), stopped_on=stopped, reused=reused)
+    return Generation(tuple(out), tuple(lps), stopped_on=stopped, reused=reused, top=top)
+
+
+def ranked(entry: Mapping[int, float], n: int) -> TopLogprobs:
+    """The ``n`` most likely tokens of a vLLM log-prob entry (which also holds the token
+    at its position, whatever its rank), most likely first."""
+    return tuple(sorted(entry.items(), key=lambda kv: (-kv[1], kv[0]))[:n])

@@ -100,6 +100,19 @@ def score_fields(look: LookAhead, lookahead: int, use_cache: bool) -> dict[str, 
     return fields
 
 
+def score_top_fields(n: int) -> dict[str, Any]:
+    """A request for the prompt's log-probs with the ``n`` most likely tokens at each
+    position, recomputed whole: vLLM leaves the entries of positions it read from its
+    prefix cache unset, and nothing the state knows holds their alternatives."""
+    return {
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "prompt_logprobs": n,
+        "detokenize": False,
+        "skip_reading_prefix_cache": True,
+    }
+
+
 def continuation(
     look: LookAhead, context: list[int], lookahead: int
 ) -> tuple[list[int], dict[str, Any]] | None:

@@ -3,7 +3,9 @@
 It "wants" to write a fixed text. Generation continues that text greedily in its real
 tokenizer's tokens (ending with its end token); scoring gives tokens that agree with the
 text a high log-probability and others a low one. So its perplexity of a candidate says
-how close the candidate is to what it would have written.
+how close the candidate is to what it would have written. Asked for the most likely
+tokens at a position (``top_logprobs``, ``score_top``), it names the token it wants there
+(GOOD) and one other (BAD): its end token, or token 0 where it wants its end token.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck
+from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck, TopLogprobs
 from tokenizers_align import TokenizerAdapter
 
 GOOD, BAD = -0.05, -3.0
@@ -99,26 +101,45 @@ class ScriptedEngine:
             out.append(tok)
             if tok in stop_ids or should_stop(out):
                 break
+        n = sampling.top_logprobs
         return Generation(
-            tuple(out), tuple(GOOD for _ in out), out[-1] if out[-1] in stop_ids else None
+            tuple(out),
+            tuple(GOOD for _ in out),
+            out[-1] if out[-1] in stop_ids else None,
+            top=tuple(self._top(tok, n) for tok in out) if n else (),
         )
+
+    def _top(self, wanted: int, n: int) -> TopLogprobs:
+        other = self.end_id if wanted != self.end_id else 0
+        return ((wanted, GOOD), (other, BAD))[:n]
 
     async def score(
         self, state: FakeState, candidates: Sequence[Sequence[int]]
     ) -> list[list[float]]:
         await self._tick()
         self.scored.append([list(c) for c in candidates])
+        return [self._scores(state, cand)[0] for cand in candidates]
+
+    async def score_top(
+        self, state: FakeState, ids: Sequence[int], n: int
+    ) -> tuple[list[float], list[TopLogprobs]]:
+        await self._tick()
+        self.scored.append([list(ids)])
+        lps, wanted = self._scores(state, ids)
+        return lps, [self._top(w, n) for w in wanted]
+
+    def _scores(self, state: FakeState, cand: Sequence[int]) -> tuple[list[float], list[int]]:
+        """The candidate's log-probs, and the token the script wants at each position
+        (its end token once the candidate left the script)."""
         rest = self._rest(state)
-        out = []
-        for cand in candidates:
-            want = (rest or []) + [self.end_id]
-            lps = []
-            agree = rest is not None
-            for j, tok in enumerate(cand):
-                agree = agree and j < len(want) and want[j] == tok
-                lps.append(GOOD if agree else BAD)
-            out.append(lps)
-        return out
+        want = (rest or []) + [self.end_id]
+        lps, wanted = [], []
+        agree = rest is not None
+        for j, tok in enumerate(cand):
+            wanted.append(want[j] if agree and j < len(want) else self.end_id)
+            agree = agree and j < len(want) and want[j] == tok
+            lps.append(GOOD if agree else BAD)
+        return lps, wanted
 
     async def commit(self, state: FakeState, ids: Sequence[int]) -> None:
         await self._tick()

@@ -22,7 +22,8 @@ BASE: dict[str, dict[str, Any]] = {
     "completions": {"model": "fusion", "prompt": "hi", "max_tokens": 4},
     "responses": {"model": "fusion", "input": "hi", "max_output_tokens": 4},
 }
-SOURCE = "qwen2.5-0.5b"  # a source model by name: where logit_bias is honoured
+SOURCE = "qwen2.5-0.5b"  # a source model by name: where logit_bias and logprobs are honoured
+ONE_VOCABULARY = ("logit_bias", "logprobs", "top_logprobs")  # token ids of one model
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 RESPONSES_TOOL = {"type": "function", "name": "f", "parameters": {"type": "object"}}
 
@@ -47,7 +48,6 @@ REFUSED_EXAMPLES: dict[str, Any] = {
     "include": ["message.output_text.logprobs"],
     "include_stop_str_in_output": True,
     "length_penalty": 0.5,
-    "logprobs": {"chat": True, "completions": 1},
     "min_tokens": 3,
     "modalities": ["text", "audio"],
     "moderation": {"model": "omni-moderation-latest"},
@@ -75,8 +75,6 @@ INERT = {
         "functions": [],
         "function_call": "none",
         "modalities": ["text"],
-        "logprobs": False,
-        "top_logprobs": 0,
         "add_generation_prompt": True,
         "echo": False,
         "best_of": 1,
@@ -102,6 +100,7 @@ ACCEPTED_EXAMPLES: dict[str, Any] = {
     "image": {"context_compression": "auto"},
     "instructions": "Be brief.",
     "logit_bias": {"5": 2.0},
+    "logprobs": {"chat": True, "completions": 1},
     "max_completion_tokens": 8,
     "max_output_tokens": 8,
     "max_tokens": 8,
@@ -133,6 +132,7 @@ ACCEPTED_EXAMPLES: dict[str, Any] = {
     "tool_choice": "none",
     "tools": {"chat": [TOOL], "responses": [RESPONSES_TOOL]},
     "top_k": 5,
+    "top_logprobs": 2,
     "top_p": 0.9,
     "user": "someone",
 }
@@ -201,8 +201,10 @@ def example_for(endpoint: str, example: Any) -> Any:
 
 def request(endpoint: str, name: str, value: Any) -> dict[str, Any]:
     body = {**BASE[endpoint], name: value}
-    if name == "logit_bias":
+    if name in ONE_VOCABULARY and endpoint != "responses":
         body["model"] = SOURCE
+    if name == "top_logprobs" and endpoint == "chat":
+        body["logprobs"] = True
     return body
 
 

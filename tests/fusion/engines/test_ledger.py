@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -179,3 +180,24 @@ def test_a_cacheless_ledger_adopts_the_tokens_a_scoring_request_saw_further():
     assert plan.adopt is not None and book.ahead == [6, 7] and book.ids == [1, 5]
     assert book.rows == {0: (9,), 1: (10,)}
     book.check()
+
+
+def test_look_ahead_keeps_the_most_likely_tokens_of_each_position_it_replays():
+    """A request that reports top log-probs replays look-ahead whose rows a few-row ledger
+    no longer keeps: the tops stay with the tokens, through a commit of the first ones."""
+    book: Ledger[int, Row] = Ledger([1, 2], max_rows=0)
+    book.decoded_pending((1, 2))
+    for k, tok in enumerate((5, 6, 7)):
+        book.push(tok, -0.1 * k, (1, 2, *range(k)), ((tok, -0.1 * k), (0, -3.0)))
+    book.fed_ahead((9,))
+    book.check()
+    assert book.tops(3) == (((5, 0.0), (0, -3.0)), ((6, -0.1), (0, -3.0)), ((7, -0.2), (0, -3.0)))
+    book.commit((5,))
+    book.check()
+    assert book.ahead == [6, 7] and book.tops(2)[0] == ((6, -0.1), (0, -3.0))
+    book.commit((8,))  # not its own: the look-ahead and its tops go
+    assert book.ahead == book.ahead_top == []
+    book.decoded_pending((1, 2, 5, 8))
+    book.push(4, -0.5)  # a request that reports none
+    with pytest.raises(AssertionError, match="top log-probs"):
+        book.tops(1)

@@ -9,7 +9,7 @@ from collections.abc import Generator
 import numpy as np
 import pytest
 
-from fusion.engine import EngineError
+from fusion.engine import EngineError, Sampling
 from fusion.engines.llamacpp_runtime import Feed, Job, LlamaError, log_softmax
 from fusion.sources import resolve_gguf
 from tests.conftest import DEFAULT_SOURCES
@@ -1016,3 +1016,50 @@ def test_packllm_with_a_request_that_fills_the_cache_does_not_wait_on_itself():
     outcome = asyncio.run(bounded())
     assert not [u.dropped for u in outcome.usage.values() if u.dropped]
     assert outcome.text.strip()
+
+
+def plain_rows(engine, context: list[int], cand: list[int]) -> list[np.ndarray]:
+    """Reference: the log-prob rows at each of ``cand``'s positions, in one plain decode."""
+    rt = engine.rt
+
+    def job() -> Generator[list[Feed], list[np.ndarray], list[np.ndarray]]:
+        seq = rt.take_seq()
+        assert seq is not None
+        try:
+            rows = yield [Feed(seq, 0, (*context, *cand), "all")]
+            at = len(context) - 1
+            return [log_softmax(rows[0][at + j]) for j in range(len(cand))]
+        finally:
+            rt.give_seq(seq)
+
+    return run_job(engine, job())
+
+
+def test_the_most_likely_tokens_reported_are_the_rows_own(llama_models):
+    """``top_logprobs``: generated tokens and replayed look-ahead carry the row's most
+    likely tokens (the greedy one first), ``score_top`` a plain evaluation's, to within
+    the kernels' batch-shape noise (a near-tie may swap, so values are compared)."""
+    m = llama_models["smollm2-135m"]
+    prompt = m.tokenizer.encode_prompt("The three primary colours are")
+    sampling = Sampling(top_logprobs=4)
+
+    async def run():
+        state = await m.engine.open("top", prompt)
+        gen = await m.engine.generate(state, 6, frozenset(), lambda ids: len(ids) >= 4, sampling)
+        await m.engine.commit(state, gen.ids[:2])
+        again = await m.engine.generate(state, 3, frozenset(), NEVER, sampling)
+        cand = m.tokenizer.encode(" red, yellow and blue")
+        scored = await m.engine.score_top(state, cand, 3)
+        plain = await m.engine.score(state, [cand])
+        await m.engine.release(state)
+        return gen, again, cand, scored, plain[0]
+
+    gen, again, cand, (lps, tops), plain = asyncio.run(run())
+    assert [top[0][0] for top in gen.top] == list(gen.ids)  # greedy: the argmax
+    assert all(len(top) == 4 for top in gen.top)
+    assert again.reused == 2 and again.top[:2] == gen.top[2:4]  # replayed with its tops
+    assert lps == plain  # the same branch decode as score's
+    context = prompt + list(gen.ids[:2])
+    for top, row in zip(tops, plain_rows(m.engine, context, cand), strict=True):
+        assert [lp for _, lp in top] == pytest.approx([row[t] for t, _ in top], abs=SHAPE_NOISE)
+        assert top[-1][1] >= np.sort(row)[-3] - SHAPE_NOISE

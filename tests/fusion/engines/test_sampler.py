@@ -19,7 +19,7 @@ from fusion.engines.kv_arena import ArenaCache
 from fusion.engines.llamacpp_engine import _pick as llama_pick
 from fusion.engines.llamacpp_runtime import log_softmax
 from fusion.engines.llamacpp_state import LlamaState
-from fusion.engines.sampler import History, shaped_logits, with_shift
+from fusion.engines.sampler import History, shaped_logits, top_of, with_shift
 from fusion.engines.transformers_engine import TransformersEngine
 from fusion.engines.transformers_state import TransformersState
 
@@ -246,3 +246,12 @@ def test_penalties_are_vllms():
         assert ours is not None
         # float32 logits recovered from float32 log-probs: a few ulps of |logit| <= 12
         np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5, err_msg=f"case {case}")
+
+
+@ENGINES
+def test_top_of_a_row_is_its_most_likely_tokens_first(eng):
+    row = eng.row(logits(0.5, 3.0, -1.0, 2.0))
+    top = top_of(row, 3)
+    assert [t for t, _ in top] == [1, 3, 0]
+    assert [lp for _, lp in top] == pytest.approx([float(row[t]) for t in (1, 3, 0)])
+    assert top_of(row, 0) == () and len(top_of(row, V + 5)) == V

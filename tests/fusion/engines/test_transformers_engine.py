@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fusion.engine import Sampling
+
 pytestmark = pytest.mark.integration
 
 NAMES = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]
@@ -296,4 +298,42 @@ async def test_mixed_steps_keep_scores_exact_and_the_state_consistent(real_model
         await m.engine.commit(state, ids)
         context = context + ids
         state.check()
+    await m.engine.release(state)
+
+
+def reference_rows(model, prefix: list[int], cand: list[int]) -> torch.Tensor:
+    """The log-prob rows at each of ``cand``'s positions, by a plain forward."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([prefix + cand])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)[len(prefix) - 1 : len(prefix) - 1 + len(cand)]
+
+
+def assert_most_likely(tops, rows: torch.Tensor, n: int) -> None:
+    """Each reported top is the row's ``n`` most likely tokens, most likely first, to
+    within the cached and plain forwards' difference (2e-4: a near-tie may swap)."""
+    for top, row in zip(tops, rows, strict=True):
+        assert len(top) == n
+        assert [lp for _, lp in top] == pytest.approx([float(row[t]) for t, _ in top], abs=2e-4)
+        assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+        assert top[-1][1] >= float(row.topk(n).values[-1]) - 2e-4
+
+
+async def test_the_most_likely_tokens_reported_are_a_plain_forwards(real_models):
+    m = real_models["smollm2-135m"]
+    model = m.engine._model
+    prompt = m.tokenizer.encode_prompt("The three primary colours are")
+    state = await m.engine.open("t-top", prompt)
+    sampling = Sampling(top_logprobs=4)
+    gen = await m.engine.generate(state, 6, frozenset(), lambda ids: len(ids) >= 4, sampling)
+    ids = list(gen.ids)
+    assert_most_likely(gen.top, reference_rows(model, prompt, ids), 4)
+    assert [top[0][0] for top in gen.top] == ids  # greedy: the argmax
+    await m.engine.commit(state, ids[:2])  # the rest is look-ahead, replayed with its tops
+    again = await m.engine.generate(state, 3, frozenset(), lambda ids: False, sampling)
+    assert again.reused == 2 and again.top[:2] == gen.top[2:4]
+    cand = m.tokenizer.encode(" red, yellow and blue")
+    lps, tops = await m.engine.score_top(state, cand, 3)
+    context = prompt + ids[:2]
+    assert lps == pytest.approx(reference_logprobs(model, context, cand), abs=2e-4)
+    assert_most_likely(tops, reference_rows(model, context, cand), 3)
     await m.engine.release(state)

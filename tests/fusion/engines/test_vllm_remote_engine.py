@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from fusion.engine import EngineError
-from fusion.engines.vllm_logprobs import LookAhead
+from fusion.engine import EngineError, Sampling
+from fusion.engines.vllm_logprobs import LookAhead, ranked
 from fusion.engines.vllm_remote_engine import PROBE_TEXT, VllmRemoteEngine
 from fusion.engines.vllm_requests import LOOKAHEAD_TOKENS
 from tests.fusion.engines.vllm_fakes import BLOCK, FakeVllm, SseStream
@@ -113,6 +113,38 @@ async def test_a_server_that_does_not_report_cached_tokens_is_scored_without_the
     cand = [fake.words[3]]
     assert (await engine.score(st, [cand]))[0] == pytest.approx(fake.expected(st.ids, cand))
     assert fake.requests[-1]["sampling_params"]["skip_reading_prefix_cache"] is True
+
+
+async def test_top_logprobs_come_with_every_token_replayed_or_streamed(fake, tok_dir):
+    engine = await started(fake, tok_dir)
+    context = fake.words[:5]
+    st = await engine.open("r5", context)
+    sampling = Sampling(top_logprobs=3)
+    gen = await engine.generate(st, 8, frozenset(), lambda ids: len(ids) >= 3, sampling)
+    want = [ranked(fake.top(context + list(gen.ids[:k])), 3) for k in range(3)]
+    assert list(gen.top) == want and [t[0][0] for t in gen.top] == list(gen.ids)
+    await engine.commit(st, gen.ids[:2])
+    again = await engine.generate(st, 8, frozenset(), lambda ids: len(ids) >= 2, sampling)
+    assert again.reused >= 1 and again.top[0] == want[2]  # replayed with its tops
+    assert again.top[1] == ranked(fake.top(st.ids + list(again.ids[:1])), 3)
+    plain = await engine.generate(st, 8, frozenset(), lambda ids: len(ids) >= 2)
+    assert plain.top == ()  # not asked: none
+    await engine.release(st)
+
+
+async def test_score_top_recomputes_the_sequence_with_its_most_likely_tokens(fake, tok_dir):
+    engine = await started(fake, tok_dir)
+    context = fake.words[:8]
+    st = await engine.open("r6", context)
+    await engine.score(st, [fake.words[:2]])  # the context is in the fake's cache now
+    ids = [fake.words[3], 5000, fake.words[1]]
+    lps, tops = await engine.score_top(st, ids, 2)
+    assert lps == pytest.approx(fake.expected(context, ids))
+    assert tops == [ranked(fake.top(context + ids[:j]), 2) for j in range(len(ids))]
+    sp = fake.requests[-1]["sampling_params"]
+    assert sp["prompt_logprobs"] == 2 and sp["skip_reading_prefix_cache"] is True
+    assert await engine.score_top(st, [], 2) == ([], [])
+    await engine.release(st)
 
 
 def test_look_ahead_commit_keeps_what_is_known_after_the_committed_tokens():

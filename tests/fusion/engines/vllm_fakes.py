@@ -172,8 +172,11 @@ class FakeVllm:
                 if i - 1 < cached:  # not recomputed: stale memory
                     stale = ids[i] if i % 2 else 7
                     plp.append({str(stale): {"logprob": 5.0 + i, "rank": 3}})
-                else:
-                    plp.append({str(ids[i]): {"logprob": self.logprob(ids[:i], ids[i]), "rank": 1}})
+                else:  # the token's entry, then the most likely ones asked for
+                    entry = {str(ids[i]): {"logprob": self.logprob(ids[:i], ids[i]), "rank": 1}}
+                    for t, lp in list(self.top(ids[:i]).items())[: sp["prompt_logprobs"]]:
+                        entry.setdefault(str(t), {"logprob": lp, "rank": 1})
+                    plp.append(entry)
             answer["prompt_logprobs"] = plp
         if self.report_cached:
             answer["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
