@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,16 +68,26 @@ class VllmServer:
 
     @classmethod
     def for_model(
-        cls, model_dir: str | Path, log: Path, *, core: str = "1", kv_cache_gib: int = 1
+        cls,
+        model_dir: str | Path,
+        log: Path,
+        *,
+        core: str = "1",
+        kv_cache_gib: int = 1,
+        logits_processors: Sequence[str] = (),
     ) -> VllmServer:
         """The deployment command of docs/DEPLOYMENT.md for this CPU, on a free port,
-        its engine bound to ``core`` (VLLM_CPU_OMP_THREADS_BIND)."""
+        its engine bound to ``core`` (VLLM_CPU_OMP_THREADS_BIND), with
+        ``--logits-processors`` when given (this checkout importable by the server)."""
         port = free_port()
         env = {
             **os.environ,
             "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
             "VLLM_CPU_OMP_THREADS_BIND": core,
         }
+        if logits_processors:
+            paths = [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         cmd = [
             sys.executable,
             "-m",
@@ -96,6 +107,8 @@ class VllmServer:
             "--dtype",
             "float32",
         ]
+        if logits_processors:
+            cmd += ["--logits-processors", *logits_processors]
         return cls(f"http://127.0.0.1:{port}", cmd, env, log)
 
     def start(self) -> None:

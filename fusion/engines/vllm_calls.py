@@ -7,7 +7,11 @@ things with the same requests (``vllm_requests.py``) and the same look-ahead
 the segment is known; ``score`` sends one ``prompt_logprobs`` request per candidate,
 fills positions vLLM served from its prefix cache from what the state saw before, and
 recomputes a candidate without the cache when nothing can fill them; beside the scores
-one request extends the state's own look-ahead. Each engine supplies only its transport:
+one request extends the state's own look-ahead. Under a grammar, where vLLM runs our
+grammar processor (``constrains``, probed at start), each of these requests that
+generates carries the grammar (``vllm_grammar.py``), and ``generate`` takes every token,
+replayed or streamed, through the loop's grammar state. Each engine supplies only its
+transport:
 
 - ``_stream(st, prompt, fields)``: one streaming request, yielding what arrives
   (``Chunk``: the tokens with their top log-probs, and the cached prompt tokens when
@@ -24,12 +28,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections import deque
 from collections.abc import AsyncGenerator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from fusion.engine import GREEDY, EngineError, Generation, Sampling, StopCheck, TopLogprobs
+from fusion.engine import (
+    GREEDY,
+    EngineError,
+    Generation,
+    Sampling,
+    StopCheck,
+    TokenConstraint,
+    TopLogprobs,
+)
+from fusion.engines.vllm_grammar import PROCESSOR, constraint_fields, processor_answers
 from fusion.engines.vllm_logprobs import LookAhead, Taker, Top, ranked
 from fusion.engines.vllm_requests import (
     generate_fields,
@@ -39,6 +53,7 @@ from fusion.engines.vllm_requests import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +67,9 @@ class VllmState:
     cancelled: bool = False
     counter: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
     prefill: list[tuple[int, int]] = field(default_factory=list)  # (prompt len, cached)
+    # the grammar of the last ``generate`` when vLLM constrains (vllm_grammar.py): the
+    # scoring and continuation requests generate their look-ahead under it too
+    constraint: TokenConstraint | None = None
 
     @classmethod
     def opened(cls, request_id: str, prompt: Sequence[int]) -> VllmState:
@@ -95,6 +113,7 @@ class VllmCalls:
     name: str
     score_lookahead: int
     read_cache: bool = True  # False: the remote does not say what it read from its cache
+    constrains: bool = False  # vLLM runs our grammar processor (set at start)
     prefill_log: deque[tuple[int, int]]  # (prompt, cached) of recent requests, for benches
 
     # -- the transport (each engine's) ------------------------------------------------
@@ -136,13 +155,51 @@ class VllmCalls:
         # a greedy scoring pass's look-ahead is the model's plain argmax: replayed only
         # for requests whose picks are that too (no penalty, no bias)
         plain = sampling.greedy and not sampling.shapes_logits
-        taker = Taker(st.look, max_tokens, stop_ids, should_stop, plain, sampling.top_logprobs)
+        st.constraint = sampling.constraint if self.constrains else None
+        top, grammar = sampling.top_logprobs, sampling.constraint
+        taker = Taker(st.look, max_tokens, stop_ids, should_stop, plain, top, constraint=grammar)
         if taker.replay():
             return taker.result()
-        fields = generate_fields(taker, sampling, len(st.ids))
+        prompt = st.ids + st.look.ids
+        fields = self._under(st, prompt, generate_fields(taker, sampling, len(st.ids)))
         st.look.sampled = True
-        await self._call(st, self._pump(st, st.ids + st.look.ids, fields, taker))
+        await self._call(st, self._pump(st, prompt, fields, taker))
         return taker.result()
+
+    def _under(self, st: VllmState, prompt: list[int], fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` with the state's grammar over the tokens the request generates (its
+        processor's matcher starts after the answer's tokens in ``prompt``)."""
+        if st.constraint is None:
+            return fields
+        return {**fields, **constraint_fields(st.constraint, prompt[st.look.book.prompt_len :])}
+
+    async def _detect_grammar(self, adapter: Any, unfit: str | None = None) -> None:
+        """Set ``constrains``: whether vLLM runs our grammar processor for this model (a
+        probe request obeys a grammar; ``adapter``: the model's ``TokenizerAdapter``).
+        ``unfit``: why it cannot (no probe then)."""
+        if unfit is None:
+            st = VllmState.opened(f"{self.name}-grammar-probe", [0])
+
+            async def generate(prompt: list[int], fields: dict[str, Any]) -> list[int]:
+                return (await self._once(st, prompt, fields, 0)).ids
+
+            try:
+                self.constrains = await processor_answers(
+                    generate, adapter.encode, adapter.decode, adapter.eos_ids
+                )
+            except EngineError as exc:
+                self.constrains = False
+                log.warning("engine %s: the grammar probe failed: %s", self.name, exc)
+            if self.constrains:
+                return
+            unfit = f"its vLLM does not run the grammar processor (--logits-processors {PROCESSOR})"
+        self.constrains = False
+        log.warning(
+            "engine %s: %s; under a grammar, its candidates are cut to their longest valid "
+            "prefix instead",
+            self.name,
+            unfit,
+        )
 
     async def _pump(
         self, st: VllmState, prompt: list[int], fields: dict[str, Any], taker: Taker
@@ -169,7 +226,7 @@ class VllmCalls:
 
         async def one(cand: list[int], use_cache: bool) -> list[float]:
             prompt = st.ids + cand
-            fields = score_fields(st.look, self.score_lookahead, use_cache)
+            fields = self._under(st, prompt, score_fields(st.look, self.score_lookahead, use_cache))
             try:
                 ans = await self._call(st, self._once(st, prompt, fields, len(cand)))
             except EngineError as exc:
@@ -187,7 +244,7 @@ class VllmCalls:
             return await one(cand, use_cache=False)  # a cached gap nothing else fills
 
         async def fetch(prompt: list[int], fields: dict[str, Any]) -> tuple[list[int], list[Top]]:
-            ans = await self._call(st, self._once(st, prompt, fields, 0))
+            ans = await self._call(st, self._once(st, prompt, self._under(st, prompt, fields), 0))
             if ans.cached is not None:
                 self._log_prefill(st, len(prompt), ans.cached)
             return ans.ids, ans.tops

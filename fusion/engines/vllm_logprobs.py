@@ -41,7 +41,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fusion.engine import Generation, StopCheck, TopLogprobs
+from fusion.engine import Generation, StopCheck, TokenConstraint, TopLogprobs
 from fusion.engines.ledger import Branch, Ledger
 
 TOP_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -188,7 +188,8 @@ def candidate_entries(plp: Sequence[object], n: int) -> list[object]:
 class Taker:
     """The tokens of one ``generate`` call on a state's look-ahead: the kept look-ahead
     replayed first, then the ones the engine streams (which the engine pushes into
-    ``look``), until a stop id, ``should_stop`` or ``max_tokens``."""
+    ``look``), until a stop id, ``should_stop`` or ``max_tokens``; under a grammar
+    (``constraint``) it takes each token there first and ends where the grammar refuses."""
 
     look: LookAhead
     max_tokens: int
@@ -200,9 +201,14 @@ class Taker:
     lps: list[float] = field(default_factory=list)
     reused: int = 0  # of ``out``, tokens replayed from the look-ahead
     boundary: bool = False  # ``should_stop`` ended it (not a stop id)
+    constraint: TokenConstraint | None = None
+    refused: bool = False  # the grammar refused a token: the call ends before it
 
     def take(self, tok: int, lp: float) -> bool:
         """Add a token; True when the call is over."""
+        if self.constraint is not None and not self.constraint.take(tok):
+            self.refused = True
+            return True
         self.out.append(tok)
         self.lps.append(lp)
         if tok in self.stop_ids:
@@ -220,6 +226,11 @@ class Taker:
             if self.take(tok, lp):
                 done = True
                 break
+        if self.refused and not self.out:
+            # look-ahead the grammar refuses from its first token (generated where vLLM
+            # could not follow the grammar): dropped, and generated again under it
+            self.look.book.clear_ahead()
+            done = self.refused = False
         self.reused = len(self.out)
         return done
 

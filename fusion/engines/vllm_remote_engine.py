@@ -17,6 +17,12 @@ have stale entries and are filled from what the state saw before, else the candi
 recomputed without the cache. A server that does not report cached tokens is scored
 without reading the cache (correct, slower; a warning says so).
 
+Structured outputs: a server started with our grammar processor (``--logits-processors
+fusion.engines.vllm_grammar_processor:GrammarLogitsProcessor``) constrains this model's
+sampling under a request's grammar; ``start`` checks with a probe request that it does
+(``vllm_grammar.py``), and without it the model's candidates are cut to the grammar's
+longest valid prefix instead.
+
 Faults: a remote that is down, slow, answers 5xx or drops a stream raises ``EngineError``
 (the loop drops the model from that request, the others finish). After a failed call new
 requests are refused at ``open`` for a back-off period that doubles while the remote stays
@@ -94,15 +100,17 @@ class VllmRemoteEngine(VllmCalls):
         self._remote = RemoteVllm(self.name, self.url, **self._client_args)
         started = time.monotonic()
         await self._wait_up()
-        await self._check_vocabulary()
+        adapter = await self._check_vocabulary()
         await self._probe_cache_reporting()
+        await self._detect_grammar(adapter)
         log.info(
-            "engine %s: remote vLLM at %s ready in %.1f s (max_model_len %d%s)",
+            "engine %s: remote vLLM at %s ready in %.1f s (max_model_len %d%s%s)",
             self.name,
             self.url,
             time.monotonic() - started,
             self.max_model_len,
             "" if self.read_cache else "; scoring without the prefix cache",
+            "; grammars constrained in vLLM" if self.constrains else "",
         )
 
     def _rv(self) -> RemoteVllm:
@@ -128,8 +136,9 @@ class VllmRemoteEngine(VllmCalls):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
-    async def _check_vocabulary(self) -> None:
-        """The remote must serve the vocabulary alignment and templates use (ours)."""
+    async def _check_vocabulary(self) -> Any:
+        """The remote must serve the vocabulary alignment and templates use (ours); the
+        model's ``TokenizerAdapter``."""
         from fusion.tokenizer_loading import load_tokenizer
 
         adapter = await asyncio.to_thread(
@@ -150,6 +159,7 @@ class VllmRemoteEngine(VllmCalls):
                 f"{ours[:12]} with the tokenizer in {self.tokenizer_dir}. Point the model's "
                 "url at a server of the same model as its source."
             )
+        return adapter
 
     async def _probe_cache_reporting(self) -> None:
         """Read the prefix cache when scoring only if the remote says what it read."""

@@ -13,6 +13,12 @@ import pytest_asyncio
 
 from fusion.loop import Fuser
 from fusion.types import FusionOutcome, FusionParams, Prompt
+from tests.fixtures.grammar_checks import (
+    SPECS,
+    check_generation_follows_the_grammar,
+    check_masking_after_another_models_text,
+    valid,
+)
 from tests.fixtures.lookahead import check_the_winners_look_ahead_is_the_next_segment
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -241,6 +247,30 @@ async def test_server_streams_a_fused_answer_from_vllm_engines(vllm_models, live
             if json.loads(e)["choices"]
         )
         assert text.strip()
+
+
+@pytest.mark.parametrize("kind", ["json", "regex"])
+@pytest.mark.parametrize("name", PAIR)
+async def test_vllm_samples_under_the_requests_grammar(vllm_models, name, kind):
+    """Issue 23: the engine constrains its own sampling (our logits processor in vLLM)."""
+    await check_generation_follows_the_grammar(vllm_models[name], kind)
+
+
+async def test_the_grammar_masks_after_another_models_text_and_in_look_ahead(vllm_models):
+    await check_masking_after_another_models_text(vllm_models["smollm2-135m"])
+
+
+async def test_a_fused_answer_under_a_schema_cuts_no_candidate(vllm_models):
+    """Both members constrain in vLLM: every candidate is valid as its member wrote it
+    (none cut to a valid prefix), and the fused answer is valid."""
+    models = list(vllm_models.values())
+    params = FusionParams(max_tokens=64, grammar=SPECS["json"])
+    prompt = Prompt(messages=({"role": "user", "content": "Give me one person as JSON."},))
+    outcome = FusionOutcome()
+    segments = [s async for s in Fuser(models).run(prompt, params, outcome)]
+    assert outcome.finish_reason == "stop" and valid("json", outcome.text), outcome.text
+    assert not any(c.cut for s in segments for c in s.candidates)
+    assert not any(s.cut_to_nothing for s in segments)
 
 
 async def test_shutdown_leaves_no_engine_processes(model_dirs):

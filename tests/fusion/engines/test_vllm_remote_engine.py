@@ -57,7 +57,9 @@ async def test_generation_streams_the_context_and_keeps_tokens_past_the_boundary
     await engine.commit(st, gen.ids[:2])
     again = await engine.generate(st, 8, frozenset(), lambda ids: len(ids) >= 1)
     assert again.reused == 1 and again.ids[0] == want[2]
-    assert len(fake.requests) == 2  # served from look-ahead: no new request
+    # the start's two probes (cached tokens, grammar processor) and the generation: the
+    # next segment is served from look-ahead, no new request
+    assert len(fake.requests) == 3
     await engine.release(st)
     await engine.shutdown()
 
