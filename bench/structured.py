@@ -68,11 +68,17 @@ def parse(text: str) -> Person | None:
         return None
 
 
-def ask(client: OpenAI, model: str, prompt: str, constrained: bool, max_tokens: int) -> str:
-    extra = {}
+System = tuple[str, bool, str]  # model, constrained, how candidates are scored
+
+
+def ask(client: OpenAI, system: System, prompt: str, max_tokens: int) -> str:
+    model, constrained, scores = system
+    extra: dict[str, object] = {}
     if constrained:
         fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
         extra["response_format"] = fmt
+    if scores != "raw":
+        extra["extra_body"] = {"fusion": {"grammar_scores": scores}}
     answer = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": prompt + ("" if constrained else ASK_JSON)}],
@@ -91,20 +97,25 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/structured.json")
     args = ap.parse_args()
 
-    systems = [(m, False) for m in MEMBERS] + [(m, True) for m in MEMBERS + FUSED]
+    systems: list[System] = (
+        [(m, False, "raw") for m in MEMBERS]
+        + [(m, True, "raw") for m in MEMBERS + FUSED]
+        + [(m, True, "renormalised") for m in FUSED]
+    )
     tallies = {s: Tally() for s in systems}
     proc, url = start_server(args.config)
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
         for e in examples(3):  # warm-up: vocabularies for grammars, caches; not counted
-            for model, constrained in systems:
-                ask(client, model, e.prompt, constrained, 8)
+            for system in systems:
+                ask(client, system, e.prompt, 8)
         for i, e in enumerate(examples(args.prompts)):
             order = systems[i % len(systems) :] + systems[: i % len(systems)]
-            for model, constrained in order:
+            for system in order:
+                model, constrained, _ = system
                 started = time.perf_counter()
-                text = ask(client, model, e.prompt, constrained, args.max_tokens)
-                t = tallies[(model, constrained)]
+                text = ask(client, system, e.prompt, args.max_tokens)
+                t = tallies[system]
                 t.seconds.append(time.perf_counter() - started)
                 got = parse(text)
                 if got is None and constrained:
@@ -115,25 +126,28 @@ def main() -> int:
     finally:
         stop_server(proc)
 
-    base = sum(tallies[(MEMBERS[0], True)].seconds) / args.prompts
+    base = sum(tallies[(MEMBERS[0], True, "raw")].seconds) / args.prompts
     rows = []
     print(f"\n{args.prompts} extraction prompts, greedy, max_tokens {args.max_tokens}")
-    print(f"{'system':34} {'valid':>22} {'field accuracy':>24} {'s/answer':>9} {'ratio':>6}")
-    for (model, constrained), t in tallies.items():
+    print(f"{'system':48} {'valid':>22} {'field accuracy':>24} {'s/answer':>9} {'ratio':>6}")
+    for (model, constrained, scores), t in tallies.items():
         n, k = len(t.valid), sum(t.valid)
         lo, hi = wilson(k, n)
         acc = sum(t.accuracy) / n
         alo, ahi = bootstrap(t.accuracy)
         secs = sum(t.seconds) / n
         name = f"{model} {'constrained' if constrained else 'unconstrained'}"
+        if scores != "raw":
+            name += f", {scores} scores"
         print(
-            f"{name:34} {k / n:6.0%} [{lo:4.0%}-{hi:4.0%}] {k:3d}/{n:<3d} "
+            f"{name:48} {k / n:6.0%} [{lo:4.0%}-{hi:4.0%}] {k:3d}/{n:<3d} "
             f"{acc:6.1%} [{alo:5.1%}-{ahi:5.1%}] {secs:9.2f} {secs / base:5.2f}x"
         )
         rows.append(
             {
                 "model": model,
                 "constrained": constrained,
+                "grammar_scores": scores,
                 "valid": k,
                 "n": n,
                 "valid_interval": [lo, hi],

@@ -17,8 +17,10 @@ millisecond per member, and no special token slips into a JSON string.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from typing import Any, Literal
 import numpy as np
 
 GrammarKind = Literal["json", "regex", "choice", "grammar"]
+GrammarScores = Literal["raw", "renormalised"]
+RENORMALISE_TOP = 20  # the allowed mass is estimated from this many most likely tokens
 
 
 class GrammarError(ValueError):
@@ -122,13 +126,18 @@ def _without_specials(tokenizer_json: str, keep: frozenset[int]) -> str:
 
 class MemberGrammar:
     """One member's grammar state in its own tokens, at the committed answer plus what the
-    current call took (a ``TokenConstraint`` for its engine)."""
+    current call took (a ``TokenConstraint`` for its engine). vLLM's grammar processor
+    holds one per request too (fusion/engines/vllm_grammar_processor.py)."""
 
-    def __init__(self, tokenizer: Any, spec: GrammarSpec) -> None:
+    def __init__(self, tokenizer: Any, spec: GrammarSpec | str) -> None:
+        """``spec``: the request's grammar, or its compiled text (``GrammarSpec.compiled``,
+        as a vLLM processor receives it)."""
         import llguidance as llg
         from llguidance.numpy import allocate_token_bitmask
 
-        self.matcher = llg.LLMatcher(tokenizer, spec.compiled, log_level=0)
+        self.grammar = spec if isinstance(spec, str) else spec.compiled
+        self.eos_ids = tuple(int(t) for t in tokenizer.eos_tokens)  # its vocabulary's ends
+        self.matcher = llg.LLMatcher(tokenizer, self.grammar, log_level=0)
         if self.matcher.is_error():
             raise GrammarError(self.matcher.get_error())
         self.vocab = int(tokenizer.vocab_size)
@@ -136,19 +145,34 @@ class MemberGrammar:
         self.taken = 0  # tokens taken since the last commit
         self.lost = False  # the committed answer left the grammar: constrain no more
 
-    def mask(self, logprobs: Any) -> Any:
+    def allowed(self, width: int) -> Any:
+        """Which of the token ids ``[0, width)`` may come next (a bool array; ids past the
+        vocabulary may not)."""
         from llguidance.numpy import fill_next_token_bitmask
 
         fill_next_token_bitmask(self.matcher, self.bitmask)
-        width = len(logprobs)
-        allowed = np.unpackbits(self.bitmask.view(np.uint8), count=self.vocab, bitorder="little")
-        out = np.full(width, -np.inf, dtype=logprobs.dtype)
+        bits = np.unpackbits(self.bitmask.view(np.uint8), count=self.vocab, bitorder="little")
+        out = np.zeros(width, dtype=bool)
         n = min(width, self.vocab)
-        keep = allowed[:n].astype(bool)
-        out[:n][keep] = logprobs[:n][keep]
+        out[:n] = bits[:n]
         return out
 
+    def mask(self, logprobs: Any) -> Any:
+        keep = self.allowed(len(logprobs))
+        out = np.full(len(logprobs), -np.inf, dtype=logprobs.dtype)
+        out[keep] = logprobs[keep]
+        return out
+
+    def fork(self) -> MemberGrammar:
+        """A copy in the same state with a matcher of its own (no compilation: cheap)."""
+        other = copy.copy(self)
+        other.matcher = self.matcher.deep_copy()
+        other.bitmask = self.bitmask.copy()
+        return other
+
     def take(self, token: int) -> bool:
+        if self.matcher.is_stopped():  # complete: only an end token may follow (llguidance
+            return token in self.eos_ids  # validates none then, though its mask allows it)
         if self.matcher.validate_tokens([token]) != 1:
             return False
         self.matcher.consume_token(token)
@@ -168,6 +192,35 @@ class MemberGrammar:
             return
         if self.matcher.try_consume_tokens(ids) != len(ids) or self.matcher.is_error():
             self.lost = True  # its candidates are then cut by the answer's grammar
+
+
+def renormalised(
+    logprobs: list[float],
+    tops: list[tuple[tuple[int, float], ...]],
+    ids: list[int],
+    grammar: MemberGrammar,
+) -> list[float]:
+    """``logprobs`` of ``ids`` (a candidate in one member's tokens, after the committed
+    answer) renormalised over what ``grammar`` allows at each position: the log of the
+    allowed mass is subtracted, estimated from that position's most likely tokens
+    (``tops``) and the token itself, exact where the grammar allows no other (forced
+    text scores 0). Positions after one the grammar refuses stay raw."""
+    out = list(logprobs)
+    try:
+        for k, (lp, top, token) in enumerate(zip(logprobs, tops, ids)):
+            seen = dict(top)
+            seen[token] = lp
+            allowed = grammar.allowed(max(seen) + 1)
+            mass = [v for i, v in seen.items() if allowed[i]]
+            if not allowed[token] or not mass:
+                break
+            peak = max(mass)
+            out[k] = lp - (peak + math.log(sum(math.exp(v - peak) for v in mass)))
+            if not grammar.take(token):
+                break
+    finally:
+        grammar.rewind()
+    return out
 
 
 class AnswerGrammar:

@@ -96,7 +96,9 @@ class Fuser:
         run.answer_grammar = AnswerGrammar(spec)
         run.member_grammars = {}
         for m in run.models:
-            if getattr(m.engine, "constrains", False):
+            # every member's: a constraint where its engine honours one, and for
+            # renormalised scoring in any case
+            if getattr(m.engine, "constrains", False) or run.params.grammar_scores != "raw":
                 vocab = await asyncio.to_thread(
                     self.vocabularies.get, m.name, m.tokenizer.tokenizer.to_str, m.stop_ids
                 )

@@ -127,7 +127,8 @@ def model_sampling(run: Run, m: SourceModel) -> Sampling:
     if run.params.logprobs:  # the most likely tokens at each position, reported
         sampling = dataclasses.replace(sampling, top_logprobs=run.params.logprobs)
     grammar = run.member_grammars.get(m.name)
-    if grammar is not None and not grammar.lost:
+    constrains = getattr(m.engine, "constrains", False)
+    if grammar is not None and not grammar.lost and constrains:
         sampling = dataclasses.replace(sampling, constraint=grammar)
     if sampling.greedy or sampling.seed is None:
         return sampling

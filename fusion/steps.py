@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Sequence
 
 from fusion.engine import StateHandle, TopLogprobs
+from fusion.grammar import RENORMALISE_TOP, renormalised
 from fusion.members import Members
 from fusion.models import SourceModel
 from fusion.proposals import Proposal, propose
@@ -78,7 +79,23 @@ async def score_all(
         end = m.end_id(chat)
         return [*ids, end] if c.ended and end is not None else ids
 
+    grammar_scored = run.params.grammar is not None and run.params.grammar_scores != "raw"
+
+    async def renormalised_scores(m: SourceModel) -> list[list[float]]:
+        grammar, state = run.member_grammars[m.name], run.states[m.name]
+        out = []
+        for c in candidates:
+            ids = ids_for(m, c)
+            lps, tops = (
+                ([], []) if not ids else await m.engine.score_top(state, ids, RENORMALISE_TOP)
+            )
+            run.outcome.usage[m.name].scored_tokens += len(ids)
+            out.append(renormalised(list(lps), list(tops), ids, grammar))
+        return out
+
     async def one(m: SourceModel) -> list[list[float]]:
+        if grammar_scored:
+            return await renormalised_scores(m)
         own = [own_logprobs(c, m.name) for c in candidates]
         todo = [i for i, lp in enumerate(own) if lp is None]
         batch = [ids_for(m, candidates[i]) for i in todo]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fusion.engine import GREEDY, Sampling, TopLogprobs
-from fusion.grammar import GrammarSpec
+from fusion.grammar import GrammarScores, GrammarSpec
 
 Method = Literal["cool", "cool_shortest", "rerank", "cool_rerank"]
 METHODS: tuple[Method, ...] = ("cool", "cool_shortest", "rerank", "cool_rerank")
@@ -98,6 +98,9 @@ class FusionParams:
     sampling: Sampling = GREEDY  # each source model samples its own candidates this way
     selection: SelectionPolicy = DEFAULT_POLICY
     grammar: GrammarSpec | None = None  # structured output: every segment keeps it valid
+    # under a grammar, score candidates with raw log-probs or renormalised over what the
+    # grammar allows at each token (docs/BENCHMARKS.md, "Structured outputs")
+    grammar_scores: GrammarScores = "raw"
     # a source model alone only (token ids are one vocabulary's): report each answer
     # token's log-prob with this many most likely tokens at its position (None: off), and
     # the prompt's (completions' echo) likewise

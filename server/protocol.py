@@ -48,6 +48,11 @@ class FusionOptions(BaseModel):
     max_segment_tokens: int | None = Field(None, ge=1, le=256)
     ppl_mode: PplMode | None = None
     trace: bool = Field(False, description="Return every segment's candidates and scores.")
+    grammar_scores: Literal["raw", "renormalised"] | None = Field(
+        None,
+        description="Under a grammar (structured outputs, tool calls): score candidates "
+        "with raw log-probs (default) or renormalised over what the grammar allows.",
+    )
     selection: SelectionOptions | None = Field(
         None, description="How each step chooses its segment (overrides the server's)."
     )

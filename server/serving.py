@@ -152,6 +152,7 @@ class FusionService:
             sampling=sampling,
             selection=self._selection(base, opts.selection),
             grammar=grammar,
+            grammar_scores=opts.grammar_scores or "raw",
         )
 
     def _selection(self, base: SelectionConfig, asked: SelectionOptions | None) -> SelectionPolicy:

@@ -140,3 +140,32 @@ async def test_without_a_grammar_nothing_is_cut(make_model):
     segments = [s async for s in Fuser([direct]).run(CHAT, FusionParams(max_tokens=64), outcome)]
     assert outcome.text.endswith("Hope this helps.")
     assert not any(c.cut for s in segments for c in s.candidates)
+
+
+def test_renormalised_scores_drop_the_mass_the_grammar_forbids(smol):
+    from fusion.grammar import renormalised
+
+    adapter, vocab = smol
+    digits, letters = adapter.encode("7"), adapter.encode("x")
+    grammar = MemberGrammar(vocab, GrammarSpec("regex", r"\d"))
+    # the scorer thinks "x" likelier than "7"; the grammar allows only a digit here
+    top = ((letters[0], -0.5), (digits[0], -1.5))
+    (lp,) = renormalised([-1.5], [top], [digits[0]], grammar)
+    assert lp == pytest.approx(0.0)  # the only allowed token of those seen: all the mass
+    assert grammar.taken == 0  # rewound: the member's state is the committed answer
+    other = adapter.encode("3")[0]
+    top = ((letters[0], -0.5), (digits[0], -1.5), (other, -1.5))
+    (lp,) = renormalised([-1.5], [top], [digits[0]], grammar)
+    assert lp == pytest.approx(-1.5 - np.logaddexp(-1.5, -1.5))  # two digits share it
+    (lp,) = renormalised([-0.5], [top], [letters[0]], grammar)
+    assert lp == -0.5  # a refused token keeps its raw score
+
+
+def test_a_complete_answer_takes_its_end_token(smol):
+    adapter, vocab = smol
+    grammar = MemberGrammar(vocab, GrammarSpec("regex", "ab"))
+    for tok in adapter.encode("ab"):
+        assert grammar.take(tok)
+    assert grammar.matcher.is_stopped()
+    assert grammar.take(adapter.eos_ids[0])  # the member may end its answer here
+    assert not grammar.take(adapter.encode("c")[0])
