@@ -69,15 +69,29 @@ class GrammarSpec:
         return str(grammar)
 
 
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMAS = ("items", "additionalItems", "not", "if", "then", "else", "contains")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
 def closed_schema(schema: Any) -> Any:
-    """``schema`` with ``additionalProperties: false`` on every object that does not say
-    (what OpenAI's strict mode requires of a schema)."""
-    if isinstance(schema, list):
-        return [closed_schema(s) for s in schema]
+    """``schema`` with ``additionalProperties: false`` on every object schema that declares
+    its properties and does not say otherwise (what OpenAI's strict mode requires). Only
+    schema keywords are walked: ``const``/``enum`` values and property names stay as they
+    are, and an object without ``properties`` stays free-form."""
     if not isinstance(schema, dict):
         return schema
-    out = {k: closed_schema(v) for k, v in schema.items()}
-    if out.get("type") == "object" or "properties" in out:
+    out = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_schema(s) for name, s in out[key].items()}
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_schema(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_schema(s) for s in out[key]]
+    if "properties" in out:
         out.setdefault("additionalProperties", False)
     return out
 
@@ -115,12 +129,15 @@ class Vocabularies:
 
 
 def _without_specials(tokenizer_json: str, keep: frozenset[int]) -> str:
-    """The tokenizer without its added tokens (but its end tokens). llguidance takes an
-    added token for a special one, matching no text; yet it forces text that spells one
-    ("<tool_call>" in Qwen's vocabulary) as that token, so nothing would be allowed there.
-    Without the entry, a token that is also in the vocabulary (Qwen's) is its text."""
+    """The tokenizer without its non-special added tokens. llguidance takes every added
+    token for a special one, matching no text; yet it forces text that spells a
+    non-special one ("<tool_call>" in Qwen's vocabulary) as that token, so nothing would
+    be allowed there. Without the entry, a token that is also in the vocabulary (Qwen's)
+    is its text. Special tokens stay special: never allowed inside the answer's text."""
     data = json.loads(tokenizer_json)
-    data["added_tokens"] = [t for t in data.get("added_tokens", []) if t.get("id") in keep]
+    data["added_tokens"] = [
+        t for t in data.get("added_tokens", []) if t.get("special") or t.get("id") in keep
+    ]
     return json.dumps(data)
 
 

@@ -83,6 +83,8 @@ async def score_all(
 
     async def renormalised_scores(m: SourceModel) -> list[list[float]]:
         grammar, state = run.member_grammars[m.name], run.states[m.name]
+        if grammar.lost:  # its matcher stopped where the answer left it: raw scores
+            return await raw_scores(m)
         out = []
         for c in candidates:
             ids = ids_for(m, c)
@@ -96,6 +98,9 @@ async def score_all(
     async def one(m: SourceModel) -> list[list[float]]:
         if grammar_scored:
             return await renormalised_scores(m)
+        return await raw_scores(m)
+
+    async def raw_scores(m: SourceModel) -> list[list[float]]:
         own = [own_logprobs(c, m.name) for c in candidates]
         todo = [i for i, lp in enumerate(own) if lp is None]
         batch = [ids_for(m, candidates[i]) for i in todo]

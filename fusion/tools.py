@@ -105,14 +105,19 @@ def _with_object_arguments(call: dict[str, Any]) -> dict[str, Any]:
     return {**call, "function": fn}
 
 
+def _arguments(function: dict[str, Any]) -> Any:
+    parameters = function.get("parameters") or {"type": "object"}
+    return closed_schema(parameters) if function.get("strict") else parameters
+
+
 def _call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
     choices = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": _function(t).get("name")},
-                # as strict mode: the declared parameters and no others
-                "arguments": closed_schema(_function(t).get("parameters") or {"type": "object"}),
+                # strict: the declared parameters and no others (OpenAI's strict mode)
+                "arguments": _arguments(_function(t)),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
@@ -134,22 +139,25 @@ def call_grammar(
     schema = json.dumps(_call_schema(tools))
     more = ' ("\\n" call)*' if parallel else ""
     rules = [
-        f"calls: call{more}",
+        f'calls: call{more} "\\n"?',  # a last newline ends the calls too
         f'call: "{OPEN}\\n" %json {schema} "\\n{CLOSE}"',
     ]
     if mode == "auto":
         rules.insert(0, "start: calls | TEXT")
-        rules.append(r"TEXT: /[^<][\s\S]*/")  # an answer that starts with "<" is calls
+        # text starts with neither "<" nor whitespace: an answer that opens with a tag is
+        # calls under the schema, so every call returned was written under it
+        rules.append(r"TEXT: /[^<\s][\s\S]*/")
     else:
         rules.insert(0, "start: calls")
     return GrammarSpec("grammar", "\n".join(rules))
 
 
-def parse_calls(text: str) -> list[ToolCall] | None:
-    """The calls an answer is made of (None: it is text, or calls that do not parse)."""
-    stripped = text.strip()
-    if not stripped.startswith(OPEN):
+def parse_calls(text: str, names: Sequence[str] | None = None) -> list[ToolCall] | None:
+    """The calls an answer is made of (None: it is text, or calls that do not parse, or
+    name a function not in ``names``)."""
+    if not text.startswith(OPEN):
         return None
+    stripped = text.strip()
     calls = []
     for body in _CALL.findall(stripped):
         try:
@@ -158,7 +166,11 @@ def parse_calls(text: str) -> list[ToolCall] | None:
             return None
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return None
+        if names is not None and call["name"] not in names:
+            return None
         arguments = call.get("arguments", call.get("parameters", {}))
+        if not isinstance(arguments, dict):
+            return None
         calls.append(
             ToolCall(
                 id=f"call_{uuid.uuid4().hex[:24]}",

@@ -39,6 +39,7 @@ class Job:
     trace: bool
     single: bool = False  # runs one source model (its own admission lane)
     tool_mode: ToolMode = "none"  # else a chat answer that is calls is returned as calls
+    tool_names: tuple[str, ...] = ()  # the functions a returned call may name
     logprobs: LogprobsAsk | None = None  # a source model alone: its tokens' log-probs
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -191,7 +192,7 @@ def tool_calls(job: Job, text: str) -> list[ToolCall] | None:
     """The calls a chat answer is made of, where the request gave tools (None: text)."""
     if job.kind != "chat" or job.tool_mode == "none":
         return None
-    return parse_calls(text)
+    return parse_calls(text, job.tool_names)
 
 
 def tool_call_chunk(job: Job, choice: int, index: int, call: ToolCall) -> dict[str, Any]:

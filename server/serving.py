@@ -336,6 +336,7 @@ class FusionService:
         choices = self._choices([prompt], req.n or 1, params, req.max_new() is not None, False)
         job = self._job("chat", req, choices)
         job.tool_mode = tools.mode
+        job.tool_names = tuple(t["function"]["name"] for t in tools.tools or ())
         job.logprobs = logprobs
         return job
 

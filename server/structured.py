@@ -15,6 +15,11 @@ from server.protocol import ResponseFormat, StructuredOutputs
 
 
 def _from_structured(so: StructuredOutputs) -> GrammarSpec:
+    if so.json_object is False:  # as vLLM: false asks for no constraint, which is not one
+        raise BadRequest(
+            "structured_outputs.json_object must be true when given",
+            param="structured_outputs",
+        )
     given = [
         name
         for name, value in (

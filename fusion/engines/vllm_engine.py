@@ -61,6 +61,10 @@ def engine_settings(opts: dict[str, Any], on_cpu: bool) -> tuple[dict[str, str],
     env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
     if opts.get("gpu") is not None and not on_cpu:
         env["CUDA_VISIBLE_DEVICES"] = str(opts["gpu"])
+    if not on_cpu and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+        # the grammar processor (vllm_grammar_processor) is a V1 logits processor, which
+        # the V2 model runner (vLLM 0.32's default on CUDA) refuses
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     if on_cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(opts.get("kv_cache_space_gib") or 1)))
         if opts.get("cpu_threads_bind"):

@@ -169,3 +169,14 @@ def test_a_complete_answer_takes_its_end_token(smol):
     assert grammar.matcher.is_stopped()
     assert grammar.take(adapter.eos_ids[0])  # the member may end its answer here
     assert not grammar.take(adapter.encode("c")[0])
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"])
+def test_no_special_token_is_allowed_inside_a_json_string(default_adapters, name):
+    adapter = default_adapters[name]
+    vocab = Vocabularies().get(name, adapter.tokenizer.to_str, frozenset(adapter.eos_ids))
+    grammar = MemberGrammar(vocab, schema_spec(PERSON))
+    for tok in adapter.encode('{"name":"Ada'):
+        assert grammar.take(tok)
+    allowed = grammar.allowed(vocab.vocab_size)
+    assert not any(allowed[t] for t in adapter.special_ids), name

@@ -64,7 +64,10 @@ def test_required_answers_are_calls_with_the_declared_arguments_only():
     assert complete(grammar, two)
     assert not complete(grammar, "It is sunny.")
     assert not complete(grammar, CALL.replace("get_weather", "get_time"))
-    assert not complete(grammar, CALL.replace('"Paris"}', '"Paris","unit":"C"}'))  # strict
+    assert complete(grammar, CALL.replace('"Paris"}', '"Paris","unit":"C"}'))  # not strict
+    strict = {**WEATHER, "function": {**WEATHER["function"], "strict": True}}
+    closed = call_grammar([strict], "required")
+    assert not complete(closed, CALL.replace('"Paris"}', '"Paris","unit":"C"}'))
     assert not complete(grammar, CALL.replace('"Paris"', "7"))
 
 
@@ -130,3 +133,33 @@ def test_history_arguments_as_text_or_object_render_alike(arguments):
     assert call["content"] == (
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     )
+
+
+def test_a_call_after_leading_whitespace_or_text_is_not_a_call_under_auto():
+    grammar = call_grammar([WEATHER], "auto")
+    assert not complete(grammar, "\n" + CALL)  # a call opens the answer, or it is text
+    assert parse_calls("\n" + CALL) is None
+    assert complete(grammar, CALL + "\n")  # a last newline ends the calls
+
+
+def test_a_call_naming_no_given_function_or_with_non_object_arguments_is_text():
+    assert parse_calls(CALL, ["get_weather"]) is not None
+    assert parse_calls(CALL, ["add"]) is None
+    assert parse_calls('<tool_call>\n{"name":"get_weather","arguments":"x"}\n</tool_call>') is None
+
+
+def test_free_form_object_arguments_stay_free_form():
+    free = {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {"filters": {"type": "object"}, "kind": {"enum": ["a", "b"]}},
+            },
+        },
+    }
+    arguments = '{"filters":{"year":2020},"kind":"a"}'
+    call = f'<tool_call>\n{{"name":"search","arguments":{arguments}}}\n</tool_call>'
+    assert complete(call_grammar([free], "required"), call)

@@ -108,6 +108,7 @@ WEATHER = {
     "function": {
         "name": "get_weather",
         "description": "The current weather of a city",
+        "strict": True,  # its arguments and no others (the SDK's pydantic_function_tool's)
         "parameters": {
             "type": "object",
             "properties": {"city": {"type": "string"}},
