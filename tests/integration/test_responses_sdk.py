@@ -4,29 +4,18 @@ default): create, streamed two ways, and parse with a Pydantic model."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 from openai import OpenAI
 
 from bench.extraction import Person, examples
-from tests.fixtures.processes import free_port, launch
 
 pytestmark = pytest.mark.integration
 ASK = "Name three fruits."
 
 
 @pytest.fixture(scope="module")
-def server_url(model_dirs) -> Iterator[str]:
-    port = free_port()
-    args = ["server", "serve", "--config", "config.yaml", "--port", str(port)]
-    proc, url = launch(args, port, env=dict(os.environ))
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+def server_url(default_server_url: str) -> str:
+    return default_server_url
 
 
 @pytest.fixture

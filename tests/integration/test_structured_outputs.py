@@ -6,30 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-from collections.abc import Iterator
 
 import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from bench.extraction import Person, examples
-from tests.fixtures.processes import free_port, launch
 
 pytestmark = pytest.mark.integration
 MODELS = ("qwen2.5-0.5b", "smollm2-135m", "gemma3-270m", "fusion")
 
 
 @pytest.fixture(scope="module")
-def server_url(model_dirs) -> Iterator[str]:
-    port = free_port()
-    args = ["server", "serve", "--config", "config.yaml", "--port", str(port)]
-    proc, url = launch(args, port, env=dict(os.environ))
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+def server_url(default_server_url: str) -> str:
+    return default_server_url
 
 
 async def test_sdk_parse_gives_a_parsed_object_for_every_member_and_the_fused_model(server_url):
