@@ -114,7 +114,7 @@ class FusionService:
     ) -> FusionParams:
         opts = opts or FusionOptions()
         cfg = self.config.fusion
-        if model == cfg.name or model in cfg.variants:
+        if self.is_fused(model):
             variant = cfg.variants.get(model) or VariantConfig()
             subset = tuple(opts.models or variant.models or cfg.models or ()) or None
             unknown = [n for n in subset or () if n not in self.models]
@@ -192,8 +192,7 @@ class FusionService:
         bias = req.logit_bias_pairs()
         if not bias:
             return ()
-        cfg = self.config.fusion
-        if req.model == cfg.name or req.model in cfg.variants:
+        if self.is_fused(req.model):
             raise BadRequest(
                 f"logit_bias is not supported for the fused model `{req.model}`: its token "
                 "ids would name different tokens in each source model's vocabulary; send "
@@ -213,6 +212,10 @@ class FusionService:
             )
         return bias
 
+    def is_fused(self, model: str) -> bool:
+        """Whether ``model`` names the fused model or one of its variants."""
+        return model == self.config.fusion.name or model in self.config.fusion.variants
+
     def _sources(self, fused: str) -> list[str]:
         variant = self.config.fusion.variants.get(fused)
         return list((variant and variant.models) or self.config.fusion.models or self.models)
@@ -224,8 +227,7 @@ class FusionService:
         answer is written in several vocabularies' tokens: a 400 naming who can answer."""
         if top is None:
             return None
-        cfg = self.config.fusion
-        if req.model == cfg.name or req.model in cfg.variants:
+        if self.is_fused(req.model):
             raise BadRequest(
                 f"logprobs is not supported for the fused model `{req.model}`: its answer is "
                 "written in the tokens of several tokenizers, one per source model, so no "
@@ -383,8 +385,7 @@ class FusionService:
                 "max_tokens must be at least 1, or 0 with echo (the prompt alone)",
                 param="max_tokens",
             )
-        cfg = self.config.fusion
-        if req.model == cfg.name or req.model in cfg.variants:
+        if self.is_fused(req.model):
             raise BadRequest(
                 "max_tokens 0 (the prompt alone, with echo) is for a source model by name: "
                 f"{', '.join(self._sources(req.model))}",
