@@ -130,9 +130,11 @@ class VllmServer:
 
     def kill(self) -> None:
         """SIGTERM, then SIGKILL to the whole process group (the API server and its
-        engine-core process)."""
+        engine-core process; resumed first, should it be paused)."""
         if self.proc is None:
             return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGCONT)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -140,6 +142,15 @@ class VllmServer:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(15)
+
+    def pause(self) -> None:
+        """SIGSTOP to the process group: a hung host (connections open, nothing answers)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
 
     def crash(self) -> None:
         """SIGKILL, no graceful shutdown: what a dying node looks like to its clients."""

@@ -54,7 +54,8 @@ async def segment_logprobs(members: Members, run: Run, win: Candidate) -> tuple[
         run.outcome.usage[model.name].scored_tokens += len(ids)
         return _tokens(ids, lps, tops if top else ())
 
-    return (await members.each(run, score))[m.name]
+    units = len(run.encode(m.name, win.text)) if win.text else 1
+    return (await members.each(run, score, kind="score", units=units))[m.name]
 
 
 def _tokens(

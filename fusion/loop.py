@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, Sequence
 
 from fusion.gate import gate_leader, gated
 from fusion.grammar import AnswerGrammar, MemberGrammar, Vocabularies
+from fusion.health import FaultListener, FaultPolicy
 from fusion.logprobs import prompt_logprobs, segment_logprobs
 from fusion.members import Members
 from fusion.models import SourceModel
@@ -44,19 +45,30 @@ __all__ = ["Fuser", "FusionError"]
 class Fuser:
     """Runs fused generation over a fixed set of source models."""
 
-    def __init__(self, models: Sequence[SourceModel], window_pieces: int = 4) -> None:
-        self.members = Members(models, window_pieces)
+    def __init__(
+        self,
+        models: Sequence[SourceModel],
+        window_pieces: int = 4,
+        faults: FaultPolicy | None = None,
+        listener: FaultListener | None = None,
+    ) -> None:
+        self.members = Members(models, window_pieces, faults, listener)
         self.models = self.members.models
         self.vocabularies = Vocabularies()  # per member, for grammars
 
     def select(self, names: Sequence[str] | None) -> list[SourceModel]:
         return self.members.select(names)
 
+    async def close(self) -> None:
+        """Stop background work (the probes of ejected models)."""
+        await self.members.close()
+
     async def run(
         self, prompt: Prompt, params: FusionParams, outcome: FusionOutcome | None = None
     ) -> AsyncGenerator[Segment, None]:
         run = Run(params, prompt, self.select(params.models), outcome=outcome or FusionOutcome())
         run.outcome.usage = {m.name: ModelUsage() for m in run.models}
+        self.members.admit(run)  # without the ejected models
         try:
             if params.selection.step_rule == "packllm":
                 # before the run holds any engine state: scoring the prompt opens a

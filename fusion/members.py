@@ -1,17 +1,20 @@
 """The source models of the fused model, and their lifecycle within one request: open a
 state in every engine, run work on every model at once (dropping a model that fails or
-times out), and release every state, also when the request is cancelled."""
+misses its deadline), and release every state, also when the request is cancelled.
+Across requests: leave ejected models out and probe them back (``fusion.health``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fusion.engine import EngineError, StateHandle
+from fusion.health import CallTimes, FaultEvent, FaultListener, FaultPolicy, MemberHealth, probe
 from fusion.models import SourceModel
 from fusion.run import FusionError, Run, prompt_ids, room
 from fusion.types import each_once
@@ -24,9 +27,21 @@ T = TypeVar("T")
 class Members:
     """The fused model's source models, by name, in the server's order."""
 
-    def __init__(self, models: Sequence[SourceModel], window_pieces: int = 4) -> None:
+    def __init__(
+        self,
+        models: Sequence[SourceModel],
+        window_pieces: int = 4,
+        policy: FaultPolicy | None = None,
+        listener: FaultListener | None = None,
+    ) -> None:
         self.models = {m.name: m for m in models}
         self.window_pieces = window_pieces
+        self.policy = policy or FaultPolicy()
+        self.listener = listener  # told of every drop, ejection and return (metrics)
+        self.health = {name: MemberHealth(self.policy) for name in self.models}
+        self.times = {name: CallTimes(self.policy.window_calls) for name in self.models}
+        self.inflight: dict[str, int] = {}  # calls running on each model, all requests
+        self._probes: dict[str, asyncio.Future[None]] = {}
         self._releasing: set[asyncio.Future[None]] = set()  # releases outliving their request
 
     def select(self, names: Sequence[str] | None) -> list[SourceModel]:
@@ -115,27 +130,42 @@ class Members:
         run: Run,
         work: Callable[[SourceModel], Awaitable[T]],
         bounded_by_step: bool = True,
+        kind: str = "call",
+        units: Callable[[SourceModel], int] | int = 1,
     ) -> dict[str, T]:
-        """Run ``work(model)`` for every active model concurrently (each within its step
-        timeout); drop models that fail."""
+        """Run ``work(model)`` for every active model concurrently; drop models that fail
+        or, ``bounded_by_step``, miss their deadline (a call of ``kind`` over ``units`` of
+        work: ``fusion.health``); their late results are discarded."""
         models = list(run.models)
-
-        async def timed(m: SourceModel) -> T:
-            started = time.perf_counter()
-            try:
-                return await (bounded(m, work(m)) if bounded_by_step else work(m))
-            finally:
-                run.clock.add_busy(m.name, time.perf_counter() - started)
-
-        results = await asyncio.gather(*(timed(m) for m in models), return_exceptions=True)
+        calls = []
+        for m in models:
+            size = units(m) if callable(units) else units
+            calls.append(_Call(m, kind, size, self.inflight.get(m.name, 0), work(m)))
+            self.inflight[m.name] = self.inflight.get(m.name, 0) + 1
+        try:
+            late = await self._until_done_or_late(calls, bounded_by_step)
+        finally:
+            for c in calls:
+                self.inflight[c.model.name] -= 1
+                run.clock.add_busy(c.model.name, c.took())
+                if not c.task.done():  # late, or the request was cancelled
+                    c.task.cancel()
+                    c.task.add_done_callback(_forget)
         out: dict[str, T] = {}
-        for m, res in zip(models, results):
-            if isinstance(res, asyncio.CancelledError):
-                raise res
-            if isinstance(res, BaseException):
-                self.drop(run, m, res)
+        for c in calls:
+            m = c.model
+            if m.name in late:
+                self.drop(run, m, EngineError(late[m.name]), fault="dropped_late")
+                continue
+            exc = c.task.exception()
+            if exc is None:
+                out[m.name] = c.task.result()
+                if bounded_by_step:
+                    self.times[m.name].observe(kind, c.units, c.took())
+            elif bounded_by_step:
+                self.drop(run, m, exc, fault="dropped_failed")
             else:
-                out[m.name] = res
+                self.drop(run, m, exc)
         if not run.models:
             raise FusionError(
                 "every source model failed: "
@@ -143,29 +173,149 @@ class Members:
             )
         return out
 
-    def drop(self, run: Run, m: SourceModel, exc: BaseException) -> None:
+    async def _until_done_or_late(self, calls: list[_Call], bounded: bool) -> dict[str, str]:
+        """Wait for every call; the late ones (by name, with why) are left running. A call
+        is late past its step timeout, or past its deadline once its peers are done."""
+        late: dict[str, str] = {}
+        pending = {c.model.name: c for c in calls}
+        while pending:
+            now = time.perf_counter()
+            wake = math.inf
+            for name, c in list(pending.items()):
+                limit, why = self._limit(c, calls, pending) if bounded else (math.inf, "")
+                if limit <= now:
+                    late[name] = why
+                    del pending[name]
+                else:
+                    wake = min(wake, limit)
+            if not pending:
+                break
+            tasks = [c.task for c in pending.values()]
+            timeout = None if wake == math.inf else max(0.0, wake - now)
+            await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for name, c in list(pending.items()):
+                if c.task.done():
+                    c.ended = time.perf_counter()
+                    del pending[name]
+        return late
+
+    def _limit(self, c: _Call, calls: list[_Call], pending: dict[str, _Call]) -> tuple[float, str]:
+        """When ``c`` is late (perf_counter) and why: its step timeout, and its deadline
+        once no peer is still running, scaled by how much slower than usual they were."""
+        m, p = c.model, self.policy
+        hard = math.inf if m.step_timeout is None else c.started + m.step_timeout
+        hard_why = f"engine {m.name}: no answer within its step timeout ({m.step_timeout} s)"
+        usual = self.times[m.name].usual(c.kind, c.units, p.warmup_calls)
+        if usual is None or any(n != m.name for n in pending):
+            return hard, hard_why
+        load = max([1.0, *(x.slowdown(self.times, p.warmup_calls) for x in calls if x is not c)])
+        allowed = max(p.deadline_floor_seconds, p.deadline_factor * usual * c.queued * load)
+        if c.started + allowed >= hard:
+            return hard, hard_why
+        why = (
+            f"engine {m.name}: no answer within its deadline ({allowed:.1f} s: "
+            f"{p.deadline_factor:g}x its usual {usual:.2f} s for this {c.kind} call)"
+        )
+        return c.started + allowed, why
+
+    def drop(
+        self, run: Run, m: SourceModel, exc: BaseException, fault: FaultEvent | None = None
+    ) -> None:
+        """Drop ``m`` from the request; a ``fault`` (late or failed call) also ejects it."""
         if not isinstance(exc, Exception):
             raise exc
-        log.warning("source model %s dropped from request: %s", m.name, exc)
-        run.outcome.usage[m.name].dropped = str(exc) or type(exc).__name__
+        why = str(exc) or type(exc).__name__
+        log.warning("source model %s dropped from request: %s", m.name, why)
+        run.outcome.usage[m.name].dropped = why
         run.models = [x for x in run.models if x.name != m.name]
         # released now: a call still running for it (a timed-out one) stops at its next
         # token instead of holding the engine until the request ends
         state = run.states.pop(m.name, None)
         if state is not None:
             run.releases.append(self.start_release(m.name, state))
+        if fault is not None:
+            self._notify(fault, m.name)
+            self.fault(m.name, why)
+
+    # -- health across requests ----------------------------------------------------------
+    def admit(self, run: Run) -> None:
+        """Leave the ejected models out of a new request (recorded in its usage)."""
+        for m in list(run.models):
+            e = self.health[m.name].ejection
+            if e is not None:
+                since = time.strftime("%H:%M:%S", time.gmtime(e.since))
+                run.outcome.usage[m.name].dropped = f"ejected since {since} UTC: {e.why}"
+                run.models = [x for x in run.models if x is not m]
+        if not run.models:
+            raise FusionError(
+                "no source model can answer: "
+                + "; ".join(f"{n}: {u.dropped}" for n, u in run.outcome.usage.items())
+            )
+
+    def fault(self, name: str, why: str) -> None:
+        """Eject ``name`` (once; a fault while ejected extends it) and start its probe."""
+        if self.health[name].fault(why):
+            log.warning("source model %s ejected: %s", name, why)
+            self._notify("ejected", name)
+        if name not in self._probes:
+            self._probes[name] = asyncio.ensure_future(self._probe_until_back(name))
+
+    async def _probe_until_back(self, name: str) -> None:
+        h, m = self.health[name], self.models[name]
+        try:
+            while h.ejection is not None:
+                await asyncio.sleep(max(0.0, h.ejection.retry_at - time.monotonic()))
+                try:
+                    await probe(m, self.policy.probe_timeout_seconds)
+                except Exception as exc:
+                    h.fault(str(exc) or type(exc).__name__)
+                    continue
+                h.restore()
+                log.warning("source model %s is back (its probe answered)", name)
+                self._notify("returned", name)
+        finally:
+            self._probes.pop(name, None)
+
+    def _notify(self, event: FaultEvent, name: str) -> None:
+        if self.listener is not None:
+            self.listener(event, name)
+
+    def report(self) -> dict[str, dict[str, object]]:
+        """Each model's health, as ``/health`` shows it."""
+        return {name: h.report() for name, h in self.health.items()}
+
+    async def close(self) -> None:
+        """Stop the probes (at shutdown)."""
+        probes = list(self._probes.values())
+        for task in probes:
+            task.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
 
 
-async def bounded(m: SourceModel, work: Awaitable[T]) -> T:
-    """``work`` under the model's per-step timeout: a hung model is dropped, not awaited.
+class _Call:
+    """One model's call within ``Members.each``: its work, size and timing."""
 
-    Only the await is cancelled here; the engine learns of it when the drop releases the
-    model's state (at once), which stops the call at its next token or forward."""
-    if m.step_timeout is None:
-        return await work
-    try:
-        return await asyncio.wait_for(work, m.step_timeout)
-    except TimeoutError:
-        raise EngineError(
-            f"engine {m.name}: no answer within its step timeout ({m.step_timeout:g} s)"
-        ) from None
+    def __init__(
+        self, model: SourceModel, kind: str, units: int, queued: int, work: Awaitable[Any]
+    ) -> None:
+        self.model, self.kind, self.units = model, kind, units
+        self.queued = 1 + queued  # its own and the calls it found running on the model
+        self.started = time.perf_counter()
+        self.ended: float | None = None
+        self.task: asyncio.Future[Any] = asyncio.ensure_future(work)
+
+    def took(self) -> float:
+        return (self.ended or time.perf_counter()) - self.started
+
+    def slowdown(self, times: dict[str, CallTimes], warmup: int) -> float:
+        """How much slower than usual this finished call was (1 when unknown)."""
+        usual = times[self.model.name].usual(self.kind, self.units, warmup)
+        if self.ended is None or not usual or self.task.cancelled() or self.task.exception():
+            return 1.0
+        return self.took() / (usual * self.queued)
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    """Retrieve a cancelled late call's outcome, so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()

@@ -64,7 +64,7 @@ async def rerank(members: Members, run: Run, fused: FusedAnswer | None) -> Segme
             grammar=run.answer_grammar,
         )
 
-    candidates = proposed(run, await members.each(run, one))
+    candidates = proposed(run, await members.each(run, one, kind="answer", units=params.max_tokens))
     run.clock.lap("generate")
     scored, logprobs = await score_all(members, run, candidates)
     run.clock.lap("score")

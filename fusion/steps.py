@@ -52,7 +52,7 @@ async def propose_all(
             alone=len(run.models) == 1,
         )
 
-    got = await members.each(run, one)
+    got = await members.each(run, one, kind="generate", units=cap)
     made = {n: p for n, p in got.items() if p is not None and n not in known}
     proposed(run, made)
     return group(p for m in run.models if (p := got.get(m.name)) is not None)
@@ -109,7 +109,10 @@ async def score_all(
         got = dict(zip(todo, scores))
         return [got[i] if lp is None else list(lp) for i, lp in enumerate(own)]
 
-    per_model = await members.each(run, one)
+    def units(m: SourceModel) -> int:
+        return sum(len(ids_for(m, c)) for c in candidates)
+
+    per_model = await members.each(run, one, kind="score", units=units)
     scored: list[ScoredCandidate] = []
     for i, c in enumerate(candidates):
         ppl = tuple(
@@ -180,7 +183,9 @@ async def score_prompts(members: Members, run: Run, top: int = 0) -> dict[str, P
 
     try:
         prompt = await members.open_in_order(run, open_one)
-        return await members.each(run, score_one)
+        return await members.each(
+            run, score_one, kind="prompt", units=lambda m: len(prompt[m.name])
+        )
     finally:
         for name, state in scratch.items():  # a model dropped or a request cancelled
             run.releases.append(members.start_release(name, state))
@@ -205,7 +210,13 @@ async def commit_all(members: Members, run: Run, win: Candidate) -> None:
         if m is run.models[0]:
             run.context_tokens += len(ids)
 
-    await members.each(run, one)
+    def units(m: SourceModel) -> int:
+        own = by_model.get(m.name)
+        if own is not None and own.own_ids is not None:
+            return len(own.own_ids)
+        return len(run.encode(m.name, win.text)) if win.text else 1
+
+    await members.each(run, one, kind="commit", units=units)
     if run.answer_grammar is not None:
         run.answer_grammar.commit(win.text)
     run.wrote(win.text)

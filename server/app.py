@@ -90,7 +90,11 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if models is not None:  # injected: the caller starts and stops them
-            yield
+            try:
+                yield
+            finally:
+                if state.service is not None:
+                    await state.service.fuser.close()  # its probes of ejected models
             return
         loader = asyncio.ensure_future(_load(state))
         try:
@@ -98,6 +102,8 @@ def create_app(config: AppConfig, models: list[SourceModel] | None = None) -> Fa
         finally:
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
+            if state.service is not None:
+                await state.service.fuser.close()
             state.service = None
             from server.engines import shutdown_models
 

@@ -243,8 +243,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     twice = sorted({n for n in names if names.count(n) > 1})
     if given and twice:
         raise ConfigError(
-            f"two source models are named {', '.join(twice)}: name them, e.g. "
-            f"a={given[0]} b=..."
+            f"two source models are named {', '.join(twice)}: name them, e.g. a={given[0]} b=..."
         )
     if models:
         out["models"] = [_with_flags(m, top, options) for m in models]

@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from fusion.engines.vllm_requests import LOOKAHEAD_TOKENS
+from fusion.health import FaultPolicy
 from fusion.types import (
     DEFAULT_POLICY,
     METHODS,
@@ -214,14 +215,8 @@ class VllmRemoteOptions(_VllmScoring):
     retry_backoff_seconds: float = Field(
         0.5,
         gt=0,
-        description="First back-off: between retries, and how long new requests skip the "
-        "model after it failed (doubling while it stays down).",
-    )
-    max_backoff_seconds: float = Field(
-        30.0,
-        gt=0,
-        description="Longest a failed model is skipped before /health is tried again "
-        "(it rejoins when that answers).",
+        description="First back-off between retries of one call (doubling). How long the "
+        "model is left out of new requests after a failure is fusion.faults'.",
     )
 
 
@@ -482,6 +477,50 @@ class VariantConfig(_Strict):
     )
 
 
+class FaultsConfig(_Strict):
+    """When a source model is dropped from a request, ejected, and probed back
+    (fusion/health.py; docs/DEPLOYMENT.md, "When a source model fails")."""
+
+    deadline_factor: float = Field(
+        5.0,
+        gt=1,
+        description="A call is late past this many times what the model's own recent calls "
+        "of its kind took (per token of work, times the calls it had queued, times how much "
+        "slower than usual its peers were in the same step); a late model is dropped from "
+        "the request and ejected.",
+    )
+    deadline_floor_seconds: float = Field(
+        5.0, gt=0, description="No call is late before this many seconds."
+    )
+    warmup_calls: int = Field(
+        3,
+        ge=1,
+        description="Calls of a kind a model makes before its deadline applies (until then "
+        "only its step_timeout_seconds does).",
+    )
+    eject_seconds: float = Field(
+        1.0, gt=0, description="First ejection: how long before the model is probed."
+    )
+    max_eject_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="Longest ejection: the ejection doubles each time a model fails again "
+        "within forgive_seconds of its return (a flapping model), up to this.",
+    )
+    forgive_seconds: float = Field(
+        60.0, ge=0, description="Up this long without a fault, the next ejection is short again."
+    )
+    probe_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="The probe that brings an ejected model back: its health check and a "
+        "one-token generation, within this many seconds.",
+    )
+
+    def policy(self) -> FaultPolicy:
+        return FaultPolicy(**self.model_dump())
+
+
 class FusionConfig(_Strict):
     """Defaults of the fused model."""
 
@@ -509,6 +548,10 @@ class FusionConfig(_Strict):
         default_factory=dict,
         description="More fused model names, each the fused model with some settings "
         "replaced, e.g. the paper's exact method beside a tuned default.",
+    )
+    faults: FaultsConfig = Field(
+        default_factory=FaultsConfig,  # type: ignore[arg-type]
+        description="Deadlines of the source models' calls, their ejection and return.",
     )
 
     def variant_selection(self, name: str) -> SelectionConfig:
@@ -552,7 +595,12 @@ class ServerConfig(_Strict):
         ge=1,
         description="Most choices one request may ask for (prompts × n); more get 400.",
     )
-    keepalive_seconds: float = Field(15.0, gt=0, description="SSE keep-alive comment interval.")
+    keepalive_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Interval of the SSE keep-alive comments a stream sends, also while it "
+        "waits for a slow or hung source model (so proxies keep the connection).",
+    )
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="In-flight time on SIGTERM.")
     log_text: bool = Field(False, description="Log prompt and completion text (off by default).")
 

@@ -171,8 +171,7 @@ def choose(mc: ModelConfig, host: Host | None = None) -> Choice:
         )
     else:
         where = (
-            "a GPU is present but vLLM is not installed (`make install`, or "
-            "pip install '.[vllm]')"
+            "a GPU is present but vLLM is not installed (`make install`, or pip install '.[vllm]')"
         )
     gguf = _has_gguf(mc.source)
     if gguf and host.llama_cpp:

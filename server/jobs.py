@@ -108,7 +108,9 @@ def usage(job: Job) -> dict[str, Any]:
     prompt = 0
     for p_index in sorted({c.prompt_index for c in job.choices}):
         first_choice = next(c for c in job.choices if c.prompt_index == p_index)
-        first = next(iter(first_choice.outcome.usage.values()), None)
+        # (the first that took part: an ejected one counted none)
+        took_part = (u for u in first_choice.outcome.usage.values() if u.prompt_tokens)
+        first = next(took_part, None)
         prompt += first.prompt_tokens if first else 0
     completion = sum(c.outcome.completion_tokens for c in job.choices)
     return {

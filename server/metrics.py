@@ -12,7 +12,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from fusion.health import FaultEvent
 from fusion.types import FusionOutcome, Segment
+
+MEMBER_STATES = ("up", "ejected", "loading")
 
 
 @dataclass
@@ -113,7 +116,28 @@ class Metrics:
             registry=r,
         )
         self.dropped = Counter(
-            "fusion_model_dropped", "Source models dropped mid-request", ["source"], registry=r
+            "fusion_model_dropped",
+            "Source models dropped mid-request: a call that failed, or was late",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            "fusion_model_ejections",
+            "Times a source model was ejected (left out of new requests until its probe passes)",
+            ["source"],
+            registry=r,
+        )
+        self.returns = Counter(
+            "fusion_model_returns",
+            "Times an ejected source model came back",
+            ["source"],
+            registry=r,
+        )
+        self.member_state = Gauge(
+            "fusion_model_state",
+            "1 for each source model's current state (up, ejected or loading)",
+            ["source", "state"],
+            registry=r,
         )
         self.win_share = Gauge(
             "fusion_source_win_share",
@@ -192,8 +216,20 @@ class Metrics:
             self.source_tokens.labels(name, "prompt").inc(usage.prompt_tokens)
             self.source_tokens.labels(name, "generated").inc(usage.generated_tokens)
             self.source_tokens.labels(name, "scored").inc(usage.scored_tokens)
-            if usage.dropped:
-                self.dropped.labels(name).inc()
+
+    def fault(self, event: FaultEvent, source: str) -> None:
+        """A source model dropped from a request, ejected, or back (``fusion.health``)."""
+        if event == "ejected":
+            self.ejections.labels(source).inc()
+        elif event == "returned":
+            self.returns.labels(source).inc()
+        else:
+            self.dropped.labels(source, event.removeprefix("dropped_")).inc()
+
+    def member_states(self, states: Mapping[str, str]) -> None:
+        for source, now in states.items():
+            for state in MEMBER_STATES:
+                self.member_state.labels(source, state).set(state == now)
 
     def availability(self, engines: Mapping[str, bool], models: Mapping[str, bool]) -> None:
         """What the last health check found: each engine up or not, each served model

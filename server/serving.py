@@ -55,7 +55,12 @@ class FusionService:
     def __init__(self, config: AppConfig, models: list[SourceModel], metrics: Metrics) -> None:
         self.config = config
         self.models = {m.name: m for m in models}
-        self.fuser = Fuser(models, window_pieces=config.fusion.window_pieces)
+        self.fuser = Fuser(
+            models,
+            window_pieces=config.fusion.window_pieces,
+            faults=config.fusion.faults.policy(),
+            listener=metrics.fault,
+        )
         self.metrics = metrics
         self.token_texts: dict[str, TokenTexts] = {}  # per model, made when first asked
 

@@ -15,9 +15,9 @@ What it speaks (vLLM's ``entrypoints/scale_out/token_in_token_out``, vLLM >= 0.3
 
 Every failure becomes an ``EngineError`` naming the model and the URL. Connection
 failures, connections closed before an answer and 502/503/504 are retried with back-off
-within a call. A ``Breaker`` records
-that the server is down after a failed call; the engine refuses new requests for a
-back-off period that doubles while it stays down, then probes ``/health`` to rejoin.
+within a call. Whether the server is left out of later requests after a failure is not
+the wire's concern: every engine's model is ejected and probed back the same way
+(``fusion.health``).
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -52,31 +50,6 @@ class ServerError(EngineError):
 _UNENCODABLE = "Out of range float values are not JSON compliant"
 
 
-@dataclass
-class Breaker:
-    """Whether the remote is considered down, and when to try it again."""
-
-    initial: float
-    longest: float
-    down: str | None = None  # the last failure while down
-    retry_at: float = 0.0
-    backoff: float = 0.0
-
-    def fail(self, why: str) -> None:
-        self.backoff = min(self.longest, self.backoff * 2 if self.backoff else self.initial)
-        self.retry_at = time.monotonic() + self.backoff
-        self.down = why
-
-    def ok(self) -> bool:
-        """Mark up; True when this was a recovery."""
-        was_down, self.down, self.backoff = self.down is not None, None, 0.0
-        return was_down
-
-    def wait(self) -> float:
-        """Seconds until the next try is due (0 when up or due)."""
-        return max(0.0, self.retry_at - time.monotonic()) if self.down else 0.0
-
-
 class RemoteVllm:
     """Requests to one vLLM server (one keep-alive ``httpx.AsyncClient``)."""
 
@@ -89,14 +62,12 @@ class RemoteVllm:
         timeout: httpx.Timeout,
         retries: int,
         retry_backoff: float,
-        max_backoff: float,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = name
         self.url = url.rstrip("/")
         self.retries = retries
         self.retry_backoff = retry_backoff
-        self.breaker = Breaker(retry_backoff, max_backoff)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = timeout
         self._http: httpx.AsyncClient | None = httpx.AsyncClient(
@@ -114,16 +85,14 @@ class RemoteVllm:
         return self._http
 
     async def health(self) -> None:
-        """Raise ``EngineError`` unless ``/health`` answers 200 (marks the breaker)."""
+        """Raise ``EngineError`` unless ``/health`` answers 200."""
         try:
             r = await self._client().get("/health", timeout=self._timeout.connect or 5.0)
         except httpx.HTTPError as exc:
-            self.breaker.fail(why(exc))
             raise EngineError(
                 f"engine {self.name}: vLLM at {self.url} is unreachable: {why(exc)}"
             ) from None
         if r.status_code != 200:
-            self.breaker.fail(f"HTTP {r.status_code}")
             raise EngineError(
                 f"engine {self.name}: vLLM at {self.url} is unhealthy (HTTP {r.status_code})"
             )
@@ -134,7 +103,6 @@ class RemoteVllm:
             try:
                 data = json.loads(await r.aread())
             except httpx.HTTPError as exc:
-                self.breaker.fail(why(exc))
                 raise EngineError(f"engine {self.name}: {self.url}{path}: {why(exc)}") from None
             except ValueError:
                 data = None
@@ -161,11 +129,9 @@ class RemoteVllm:
                     raise EngineError(f"engine {self.name}: vLLM: {message(chunk)}")
                 yield chunk
         except httpx.HTTPError as exc:
-            self.breaker.fail(why(exc))
             raise EngineError(
                 f"engine {self.name}: stream from {self.url} broke off: {why(exc)}"
             ) from None
-        self.breaker.fail("a stream ended early")
         raise EngineError(f"engine {self.name}: stream from {self.url} ended without [DONE]")
 
     @asynccontextmanager
@@ -179,12 +145,10 @@ class RemoteVllm:
                 if attempt < self.retries:
                     await asyncio.sleep(self.retry_backoff * 2**attempt)
                     continue
-                self.breaker.fail(why(exc))
                 raise EngineError(
                     f"engine {self.name}: vLLM at {self.url} is unreachable: {why(exc)}"
                 ) from None
             except httpx.HTTPError as exc:  # read timeout, dropped connection
-                self.breaker.fail(why(exc))
                 raise EngineError(f"engine {self.name}: {self.url}{path}: {why(exc)}") from None
             try:
                 if r.status_code in _RETRY_STATUS and attempt < self.retries:
@@ -203,8 +167,6 @@ class RemoteVllm:
         except (ValueError, httpx.HTTPError):
             detail = ""
         what = f"engine {self.name}: {self.url}{path} answered HTTP {r.status_code}: {detail}"
-        if r.status_code in _RETRY_STATUS:  # still unavailable after the retries
-            self.breaker.fail(f"HTTP {r.status_code}")
         if r.status_code >= 500 or _UNENCODABLE in detail:
             return ServerError(what)
         return EngineError(what)

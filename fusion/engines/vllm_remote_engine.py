@@ -24,10 +24,9 @@ sampling under a request's grammar; ``start`` checks with a probe request that i
 longest valid prefix instead.
 
 Faults: a remote that is down, slow, answers 5xx or drops a stream raises ``EngineError``
-(the loop drops the model from that request, the others finish). After a failed call new
-requests are refused at ``open`` for a back-off period that doubles while the remote stays
-down; then a ``/health`` probe (``open``'s, or the server's own ``/health``) lets the model
-rejoin. ``release`` cancels the state's running calls, which closes their connections.
+(the loop drops the model from that request, the others finish); the model is then
+ejected and probed back as any engine's is (``fusion.health``). ``release`` cancels the
+state's running calls, which closes their connections.
 """
 
 from __future__ import annotations
@@ -69,7 +68,6 @@ class VllmRemoteEngine(VllmCalls):
         start_timeout_seconds: float = 600.0,
         retries: int = 2,
         retry_backoff_seconds: float = 0.5,
-        max_backoff_seconds: float = 30.0,
         score_lookahead_tokens: int = LOOKAHEAD_TOKENS,
         transport: httpx.AsyncBaseTransport | None = None,
         trust_remote_code: bool = False,
@@ -90,7 +88,6 @@ class VllmRemoteEngine(VllmCalls):
             "timeout": httpx.Timeout(read_timeout_seconds, connect=connect_timeout_seconds),
             "retries": retries,
             "retry_backoff": retry_backoff_seconds,
-            "max_backoff": max_backoff_seconds,
             "transport": transport,
         }
         self._remote: RemoteVllm | None = None
@@ -191,24 +188,12 @@ class VllmRemoteEngine(VllmCalls):
             await remote.aclose()
 
     async def check_health(self) -> None:
-        remote = self._rv()
-        await remote.health()
-        if remote.breaker.ok():
-            log.info("engine %s: vLLM at %s answers again", self.name, self.url)
+        await self._rv().health()
 
     # -- protocol -----------------------------------------------------------------------
     async def open(
         self, request_id: str, prompt_ids: Sequence[int], room: int | None = None
     ) -> VllmState:
-        breaker = self._rv().breaker
-        if breaker.down is not None:
-            wait = breaker.wait()
-            if wait > 0:
-                raise EngineError(
-                    f"engine {self.name}: vLLM at {self.url} is down "
-                    f"({breaker.down}); next try in {wait:.1f} s"
-                )
-            await self.check_health()  # rejoin, or fail and back off longer
         if not prompt_ids:
             raise EngineError(f"engine {self.name}: empty prompt")
         if self.max_model_len and len(prompt_ids) >= self.max_model_len:

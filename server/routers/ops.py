@@ -82,23 +82,26 @@ def readiness(
 
 
 async def _health(state: ServerState) -> tuple[int, dict[str, Any]]:
-    """``/health``'s status code and body; records ``fusion_engine_up`` and
-    ``fusion_model_available`` on the way."""
+    """``/health``'s status code and body; records ``fusion_engine_up``,
+    ``fusion_model_state`` and ``fusion_model_available`` on the way. An engine whose
+    check fails is ejected (its probe brings it back); an ejected one is not checked."""
     if state.service is None:
+        loading = {m.name: {"state": "loading"} for m in state.config.models}
+        state.metrics.member_states({n: "loading" for n in loading})
         if state.load_error:
-            return 503, {"status": "failed", "error": state.load_error}
-        return 503, {"status": "loading"}
-    engines = await check_engines(state.models, state.health_timeout_seconds)
+            return 503, {"status": "failed", "error": state.load_error, "engines": loading}
+        return 503, {"status": "loading", "engines": loading}
+    members = state.service.fuser.members
+    up = [m for m in state.models if members.health[m.name].ejection is None]
+    for name, why in (await check_engines(up, state.health_timeout_seconds)).items():
+        if why is not None:
+            members.fault(name, f"health check: {why}")
+    report = members.report()
+    engines = {n: None if r["state"] == "up" else str(r["error"]) for n, r in report.items()}
     status, models = readiness(engines, *served_sources(state.service))
     state.metrics.availability({n: why is None for n, why in engines.items()}, models)
-    body = {
-        "status": status,
-        "engines": {
-            n: {"state": "up"} if why is None else {"state": "down", "error": why}
-            for n, why in engines.items()
-        },
-        "models": models,
-    }
+    state.metrics.member_states({n: str(r["state"]) for n, r in report.items()})
+    body = {"status": status, "engines": report, "models": models}
     return (503 if status == "unavailable" else 200), body
 
 

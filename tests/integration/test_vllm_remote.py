@@ -365,14 +365,11 @@ async def test_killing_the_remote_mid_answer_drops_it_and_the_answer_completes(
     assert not outcome.usage["qwen2.5-0.5b"].dropped
     with pytest.raises(EngineError):
         await remote.engine.check_health()
-    with pytest.raises(EngineError, match="is down"):
-        await remote.engine.open("after", [1, 2, 3])
-    # the server comes back (same port): after its back-off the model rejoins, through
-    # the same client whose pooled connections went to the dead server
+    # the server comes back (same port): the model serves again, through the same
+    # client whose pooled connections went to the dead server
     await asyncio.to_thread(vllm_server.start)
     engine = remote.engine
     assert isinstance(engine, VllmRemoteEngine)
-    await asyncio.sleep(engine._rv().breaker.wait())
     st = await engine.open("back", remote.tokenizer.encode_prompt("Count to three."))
     gen = await engine.generate(st, 4, frozenset(), NEVER)
     assert len(gen.ids) == 4

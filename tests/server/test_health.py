@@ -69,13 +69,20 @@ async def test_one_member_of_three_down_keeps_health_200_and_lists_it_down(trio)
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "degraded"
-    assert body["engines"][SMOL] == {"state": "down", "error": "engine process died"}
+    ejected = body["engines"][SMOL]
+    assert ejected["state"] == "ejected" and ejected["since"] <= time.time()
+    assert ejected["error"] == "health check: engine process died"
+    assert 0 <= ejected["retry_in"] <= 1.0  # its first ejection: the probe is due soon
     assert body["engines"][GEMMA] == body["engines"][QWEN] == {"state": "up"}
     assert body["models"] == {"fusion": True, SMOL: False, GEMMA: True, QWEN: True}
     assert gauges(metrics, "fusion_engine_up", "source") == {SMOL: 0, GEMMA: 1, QWEN: 1}
+    states = {(lb["source"], lb["state"]): v for lb, v in samples(metrics, "fusion_model_state")}
+    assert states[(SMOL, "ejected")] == 1 and states[(SMOL, "up")] == 0
+    assert states[(GEMMA, "up")] == 1
     assert gauges(metrics, "fusion_model_available", "model")[SMOL] == 0
     assert gauges(metrics, "fusion_model_available", "model")["fusion"] == 1
-    assert chat.status_code == 200  # the fused model does answer
+    assert chat.status_code == 200  # the fused model does answer, without it
+    assert chat.json()["usage"]["models"][SMOL]["dropped"].startswith("ejected since")
 
 
 async def test_all_members_of_the_fused_model_down_is_503(trio):
@@ -135,10 +142,10 @@ async def test_a_hung_check_health_is_down_within_the_timeout(trio):
         elapsed = time.monotonic() - started
     assert elapsed < 3  # the hang lasts forever; the answer comes after the 0.2 s bound
     assert r.status_code == 200
-    assert r.json()["engines"][GEMMA] == {
-        "state": "down",
-        "error": "check_health did not answer within 0.2 s",
-    }
+    assert r.json()["engines"][GEMMA]["state"] == "ejected"
+    assert r.json()["engines"][GEMMA]["error"] == (
+        "health check: check_health did not answer within 0.2 s"
+    )
     assert r.json()["models"][GEMMA] is False and r.json()["models"]["fusion"] is True
     await asyncio.wait_for(cancelled.wait(), 1)  # the hung check is not left running
 
@@ -181,10 +188,19 @@ async def test_loading_is_503_and_live_is_200_meanwhile(trio):
         health = await http.get("/health")
         live = await http.get("/live")
         metrics = await http.get("/metrics")
-    assert health.status_code == 503 and health.json() == {"status": "loading"}
+    assert health.status_code == 503
+    loading = {"state": "loading"}
+    assert health.json() == {
+        "status": "loading",
+        "engines": {SMOL: loading, GEMMA: loading, QWEN: loading},
+    }
     assert live.status_code == 200 and live.json() == {"status": "alive"}
     assert metrics.status_code == 200
     assert not samples(metrics.text, "fusion_model_available")
+    states = {
+        (lb["source"], lb["state"]): v for lb, v in samples(metrics.text, "fusion_model_state")
+    }
+    assert states[(QWEN, "loading")] == 1 and states[(QWEN, "up")] == 0
 
 
 async def test_loading_failed_is_503_with_the_reason_and_live_stays_200():
@@ -221,3 +237,23 @@ async def test_live_asks_no_engine_and_needs_no_key(trio):
         live = await http.get("/live")
         assert live.status_code == 200 and calls == []
         assert (await http.get("/health")).status_code == 200 and len(calls) == 3
+
+
+async def test_an_ejected_engine_is_probed_back_and_health_shows_it_up_again(trio):
+    models = trio()
+    check = models[0].engine.check_health
+    models[0].engine.check_health = died
+    async with serve(create_app(config(), models=models)) as http:
+        assert (await http.get("/health")).json()["engines"][SMOL]["state"] == "ejected"
+        models[0].engine.check_health = check  # its probe (check, one token) now passes
+        for _ in range(60):
+            body = (await http.get("/health")).json()
+            if body["engines"][SMOL] == {"state": "up"}:
+                break
+            await asyncio.sleep(0.05)
+        assert body["status"] == "ok" and body["engines"][SMOL] == {"state": "up"}
+        metrics = (await http.get("/metrics")).text
+        chat = await http.post("/v1/chat/completions", json=CHAT)
+    assert gauges(metrics, "fusion_model_returns_total", "source") == {SMOL: 1}
+    assert gauges(metrics, "fusion_model_ejections_total", "source") == {SMOL: 1}
+    assert "dropped" not in chat.json()["usage"]["models"][SMOL]

@@ -1,0 +1,237 @@
+"""Deadlines, ejection and return of source models (fusion/health.py, fusion/members.py),
+against the scripted engine: a model is late by its own usual time, not its peers'."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from fusion.engine import EngineError
+from fusion.health import CallTimes, FaultPolicy, MemberHealth
+from fusion.loop import Fuser, FusionError
+from fusion.types import FusionOutcome, FusionParams, Prompt
+
+CHAT = Prompt(messages=({"role": "user", "content": "Say it."},))
+SCRIPT = "The cat sat on the mat and looked at the dog."
+FAST = FaultPolicy(
+    deadline_floor_seconds=0.2,
+    deadline_factor=5.0,
+    warmup_calls=3,
+    eject_seconds=0.3,
+    max_eject_seconds=1.0,
+    probe_timeout_seconds=0.5,
+)
+
+
+class Events(list[tuple[str, str]]):
+    def __call__(self, event: str, name: str) -> None:
+        self.append((event, name))
+
+
+async def answer(fuser: Fuser, **params: object) -> tuple[FusionOutcome, float]:
+    outcome = FusionOutcome()
+    started = time.perf_counter()
+    async for _ in fuser.run(CHAT, FusionParams(**params), outcome):  # type: ignore[arg-type]
+        pass
+    return outcome, time.perf_counter() - started
+
+
+class Hangs:
+    """An engine whose model work (generate, score, commit: not open, which may wait in
+    line for room) hangs while ``hung`` is set, like a paused process."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.hung = inner, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def _wait(self) -> None:
+        if self.hung:
+            await asyncio.sleep(60)
+
+    async def generate(self, *args, **kw):
+        await self._wait()
+        return await self.inner.generate(*args, **kw)
+
+    async def score(self, *args, **kw):
+        await self._wait()
+        return await self.inner.score(*args, **kw)
+
+    async def commit(self, *args, **kw):
+        await self._wait()
+        return await self.inner.commit(*args, **kw)
+
+
+def trio(make_model, delays=(0.0, 0.0, 0.0)):
+    import dataclasses
+
+    names = ("smollm2-135m", "gemma3-270m", "qwen2.5-0.5b")
+    models = [make_model(n, SCRIPT, delay=d) for n, d in zip(names, delays)]
+    return [dataclasses.replace(m, engine=Hangs(m.engine)) for m in models]
+
+
+async def test_a_hung_model_costs_its_own_deadline_then_is_ejected_and_skipped(make_model):
+    models = trio(make_model, delays=(0.0, 0.01, 0.0))
+    events = Events()
+    fuser = Fuser(models, faults=FAST, listener=events)
+    await answer(fuser)  # learns each model's usual times
+    models[1].engine.hung = True  # (its step timeout is the default: none)
+    outcome, took = await answer(fuser)
+    assert outcome.text == SCRIPT
+    assert "deadline" in (outcome.usage["gemma3-270m"].dropped or "")
+    assert took < 2.0  # the floor (0.2 s), not the hang
+    assert events[:2] == [("dropped_late", "gemma3-270m"), ("ejected", "gemma3-270m")]
+    assert fuser.members.report()["gemma3-270m"]["state"] == "ejected"
+    # the next request leaves it out at once: no call waits for it
+    outcome, took = await answer(fuser)
+    assert outcome.usage["gemma3-270m"].dropped.startswith("ejected since")
+    assert took < 1.0
+    await fuser.close()
+
+
+async def test_an_ejected_model_returns_after_its_probe_answers(make_model):
+    models = trio(make_model)
+    events = Events()
+    fuser = Fuser(models, faults=FAST, listener=events)
+    await answer(fuser)
+    models[2].engine.hung = True
+    await answer(fuser)
+    await asyncio.sleep(FAST.eject_seconds + 0.2)  # one probe, which times out: longer out
+    assert fuser.members.report()["qwen2.5-0.5b"]["state"] == "ejected"
+    models[2].engine.hung = False
+    for _ in range(40):
+        if fuser.members.report()["qwen2.5-0.5b"]["state"] == "up":
+            break
+        await asyncio.sleep(0.05)
+    assert events[-1] == ("returned", "qwen2.5-0.5b")
+    assert [e for e, n in events].count("ejected") == 1  # logged and counted once
+    outcome, _ = await answer(fuser)
+    assert outcome.usage["qwen2.5-0.5b"].dropped is None
+    assert outcome.usage["qwen2.5-0.5b"].generated_tokens > 0
+    await fuser.close()
+
+
+async def test_a_model_slower_than_its_peers_but_as_usual_is_never_dropped(make_model):
+    """A deadline relative to the peers would eject a healthy slow member: here one takes
+    30 times as long as the others (past the floor), every step, and stays."""
+    models = trio(make_model, delays=(0.0, 0.0, 0.03))
+    policy = FaultPolicy(deadline_floor_seconds=0.01, deadline_factor=3.0, warmup_calls=2)
+    events = Events()
+    fuser = Fuser(models, faults=policy, listener=events)
+    for _ in range(3):
+        outcome, _ = await answer(fuser)
+        assert not [u.dropped for u in outcome.usage.values() if u.dropped]
+    assert events == []
+
+
+async def test_load_that_slows_every_model_alike_drops_none(make_model):
+    """Every model 8 times slower than it was (a burst of load on a shared machine):
+    past each one's own deadline, but its peers were as late, so nobody is dropped."""
+    models = trio(make_model, delays=(0.01, 0.01, 0.01))
+    policy = FaultPolicy(deadline_floor_seconds=0.01, deadline_factor=3.0, warmup_calls=2)
+    events = Events()
+    fuser = Fuser(models, faults=policy, listener=events)
+    await answer(fuser)
+    for m in models:
+        m.engine.inner.delay = 0.08
+    outcome, _ = await answer(fuser)
+    assert not [u.dropped for u in outcome.usage.values() if u.dropped]
+    assert events == []
+
+
+async def test_the_same_model_slowed_alone_is_dropped(make_model):
+    """The counterpart of the test above: one model 8 times slower, its peers as usual."""
+    models = trio(make_model, delays=(0.01, 0.01, 0.01))
+    policy = FaultPolicy(deadline_floor_seconds=0.01, deadline_factor=3.0, warmup_calls=2)
+    fuser = Fuser(models, faults=policy)
+    await answer(fuser)
+    models[0].engine.inner.delay = 0.08
+    outcome, _ = await answer(fuser)
+    assert "deadline" in (outcome.usage["smollm2-135m"].dropped or "")
+    await fuser.close()
+
+
+class FailsEveryOtherCall:
+    """An engine whose every other generate or score fails, like a flapping server."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _flap(self) -> None:
+        self.calls += 1
+        if self.calls % 2 == 0:
+            raise EngineError("HTTP 500 on purpose")
+
+    async def generate(self, *args, **kw):
+        self._flap()
+        return await self.inner.generate(*args, **kw)
+
+    async def score(self, *args, **kw):
+        self._flap()
+        return await self.inner.score(*args, **kw)
+
+
+async def test_a_model_failing_every_other_call_is_ejected_longer_and_no_request_fails(
+    make_model,
+):
+    import dataclasses
+
+    models = trio(make_model)
+    flapping = FailsEveryOtherCall(models[1].engine)
+    models[1] = dataclasses.replace(models[1], engine=flapping)
+    policy = FaultPolicy(eject_seconds=0.05, max_eject_seconds=0.4, probe_timeout_seconds=0.5)
+    events = Events()
+    fuser = Fuser(models, faults=policy, listener=events)
+    backoffs = []
+    for _ in range(12):
+        outcome, _ = await answer(fuser)
+        assert outcome.text == SCRIPT  # never fails
+        backoffs.append(fuser.members.health["gemma3-270m"].backoff)
+        await asyncio.sleep(0.05)
+    assert ("ejected", "gemma3-270m") in events
+    assert max(backoffs) > policy.eject_seconds  # it came back, failed again: out longer
+    await fuser.close()
+
+
+async def test_a_model_alone_past_its_deadline_is_an_error_not_a_hang(make_model):
+    [model] = trio(make_model)[2:]
+    fuser = Fuser([model], faults=FAST)
+    await answer(fuser)
+    model.engine.hung = True
+    started = time.perf_counter()
+    with pytest.raises(FusionError, match="deadline"):
+        await answer(fuser)
+    assert time.perf_counter() - started < 2.0
+    with pytest.raises(FusionError, match="ejected since"):  # at once, while ejected
+        await answer(fuser)
+    await fuser.close()
+
+
+def test_usual_time_is_a_high_percentile_per_unit_after_warmup():
+    times = CallTimes(window=10)
+    times.observe("score", 10, 1.0)
+    assert times.usual("score", 10, warmup=2) is None
+    for _ in range(8):
+        times.observe("score", 10, 1.0)
+    times.observe("score", 1, 5.0)  # one outlier of ten: above the 90th percentile's rank
+    assert times.usual("score", 20, warmup=2) == pytest.approx(2.0)
+    assert times.usual("generate", 20, warmup=2) is None  # kinds are separate
+
+
+def test_ejections_double_while_flapping_and_start_afresh_once_forgiven():
+    policy = FaultPolicy(eject_seconds=1.0, max_eject_seconds=3.0, forgive_seconds=0.05)
+    h = MemberHealth(policy)
+    assert h.fault("x") and h.backoff == 1.0
+    assert not h.fault("y") and h.backoff == 2.0  # the probe failed: longer
+    h.restore()
+    assert h.fault("z") and h.backoff == 3.0  # failed again soon after return: capped
+    assert h.report()["error"] == "z"
+    h.restore()
+    time.sleep(0.06)
+    assert h.fault("w") and h.backoff == 1.0
