@@ -127,13 +127,15 @@ async def probe(m: SourceModel, timeout: float) -> None:
     ``timeout`` seconds (a hung engine may still answer a health check)."""
 
     async def once() -> None:
-        await m.engine.check_health()
         ids = m.tokenizer.encode_prompt("Hello")
         state = await m.engine.open(f"probe-{uuid.uuid4().hex}-{m.name}", ids, 1)
         try:
             await m.engine.generate(state, 1, frozenset(), lambda _: False)
         finally:
             await asyncio.shield(m.engine.release(state))
+        # after the token: an engine that marks itself broken after failures (the
+        # transformers engine) is healthy again once model work succeeds
+        await m.engine.check_health()
 
     try:
         await asyncio.wait_for(once(), timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings
 
 from fusion.models import ChatTemplate, SourceModel
 from fusion.sources import resolve_source
@@ -17,6 +19,12 @@ from server.config import load_config
 from tests.fixtures import extra_tokenizers
 from tests.fusion.fake_engine import ScriptedEngine
 from tokenizers_align import TokenizerAdapter
+
+# Property tests draw the same examples on every run (CI must not fail on one machine's
+# luck); HYPOTHESIS_PROFILE=explore draws new ones, to look for what they have not seen.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SCRIPT = "The cat sat on the mat. It was warm."
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"

@@ -59,9 +59,13 @@ PIECES = [
 # everything past U+3FFFF (its byte vocabulary lacks the UTF-8 lead bytes F1-F4).
 # U+FFFD itself is left out too: decoders emit it for an incomplete UTF-8 sequence, so a
 # text that contains it cannot be told apart from one cut in the middle of a character.
+# And U+2581 (▁), SentencePiece's space symbol: Gemma's, Llama-2's and Mistral's
+# tokenizers encode a space as it, so a literal one decodes as a space (a scan of every
+# character up to U+3FFFF between two letters finds no other that a tokenizer here
+# cannot give back).
 CHARS = st.characters(
     blacklist_categories=("Cs", "Cc", "Cn", "Co"),
-    blacklist_characters="\ufffd",
+    blacklist_characters="\ufffd\u2581",
     max_codepoint=0x3FFFF,
 )
 texts = st.lists(
