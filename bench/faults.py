@@ -13,7 +13,8 @@ One run, two set-ups, never both at once (the machine has 2 cores):
    - paused: the member hangs ~0.3 s into the request (``--pause proxy``: the proxy holds
      every request and byte, connections open; ``--pause sigstop``: SIGSTOP to vLLM's
      process group) and is resumed when the answer is back;
-   - slowed: the proxy makes each of its exchanges take 10x as long.
+   - slowed: the proxy makes each of its exchanges take 2x as long (within the deadline
+     factor, 5: it should stay), then 10x (beyond it: it should be dropped).
 
    After a fault the next case waits until ``/health`` says the member is up (at most
    60 s); "back after" is that wait, from the resume (or the end of the slowing).
@@ -71,7 +72,7 @@ PROMPTS = [
     "def fibonacci(n):",
 ]
 PAUSE_AFTER = 0.3  # seconds into the request: the member hangs mid-answer
-SLOW_FACTOR = 10.0
+SLOW_FACTORS = (2.0, 10.0)  # within the deadline factor (5), and beyond it
 BACK_WITHIN = 60.0
 TIMEOUT = 600.0
 Hook = Callable[[], None]
@@ -174,13 +175,13 @@ def paused(url: str, max_tokens: int, how: str, pause: Hook, resume: Hook) -> Sa
     return Sample(f"paused ({how})", took, status, dropped, fired.is_set(), wait_up(url))
 
 
-def slowed(url: str, max_tokens: int, proxy: FaultProxy) -> Sample:
-    proxy.slow(SLOW_FACTOR)
+def slowed(url: str, max_tokens: int, proxy: FaultProxy, factor: float) -> Sample:
+    proxy.slow(factor)
     try:
         took, status, dropped = ask(url, max_tokens)
     finally:
         proxy.pass_through()
-    return Sample(f"slowed {SLOW_FACTOR:g}x", took, status, dropped, back_s=wait_up(url))
+    return Sample(f"slowed {factor:g}x", took, status, dropped, back_s=wait_up(url))
 
 
 def fault_rounds(
@@ -193,10 +194,11 @@ def fault_rounds(
         took, status, dropped = ask(url, args.max_tokens)
         samples.append(Sample("normal", took, status, dropped, faulted=False))
         samples.append(paused(url, args.max_tokens, args.pause, pause, resume))
-        samples.append(slowed(url, args.max_tokens, proxy))
+        for factor in SLOW_FACTORS:
+            samples.append(slowed(url, args.max_tokens, proxy, factor))
         print(
             f"  round {r + 1}/{args.rounds}: "
-            + ", ".join(f"{s.case} {s.seconds:.2f} s" for s in samples[-3:]),
+            + ", ".join(f"{s.case} {s.seconds:.2f} s" for s in samples[-2 - len(SLOW_FACTORS) :]),
             file=sys.stderr,
         )
     return samples

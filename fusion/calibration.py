@@ -169,6 +169,8 @@ def nll_samples(segments: Sequence[Segment]) -> dict[str, dict[str, list[float]]
     in fused steps, split into its own candidates and the others'."""
     out: dict[str, dict[str, list[float]]] = {}
     for seg in segments:
+        if seg.step != "fused":  # gated and filtered steps score no candidate
+            continue
         for c in seg.candidates:
             if len(c.perplexities) < 2 or "fusion" in c.proposers:
                 continue

@@ -19,6 +19,11 @@ class EngineError(RuntimeError):
     """A source model's engine failed (the request may go on without that model)."""
 
 
+class RequestRejected(EngineError):
+    """The engine refused this request's input (a remote's 4xx): the model is fine, the
+    request goes on without it, and other requests keep it."""
+
+
 # The most likely tokens at one position, (token id, log-prob), most likely first.
 TopLogprobs = tuple[tuple[int, float], ...]
 

@@ -97,17 +97,31 @@ class MemberHealth:
     def state(self) -> MemberState:
         return "up" if self.ejection is None else "ejected"
 
-    def fault(self, why: str) -> bool:
-        """Eject (or, while ejected, extend the ejection); True when newly ejected."""
-        p = self.policy
+    def fault(self, why: str, since: float | None = None) -> bool:
+        """Eject after a fault of a call that started at ``since`` (monotonic); True when
+        newly ejected. While ejected, or for a call that started before the model's
+        return, only the reason changes: every request that was waiting on the model
+        reports the same fault, which is one."""
         now = time.monotonic()
-        if self.ejection is None and now - self.returned_at > p.forgive_seconds:
+        e = self.ejection
+        if e is not None or (since is not None and since < self.returned_at):
+            if e is not None:
+                self.ejection = Ejection(e.since, why, e.retry_at)
+            return False
+        if now - self.returned_at > self.policy.forgive_seconds:
             self.backoff = 0.0  # up long enough: a fault starts the back-off afresh
+        self._eject(why, time.time(), now)
+        return True
+
+    def probe_failed(self, why: str) -> None:
+        """The probe found the model still broken: eject it for twice as long."""
+        since = self.ejection.since if self.ejection is not None else time.time()
+        self._eject(why, since, time.monotonic())
+
+    def _eject(self, why: str, since: float, now: float) -> None:
+        p = self.policy
         self.backoff = min(p.max_eject_seconds, self.backoff * 2 or p.eject_seconds)
-        fresh = self.ejection is None
-        since = time.time() if self.ejection is None else self.ejection.since
         self.ejection = Ejection(since, why, now + self.backoff)
-        return fresh
 
     def restore(self) -> None:
         self.ejection = None

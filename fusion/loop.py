@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Sequence
 
-from fusion.gate import gate_leader, gated
+from fusion.gate import filtered, gate_leader, gated, unscored
 from fusion.grammar import AnswerGrammar, MemberGrammar, Vocabularies
 from fusion.health import FaultListener, FaultPolicy
 from fusion.logprobs import prompt_logprobs, segment_logprobs
@@ -51,8 +51,12 @@ class Fuser:
         window_pieces: int = 4,
         faults: FaultPolicy | None = None,
         listener: FaultListener | None = None,
+        shortcuts: bool = True,
     ) -> None:
+        """``shortcuts=False`` scores every fused step's candidates even where the filters
+        alone decide the winner (same answers, more work: for tests that show it)."""
         self.members = Members(models, window_pieces, faults, listener)
+        self.shortcuts = shortcuts
         self.models = self.members.models
         self.vocabularies = Vocabularies()  # per member, for grammars
 
@@ -203,6 +207,9 @@ class Fuser:
         run.clock.lap("generate")
         if not candidates:
             return None
+        decided = filtered(run, candidates) if self.shortcuts else None
+        if decided is not None:  # no score could change the winner
+            return await unscored(members, run, candidates, *decided, "filtered")
         # 2. every model scores every candidate
         scored, logprobs = await score_all(members, run, candidates)
         # 3. the policy chooses (the paper's: the lowest mean perplexity)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from fusion.engine import EngineError, StateHandle
+from fusion.engine import EngineError, RequestRejected, StateHandle
 from fusion.health import CallTimes, FaultEvent, FaultListener, FaultPolicy, MemberHealth, probe
 from fusion.models import SourceModel
 from fusion.run import FusionError, Run, prompt_ids, room
@@ -130,17 +130,21 @@ class Members:
         run: Run,
         work: Callable[[SourceModel], Awaitable[T]],
         bounded_by_step: bool = True,
-        kind: str = "call",
+        kind: Callable[[SourceModel], str] | str = "call",
         units: Callable[[SourceModel], int] | int = 1,
+        done: Callable[[SourceModel, T], int] | None = None,
     ) -> dict[str, T]:
         """Run ``work(model)`` for every active model concurrently; drop models that fail
-        or, ``bounded_by_step``, miss their deadline (a call of ``kind`` over ``units`` of
-        work: ``fusion.health``); their late results are discarded."""
+        or, ``bounded_by_step``, miss their deadline (a call of ``kind`` over at most
+        ``units`` of work, 0: none, such as a proposal made already; ``fusion.health``);
+        their late results are discarded. ``done`` counts the work a result did, when it
+        may be less than ``units`` (a segment that ended early)."""
         models = list(run.models)
         calls = []
         for m in models:
             size = units(m) if callable(units) else units
-            calls.append(_Call(m, kind, size, self.inflight.get(m.name, 0), work(m)))
+            what = kind(m) if callable(kind) else kind
+            calls.append(_Call(m, what, size, self.inflight.get(m.name, 0), work(m)))
             self.inflight[m.name] = self.inflight.get(m.name, 0) + 1
         try:
             late = await self._until_done_or_late(calls, bounded_by_step)
@@ -155,17 +159,21 @@ class Members:
         for c in calls:
             m = c.model
             if m.name in late:
-                self.drop(run, m, EngineError(late[m.name]), fault="dropped_late")
+                self.drop(run, m, EngineError(late[m.name]), fault="dropped_late", since=c.at)
                 continue
             exc = c.task.exception()
             if exc is None:
                 out[m.name] = c.task.result()
-                if bounded_by_step:
-                    self.times[m.name].observe(kind, c.units, c.took())
-            elif bounded_by_step:
-                self.drop(run, m, exc, fault="dropped_failed")
+                did = c.units if done is None else done(m, out[m.name])
+                if bounded_by_step and c.units and did:
+                    # per call of its own: time spent behind the calls it found running
+                    # is counted once, by ``queued`` at the deadline
+                    self.times[m.name].observe(c.kind, did, c.took() / c.queued)
             else:
-                self.drop(run, m, exc)
+                # a request the engine refused (its input) says nothing of the model; a
+                # failure while opening (waiting in line, not bounded) neither
+                fault = bounded_by_step and not isinstance(exc, RequestRejected)
+                self.drop(run, m, exc, fault="dropped_failed", since=c.at, eject=fault)
         if not run.models:
             raise FusionError(
                 "every source model failed: "
@@ -201,14 +209,21 @@ class Members:
 
     def _limit(self, c: _Call, calls: list[_Call], pending: dict[str, _Call]) -> tuple[float, str]:
         """When ``c`` is late (perf_counter) and why: its step timeout, and its deadline
-        once no peer is still running, scaled by how much slower than usual they were."""
+        once a peer has finished (or it has none), scaled by how much slower than usual
+        the finished peers were. Until then a slow step may be everyone's."""
         m, p = c.model, self.policy
         hard = math.inf if m.step_timeout is None else c.started + m.step_timeout
         hard_why = f"engine {m.name}: no answer within its step timeout ({m.step_timeout} s)"
         usual = self.times[m.name].usual(c.kind, c.units, p.warmup_calls)
-        if usual is None or any(n != m.name for n in pending):
+        if usual is None and c.kind in ("first", "answer"):
+            # until such calls are known: as if every token were generated (generous:
+            # reading the prompt costs far less per token)
+            usual = self.times[m.name].usual("generate", c.units, p.warmup_calls)
+        peers = [x for x in calls if x is not c and x.units]
+        finished = [x for x in peers if x.model.name not in pending]
+        if usual is None or not c.units or (peers and not finished):
             return hard, hard_why
-        load = max([1.0, *(x.slowdown(self.times, p.warmup_calls) for x in calls if x is not c)])
+        load = max([1.0, *(x.slowdown(self.times, p.warmup_calls) for x in finished)])
         allowed = max(p.deadline_floor_seconds, p.deadline_factor * usual * c.queued * load)
         if c.started + allowed >= hard:
             return hard, hard_why
@@ -219,9 +234,16 @@ class Members:
         return c.started + allowed, why
 
     def drop(
-        self, run: Run, m: SourceModel, exc: BaseException, fault: FaultEvent | None = None
+        self,
+        run: Run,
+        m: SourceModel,
+        exc: BaseException,
+        fault: FaultEvent | None = None,
+        since: float | None = None,
+        eject: bool = True,
     ) -> None:
-        """Drop ``m`` from the request; a ``fault`` (late or failed call) also ejects it."""
+        """Drop ``m`` from the request; a ``fault`` (a late or failed call, started at
+        ``since``, monotonic) is counted and, with ``eject``, ejects it."""
         if not isinstance(exc, Exception):
             raise exc
         why = str(exc) or type(exc).__name__
@@ -235,29 +257,42 @@ class Members:
             run.releases.append(self.start_release(m.name, state))
         if fault is not None:
             self._notify(fault, m.name)
-            self.fault(m.name, why)
+            if eject:
+                self.fault(m.name, why, since)
 
     # -- health across requests ----------------------------------------------------------
     def admit(self, run: Run) -> None:
         """Leave the ejected models out of a new request (recorded in its usage)."""
-        for m in list(run.models):
-            e = self.health[m.name].ejection
+        out = self.ejected([m.name for m in run.models])
+        for name, why in out.items():
+            run.outcome.usage[name].dropped = why
+        run.models = [m for m in run.models if m.name not in out]
+        if not run.models:
+            raise FusionError(unavailable(out))
+
+    def ejected(self, names: Sequence[str]) -> dict[str, str]:
+        """Which of ``names`` are ejected now, with since when and why."""
+        out = {}
+        for name in names:
+            e = self.health[name].ejection
             if e is not None:
                 since = time.strftime("%H:%M:%S", time.gmtime(e.since))
-                run.outcome.usage[m.name].dropped = f"ejected since {since} UTC: {e.why}"
-                run.models = [x for x in run.models if x is not m]
-        if not run.models:
-            raise FusionError(
-                "no source model can answer: "
-                + "; ".join(f"{n}: {u.dropped}" for n, u in run.outcome.usage.items())
-            )
+                out[name] = f"ejected since {since} UTC: {e.why}"
+        return out
 
-    def fault(self, name: str, why: str) -> None:
-        """Eject ``name`` (once; a fault while ejected extends it) and start its probe."""
-        if self.health[name].fault(why):
+    def retry_in(self, names: Sequence[str]) -> int:
+        """Whole seconds until the first of ``names`` is probed again (at least 1)."""
+        now = time.monotonic()
+        waits = [e.retry_at - now for n in names if (e := self.health[n].ejection) is not None]
+        return max(1, math.ceil(min(waits, default=1.0)))
+
+    def fault(self, name: str, why: str, since: float | None = None) -> None:
+        """Eject ``name`` and start its probe (a fault while ejected, or of a call that
+        started before its return, changes nothing but the reason)."""
+        if self.health[name].fault(why, since):
             log.warning("source model %s ejected: %s", name, why)
             self._notify("ejected", name)
-        if name not in self._probes:
+        if name not in self._probes and self.health[name].ejection is not None:
             self._probes[name] = asyncio.ensure_future(self._probe_until_back(name))
 
     async def _probe_until_back(self, name: str) -> None:
@@ -268,7 +303,7 @@ class Members:
                 try:
                     await probe(m, self.policy.probe_timeout_seconds)
                 except Exception as exc:
-                    h.fault(str(exc) or type(exc).__name__)
+                    h.probe_failed(str(exc) or type(exc).__name__)
                     continue
                 h.restore()
                 log.warning("source model %s is back (its probe answered)", name)
@@ -301,6 +336,7 @@ class _Call:
         self.model, self.kind, self.units = model, kind, units
         self.queued = 1 + queued  # its own and the calls it found running on the model
         self.started = time.perf_counter()
+        self.at = time.monotonic()
         self.ended: float | None = None
         self.task: asyncio.Future[Any] = asyncio.ensure_future(work)
 
@@ -313,6 +349,11 @@ class _Call:
         if self.ended is None or not usual or self.task.cancelled() or self.task.exception():
             return 1.0
         return self.took() / (usual * self.queued)
+
+
+def unavailable(ejected: dict[str, str]) -> str:
+    """Why a request has no model to answer it."""
+    return "no source model can answer: " + "; ".join(f"{n}: {w}" for n, w in ejected.items())
 
 
 def _forget(task: asyncio.Future[Any]) -> None:

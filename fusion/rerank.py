@@ -64,7 +64,17 @@ async def rerank(members: Members, run: Run, fused: FusedAnswer | None) -> Segme
             grammar=run.answer_grammar,
         )
 
-    candidates = proposed(run, await members.each(run, one, kind="answer", units=params.max_tokens))
+    def prefill(m: SourceModel) -> int:
+        return run.outcome.usage[m.name].prompt_tokens
+
+    answers = await members.each(
+        run,
+        one,
+        kind="answer",
+        units=lambda m: prefill(m) + params.max_tokens,
+        done=lambda m, p: prefill(m) + max(1, p.generated),
+    )
+    candidates = proposed(run, answers)
     run.clock.lap("generate")
     scored, logprobs = await score_all(members, run, candidates)
     run.clock.lap("score")

@@ -166,9 +166,44 @@ def vetoed(
     return tuple(veto(c) for c in candidates)
 
 
-def unsupported(c: Scored, min_support: int, leader: str | None) -> bool:
-    """Consensus: fewer than ``min_support`` models proposed ``c``, and the leader did not."""
-    return len(c.proposers) < min_support and (leader is None or leader not in c.proposers)
+def unsupported(proposers: Sequence[str], min_support: int, leader: str | None) -> bool:
+    """Consensus: fewer than ``min_support`` models proposed a candidate, and the leader
+    was not one of them."""
+    return len(proposers) < min_support and (leader is None or leader not in proposers)
+
+
+def excluded_unscored(
+    text: str, proposers: Sequence[str], policy: SelectionPolicy, answer: str
+) -> bool:
+    """The filters that read no score: consensus and the repetition guard."""
+    return unsupported(proposers, policy.min_support, policy.leader) or (
+        policy.repetition_limit > 0
+        and repeats(answer, text, policy.repetition_ngram) >= policy.repetition_limit
+    )
+
+
+def settled(
+    candidates: Sequence[tuple[str, Sequence[str]]], policy: SelectionPolicy, answer: str = ""
+) -> tuple[int, tuple[bool, ...]] | None:
+    """The candidate ``select`` chooses whatever the scores, and which the filters exclude;
+    None when the scores decide. That is when the filters that read no score leave one
+    candidate (``(text, proposers)``) and the leader's veto cannot exclude it: the veto is
+    off, the leader proposed nothing, or the candidate is the leader's own (which its veto
+    never excludes: its rate is the leader's own, unless a margin is negative)."""
+    excluded = tuple(excluded_unscored(t, ps, policy, answer) for t, ps in candidates)
+    allowed = [i for i, out in enumerate(excluded) if not out]
+    if len(allowed) != 1:
+        return None  # several to compare, or none (then every candidate is compared)
+    index = allowed[0]
+    leader = policy.leader
+    veto_on = leader is not None and (
+        policy.leader_margin is not None or policy.leader_excess is not None
+    )
+    leader_proposed = any(leader in ps for _, ps in candidates)
+    negative = any(m is not None and m < 0 for m in (policy.leader_margin, policy.leader_excess))
+    if veto_on and leader_proposed and (negative or leader not in candidates[index][1]):
+        return None
+    return index, excluded
 
 
 def leader_ppl(c: Scored, leader: str, mode: PplMode = "mean") -> float:
@@ -238,12 +273,7 @@ def select(
     scores = tuple(s for s, _ in scored)
     veto = vetoed(candidates, policy.leader, policy.leader_margin, policy.leader_excess)
     excluded = tuple(
-        veto[i]
-        or unsupported(c, policy.min_support, policy.leader)
-        or (
-            policy.repetition_limit > 0
-            and repeats(answer, c.text, policy.repetition_ngram) >= policy.repetition_limit
-        )
+        veto[i] or excluded_unscored(c.text, c.proposers, policy, answer)
         for i, c in enumerate(candidates)
     )
     if all(excluded):

@@ -52,7 +52,31 @@ async def propose_all(
             alone=len(run.models) == 1,
         )
 
-    got = await members.each(run, one, kind="generate", units=cap)
+    # a model's first generation in the run also reads its prompt (prefill): its own
+    # kind of call, sized by the prompt too; models that proposed already, or were not
+    # asked (the gate's others), do no work
+    fresh = {m.name: run.outcome.usage[m.name].generated_tokens == 0 for m in run.models}
+    prefill = {
+        m.name: run.outcome.usage[m.name].prompt_tokens if fresh[m.name] else 0 for m in run.models
+    }
+
+    def units(m: SourceModel) -> int:
+        if m.name in known or (only is not None and m is not only):
+            return 0
+        return prefill[m.name] + cap
+
+    def done(m: SourceModel, p: Proposal | None) -> int:
+        if p is None or m.name in known:
+            return 0
+        return prefill[m.name] + max(1, p.generated - p.reused)
+
+    got = await members.each(
+        run,
+        one,
+        kind=lambda m: "first" if fresh[m.name] else "generate",
+        units=units,
+        done=done,
+    )
     made = {n: p for n, p in got.items() if p is not None and n not in known}
     proposed(run, made)
     return group(p for m in run.models if (p := got.get(m.name)) is not None)
@@ -109,8 +133,10 @@ async def score_all(
         got = dict(zip(todo, scores))
         return [got[i] if lp is None else list(lp) for i, lp in enumerate(own)]
 
-    def units(m: SourceModel) -> int:
-        return sum(len(ids_for(m, c)) for c in candidates)
+    def units(m: SourceModel) -> int:  # what it scores (its own candidate it knows)
+        if grammar_scored:
+            return sum(len(ids_for(m, c)) for c in candidates)
+        return sum(len(ids_for(m, c)) for c in candidates if own_logprobs(c, m.name) is None)
 
     per_model = await members.each(run, one, kind="score", units=units)
     scored: list[ScoredCandidate] = []

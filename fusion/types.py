@@ -14,8 +14,10 @@ Method = Literal["cool", "cool_shortest", "rerank", "cool_rerank"]
 METHODS: tuple[Method, ...] = ("cool", "cool_shortest", "rerank", "cool_rerank")
 PplMode = Literal["mean", "sum"]
 FinishReason = Literal["stop", "length"]
-# how a step chose its segment: among several candidates, or the leader's alone (its gate)
-StepKind = Literal["fused", "gated"]
+# how a step chose its segment. "gated": the leader wrote alone (its gate); "fused":
+# several proposed and were scored; "filtered": several proposed, and the filters left one
+# that could win, taken without scoring
+StepKind = Literal["fused", "gated", "filtered"]
 Rule = Literal["mean_ppl", "weighted", "zscore", "packllm", "leader", "gate"]
 RULES: tuple[Rule, ...] = ("mean_ppl", "weighted", "zscore", "packllm", "leader", "gate")
 FallbackRule = Literal["mean_ppl", "weighted", "zscore", "packllm", "leader"]

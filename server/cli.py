@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fusion.loop import Fuser
+from fusion.models import SourceModel
 from fusion.sources import SourceError
 from fusion.types import (
     METHODS,
@@ -172,13 +173,20 @@ def _print_trace(seg: Segment) -> None:
         print(line, file=sys.stderr)
 
 
+def _fuser(config: AppConfig, models: list[SourceModel]) -> Fuser:
+    """The fused model as the server runs it (its faults policy included)."""
+    return Fuser(
+        models, window_pieces=config.fusion.window_pieces, faults=config.fusion.faults.policy()
+    )
+
+
 async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
     from server.engines import load_models, shutdown_models
 
     selection = _selection(config, args)  # a bad --rule/--leader fails before loading
     models = await load_models(config)
+    fuser = _fuser(config, models)
     try:
-        fuser = Fuser(models, window_pieces=config.fusion.window_pieces)
         params = FusionParams(
             method=args.method or config.fusion.method,
             max_tokens=args.max_tokens,
@@ -206,6 +214,7 @@ async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     finally:
+        await fuser.close()
         await shutdown_models(models)
     return 0
 
@@ -248,8 +257,8 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
             print(f"fusion-server: --data {args.data}: {exc}", file=sys.stderr)
             return 2
     models = await load_models(config)
+    fuser = _fuser(config, models)
     try:
-        fuser = Fuser(models, window_pieces=config.fusion.window_pieces)
         rec, lines = await calibrate(
             fuser,
             [m.name for m in models],
@@ -262,6 +271,7 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
             progress=lambda line: logging.getLogger("calibrate").info("%s", line),
         )
     finally:
+        await fuser.close()
         await shutdown_models(models)
     print("\n".join(lines), file=sys.stderr)
     print("\nwhy:\n" + "\n".join(f"  {r}" for r in rec.reasons), file=sys.stderr)

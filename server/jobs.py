@@ -58,7 +58,7 @@ def trace_of(seg: Segment) -> dict[str, Any]:
         "index": seg.index,
         "text": seg.text,
         "winner": seg.winner,
-        "step": seg.step,  # "gated": the leader wrote alone; "fused": several candidates
+        "step": seg.step,  # "gated" (the leader alone), "fused" (scored) or "filtered"
         "rule": seg.rule,
         "cut_to_nothing": list(seg.cut_to_nothing),  # by the grammar: dropped
         "step_ms": round(seg.step_seconds * 1000, 1),

@@ -162,22 +162,23 @@ class Metrics:
         )
         self.policy_steps = Counter(
             "fusion_policy_steps",
-            "Cool steps per selection policy: gated (the leader alone) or fused",
+            "Cool steps per selection policy: gated (the leader alone), fused (scored) or "
+            "filtered (the filters left one candidate that could win: not scored)",
             ["policy", "step"],
             registry=r,
         )
         self.sources: dict[str, SourceStats] = {}
         self.fused_segments = 0
-        self.policies: dict[str, dict[str, int]] = {}  # policy -> {"gated": n, "fused": n}
+        self.policies: dict[str, dict[str, int]] = {}  # policy -> {step kind: n}
 
     def segment(self, model: str, method: str, seg: Segment, policy: str | None = None) -> None:
         self.segments.labels(model, method).inc()
         self.wins.labels(seg.winner).inc()
         self.step.observe(seg.step_seconds)
         fused = bool(seg.candidates) and len(seg.candidates[0].perplexities) > 1
-        if seg.step == "gated" or fused:  # a lone model's steps are neither
+        if seg.step != "fused" or fused:  # a lone model's steps are none of them
             name = policy or seg.rule
-            counts = self.policies.setdefault(name, {"gated": 0, "fused": 0})
+            counts = self.policies.setdefault(name, {"gated": 0, "fused": 0, "filtered": 0})
             counts[seg.step] += 1
             self.policy_steps.labels(name, seg.step).inc()
         if fused:

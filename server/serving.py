@@ -21,12 +21,13 @@ from pydantic import ValidationError
 from fusion.engine import Sampling
 from fusion.grammar import GrammarSpec
 from fusion.loop import Fuser, FusionError
+from fusion.members import unavailable
 from fusion.models import SourceModel
 from fusion.tools import ToolCall
 from fusion.types import FusionParams, Prompt, Segment, SelectionPolicy
 from server import request_fields
 from server.config import AppConfig, SelectionConfig, VariantConfig
-from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound
+from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound, Unavailable
 from server.jobs import Choice, Job, chunk, tool_call_chunk, tool_calls
 from server.logprobs import LogprobsAsk, TokenTexts
 from server.metrics import Metrics
@@ -443,6 +444,14 @@ class FusionService:
                     c.prompt.messages or c.prompt.text,
                     c.outcome.text,
                 )
+
+    def check_available(self, job: Job) -> None:
+        """503 before anything is sent (a stream's 200 included) when every model the
+        request names is ejected."""
+        names = [m.name for m in self.fuser.select(job.choices[0].params.models)]
+        out = self.fuser.members.ejected(names)
+        if names and len(out) == len(names):
+            raise Unavailable(unavailable(out), retry_after=self.fuser.members.retry_in(out))
 
     async def run_all(self, job: Job) -> None:
         async def one(choice: Choice) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from fusion.engine import EngineError
+from fusion.engine import EngineError, RequestRejected
 
 GENERATE = "/inference/v1/generate"
 _RETRY_STATUS = frozenset({502, 503, 504})
@@ -169,7 +169,9 @@ class RemoteVllm:
         what = f"engine {self.name}: {self.url}{path} answered HTTP {r.status_code}: {detail}"
         if r.status_code >= 500 or _UNENCODABLE in detail:
             return ServerError(what)
-        return EngineError(what)
+        if r.status_code in (401, 403, 404, 408, 429):  # the server's state, not the input's
+            return EngineError(what)
+        return RequestRejected(what)
 
 
 def cached_tokens(answer: dict[str, Any]) -> int | None:

@@ -124,6 +124,7 @@ async def answer(
     """Admit ``job``, run it and answer: ``body`` makes the JSON answer, ``stream_events``
     the event stream (chat and completions objects by default; /v1/responses gives its
     own, server/routers/responses.py)."""
+    service.check_available(job)
     permit = await state.admission.acquire(len(job.choices), single=job.single)
     admitted = _Admitted(state, service, job, endpoint, permit)
     if job.stream:

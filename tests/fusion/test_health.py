@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fusion.engine import EngineError
+from fusion.engine import EngineError, RequestRejected
 from fusion.health import CallTimes, FaultPolicy, MemberHealth
 from fusion.loop import Fuser, FusionError
 from fusion.types import FusionOutcome, FusionParams, Prompt
@@ -228,10 +228,79 @@ def test_ejections_double_while_flapping_and_start_afresh_once_forgiven():
     policy = FaultPolicy(eject_seconds=1.0, max_eject_seconds=3.0, forgive_seconds=0.05)
     h = MemberHealth(policy)
     assert h.fault("x") and h.backoff == 1.0
-    assert not h.fault("y") and h.backoff == 2.0  # the probe failed: longer
+    # more requests report the same fault: one ejection, not a longer one
+    assert not h.fault("x again") and h.backoff == 1.0 and h.report()["error"] == "x again"
+    h.probe_failed("y")
+    assert h.backoff == 2.0 and h.report()["error"] == "y"  # the probe failed: longer
     h.restore()
+    started_before = time.monotonic() - 1.0
+    assert not h.fault("late call of before", since=started_before)  # not a new fault
+    assert h.state == "up"
     assert h.fault("z") and h.backoff == 3.0  # failed again soon after return: capped
     assert h.report()["error"] == "z"
     h.restore()
     time.sleep(0.06)
     assert h.fault("w") and h.backoff == 1.0
+
+
+class RefusesOnce:
+    """An engine that refuses one generate's input, as a remote answers 400."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.refused = inner, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def generate(self, *args, **kw):
+        if not self.refused:
+            self.refused = True
+            raise RequestRejected("HTTP 400: this prompt, not the model")
+        return await self.inner.generate(*args, **kw)
+
+
+async def test_a_refused_request_drops_the_model_from_it_alone_and_ejects_nothing(make_model):
+    import dataclasses
+
+    models = trio(make_model)
+    models[0] = dataclasses.replace(models[0], engine=RefusesOnce(models[0].engine))
+    events = Events()
+    fuser = Fuser(models, faults=FAST, listener=events)
+    outcome, _ = await answer(fuser)
+    assert "HTTP 400" in (outcome.usage["smollm2-135m"].dropped or "")
+    assert events == [("dropped_failed", "smollm2-135m")]  # counted, not ejected
+    assert fuser.members.report()["smollm2-135m"] == {"state": "up"}
+    outcome, _ = await answer(fuser)  # the next request has it
+    assert outcome.usage["smollm2-135m"].dropped is None
+    await fuser.close()
+
+
+async def test_two_hung_models_are_dropped_at_their_deadlines_once_the_third_answers(make_model):
+    models = trio(make_model)
+    fuser = Fuser(models, faults=FAST)
+    await answer(fuser)
+    models[0].engine.hung = models[1].engine.hung = True
+    outcome, took = await answer(fuser)
+    assert outcome.text == SCRIPT
+    for name in ("smollm2-135m", "gemma3-270m"):
+        assert "deadline" in (outcome.usage[name].dropped or "")
+    assert took < 2.0  # not the hang (60 s)
+    await fuser.close()
+
+
+async def test_calls_that_do_no_work_teach_no_usual_time(make_model):
+    """Under the gate a confident leader writes alone: the others are not asked, and
+    their instant non-answers must not make their usual time zero."""
+    from fusion.types import SelectionPolicy
+
+    models = trio(make_model)
+    fuser = Fuser(models, faults=FAST)
+    gate = SelectionPolicy("gate", leader="qwen2.5-0.5b")
+    for _ in range(4):
+        outcome, _ = await answer(fuser, selection=gate)
+        assert outcome.usage["smollm2-135m"].generated_tokens == 0  # never asked
+    times = fuser.members.times
+    assert times["smollm2-135m"].usual("generate", 1, warmup=1) is None
+    assert times["smollm2-135m"].usual("first", 1, warmup=1) is None
+    assert times["qwen2.5-0.5b"].usual("generate", 1, warmup=1) is not None
+    await fuser.close()

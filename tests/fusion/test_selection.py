@@ -10,7 +10,7 @@ import math
 from dataclasses import replace
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusion.selection import (
@@ -22,6 +22,7 @@ from fusion.selection import (
     packllm_weights,
     repeats,
     select,
+    settled,
     vetoed,
     weighted,
     zscore,
@@ -260,3 +261,65 @@ def test_ties_go_to_the_first_candidate():
 def test_select_needs_candidates():
     with pytest.raises(ValueError):
         select([])
+
+
+# -- settled: the winner the filters alone decide ------------------------------------------
+MODELS = ("x", "y", "z")
+TEXTS = (" the mat.", " the rug.", " the mat. the mat.", " a")
+
+
+@st.composite
+def steps(draw):
+    """A step: each model proposes one of a few texts or nothing, every model scores
+    every candidate anyhow, under any policy with filters."""
+    texts = draw(st.lists(st.sampled_from(TEXTS), min_size=1, max_size=3, unique=True))
+    owner = {m: draw(st.sampled_from([None, *range(len(texts))])) for m in MODELS}
+    owner["x"] = 0 if owner["x"] is None else owner["x"]  # someone proposed something
+    lps = st.lists(st.floats(-15.0, 0.0), min_size=1, max_size=4).map(tuple)
+    candidates = [
+        Scored(t, ps, False, tuple((m, draw(lps)) for m in MODELS))
+        for i, t in enumerate(texts)
+        if (ps := tuple(m for m in MODELS if owner[m] == i))
+    ]
+    margin = st.one_of(st.none(), st.floats(0.0, 3.0))
+    policy = SelectionPolicy(
+        draw(st.sampled_from(["mean_ppl", "weighted", "leader", "gate"])),
+        leader=draw(st.sampled_from([None, *MODELS])),
+        min_support=draw(st.integers(1, 3)),
+        repetition_limit=draw(st.integers(0, 2)),
+        repetition_ngram=draw(st.integers(1, 3)),
+    )
+    if policy.leader is not None:
+        policy = replace(policy, leader_margin=draw(margin), leader_excess=draw(margin))
+    answer = draw(st.sampled_from(["", " the mat.", " the mat. the mat. the rug."]))
+    return candidates, policy, answer
+
+
+@settings(max_examples=400)
+@given(steps())
+def test_settled_names_the_candidate_select_chooses_whatever_the_scores(step):
+    candidates, policy, answer = step
+    decided = settled([(c.text, c.proposers) for c in candidates], policy, answer)
+    chosen = select(candidates, policy, answer=answer)
+    if decided is not None:
+        assert decided == (chosen.index, chosen.excluded)
+
+
+def test_consensus_settles_a_step_where_the_others_disagree():
+    policy = SelectionPolicy("weighted", leader="z", min_support=2)
+    split = [(" mat.", ("z",)), (" rug.", ("x",)), (" sofa.", ("y",))]
+    assert settled(split, policy) == (0, (False, True, True))
+    agreeing = [(" mat.", ("z",)), (" rug.", ("x", "y"))]
+    assert settled(agreeing, policy) is None  # the weak pair may overrule: scores decide
+    assert settled(split, replace(policy, min_support=1)) is None  # no filter: scores decide
+
+
+def test_a_settled_step_needs_the_leaders_veto_unable_to_exclude_the_winner():
+    policy = SelectionPolicy("weighted", leader="z", min_support=2, leader_margin=0.5)
+    split = [(" mat.", ("z",)), (" rug.", ("x",))]
+    assert settled(split, policy) == (0, (False, True))  # the leader's own: never vetoed
+    guard = SelectionPolicy("weighted", repetition_limit=1, repetition_ngram=1)
+    # the leader's repeats a word, so the other's is left; with the veto on, the veto
+    # may exclude that one too, and then the scores of all decide
+    assert settled(split, replace(guard, leader="z"), " mat.") == (1, (True, False))
+    assert settled(split, replace(guard, leader="z", leader_margin=0.5), " mat.") is None

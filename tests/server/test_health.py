@@ -257,3 +257,23 @@ async def test_an_ejected_engine_is_probed_back_and_health_shows_it_up_again(tri
     assert gauges(metrics, "fusion_model_returns_total", "source") == {SMOL: 1}
     assert gauges(metrics, "fusion_model_ejections_total", "source") == {SMOL: 1}
     assert "dropped" not in chat.json()["usage"]["models"][SMOL]
+
+
+async def test_a_request_for_an_ejected_model_alone_is_a_503_streamed_or_not(trio):
+    """Before the stream starts: a client sees the status, not a 200 and then an error."""
+    models = trio()
+    models[0].engine.check_health = died  # ejected by the first health check, and its
+    # probe keeps it out (the check runs after the probe's token)
+    async with serve(create_app(config(), models=models)) as http:
+        assert (await http.get("/health")).json()["engines"][SMOL]["state"] == "ejected"
+        alone = {**CHAT, "model": SMOL}
+        plain = await http.post("/v1/chat/completions", json=alone)
+        streamed = await http.post("/v1/chat/completions", json={**alone, "stream": True})
+        fused = await http.post("/v1/chat/completions", json=CHAT)
+    for r in (plain, streamed):
+        assert r.status_code == 503, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        assert "ejected since" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+    assert fused.status_code == 200  # the others answer
+    assert fused.json()["usage"]["models"][SMOL]["dropped"].startswith("ejected since")

@@ -115,7 +115,7 @@ async def test_gated_steps_show_in_the_trace_and_the_stats(client, make_model):
         stats = (await http.get("/v1/fusion/stats")).json()
     segs = r.json()["choices"][0]["fusion"]["segments"]
     assert {s["step"] for s in segs} == {"gated"}
-    assert stats["policies"]["gate"] == {"gated": len(segs), "fused": 0}
+    assert stats["policies"]["gate"] == {"gated": len(segs), "fused": 0, "filtered": 0}
     assert (
         stats["policies"]["mean_ppl"]["gated"] == 0 and stats["policies"]["mean_ppl"]["fused"] > 0
     )
