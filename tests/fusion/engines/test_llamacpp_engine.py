@@ -948,14 +948,20 @@ def test_concurrent_requests_wait_for_kv_room_instead_of_losing_a_model():
     assert free == [512, 512]  # every reservation given back
 
 
-def test_the_shipped_default_gate_runs_gated_and_fused_steps_without_losing_a_model(
-    llama_models,
+@pytest.mark.parametrize("shortcuts", [True, False])
+def test_the_shipped_default_gate_runs_every_kind_of_step_without_losing_a_model(
+    llama_models, shortcuts
 ):
     """The default selection (config.yaml: the consensus gate) on llama.cpp, through the
     loop: gated steps commit the leader's segment to members that made no call in that
-    step (issue 21, item 1, where stale branches corrupted the cache), fused steps score
-    under every model; no decode fails, so no model is dropped."""
+    step (issue 21, item 1, where stale branches corrupted the cache), filtered steps
+    commit after every member generated but none scored, fused steps score under every
+    model; no decode fails, so no model is dropped. With every step scored, each step
+    the filters would have decided was won by the candidate they name (issue 24: the
+    shortcut changes no choice; checked step by step, as two whole greedy answers on two
+    cache paths may round apart)."""
     from fusion.loop import Fuser
+    from fusion.selection import settled
     from fusion.types import FusionOutcome, FusionParams, Prompt
     from server.config import load_config
 
@@ -971,18 +977,31 @@ def test_the_shipped_default_gate_runs_gated_and_fused_steps_without_losing_a_mo
         outcome = FusionOutcome()
         params = FusionParams(max_tokens=48, selection=policy)
         prompt = Prompt(messages=({"role": "user", "content": text},))
-        segments = [s async for s in Fuser(models).run(prompt, params, outcome)]
+        fuser = Fuser(models, shortcuts=shortcuts)
+        segments = [s async for s in fuser.run(prompt, params, outcome)]
+        await fuser.close()
         return segments, outcome
 
     async def run_all():
         return await asyncio.gather(*(one(p) for p in prompts))
 
     steps = set()
+    decided = 0
     for segments, outcome in asyncio.run(run_all()):
         assert outcome.text.strip()
         assert not [u.dropped for u in outcome.usage.values() if u.dropped]
         steps |= {s.step for s in segments}
-    assert steps == {"gated", "fused"}
+        answer = ""
+        for s in segments:
+            named = settled([(c.text, c.proposers) for c in s.candidates], policy, answer)
+            if s.step == "fused" and named is not None and len(s.candidates) > 1:
+                decided += 1
+                assert s.winner in s.candidates[named[0]].proposers
+            answer += s.text
+    if shortcuts:
+        assert {"gated", "filtered"} <= steps and decided == 0
+    else:
+        assert steps == {"gated", "fused"} and decided > 0
 
 
 def test_packllm_with_a_request_that_fills_the_cache_does_not_wait_on_itself():

@@ -1,0 +1,169 @@
+"""What the default fused model costs against its leader alone, and what skipping the
+scoring the filters make useless saves (issue 24, part 0), side by side in one run.
+
+One process, ``config.yaml``'s models and fused model (llama.cpp, greedy), requests built
+by the server's own ``FusionService`` (as ``make serve`` answers them). Per prompt, in
+turn, so machine noise hits all alike: the leader alone (``model: qwen2.5-0.5b``), the
+default ``fusion`` with every fused step scored, and ``fusion`` as served (steps that the
+filters decide are taken without scoring). Chat prompts and completions prompts; time per
+output character, each system's ratio to the leader alone, the steps by kind, and whether
+the two ``fusion`` runs wrote the same text (they must).
+
+    .venv/bin/python bench/cost.py                    # 2 rounds
+    .venv/bin/python bench/cost.py --rounds 1 --chat-tokens 32 --completion-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server.config import load_config
+from server.engines import load_models, shutdown_models
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.serving import FusionService
+
+CHAT = [
+    "Explain in a short paragraph why the sky is blue.",
+    "What are three tips for staying focused while studying?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+    "clips in May. How many clips did Natalia sell altogether in April and May?",
+]
+COMPLETIONS = [
+    "Once upon a time, in a small village by the sea, there lived",
+    "def fibonacci(n):\n    ",
+]
+SYSTEMS = ("leader alone", "fusion, every step scored", "fusion (served)")
+
+
+@dataclass
+class Tally:
+    seconds: float = 0.0
+    chars: int = 0
+    answers: int = 0
+    steps: Counter[str] = field(default_factory=Counter)
+
+    def per_char(self) -> float:
+        return self.seconds / max(1, self.chars)
+
+
+async def one(service: FusionService, job_of: Any, shortcuts: bool) -> tuple[float, str, Counter]:
+    service.fuser.shortcuts = shortcuts
+    job = job_of()
+    choice = job.choices[0]
+    kinds: Counter[str] = Counter()
+    started = time.perf_counter()
+    async for seg in service.segments(job, choice):
+        kinds[seg.step] += 1
+    return time.perf_counter() - started, choice.outcome.text, kinds
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="config.yaml")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--chat-tokens", type=int, default=96)
+    ap.add_argument("--completion-tokens", type=int, default=64)
+    ap.add_argument("--json", type=Path, default=Path("bench/results/cost.json"))
+    args = ap.parse_args()
+    config = load_config(args.config)
+    models = await load_models(config)
+    service = FusionService(config, models, Metrics())
+    fused = config.fusion.name
+    leader = config.fusion.selection.leader or models[0].name
+    tallies = {(kind, s): Tally() for kind in ("chat", "completions") for s in SYSTEMS}
+    differ: list[str] = []
+    rows = []
+    try:
+        for r in range(args.rounds):
+            for kind, prompts in (("chat", CHAT), ("completions", COMPLETIONS)):
+                for text in prompts:
+
+                    def job_of(model: str, kind: str = kind, text: str = text) -> Any:
+                        if kind == "chat":
+                            req = ChatCompletionRequest(
+                                model=model,
+                                messages=[{"role": "user", "content": text}],
+                                max_tokens=args.chat_tokens,
+                                temperature=0,
+                            )
+                            return service.chat_job(req)
+                        req2 = CompletionRequest(
+                            model=model,
+                            prompt=text,
+                            max_tokens=args.completion_tokens,
+                            temperature=0,
+                        )
+                        return service.completion_job(req2)
+
+                    texts = {}
+                    for system, model, shortcuts in (
+                        (SYSTEMS[0], leader, True),
+                        (SYSTEMS[1], fused, False),
+                        (SYSTEMS[2], fused, True),
+                    ):
+                        secs, out, kinds = await one(service, lambda m=model: job_of(m), shortcuts)
+                        t = tallies[(kind, system)]
+                        t.seconds += secs
+                        t.chars += len(out)
+                        t.answers += 1
+                        t.steps += kinds
+                        texts[system] = out
+                        rows.append(
+                            {"round": r, "kind": kind, "prompt": text[:40], "system": system}
+                            | {"seconds": secs, "chars": len(out), "steps": dict(kinds)}
+                        )
+                    if texts[SYSTEMS[1]] != texts[SYSTEMS[2]]:
+                        differ.append(f"{kind}: {text[:40]!r}")
+                    print(
+                        f"  round {r + 1} {kind} {text[:30]!r}: "
+                        + ", ".join(
+                            f"{s} {x['seconds']:.2f} s" for s, x in zip(SYSTEMS, rows[-3:])
+                        ),
+                        file=sys.stderr,
+                    )
+    finally:
+        await service.fuser.close()
+        await shutdown_models(models)
+
+    print(f"\n{args.config}: leader {leader}; {args.rounds} rounds, greedy")
+    print(
+        "| prompts | system | answers | s per 1000 chars | x leader alone "
+        "| steps: gated / filtered / fused |"
+    )
+    print("|---|---|---|---|---|---|")
+    for kind in ("chat", "completions"):
+        base = tallies[(kind, SYSTEMS[0])].per_char()
+        for s in SYSTEMS:
+            t = tallies[(kind, s)]
+            steps = (
+                "-"
+                if s == SYSTEMS[0]
+                else (f"{t.steps['gated']} / {t.steps['filtered']} / {t.steps['fused']}")
+            )
+            print(
+                f"| {kind} | {s} | {t.answers} | {1000 * t.per_char():.2f} | "
+                f"{t.per_char() / base:.2f} | {steps} |"
+            )
+    print(f"\nfused texts that differ with and without the shortcut: {len(differ)}")
+    for d in differ:
+        print(f"- {d}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}))
+    print(f"\ncommand: {shlex.join(['.venv/bin/python', *sys.argv])}")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
