@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from fusion.members import Members
 from fusion.models import SourceModel
 from fusion.run import Candidate, Run, Step
-from fusion.selection import settled
+from fusion.selection import rule_for, settled
 from fusion.steps import score_all
 from fusion.types import ScoredCandidate, StepKind, perplexity
 
@@ -82,6 +82,6 @@ async def unscored(
     lead = win.proposals[0]
     score = dict(trace[index].perplexities).get(lead.model, trace[index].mean_perplexity)
     trace[index] = dataclasses.replace(trace[index], score=score)
-    policy = run.params.selection
-    rule = policy.gate_fallback if policy.rule == "gate" else policy.rule
+    # the rule that would have judged the scores (they could not change the winner)
+    rule = rule_for(run.params.selection, {m.name for m in run.models})
     return Step(win, tuple(trace), kind, "gate" if kind == "gated" else rule)

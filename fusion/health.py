@@ -92,6 +92,7 @@ class MemberHealth:
         self.ejection: Ejection | None = None
         self.backoff = 0.0
         self.returned_at = -math.inf  # monotonic
+        self.refusals = 0  # its requests refused in a row (Members.each)
 
     @property
     def state(self) -> MemberState:

@@ -22,6 +22,9 @@ from tokenizers_align import IncrementalCodec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# refused requests in a row (a remote's 4xx) that eject a model: every request's input
+# cannot be wrong, so the model (its server, its version) is
+REFUSALS_TO_EJECT = 3
 
 
 class Members:
@@ -133,18 +136,24 @@ class Members:
         kind: Callable[[SourceModel], str] | str = "call",
         units: Callable[[SourceModel], int] | int = 1,
         done: Callable[[SourceModel, T], int] | None = None,
+        at_least: Callable[[SourceModel], tuple[str, int]] | None = None,
     ) -> dict[str, T]:
         """Run ``work(model)`` for every active model concurrently; drop models that fail
         or, ``bounded_by_step``, miss their deadline (a call of ``kind`` over at most
         ``units`` of work, 0: none, such as a proposal made already; ``fusion.health``);
         their late results are discarded. ``done`` counts the work a result did, when it
-        may be less than ``units`` (a segment that ended early)."""
+        may be less than ``units`` (a segment that ended early); ``at_least``: a call of
+        another kind over other units that this call takes at least as long as (a
+        request's first generation: generating its tokens, whatever its prompt)."""
         models = list(run.models)
         calls = []
         for m in models:
             size = units(m) if callable(units) else units
             what = kind(m) if callable(kind) else kind
-            calls.append(_Call(m, what, size, self.inflight.get(m.name, 0), work(m)))
+            floor = at_least(m) if at_least is not None else None
+            work_done = (lambda r, m=m: done(m, r)) if done is not None else None
+            call = _Call(m, what, size, self.inflight.get(m.name, 0), work(m), work_done, floor)
+            calls.append(call)
             self.inflight[m.name] = self.inflight.get(m.name, 0) + 1
         try:
             late = await self._until_done_or_late(calls, bounded_by_step)
@@ -164,16 +173,21 @@ class Members:
             exc = c.task.exception()
             if exc is None:
                 out[m.name] = c.task.result()
-                did = c.units if done is None else done(m, out[m.name])
-                if bounded_by_step and c.units and did:
-                    # per call of its own: time spent behind the calls it found running
-                    # is counted once, by ``queued`` at the deadline
-                    self.times[m.name].observe(c.kind, did, c.took() / c.queued)
+                if bounded_by_step and c.units:  # model work answered (not an open)
+                    self.health[m.name].refusals = 0
+                if bounded_by_step and c.units and c.did():
+                    # the whole call, time behind the calls it found running included: an
+                    # engine that batches them (vLLM) takes about as long alone
+                    self.times[m.name].observe(c.kind, c.did(), c.took())
+            elif isinstance(exc, RequestRejected) and bounded_by_step:
+                # the request's input, not the model; unless every request is refused
+                h = self.health[m.name]
+                h.refusals += 1
+                eject = h.refusals >= REFUSALS_TO_EJECT
+                self.drop(run, m, exc, fault="dropped_failed", since=c.at, eject=eject)
             else:
-                # a request the engine refused (its input) says nothing of the model; a
-                # failure while opening (waiting in line, not bounded) neither
-                fault = bounded_by_step and not isinstance(exc, RequestRejected)
-                self.drop(run, m, exc, fault="dropped_failed", since=c.at, eject=fault)
+                # a failure while opening (waiting in line, not bounded) ejects nothing
+                self.drop(run, m, exc, fault="dropped_failed", since=c.at, eject=bounded_by_step)
         if not run.models:
             raise FusionError(
                 "every source model failed: "
@@ -214,16 +228,12 @@ class Members:
         m, p = c.model, self.policy
         hard = math.inf if m.step_timeout is None else c.started + m.step_timeout
         hard_why = f"engine {m.name}: no answer within its step timeout ({m.step_timeout} s)"
-        usual = self.times[m.name].usual(c.kind, c.units, p.warmup_calls)
-        if usual is None and c.kind in ("first", "answer"):
-            # until such calls are known: as if every token were generated (generous:
-            # reading the prompt costs far less per token)
-            usual = self.times[m.name].usual("generate", c.units, p.warmup_calls)
-        peers = [x for x in calls if x is not c and x.units]
-        finished = [x for x in peers if x.model.name not in pending]
+        usual = self._usual(c)
+        peers = [x for x in calls if x is not c]
+        finished = [x for x in peers if x.model.name not in pending]  # (or had no work)
         if usual is None or not c.units or (peers and not finished):
             return hard, hard_why
-        load = max([1.0, *(x.slowdown(self.times, p.warmup_calls) for x in finished)])
+        load = max([1.0, *(x.slowdown(self._usual(x)) for x in finished if x.units)])
         allowed = max(p.deadline_floor_seconds, p.deadline_factor * usual * c.queued * load)
         if c.started + allowed >= hard:
             return hard, hard_why
@@ -232,6 +242,22 @@ class Members:
             f"{p.deadline_factor:g}x its usual {usual:.2f} s for this {c.kind} call)"
         )
         return c.started + allowed, why
+
+    def _usual(self, c: _Call, units: int | None = None) -> float | None:
+        """What ``c`` usually takes (over ``units``, default its most): the model's
+        recent calls of its kind, and at least its ``at_least`` call; until calls of its
+        kind are known, a first generation or a whole answer borrows the time of its
+        units as generated tokens (generous: reading a prompt costs less per token)."""
+        times, warmup = self.times[c.model.name], self.policy.warmup_calls
+        n = c.units if units is None else units
+        usual = times.usual(c.kind, n, warmup)
+        if usual is None and c.kind in ("first", "answer"):
+            usual = times.usual("generate", n, warmup)
+        if c.at_least is not None and usual is not None:
+            kind, floor_units = c.at_least
+            floor = times.usual(kind, floor_units, warmup)
+            usual = max(usual, floor or 0.0)
+        return usual
 
     def drop(
         self,
@@ -331,10 +357,19 @@ class _Call:
     """One model's call within ``Members.each``: its work, size and timing."""
 
     def __init__(
-        self, model: SourceModel, kind: str, units: int, queued: int, work: Awaitable[Any]
+        self,
+        model: SourceModel,
+        kind: str,
+        units: int,
+        queued: int,
+        work: Awaitable[Any],
+        done: Callable[[Any], int] | None = None,
+        at_least: tuple[str, int] | None = None,
     ) -> None:
         self.model, self.kind, self.units = model, kind, units
         self.queued = 1 + queued  # its own and the calls it found running on the model
+        self.at_least = at_least
+        self._done = done
         self.started = time.perf_counter()
         self.at = time.monotonic()
         self.ended: float | None = None
@@ -343,12 +378,19 @@ class _Call:
     def took(self) -> float:
         return (self.ended or time.perf_counter()) - self.started
 
-    def slowdown(self, times: dict[str, CallTimes], warmup: int) -> float:
-        """How much slower than usual this finished call was (1 when unknown)."""
-        usual = times[self.model.name].usual(self.kind, self.units, warmup)
-        if self.ended is None or not usual or self.task.cancelled() or self.task.exception():
+    def did(self) -> int:
+        """The work its result did (its ``units`` unless told; 0 before a result)."""
+        if not self.task.done() or self.task.cancelled() or self.task.exception():
+            return 0
+        return self.units if self._done is None else self._done(self.task.result())
+
+    def slowdown(self, usual: float | None) -> float:
+        """How much slower than ``usual`` (for all its units) this finished call was,
+        for the work it did (1 when unknown)."""
+        did = self.did()
+        if self.ended is None or not usual or not did:
             return 1.0
-        return self.took() / (usual * self.queued)
+        return self.took() / (usual * did / max(1, self.units) * self.queued)
 
 
 def unavailable(ejected: dict[str, str]) -> str:

@@ -227,25 +227,28 @@ def packllm_weights(prompt_nll: Mapping[str, float], temperature: float = 1.0) -
     return {n: exps.get(n, 0.0) / total for n in prompt_nll}
 
 
+def rule_for(policy: SelectionPolicy, scorers: set[str]) -> Rule:
+    """The rule that judges candidates scored by ``scorers`` under ``policy``: the gate's
+    fallback; the paper's mean where the leader, or any calibration, is missing."""
+    rule = policy.gate_fallback if policy.rule == "gate" else policy.rule
+    if rule == "leader" and (policy.leader is None or policy.leader not in scorers):
+        return "mean_ppl"  # the leader is not taking part (a subset, or it was dropped)
+    if rule == "zscore" and not scorers & {n for n, _ in policy.calibration}:
+        return "mean_ppl"
+    return rule
+
+
 def _score(
     c: Scored,
-    rule: Rule,
     policy: SelectionPolicy,
     mode: PplMode,
     prompt_weights: Mapping[str, float] | None,
 ) -> tuple[float, Rule]:
-    names = {n for n, _ in c.logprobs}
-    if rule == "gate":
-        rule = policy.gate_fallback
-    if rule == "leader" and policy.leader not in names:
-        rule = "mean_ppl"  # the leader is not taking part (a subset, or it was dropped)
+    rule = rule_for(policy, {n for n, _ in c.logprobs})
     if rule == "weighted":
         return weighted(c, dict(policy.weights), policy.aggregate, mode), rule
     if rule == "zscore":
-        stats = dict(policy.calibration)
-        if names & set(stats):
-            return zscore(c, stats, dict(policy.weights), mode), rule
-        rule = "mean_ppl"
+        return zscore(c, dict(policy.calibration), dict(policy.weights), mode), rule
     if rule == "packllm":
         return weighted(c, prompt_weights or {}, "nll", mode), rule
     if rule == "leader" and policy.leader is not None:
@@ -269,7 +272,7 @@ def select(
     """
     if not candidates:
         raise ValueError("select() needs at least one candidate")
-    scored = [_score(c, policy.rule, policy, mode, prompt_weights) for c in candidates]
+    scored = [_score(c, policy, mode, prompt_weights) for c in candidates]
     scores = tuple(s for s, _ in scored)
     veto = vetoed(candidates, policy.leader, policy.leader_margin, policy.leader_excess)
     excluded = tuple(

@@ -76,6 +76,9 @@ async def propose_all(
         kind=lambda m: "first" if fresh[m.name] else "generate",
         units=units,
         done=done,
+        # a first generation takes at least what generating its tokens takes, however
+        # short its prompt (a rate learned on long prompts is mostly reading)
+        at_least=lambda m: ("generate", cap),
     )
     made = {n: p for n, p in got.items() if p is not None and n not in known}
     proposed(run, made)

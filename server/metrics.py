@@ -175,7 +175,9 @@ class Metrics:
         self.segments.labels(model, method).inc()
         self.wins.labels(seg.winner).inc()
         self.step.observe(seg.step_seconds)
-        fused = bool(seg.candidates) and len(seg.candidates[0].perplexities) > 1
+        # scored by several models (a lone model's steps are "fused" with one)
+        fused = seg.step == "fused" and bool(seg.candidates)
+        fused = fused and len(seg.candidates[0].perplexities) > 1
         if seg.step != "fused" or fused:  # a lone model's steps are none of them
             name = policy or seg.rule
             counts = self.policies.setdefault(name, {"gated": 0, "fused": 0, "filtered": 0})

@@ -15,6 +15,7 @@ answer in time counts as down. The body is written down in ``docs/DEPLOYMENT.md`
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
@@ -93,9 +94,10 @@ async def _health(state: ServerState) -> tuple[int, dict[str, Any]]:
         return 503, {"status": "loading", "engines": loading}
     members = state.service.fuser.members
     up = [m for m in state.models if members.health[m.name].ejection is None]
+    asked = time.monotonic()
     for name, why in (await check_engines(up, state.health_timeout_seconds)).items():
         if why is not None:
-            members.fault(name, f"health check: {why}")
+            members.fault(name, f"health check: {why}", since=asked)
     report = members.report()
     engines = {n: None if r["state"] == "up" else str(r["error"]) for n, r in report.items()}
     status, models = readiness(engines, *served_sources(state.service))

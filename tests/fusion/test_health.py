@@ -243,18 +243,19 @@ def test_ejections_double_while_flapping_and_start_afresh_once_forgiven():
     assert h.fault("w") and h.backoff == 1.0
 
 
-class RefusesOnce:
-    """An engine that refuses one generate's input, as a remote answers 400."""
+class Refuses:
+    """An engine that refuses the input of its next ``n`` generates, as a remote
+    answers 400."""
 
-    def __init__(self, inner) -> None:
-        self.inner, self.refused = inner, False
+    def __init__(self, inner, n: int) -> None:
+        self.inner, self.n = inner, n
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     async def generate(self, *args, **kw):
-        if not self.refused:
-            self.refused = True
+        if self.n > 0:
+            self.n -= 1
             raise RequestRejected("HTTP 400: this prompt, not the model")
         return await self.inner.generate(*args, **kw)
 
@@ -263,7 +264,7 @@ async def test_a_refused_request_drops_the_model_from_it_alone_and_ejects_nothin
     import dataclasses
 
     models = trio(make_model)
-    models[0] = dataclasses.replace(models[0], engine=RefusesOnce(models[0].engine))
+    models[0] = dataclasses.replace(models[0], engine=Refuses(models[0].engine, 1))
     events = Events()
     fuser = Fuser(models, faults=FAST, listener=events)
     outcome, _ = await answer(fuser)
@@ -303,4 +304,39 @@ async def test_calls_that_do_no_work_teach_no_usual_time(make_model):
     assert times["smollm2-135m"].usual("generate", 1, warmup=1) is None
     assert times["smollm2-135m"].usual("first", 1, warmup=1) is None
     assert times["qwen2.5-0.5b"].usual("generate", 1, warmup=1) is not None
+    await fuser.close()
+
+
+async def test_a_model_that_refuses_every_request_is_ejected_after_three(make_model):
+    import dataclasses
+
+    models = trio(make_model)
+    models[0] = dataclasses.replace(models[0], engine=Refuses(models[0].engine, 99))
+    events = Events()
+    fuser = Fuser(models, faults=FAST, listener=events)
+    for _ in range(3):
+        outcome, _ = await answer(fuser)
+        assert "HTTP 400" in (outcome.usage["smollm2-135m"].dropped or "")
+    assert events == [("dropped_failed", "smollm2-135m")] * 3 + [("ejected", "smollm2-135m")]
+    await fuser.close()
+
+
+async def test_under_the_gate_two_hung_members_are_dropped_once_the_leader_has_proposed(
+    make_model,
+):
+    """The leader proposes first and the others after it: in that second call the
+    leader does no work, and still counts as a peer that has finished."""
+    from fusion.types import SelectionPolicy
+
+    models = trio(make_model)
+    unsure = SelectionPolicy("gate", leader="qwen2.5-0.5b", gate_threshold=0.99)
+    fuser = Fuser(models, faults=FAST)
+    await answer(fuser, selection=unsure)
+    await answer(fuser, selection=unsure)
+    models[0].engine.hung = models[1].engine.hung = True
+    outcome, took = await answer(fuser, selection=unsure)
+    assert outcome.text == SCRIPT
+    for name in ("smollm2-135m", "gemma3-270m"):
+        assert "deadline" in (outcome.usage[name].dropped or "")
+    assert took < 2.0  # not the hang (60 s)
     await fuser.close()

@@ -1,6 +1,7 @@
 """Fused steps the filters decide are taken without scoring (issue 24, part 0): the same
 requests with and without the shortcut give the same texts and winners, against scripted
-engines (real tokenizers); the real models' run is in tests/integration."""
+engines (real tokenizers); the real trio's run is in tests/fusion/engines/
+test_llamacpp_engine.py."""
 
 from __future__ import annotations
 

@@ -272,16 +272,21 @@ TEXTS = (" the mat.", " the rug.", " the mat. the mat.", " a")
 def steps(draw):
     """A step: each model proposes one of a few texts or nothing, every model scores
     every candidate anyhow, under any policy with filters."""
-    texts = draw(st.lists(st.sampled_from(TEXTS), min_size=1, max_size=3, unique=True))
+    # distinct (text, ended) pairs: the same text ended and not is two candidates
+    pairs = st.tuples(st.sampled_from(TEXTS), st.booleans())
+    texts = draw(st.lists(pairs, min_size=1, max_size=3, unique=True))
     owner = {m: draw(st.sampled_from([None, *range(len(texts))])) for m in MODELS}
     owner["x"] = 0 if owner["x"] is None else owner["x"]  # someone proposed something
-    lps = st.lists(st.floats(-15.0, 0.0), min_size=1, max_size=4).map(tuple)
+    # log-probs as engines give them: finite, -inf (a token a model cannot produce), or
+    # none at all (a model that could not score the candidate)
+    lp = st.one_of(st.floats(-15.0, 0.0), st.just(-math.inf))
+    lps = st.lists(lp, min_size=0, max_size=4).map(tuple)
     candidates = [
-        Scored(t, ps, False, tuple((m, draw(lps)) for m in MODELS))
-        for i, t in enumerate(texts)
+        Scored(t, ps, ended, tuple((m, draw(lps)) for m in MODELS))
+        for i, (t, ended) in enumerate(texts)
         if (ps := tuple(m for m in MODELS if owner[m] == i))
     ]
-    margin = st.one_of(st.none(), st.floats(0.0, 3.0))
+    margin = st.one_of(st.none(), st.floats(-1.0, 3.0))  # negative: not from a config
     policy = SelectionPolicy(
         draw(st.sampled_from(["mean_ppl", "weighted", "leader", "gate"])),
         leader=draw(st.sampled_from([None, *MODELS])),
@@ -295,7 +300,7 @@ def steps(draw):
     return candidates, policy, answer
 
 
-@settings(max_examples=400)
+@settings(max_examples=600)
 @given(steps())
 def test_settled_names_the_candidate_select_chooses_whatever_the_scores(step):
     candidates, policy, answer = step

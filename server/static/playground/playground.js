@@ -139,8 +139,8 @@ async function refreshStats() {
     }
     const policies = $("#policies");
     policies.replaceChildren(...Object.entries(stats.policies || {}).map(([name, c]) =>
-      el("li", { title: "Cool steps: gated (the leader alone) / fused (every model)" },
-        `${name}: ${c.gated} gated, ${c.fused} fused steps`)));
+      el("li", { title: "Cool steps: gated (the leader alone) / fused (scored by every model) / filtered (the filters left one candidate: not scored)" },
+        `${name}: ${c.gated} gated, ${c.fused} fused, ${c.filtered || 0} filtered steps`)));
   } catch (_) { /* stats are a nicety; the chat works without them */ }
 }
 
@@ -228,7 +228,9 @@ function segmentSpan(seg, delta, colourOf) {
   const score = best && best.score !== null && best.score !== undefined ? best.score.toFixed(2) : "∞";
   span.title = gated
     ? `gated: ${seg.winner} was sure and wrote alone (perplexity ${score}); ${seg.step_ms} ms`
-    : `won by ${seg.winner} (${seg.rule || "mean_ppl"} score ${score}) over ${seg.candidates.length - 1} other candidate(s); ${seg.step_ms} ms`;
+    : seg.step === "filtered"
+      ? `filtered: ${seg.winner}'s segment was the only one the filters allowed, taken without scoring (${seg.candidates.length - 1} other candidate(s) excluded); ${seg.step_ms} ms`
+      : `won by ${seg.winner} (${seg.rule || "mean_ppl"} score ${score}) over ${seg.candidates.length - 1} other candidate(s); ${seg.step_ms} ms`;
   span._trace = seg;
   const open = () => showDetails(span);
   span.addEventListener("click", open);
@@ -250,8 +252,10 @@ function showDetails(span) {
   document.querySelectorAll(".seg.selected").forEach((n) => n.classList.remove("selected"));
   span.classList.add("selected");
   const seg = span._trace;
-  const scorers = Object.keys((seg.candidates[0] || { perplexities: {} }).perplexities);
-  const fmt = (v) => (v === null || v === undefined ? "∞" : v < 1000 ? v.toFixed(3) : v.toExponential(1));
+  // every model that scored any candidate (a filtered step shows each proposer's own)
+  const scorers = [...new Set(seg.candidates.flatMap((c) => Object.keys(c.perplexities)))];
+  const unscored = seg.step === "filtered";
+  const fmt = (v) => (v === null || v === undefined ? (unscored ? "–" : "∞") : v < 1000 ? v.toFixed(3) : v.toExponential(1));
   const head = el("tr", {}, el("th", {}, "candidate"), el("th", {}, "proposed by"),
     ...scorers.map((m) => el("th", { class: "num", title: `perplexity under ${m}` }, shortName(m))),
     el("th", { class: "num", title: "arithmetic mean of the perplexities (the paper's score)" }, "mean"),
@@ -270,7 +274,9 @@ function showDetails(span) {
     el("p", {}, `Segment ${seg.index + 1}: won by `, el("strong", {}, seg.winner),
       seg.step === "gated"
         ? " (gated: the leader was sure of every token, so nobody else proposed)."
-        : ` (fused: lowest ${seg.rule || "mean_ppl"} score of ${seg.candidates.length} candidate(s)).`),
+        : unscored
+          ? " (filtered: the filters left this candidate alone, so no model scored; each shows its proposers' own perplexity)."
+          : ` (fused: lowest ${seg.rule || "mean_ppl"} score of ${seg.candidates.length} candidate(s)).`),
     el("table", { id: "candidates" }, el("thead", {}, head), el("tbody", {}, ...rows)),
     el("p", { class: "hint" }, `Step ${seg.step_ms} ms: ${timings}.`),
     el("p", { class: "hint" }, `Each model's own time: ${perModel}. Context: ${seg.context_tokens} tokens.`));
