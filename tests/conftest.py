@@ -36,25 +36,31 @@ DEFAULT_SOURCES = {
 }
 
 
+def scripted_model(
+    name: str,
+    adapter: TokenizerAdapter,
+    script: str,
+    engine_type: type[ScriptedEngine] = ScriptedEngine,
+    **engine_kw: Any,
+) -> SourceModel:
+    """A source model with a real tokenizer and a scripted engine (the engine boundary)."""
+    end_id = adapter.eos_ids[0]
+    engine = engine_type(name, adapter, script, end_id=end_id, **engine_kw)
+    return SourceModel(
+        name=name,
+        engine=engine,
+        tokenizer=adapter,
+        chat_template=ChatTemplate(TEMPLATE),
+        chat_end_id=end_id,
+    )
+
+
 def make_scripted_models(
     adapters: dict[str, TokenizerAdapter], script: str, **engine_kw: Any
 ) -> list[SourceModel]:
-    """Source models with real tokenizers and scripted engines (the engine boundary)."""
-    models = []
-    for name in ("smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"):
-        adapter = adapters[name]
-        end_id = adapter.eos_ids[0]
-        engine = ScriptedEngine(name, adapter, script, end_id=end_id, **engine_kw)
-        models.append(
-            SourceModel(
-                name=name,
-                engine=engine,
-                tokenizer=adapter,
-                chat_template=ChatTemplate(TEMPLATE),
-                chat_end_id=end_id,
-            )
-        )
-    return models
+    """The default trio's tokenizers, each with a scripted engine writing ``script``."""
+    names = ("smollm2-135m", "gemma3-270m", "qwen2.5-0.5b")
+    return [scripted_model(n, adapters[n], script, **engine_kw) for n in names]
 
 
 @pytest.fixture(scope="session")
@@ -104,16 +110,7 @@ def make_model(default_adapters: dict[str, TokenizerAdapter]) -> Callable[..., S
     def make(
         tokenizer: str, script: str, name: str | None = None, **engine_kw: object
     ) -> SourceModel:
-        adapter = default_adapters[tokenizer]
-        end_id = adapter.eos_ids[0]
-        engine = ScriptedEngine(name or tokenizer, adapter, script, end_id=end_id, **engine_kw)
-        return SourceModel(
-            name=name or tokenizer,
-            engine=engine,
-            tokenizer=adapter,
-            chat_template=ChatTemplate(TEMPLATE),
-            chat_end_id=end_id,
-        )
+        return scripted_model(name or tokenizer, default_adapters[tokenizer], script, **engine_kw)
 
     return make
 

@@ -13,9 +13,9 @@ import pytest
 
 from fusion.engine import GREEDY, Generation, Sampling, StopCheck
 from fusion.loop import Fuser
-from fusion.models import ChatTemplate, SourceModel
+from fusion.models import SourceModel
 from fusion.types import FusionOutcome, FusionParams, Prompt, Segment, SelectionPolicy
-from tests.conftest import TEMPLATE
+from tests.conftest import scripted_model
 from tests.fusion.fake_engine import FakeState, ScriptedEngine
 
 CHAT = Prompt(messages=({"role": "user", "content": "Where did the cat sit?"},))
@@ -47,23 +47,16 @@ class CountingEngine(ScriptedEngine):
 
 
 def models(default_adapters, leader_logprob: float | None = None) -> list[SourceModel]:
-    out = []
-    for name in (*WEAK, LEADER):
-        adapter = default_adapters[name]
-        end_id = adapter.eos_ids[0]
-        lp = leader_logprob if name == LEADER else None
-        script = MAT if name == LEADER else RUG
-        engine = CountingEngine(name, adapter, script, end_id=end_id, token_logprob=lp)
-        out.append(
-            SourceModel(
-                name=name,
-                engine=engine,
-                tokenizer=adapter,
-                chat_template=ChatTemplate(TEMPLATE),
-                chat_end_id=end_id,
-            )
+    return [
+        scripted_model(
+            name,
+            default_adapters[name],
+            MAT if name == LEADER else RUG,
+            CountingEngine,
+            token_logprob=leader_logprob if name == LEADER else None,
         )
-    return out
+        for name in (*WEAK, LEADER)
+    ]
 
 
 async def run(

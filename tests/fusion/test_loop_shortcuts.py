@@ -10,9 +10,9 @@ import math
 import pytest
 
 from fusion.loop import Fuser
-from fusion.models import ChatTemplate, SourceModel
+from fusion.models import SourceModel
 from fusion.types import FusionOutcome, FusionParams, Prompt, Segment, SelectionPolicy
-from tests.conftest import TEMPLATE
+from tests.conftest import scripted_model
 from tests.fusion.test_loop_policies import CountingEngine
 
 CHAT = Prompt(messages=({"role": "user", "content": "Where did the cat sit?"},))
@@ -61,21 +61,10 @@ POLICIES = {
 
 
 def models(default_adapters, scripts: dict[str, str]) -> list[SourceModel]:
-    out = []
-    for name, script in scripts.items():
-        adapter = default_adapters[name]
-        end_id = adapter.eos_ids[0]
-        engine = CountingEngine(name, adapter, script, end_id=end_id, token_logprob=UNSURE)
-        out.append(
-            SourceModel(
-                name=name,
-                engine=engine,
-                tokenizer=adapter,
-                chat_template=ChatTemplate(TEMPLATE),
-                chat_end_id=end_id,
-            )
-        )
-    return out
+    return [
+        scripted_model(name, default_adapters[name], script, CountingEngine, token_logprob=UNSURE)
+        for name, script in scripts.items()
+    ]
 
 
 async def answer(

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from bench.server_process import VllmServer
 from tests.fixtures.processes import free_port, launch
 
 
@@ -22,3 +23,15 @@ def default_server_url(model_dirs) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def smollm_vllm(model_dirs, tmp_path_factory) -> Iterator[VllmServer]:
+    """SmolLM2 on a real vLLM OpenAI server (core 1), for one test module."""
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    server = VllmServer.for_model(model_dirs["smollm2-135m"], log, core="1")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()

@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from bench.fault_proxy import FaultProxy
-from bench.server_process import VllmServer
 from tests.fixtures.processes import free_port, launch
 
 pytestmark = pytest.mark.integration
@@ -33,19 +32,8 @@ ASK = {
 
 
 @pytest.fixture(scope="module")
-def vllm(model_dirs, tmp_path_factory) -> Iterator[VllmServer]:
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    server = VllmServer.for_model(model_dirs[REMOTE], log, core="1")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.kill()
-
-
-@pytest.fixture(scope="module")
-def proxy(vllm) -> Iterator[FaultProxy]:
-    with FaultProxy(vllm.url) as p:
+def proxy(smollm_vllm) -> Iterator[FaultProxy]:
+    with FaultProxy(smollm_vllm.url) as p:
         yield p
 
 
@@ -95,7 +83,9 @@ def wait_up(url: str, within: float) -> float:
     raise AssertionError(f"{REMOTE} not back within {within} s: {health(url)}")
 
 
-def test_a_member_paused_mid_stream_costs_its_deadline_and_the_stream_keeps_alive(fused, vllm):
+def test_a_member_paused_mid_stream_costs_its_deadline_and_the_stream_keeps_alive(
+    fused, smollm_vllm
+):
     body = {**ASK, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 24}
     chunks, comments_after_pause, usage = 0, 0, None
     paused_at = None
@@ -111,7 +101,7 @@ def test_a_member_paused_mid_stream_costs_its_deadline_and_the_stream_keeps_aliv
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 if chunks == 2 and paused_at is None:
-                    vllm.pause()
+                    smollm_vllm.pause()
                     paused_at = time.monotonic()
         took = time.monotonic() - paused_at if paused_at else None
         # the answer after the pause: the floor (3 s) or 5x the member's usual time, plus
@@ -127,7 +117,7 @@ def test_a_member_paused_mid_stream_costs_its_deadline_and_the_stream_keeps_aliv
         assert r.json()["usage"]["models"][REMOTE]["dropped"].startswith("ejected since")
         assert time.monotonic() - started < FLOOR + 10
     finally:
-        vllm.resume()
+        smollm_vllm.resume()
     back = wait_up(fused, within=30)
     r = httpx.post(f"{fused}/v1/chat/completions", json=ASK, timeout=120)
     assert r.status_code == 200

