@@ -277,3 +277,21 @@ async def test_a_request_for_an_ejected_model_alone_is_a_503_streamed_or_not(tri
         assert int(r.headers["retry-after"]) >= 1
     assert fused.status_code == 200  # the others answer
     assert fused.json()["usage"]["models"][SMOL]["dropped"].startswith("ejected since")
+
+
+async def test_the_fused_model_with_every_member_ejected_is_a_503_and_its_variant_too(trio):
+    models = trio()
+    for m in models:
+        m.engine.check_health = died  # every member ejected, and kept out by its probe
+    fusion = {"variants": {"fusion-cool": {"selection": {"rule": "mean_ppl"}}}}
+    async with serve(create_app(config(**fusion), models=models)) as http:
+        health = await http.get("/health")
+        fused = await http.post("/v1/chat/completions", json=CHAT)
+        variant = await http.post(
+            "/v1/chat/completions", json={**CHAT, "model": "fusion-cool", "stream": True}
+        )
+    assert health.status_code == 503
+    for r in (fused, variant):
+        assert r.status_code == 503, r.text
+        message = r.json()["error"]["message"]
+        assert all(f"{name}: ejected since" in message for name in (SMOL, GEMMA, QWEN))
