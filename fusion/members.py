@@ -136,7 +136,7 @@ class Members:
         kind: Callable[[SourceModel], str] | str = "call",
         units: Callable[[SourceModel], int] | int = 1,
         done: Callable[[SourceModel, T], int] | None = None,
-        at_least: Callable[[SourceModel], tuple[str, int]] | None = None,
+        at_least: Callable[[SourceModel], tuple[str, int] | None] | None = None,
     ) -> dict[str, T]:
         """Run ``work(model)`` for every active model concurrently; drop models that fail
         or, ``bounded_by_step``, miss their deadline (a call of ``kind`` over at most
@@ -175,10 +175,11 @@ class Members:
                 out[m.name] = c.task.result()
                 if bounded_by_step and c.units:  # model work answered (not an open)
                     self.health[m.name].refusals = 0
-                if bounded_by_step and c.units and c.did():
+                did = c.did()
+                if bounded_by_step and c.units and did:
                     # the whole call, time behind the calls it found running included: an
                     # engine that batches them (vLLM) takes about as long alone
-                    self.times[m.name].observe(c.kind, c.did(), c.took())
+                    self.times[m.name].observe(c.kind, did, c.took())
             elif isinstance(exc, RequestRejected) and bounded_by_step:
                 # the request's input, not the model; unless every request is refused
                 h = self.health[m.name]
@@ -243,16 +244,15 @@ class Members:
         )
         return c.started + allowed, why
 
-    def _usual(self, c: _Call, units: int | None = None) -> float | None:
-        """What ``c`` usually takes (over ``units``, default its most): the model's
-        recent calls of its kind, and at least its ``at_least`` call; until calls of its
-        kind are known, a first generation or a whole answer borrows the time of its
-        units as generated tokens (generous: reading a prompt costs less per token)."""
+    def _usual(self, c: _Call) -> float | None:
+        """What ``c`` usually takes over its units: the model's recent calls of its kind,
+        and at least its ``at_least`` call; until calls of its kind are known, a first
+        generation or a whole answer borrows the time of its units as generated tokens
+        (generous: reading a prompt costs less per token)."""
         times, warmup = self.times[c.model.name], self.policy.warmup_calls
-        n = c.units if units is None else units
-        usual = times.usual(c.kind, n, warmup)
+        usual = times.usual(c.kind, c.units, warmup)
         if usual is None and c.kind in ("first", "answer"):
-            usual = times.usual("generate", n, warmup)
+            usual = times.usual("generate", c.units, warmup)
         if c.at_least is not None and usual is not None:
             kind, floor_units = c.at_least
             floor = times.usual(kind, floor_units, warmup)

@@ -78,7 +78,7 @@ async def propose_all(
         done=done,
         # a first generation takes at least what generating its tokens takes, however
         # short its prompt (a rate learned on long prompts is mostly reading)
-        at_least=lambda m: ("generate", cap),
+        at_least=lambda m: ("generate", cap) if fresh[m.name] else None,
     )
     made = {n: p for n, p in got.items() if p is not None and n not in known}
     proposed(run, made)
