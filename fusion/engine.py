@@ -127,7 +127,12 @@ class StateHandle(Protocol):
 
 @runtime_checkable
 class Engine(Protocol):
-    """One source model's runtime."""
+    """One source model's runtime.
+
+    Optional attributes the loop reads where an engine has them: ``constrains`` (it
+    honours ``Sampling.constraint``), ``shares_prefixes`` (a state opened on a prompt that
+    a released state read reads only the rest: a prefix cache), ``max_requests`` (the
+    most states open at once; more wait in ``open``)."""
 
     name: str
 

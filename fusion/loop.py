@@ -1,14 +1,14 @@
 """The Cool-Fusion loop: propose, score, select, commit (paper §2), and Rerank / Cool+R.
 
 ``Fuser.run`` is an async generator of ``Segment``s. For ``cool`` / ``cool_shortest`` it
-yields one per selected segment as soon as it is chosen; ``rerank`` and ``cool_rerank``
-can only choose at the end and yield the whole answer as one segment. A model whose
+yields one per selected segment as soon as it is chosen; ``rerank``, ``cool_rerank`` and
+``vote`` can only choose at the end and yield the whole answer as one segment. A model whose
 engine fails is dropped from the request (recorded in the usage) while others remain.
 
 Where each part lives: the request's state in ``fusion.run``, the models' lifecycle in a
 request (open, run on all, drop, release) in ``fusion.members``, the three steps in
 ``fusion.steps``, the gate's shortcut in ``fusion.gate``, Rerank and Cool+R in
-``fusion.rerank``.
+``fusion.rerank``, answer-level voting in ``fusion.vote``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from fusion.steps import (
 )
 from fusion.stops import StopStringTracker
 from fusion.types import FinishReason, FusionOutcome, FusionParams, ModelUsage, Prompt, Segment
+from fusion.vote import vote
 
 __all__ = ["Fuser", "FusionError"]
 
@@ -86,6 +87,9 @@ class Fuser:
                 run.outcome.finish_reason = "length"
                 return
             await self._grammar(run)
+            if params.method == "vote":  # its samples open states of their own
+                yield await vote(self.members, run, lambda m: self._member_grammar(run, m))
+                return
             await self.members.open(run, whole=params.method == "rerank")
             if params.method in ("cool", "cool_shortest"):
                 async with contextlib.aclosing(self._cool(run, emit=True)) as segments:
@@ -115,10 +119,22 @@ class Fuser:
             # every member's: a constraint where its engine honours one, and for
             # renormalised scoring in any case
             if getattr(m.engine, "constrains", False) or run.params.grammar_scores != "raw":
-                vocab = await asyncio.to_thread(
-                    self.vocabularies.get, m.name, m.tokenizer.tokenizer.to_str, m.stop_ids
-                )
-                run.member_grammars[m.name] = MemberGrammar(vocab, spec)
+                grammar = await self._member_grammar(run, m, always=True)
+                assert grammar is not None
+                run.member_grammars[m.name] = grammar
+
+    async def _member_grammar(
+        self, run: Run, m: SourceModel, always: bool = False
+    ) -> MemberGrammar | None:
+        """A fresh matcher of the request's grammar in ``m``'s tokens (None: no grammar,
+        or, unless ``always``, an engine that cannot constrain its sampling)."""
+        spec = run.params.grammar
+        if spec is None or not (always or getattr(m.engine, "constrains", False)):
+            return None
+        vocab = await asyncio.to_thread(
+            self.vocabularies.get, m.name, m.tokenizer.tokenizer.to_str, m.stop_ids
+        )
+        return MemberGrammar(vocab, spec)
 
     async def _cool(self, run: Run, emit: bool) -> AsyncGenerator[Segment, None]:
         """Step after step until an end, a stop string or the token budget; each winner

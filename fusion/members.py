@@ -46,6 +46,7 @@ class Members:
         self.inflight: dict[str, int] = {}  # calls running on each model, all requests
         self._probes: dict[str, asyncio.Future[None]] = {}
         self._releasing: set[asyncio.Future[None]] = set()  # releases outliving their request
+        self._opening: dict[str, asyncio.Lock] = {}
 
     def select(self, names: Sequence[str] | None) -> list[SourceModel]:
         """The named models in the order named (all of them without names)."""
@@ -63,11 +64,7 @@ class Members:
         ids: dict[str, list[int]] = {}
         for m in run.models:
             ids[m.name] = prompt_ids(run.prompt, m)
-            if run.prompt.messages is not None:
-                codec = IncrementalCodec(m.tokenizer, "", self.window_pieces)
-            else:
-                codec = IncrementalCodec.after_prompt(m.tokenizer, run.prompt.text or "")
-            run.codecs[m.name] = codec
+            run.codecs[m.name] = self.codec(run, m)
             run.outcome.usage[m.name].prompt_tokens = len(ids[m.name])
             run.fused_logprobs[m.name] = []
         run.encoded.clear()
@@ -82,6 +79,18 @@ class Members:
             return state
 
         await self.open_in_order(run, open_one)
+
+    def codec(self, run: Run, m: SourceModel) -> IncrementalCodec:
+        """A codec for an answer of ``m`` after the run's prompt (nothing committed)."""
+        if run.prompt.messages is not None:
+            return IncrementalCodec(m.tokenizer, "", self.window_pieces)
+        return IncrementalCodec.after_prompt(m.tokenizer, run.prompt.text or "")
+
+    def opening(self, name: str) -> asyncio.Lock:
+        """Held while one request opens several states of model ``name`` at once (vote's
+        samples): two requests each holding some of the engine's sequences while waiting
+        for the rest would wait for ever."""
+        return self._opening.setdefault(name, asyncio.Lock())
 
     async def open_in_order(
         self, run: Run, open_one: Callable[[SourceModel], Awaitable[T]]

@@ -15,7 +15,7 @@ from fusion.run import Run, content_tokens, model_sampling
 from fusion.selection import Scored
 from fusion.steps import choose, proposed, score_all, scored_inputs, with_scores
 from fusion.stops import StopStringTracker
-from fusion.types import FinishReason, Rule, ScoredCandidate, Segment, perplexity
+from fusion.types import FinishReason, Rule, ScoredCandidate, Segment, VoteTally, perplexity
 
 FUSED = "fusion"  # the proposer name of Cool+R's fused answer in traces
 
@@ -85,7 +85,7 @@ async def rerank(members: Members, run: Run, fused: FusedAnswer | None) -> Segme
         mine = tuple((m.name, tuple(lps.get(m.name, ()))) for m in run.models)
         inputs.append(Scored(fused.text, (FUSED,), fused.ended, mine))
     if not scored:  # every model stopped before writing anything
-        return _answer(run, "", None, 0, "stop", (), context)
+        return finish_answer(run, "", None, 0, "stop", (), context)
     chosen = await choose(members, run, inputs, answer="", whole=True)
     best = chosen.index
     scored = list(with_scores(scored, chosen))
@@ -94,12 +94,15 @@ async def rerank(members: Members, run: Run, fused: FusedAnswer | None) -> Segme
         lead = candidates[best].proposals[0]
         tokens = content_tokens(run, lead)
         finish: FinishReason = "length" if lead.hit_cap and not lead.ended else "stop"
-        return _answer(run, win.text, lead.model, tokens, finish, scored, context, chosen.rule)
+        rule = chosen.rule
+        return finish_answer(run, win.text, lead.model, tokens, finish, scored, context, rule)
     assert fused is not None
-    return _answer(run, fused.text, None, fused.tokens, fused.finish, scored, context, chosen.rule)
+    return finish_answer(
+        run, fused.text, None, fused.tokens, fused.finish, scored, context, chosen.rule
+    )
 
 
-def _answer(
+def finish_answer(
     run: Run,
     text: str,
     winner: str | None,
@@ -108,8 +111,10 @@ def _answer(
     scored: Sequence[ScoredCandidate],
     context: int,
     rule: Rule = "mean_ppl",
+    vote: VoteTally | None = None,
 ) -> Segment:
-    """Rerank's whole answer as one segment (``winner`` None: Cool+R's fused text)."""
+    """A whole answer as one segment (Rerank's, Cool+R's and vote's; ``winner`` None:
+    Cool+R's fused text, or no answer)."""
     tracker = StopStringTracker(run.params.stop)
     text = tracker.feed(text) + tracker.flush()
     if tracker.stopped:
@@ -131,6 +136,7 @@ def _answer(
         timings=run.close_step(),
         context_tokens=context,
         rule=rule,
+        vote=vote,
     )
 
 

@@ -10,8 +10,8 @@ from typing import Any, Literal
 from fusion.engine import GREEDY, Sampling, TopLogprobs
 from fusion.grammar import GrammarScores, GrammarSpec
 
-Method = Literal["cool", "cool_shortest", "rerank", "cool_rerank"]
-METHODS: tuple[Method, ...] = ("cool", "cool_shortest", "rerank", "cool_rerank")
+Method = Literal["cool", "cool_shortest", "rerank", "cool_rerank", "vote"]
+METHODS: tuple[Method, ...] = ("cool", "cool_shortest", "rerank", "cool_rerank", "vote")
 PplMode = Literal["mean", "sum"]
 FinishReason = Literal["stop", "length"]
 # how a step chose its segment. "gated": the leader wrote alone (its gate); "fused":
@@ -88,6 +88,22 @@ DEFAULT_POLICY = SelectionPolicy()
 
 
 @dataclass(frozen=True)
+class VoteParams:
+    """Method ``vote`` (fusion/vote.py): whole answers sampled, mapped to keys by an
+    extractor, the weighted majority key wins (docs/SELECTION.md, "Voting")."""
+
+    answer: str | None = None  # the extractor (fusion/answers.py); vote needs one
+    k: int = 4  # samples a member draws at once
+    threshold: float = 0.75  # a member whose samples agree this much ends the sampling
+    budget: int = 8  # samples in all
+    temperature: float = 0.7  # when the request's is 0 (greedy samples would not differ)
+    seed: int | None = None  # the samples' when the request gives none (None: random)
+
+
+DEFAULT_VOTE = VoteParams()
+
+
+@dataclass(frozen=True)
 class FusionParams:
     """What one fused generation should do."""
 
@@ -108,6 +124,7 @@ class FusionParams:
     # the prompt's (completions' echo) likewise
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    vote: VoteParams = DEFAULT_VOTE
 
 
 @dataclass(frozen=True)
@@ -171,6 +188,29 @@ class StepTimings:
 
 
 @dataclass(frozen=True)
+class VoteSample:
+    """One whole answer a member sampled for ``vote``, and the key it was read as."""
+
+    model: str
+    text: str
+    key: str | None  # None: the extractor found no answer in it (it does not vote)
+    ended: bool
+    tokens: int
+
+
+@dataclass(frozen=True)
+class VoteTally:
+    """How ``vote`` chose: every sample, each key's weighted votes (most first), the
+    winning key and why the sampling stopped."""
+
+    samples: tuple[VoteSample, ...]
+    tally: tuple[tuple[str, float], ...]
+    key: str | None  # None: no sample had a key (the answer is the lowest-perplexity one)
+    stopped: str  # "agreed: <model>" or "budget" (or "no member left")
+    tie_break: str | None = None  # how a tie between keys was broken, if there was one
+
+
+@dataclass(frozen=True)
 class Segment:
     """One selected piece of the fused answer, with its provenance."""
 
@@ -188,6 +228,7 @@ class Segment:
     cut_to_nothing: tuple[str, ...] = ()
     # with ``FusionParams.logprobs``: the winner's tokens (its end token included)
     logprobs: tuple[TokenLogprob, ...] | None = None
+    vote: VoteTally | None = None  # method vote: the samples and the vote
 
     @property
     def step_seconds(self) -> float:

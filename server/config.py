@@ -29,10 +29,12 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from fusion.answers import EXTRACTOR_NAMES, extractor
 from fusion.engines.vllm_requests import LOOKAHEAD_TOKENS
 from fusion.health import FaultPolicy
 from fusion.types import (
     DEFAULT_POLICY,
+    DEFAULT_VOTE,
     METHODS,
     RULES,
     Aggregate,
@@ -42,9 +44,12 @@ from fusion.types import (
     PplMode,
     Rule,
     SelectionPolicy,
+    VoteParams,
     each_once,
     repeated,
 )
+
+EXTRACTOR_LIST = ", ".join(EXTRACTOR_NAMES)
 
 
 class ConfigError(ValueError):
@@ -459,6 +464,56 @@ class SelectionConfig(_Strict):
         return SelectionPolicy(**values)
 
 
+def _known_extractor(spec: str | None) -> str | None:
+    if spec is not None:
+        extractor(spec)  # ValueError naming the extractors that exist
+    return spec
+
+
+AnswerSpec = Annotated[
+    str | None,
+    AfterValidator(_known_extractor),
+    Field(
+        description="Method vote: how an answer is read as the key it votes for: "
+        "last_number, boxed, choice, exact, regex:<pattern> or json:<field path> "
+        "(docs/SELECTION.md, Voting)."
+    ),
+]
+
+
+class VoteConfig(_Strict):
+    """Method ``vote``'s sampling and stopping (fusion/vote.py; docs/SELECTION.md,
+    "Voting"). The one declaration: the config file's, and, all optional, the request's
+    ``fusion.vote``."""
+
+    k: int = Field(
+        DEFAULT_VOTE.k, ge=1, le=16, description="Samples a member draws at once (batched)."
+    )
+    threshold: float = Field(
+        DEFAULT_VOTE.threshold,
+        gt=0,
+        le=1,
+        description="Sampling stops once one member's samples agree this much (the share "
+        "holding its most frequent answer); otherwise the next member samples.",
+    )
+    budget: int = Field(
+        DEFAULT_VOTE.budget, ge=1, le=64, description="Samples in all, every member's together."
+    )
+    temperature: float = Field(
+        DEFAULT_VOTE.temperature,
+        gt=0,
+        le=2,
+        description="The samples' temperature when the request's is 0 or not given.",
+    )
+    seed: int | None = Field(
+        DEFAULT_VOTE.seed,
+        description="The samples' seed when the request gives none (null: random).",
+    )
+
+    def params(self, answer: str | None) -> VoteParams:
+        return VoteParams(answer=answer, **self.model_dump())
+
+
 class VariantConfig(_Strict):
     """A named variant of the fused model: its defaults with these fields on top, served
     under its own model name (so any client, chat UI or lm-eval run can pick it)."""
@@ -474,6 +529,11 @@ class VariantConfig(_Strict):
         default_factory=dict,
         description="Selection fields replacing the fused model's (as a request's "
         "fusion.selection); checked at start.",
+    )
+    answer: AnswerSpec = None
+    vote: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Vote fields replacing the fused model's (as a request's fusion.vote).",
     )
 
 
@@ -549,10 +609,29 @@ class FusionConfig(_Strict):
         description="More fused model names, each the fused model with some settings "
         "replaced, e.g. the paper's exact method beside a tuned default.",
     )
+    answer: AnswerSpec = None
+    vote: VoteConfig = Field(
+        default_factory=VoteConfig,  # type: ignore[arg-type]
+        description="Method vote: samples per draw, stopping, budget, temperature.",
+    )
     faults: FaultsConfig = Field(
         default_factory=FaultsConfig,  # type: ignore[arg-type]
         description="Deadlines of the source models' calls, their ejection and return.",
     )
+
+    def variant_vote(self, name: str) -> tuple[str | None, VoteConfig]:
+        """The answer extractor and vote settings of the fused model or a variant."""
+        variant = self.variants.get(name)
+        if variant is None:
+            return self.answer, self.vote
+        answer = variant.answer or self.answer
+        if not variant.vote:
+            return answer, self.vote
+        return answer, VoteConfig.model_validate(self.vote.model_dump() | variant.vote)
+
+    def variant_method(self, name: str) -> Method:
+        variant = self.variants.get(name)
+        return (variant and variant.method) or self.method
 
     def variant_selection(self, name: str) -> SelectionConfig:
         """The selection settings of the fused model or of one of its variants."""
@@ -664,6 +743,18 @@ class AppConfig(BaseSettings):
                 raise ValueError(f"{where}.selection.{field}: {err['msg']}") from None
             for problem in chosen.problems(names):
                 raise ValueError(f"{where}.{problem}")
+            try:
+                self.fusion.variant_vote(name)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(x) for x in err["loc"])
+                raise ValueError(f"{where}.vote.{field}: {err['msg']}") from None
+        for name in (self.fusion.name, *self.fusion.variants):
+            where = "fusion" if name == self.fusion.name else f"fusion.variants.{name}"
+            if self.fusion.variant_method(name) == "vote" and not self.fusion.variant_vote(name)[0]:
+                raise ValueError(
+                    f"{where}.answer: method vote needs an answer extractor ({EXTRACTOR_LIST})"
+                )
         return self
 
     def all_api_keys(self) -> list[str]:

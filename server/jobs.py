@@ -54,6 +54,29 @@ def _finite(x: float) -> float | None:
 
 
 def trace_of(seg: Segment) -> dict[str, Any]:
+    out = _step_trace(seg)
+    if seg.vote is not None:  # method vote: every sample, its key and model, the vote
+        v = seg.vote
+        out["vote"] = {
+            "key": v.key,
+            "stopped": v.stopped,
+            "tie_break": v.tie_break,
+            "tally": dict(v.tally),
+            "samples": [
+                {
+                    "model": s.model,
+                    "key": s.key,
+                    "text": s.text,
+                    "ended": s.ended,
+                    "tokens": s.tokens,
+                }
+                for s in v.samples
+            ],
+        }
+    return out
+
+
+def _step_trace(seg: Segment) -> dict[str, Any]:
     return {
         "index": seg.index,
         "text": seg.text,

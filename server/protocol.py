@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from fusion.types import Method, PplMode
-from server.config import SelectionConfig, SourceNames
+from server.config import SelectionConfig, SourceNames, VoteConfig
 
 
 class OpenAIModel(BaseModel):
@@ -40,10 +40,27 @@ SelectionOptions = _all_optional(
 )
 
 
+VoteOptions = _all_optional(
+    VoteConfig,
+    "VoteOptions",
+    "Per-request vote settings; each one given replaces the model's (``fusion.vote``).",
+)
+
+
 class FusionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Method | None = Field(None, description="cool, cool_shortest, rerank, cool_rerank")
+    method: Method | None = Field(
+        None, description="cool, cool_shortest, rerank, cool_rerank, vote"
+    )
+    answer: str | None = Field(
+        None,
+        description="Method vote: the answer extractor (last_number, boxed, choice, exact, "
+        "regex:<pattern>, json:<field path>).",
+    )
+    vote: VoteOptions | None = Field(  # type: ignore[valid-type]
+        None, description="Method vote: samples per draw, threshold, budget, temperature, seed."
+    )
     models: SourceNames | None = Field(None, min_length=1, description="Source models to fuse.")
     max_segment_tokens: int | None = Field(None, ge=1, le=256)
     ppl_mode: PplMode | None = None

@@ -18,15 +18,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from fusion.answers import extractor
 from fusion.engine import Sampling
 from fusion.grammar import GrammarSpec
 from fusion.loop import Fuser, FusionError
 from fusion.members import unavailable
 from fusion.models import SourceModel
 from fusion.tools import ToolCall
-from fusion.types import FusionParams, Prompt, Segment, SelectionPolicy
+from fusion.types import FusionParams, Prompt, Segment, SelectionPolicy, VoteParams
 from server import request_fields
-from server.config import AppConfig, SelectionConfig, VariantConfig
+from server.config import EXTRACTOR_LIST, AppConfig, SelectionConfig, VariantConfig, VoteConfig
 from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound, Unavailable
 from server.jobs import Choice, Job, chunk, tool_call_chunk, tool_calls
 from server.logprobs import LogprobsAsk, TokenTexts
@@ -80,10 +81,12 @@ class FusionService:
                 "owned_by": "fusion-server",
                 "fusion": {
                     "sources": list((variant and variant.models) or cfg.models or self.models),
-                    "method": (variant and variant.method) or cfg.method,
+                    "method": cfg.variant_method(name),
                     "selection": cfg.variant_selection(name).rule,
                 },
             }
+            if card["fusion"]["method"] == "vote":
+                card["fusion"]["answer"] = cfg.variant_vote(name)[0]
             if variant is not None:
                 card["parent"] = fused
                 if variant.description:
@@ -128,10 +131,11 @@ class FusionService:
                 raise BadRequest(
                     f"unknown source models: {', '.join(unknown)}", param="fusion.models"
                 )
-            method = opts.method or variant.method or cfg.method
+            method = opts.method or cfg.variant_method(model)
             segment = opts.max_segment_tokens or variant.max_segment_tokens
             ppl_mode = opts.ppl_mode or variant.ppl_mode
             base = cfg.variant_selection(model)
+            vote = self._vote(model, opts, method, subset)
         elif model in self.models:
             if opts.models and opts.models != [model]:
                 raise BadRequest(
@@ -139,6 +143,7 @@ class FusionService:
                 )
             subset, method = (model,), "cool"
             segment, ppl_mode, base = opts.max_segment_tokens, opts.ppl_mode, cfg.selection
+            vote = VoteParams()
         else:
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         wanted = cfg.default_max_tokens if max_tokens is None else max_tokens
@@ -159,7 +164,47 @@ class FusionService:
             selection=self._selection(base, opts.selection),
             grammar=grammar,
             grammar_scores=opts.grammar_scores or "raw",
+            vote=vote,
         )
+
+    def _vote(
+        self, model: str, opts: FusionOptions, method: str, subset: tuple[str, ...] | None
+    ) -> VoteParams:
+        """The model's extractor and vote settings with the request's on top, checked;
+        method vote needs an extractor."""
+        answer, settings = self.config.fusion.variant_vote(model)
+        if opts.answer is not None:
+            try:
+                extractor(opts.answer)
+            except ValueError as exc:
+                raise BadRequest(str(exc), param="fusion.answer") from None
+            answer = opts.answer
+        if opts.vote is not None:
+            merged = settings.model_dump() | opts.vote.model_dump(exclude_none=True)
+            try:
+                settings = VoteConfig.model_validate(merged)
+            except ValidationError as exc:
+                where = exc.errors()[0]["loc"][:1]
+                param = ".".join(["fusion.vote", *(str(p) for p in where)])
+                raise BadRequest(_first_error(exc), param=param) from None
+        if method != "vote":
+            return settings.params(answer)
+        if answer is None:
+            raise BadRequest(
+                f"method vote needs an answer extractor in fusion.answer: one of {EXTRACTOR_LIST}",
+                param="fusion.answer",
+            )
+        # every sample holds a state at once: an engine that caps its open states must
+        # take a draw whole, or the request would wait for ever
+        for m in self.fuser.select(subset):
+            most = getattr(m.engine, "max_requests", None)
+            if most is not None and min(settings.k, settings.budget) > most:
+                raise BadRequest(
+                    f"fusion.vote.k is {settings.k}; source model {m.name} holds at most "
+                    f"{most} states at once",
+                    param="fusion.vote.k",
+                )
+        return settings.params(answer)
 
     def _selection(self, base: SelectionConfig, asked: SelectionOptions | None) -> SelectionPolicy:
         """The model's selection settings with the request's on top, checked."""

@@ -89,6 +89,11 @@ class LlamaCppEngine:
         self._cells: Pool | None = None  # KV cells reserved by open requests
 
     @property
+    def shares_prefixes(self) -> bool:
+        """A released state's context stays for a new state on the same prompt."""
+        return self.prefix_cache > 0
+
+    @property
     def free_sequences(self) -> int | None:
         """Sequences a new request can take now (free ones and kept prefix contexts)."""
         return None if self.rt is None else self.rt.free_seqs

@@ -114,6 +114,7 @@ class VllmCalls:
     score_lookahead: int
     read_cache: bool = True  # False: the remote does not say what it read from its cache
     constrains: bool = False  # vLLM runs our grammar processor (set at start)
+    shares_prefixes = True  # vLLM's automatic prefix caching (on in ours, vLLM's default)
     prefill_log: deque[tuple[int, int]]  # (prompt, cached) of recent requests, for benches
 
     # -- the transport (each engine's) ------------------------------------------------

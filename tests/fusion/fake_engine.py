@@ -6,6 +6,9 @@ text a high log-probability and others a low one. So its perplexity of a candida
 how close the candidate is to what it would have written. Asked for the most likely
 tokens at a position (``top_logprobs``, ``score_top``), it names the token it wants there
 (GOOD) and one other (BAD): its end token, or token 0 where it wants its end token.
+Given ``answers``, a generation that samples (temperature > 0) writes the next of them
+instead, in turn, from the start of the answer (``sampled`` records each one's sampling),
+its tokens as likely as scoring them would say.
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ class ScriptedEngine:
         fail_at_call: int | None = None,
         delay: float = 0.0,
         release_delay: float = 0.0,
+        answers: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.answers = list(answers)
+        self.sampled: list[Sampling] = []
         self.adapter = adapter
         self.script = script
         self.end_id = end_id
@@ -95,6 +101,10 @@ class ScriptedEngine:
     ) -> Generation:
         await self._tick()
         rest = self._rest(state)
+        sampled = bool(self.answers) and not sampling.greedy
+        if sampled:
+            rest = self.adapter.encode(self.answers[len(self.sampled) % len(self.answers)])
+            self.sampled.append(sampling)
         plan = (rest if rest is not None else self.adapter.encode(" off script")) + [self.end_id]
         out: list[int] = []
         for tok in plan[:max_tokens]:
@@ -102,9 +112,11 @@ class ScriptedEngine:
             if tok in stop_ids or should_stop(out):
                 break
         n = sampling.top_logprobs
+        # a sampled answer's tokens are as likely as the script makes them
+        lps = self._scores(state, out)[0] if sampled else [GOOD for _ in out]
         return Generation(
             tuple(out),
-            tuple(GOOD for _ in out),
+            tuple(lps),
             out[-1] if out[-1] in stop_ids else None,
             top=tuple(self._top(tok, n) for tok in out) if n else (),
         )

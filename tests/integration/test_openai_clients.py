@@ -105,3 +105,38 @@ def test_sdk_sees_openai_errors(server_url):
     with pytest.raises(BadRequestError) as err:
         client.chat.completions.create(model="fusion", messages=MESSAGES, max_tokens=-5)
     assert err.value.status_code == 400
+
+
+def test_the_sdk_gets_a_voted_answer_from_the_real_models(server_url):
+    """fusion-vote (config.yaml) on the three real models: Qwen samples first, and the
+    answer returned is one whose last number is the winning key."""
+    import openai
+    from openai import OpenAI
+
+    from fusion.answers import last_number
+
+    client = OpenAI(base_url=f"{server_url}/v1", api_key="unused")
+    card = next(m for m in client.models.list().data if m.id == "fusion-vote")
+    assert card.model_extra["fusion"]["method"] == "vote"
+    question = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many now?"}]
+    answer = client.chat.completions.create(
+        model="fusion-vote",
+        messages=question,
+        max_tokens=48,
+        extra_body={"fusion": {"trace": True}},
+    )
+    text = answer.choices[0].message.content
+    vote = answer.choices[0].model_extra["fusion"]["segments"][0]["vote"]
+    samples = vote["samples"]
+    assert len(samples) >= 4 and {s["model"] for s in samples[:4]} == {"qwen2.5-0.5b"}
+    assert len(samples) <= 8  # the budget
+    assert vote["key"] is None or last_number(text) == vote["key"]
+    if vote["key"] is not None:
+        assert vote["tally"][vote["key"]] == max(vote["tally"].values())
+    assert all(s["key"] == last_number(s["text"]) for s in samples)
+    assert answer.usage.model_extra["models"]["qwen2.5-0.5b"]["generated_tokens"] > 0
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="fusion", messages=question, extra_body={"fusion": {"method": "vote"}}
+        )
+    assert "last_number" in str(err.value)

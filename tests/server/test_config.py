@@ -29,7 +29,7 @@ def test_env_overrides_yaml_and_flags_override_env(monkeypatch):
         ("models: []", "models"),
         ("models: [{name: a}]", "models.0.source"),
         ("models: [{name: a, source: x, engine: tpu}]", "models.0.engine"),
-        ("models: [{name: a, source: x}]\nfusion: {method: vote}", "fusion.method"),
+        ("models: [{name: a, source: x}]\nfusion: {method: majority}", "fusion.method"),
         ("models: [{name: a, source: x}]\nserver: {port: -1}", "server.port"),
         ("models: [{name: a, source: x}, {name: a, source: y}]", "models"),
         ("models: [{name: a, source: x, options: {threads: 0}}]", "models.0.options.threads"),
