@@ -40,6 +40,7 @@ from fusion.types import (
     Prompt,
     Segment,
     SelectionPolicy,
+    VoteParams,
 )
 
 MAX_QUESTIONS = 600  # GSM8K's development set ends here; later questions are for evaluation
@@ -47,6 +48,9 @@ SHOTS = 3
 STOP = ("Question:", "</s>", "<|im_end|>")
 # policies compared when the caller names none; ties go to the earlier (cheaper) one
 POLICY_ORDER = ("gate", "leader", "weighted", "zscore", "mean_ppl")
+# method vote's (k, threshold, budget) tried beside them: the leader's 4 samples, stopping
+# when 3 agree; all 4 agreeing; and 8 samples of which half must agree
+VOTE_SETTINGS = ((4, 0.75, 8), (4, 1.0, 8), (8, 0.5, 8))
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class DevTask:
     judge: Callable[[str, Sequence[str]], bool]
     stop: tuple[str, ...]
     max_tokens: int
+    answer: str = "exact"  # the extractor ``vote`` reads its answers with, as the judge does
 
     def is_correct(self, text: str, q: Question) -> bool:
         return self.judge(text, q.answers)
@@ -98,7 +103,7 @@ def gsm8k_task(count: int, max_tokens: int | None = None) -> DevTask:
     def judge(text: str, answers: Sequence[str]) -> bool:
         return last_number_matches(text, answers[0])
 
-    return DevTask(source, questions, judge, STOP, max_tokens or 256)
+    return DevTask(source, questions, judge, STOP, max_tokens or 256, "last_number")
 
 
 def qa_task(path: str | Path, count: int, max_tokens: int | None = None) -> DevTask:
@@ -116,7 +121,7 @@ def qa_task(path: str | Path, count: int, max_tokens: int | None = None) -> DevT
         for n, r in enumerate(dev)
     )
     source = f"{len(questions)} 'dev' rows of {path} ({len(shots)} 'shot' rows as examples)"
-    return DevTask(source, questions, phrase_matches, ("\n",), max_tokens or 16)
+    return DevTask(source, questions, phrase_matches, ("\n",), max_tokens or 16, "exact")
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,7 @@ class Tried:
     stats: dict[str, NllStats]
     policy: SelectionPolicy
     run: Run
+    vote: VoteParams | None = None  # method vote with these settings (else cool)
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,7 @@ class Recommendation:
     stats: dict[str, NllStats]
     policy: SelectionPolicy
     reasons: tuple[str, ...] = field(default=())
+    vote: VoteParams | None = None
 
 
 def nll_samples(segments: Sequence[Segment]) -> dict[str, dict[str, list[float]]]:
@@ -282,7 +289,7 @@ def recommend(
     alone = Recommendation(
         (leader,), leader, {leader: 1.0}, {}, SelectionPolicy("leader", leader=leader)
     )
-    if len(kept) < 2 or not tried:
+    if not tried:
         reasons.append(f"answer with {leader} alone: no other member is close enough to help")
         return replace(alone, reasons=tuple(reasons))
     eligible = list(tried)
@@ -309,7 +316,7 @@ def recommend(
             f"accurate ({accuracy:.0%}{paper_note}) and costs more"
         )
         return replace(alone, reasons=tuple(reasons))
-    if best.members != tuple(kept):
+    if best.members != tuple(kept) and best.vote is None:
         reasons.append(f"members: {', '.join(best.members)} (as accurate without the others)")
     reasons.append(
         "weights: smoothed member accuracies "
@@ -320,7 +327,7 @@ def recommend(
         f"at {cost} {leader}'s time per answer"
     )
     return Recommendation(
-        best.members, best.leader, best.weights, best.stats, best.policy, tuple(reasons)
+        best.members, best.leader, best.weights, best.stats, best.policy, tuple(reasons), best.vote
     )
 
 
@@ -352,7 +359,15 @@ def to_yaml(rec: Recommendation, header: Sequence[str]) -> str:
     """A ``fusion:`` block to merge into config.yaml (values only from ``rec``)."""
     p = rec.policy
     lines = [f"# {h}" for h in header]
-    lines += ["fusion:", f"  models: [{', '.join(rec.members)}]", "  selection:"]
+    lines += ["fusion:", f"  models: [{', '.join(rec.members)}]"]
+    if rec.vote is not None:
+        v = rec.vote
+        lines += ["  method: vote", f"  answer: {v.answer}"]
+        lines.append(
+            f"  vote: {{k: {v.k}, threshold: {v.threshold:g}, budget: {v.budget}, "
+            f"temperature: {v.temperature:g}, seed: {'null' if v.seed is None else v.seed}}}"
+        )
+    lines.append("  selection:")
     lines += [f"    rule: {p.rule}", f"    leader: {rec.leader}", f"    aggregate: {p.aggregate}"]
     lines.append("    weights:")
     lines += [f"      {n}: {w:g}" for n, w in rec.weights.items()]
@@ -380,6 +395,7 @@ async def calibrate(
     leader_margins: Sequence[float] = (1.0,),
     subsets: bool = True,
     max_time_ratio: float | None = None,
+    vote_settings: Sequence[tuple[int, float, int]] = VOTE_SETTINGS,
     progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[Recommendation, list[str]]:
     """Run the development set through each member alone, then the kept members fused
@@ -398,9 +414,10 @@ async def calibrate(
         alone.append(await answer_all(fuser, task, replace(base, models=(m,)), m, progress))
     kept = keep_members(alone)
     leader = choose_leader([r for r in alone if r.system in kept], {})
-    if len(kept) < 2:
-        rec = recommend(alone, [], leader, max_time_ratio)
-        return rec, report(task, alone, kept, [], {}, leader)
+    voted = await try_votes(fuser, task, base, alone, kept, leader, vote_settings, progress)
+    if len(kept) < 2:  # nothing to fuse segment by segment; one member may still vote
+        rec = recommend(alone, voted, leader, max_time_ratio)
+        return rec, report(task, alone, kept, voted, {}, leader)
     sets = [kept]
     if subsets and len(kept) >= 3:
         sets += [tuple(m for m in kept if m != out) for out in kept]
@@ -429,8 +446,35 @@ async def calibrate(
                 params = replace(fused, selection=policy)
                 run = await answer_all(fuser, task, params, name + suffix, progress)
                 tried.append(Tried(name + suffix, group, lead, weights, stats, policy, run))
+    tried += voted
     rec = recommend(alone, tried, leader, max_time_ratio)
     return rec, report(task, alone, kept, tried, samples, leader)
+
+
+async def try_votes(
+    fuser: Fuser,
+    task: DevTask,
+    base: FusionParams,
+    alone: Sequence[Run],
+    kept: Sequence[str],
+    leader: str,
+    settings: Sequence[tuple[int, float, int]],
+    progress: Callable[[str], None],
+) -> list[Tried]:
+    """Method vote over the kept members (one kept: its own self-consistency) at each
+    (k, threshold, budget), the leader first, weighted by accuracy; named
+    ``vote k4/t0.75/b8``."""
+    voters = [r for r in alone if r.system in kept]
+    weights = member_weights(voters)
+    policy = SelectionPolicy("leader", leader=leader, weights=tuple(weights.items()))
+    out = []
+    for k, threshold, budget in settings:
+        vote = VoteParams(task.answer, k, threshold, budget, seed=0)
+        params = replace(base, models=tuple(kept), method="vote", selection=policy, vote=vote)
+        name = f"vote k{k}/t{threshold:g}/b{budget}"
+        run = await answer_all(fuser, task, params, name, progress)
+        out.append(Tried(name, tuple(kept), leader, weights, {}, policy, run, vote))
+    return out
 
 
 def report(

@@ -122,6 +122,12 @@ def _add_calibrate(sub: argparse._SubParsersAction[Any]) -> None:
         help="comma-separated leader's-veto margins (nats/token) to compare with each gate "
         "threshold; empty: none",
     )
+    cal.add_argument(
+        "--vote-settings",
+        default="4/0.75/8,4/1/8,8/0.5/8",
+        help="method vote's k/threshold/budget settings to compare, comma-separated "
+        "(tried with one member kept too: its self-consistency); empty: none",
+    )
     cal.add_argument("--out", help="write the fusion: YAML block to this file (else print it)")
 
 
@@ -245,6 +251,14 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
     if not all(m >= 0 for m in margins):
         print("fusion-server: --leader-margins must be numbers ≥ 0", file=sys.stderr)
         return 2
+    votes = _vote_settings(args.vote_settings)
+    if votes is None:
+        print(
+            "fusion-server: --vote-settings must be k/threshold/budget items, e.g. 4/0.75/8 "
+            "(k and budget 1-64, threshold in (0, 1])",
+            file=sys.stderr,
+        )
+        return 2
     if args.max_time_ratio is not None and not args.max_time_ratio >= 1:
         print("fusion-server: --max-time-ratio must be at least 1", file=sys.stderr)
         return 2
@@ -268,6 +282,7 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
             leader_margins=margins,
             subsets=not args.no_subsets,
             max_time_ratio=args.max_time_ratio,
+            vote_settings=votes,
             progress=lambda line: logging.getLogger("calibrate").info("%s", line),
         )
     finally:
@@ -288,6 +303,23 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     return 0
+
+
+def _vote_settings(text: str) -> list[tuple[int, float, int]] | None:
+    """``k/threshold/budget`` items (None when one is malformed or out of range)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            k, threshold, budget = item.split("/")
+            setting = (int(k), float(threshold), int(budget))
+        except ValueError:
+            return None
+        if not (1 <= setting[0] <= 64 and 0 < setting[1] <= 1 and 1 <= setting[2] <= 64):
+            return None
+        out.append(setting)
+    return out
 
 
 def _prepare(config: AppConfig) -> int:

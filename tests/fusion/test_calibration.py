@@ -300,3 +300,42 @@ def test_the_consensus_candidate_is_the_gate_needing_two_proposers_and_is_writte
     rec = Recommendation(("x", "y", "z"), "x", {}, {}, p, ())
     block = yaml.safe_load(to_yaml(rec, []))["fusion"]["selection"]
     assert block["min_support"] == 2 and block["rule"] == "gate"
+
+
+async def test_calibrate_tries_vote_and_recommends_it_when_it_beats_the_member_alone(
+    make_model, tmp_path
+):
+    # greedy, Qwen answers 180; three of its four samples say 540, the right answer
+    qwen = make_model(
+        "qwen2.5-0.5b",
+        "He runs 3 sprints, so 180 meters.",
+        answers=["So 540.", "It is 540.", "So 7.", "540 meters."],
+    )
+    rec, report = await calibrate(
+        Fuser([qwen]), ["qwen2.5-0.5b"], gsm8k_task(1, 40), vote_settings=[(4, 0.75, 8)]
+    )
+    row = next(line for line in report if line.startswith("vote k4/t0.75/b8"))
+    assert row.split()[2] == "100%"
+    assert rec.vote is not None and (rec.vote.k, rec.vote.threshold, rec.vote.budget) == (
+        4,
+        0.75,
+        8,
+    )
+    assert rec.vote.answer == "last_number"  # GSM8K's judge reads the last number too
+    assert any("vote k4/t0.75/b8 had the best development accuracy" in r for r in rec.reasons)
+    block = yaml.safe_load(to_yaml(rec, ["test"]))["fusion"]
+    path = tmp_path / "c.yaml"
+    models = [{"name": "qwen2.5-0.5b", "source": "y"}]
+    path.write_text(yaml.safe_dump({"models": models, "fusion": block}))
+    config = load_config(path)
+    assert config.fusion.method == "vote" and config.fusion.answer == "last_number"
+    assert (config.fusion.vote.k, config.fusion.vote.seed) == (4, 0)
+
+
+async def test_without_vote_settings_no_vote_is_tried(make_model):
+    qwen = make_model("qwen2.5-0.5b", "So 540.", answers=["So 540."])
+    rec, report = await calibrate(
+        Fuser([qwen]), ["qwen2.5-0.5b"], gsm8k_task(1, 40), vote_settings=[]
+    )
+    assert rec.vote is None and not any(line.startswith("vote") for line in report)
+    assert rec.members == ("qwen2.5-0.5b",)
