@@ -1,14 +1,16 @@
 """How an answer is judged right, as the evaluation tasks judge it, and the extractors
 that map an answer to the key ``vote`` counts (the same reading of an answer for both).
 
-Standard library only: eval/tasks/qa_wikidata_pkg/utils.py imports this module inside
-lm-evaluation-harness's own environment, and ``fusion-server calibrate`` uses it on its
-development sets, so both judge an answer the same way.
+Standard library only at import: eval/tasks/qa_wikidata_pkg/utils.py imports this module
+inside lm-evaluation-harness's own environment, and ``fusion-server calibrate`` uses it on
+its development sets, so both judge an answer the same way. (The ``regex:`` extractor
+alone takes the ``regex`` package, for its time limit.)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -27,13 +29,18 @@ def normalise_number(number: str) -> str:
         value = float(n)
     except ValueError:
         return n
+    if not math.isfinite(value):  # "inf", "nan", 1e400: no int to make of it
+        return n
     return str(int(value)) if value == int(value) else str(value)
 
 
 def last_number(text: str) -> str | None:
-    """GSM8K's flexible extract: the last number of ``text``, normalised (None: none)."""
+    """GSM8K's flexible extract: the last number of ``text``, normalised (None: none, or
+    a last match without a digit, such as "...", which no reference equals)."""
     found = _NUMBER.findall(text)
-    return normalise_number(found[-1]) if found else None
+    if not found or not any(c.isdigit() for c in found[-1]):
+        return None
+    return normalise_number(found[-1])
 
 
 def last_number_matches(text: str, reference: str) -> bool:
@@ -58,9 +65,11 @@ def phrase_matches(text: str, targets: Sequence[str]) -> bool:
 
 # -- extractors: an answer's key for ``vote`` ------------------------------------------------
 # the letter is a capital: "the answer is a dog" names no choice
-_CHOICE_SAID = re.compile(r"(?i:answer|choice|option)\s*(?i:is|:)?\s*\(?([A-J])\b")
+_CHOICE_SAID = re.compile(r"(?i:answer|choice|option)\s*(?i:is)?\s*:?\s*\(?([A-J])\b")
 _CHOICE_ALONE = re.compile(r"^\s*\(?([A-J])(?:[).:]|\s*$)")
 _CHOICE_PAREN = re.compile(r"\(([A-J])\)")
+_PRONOUN = re.compile(r"\s+[a-z]")  # "the answer is I think B": "I" is no choice there
+REGEX_SECONDS = 0.1  # a per-request pattern's time on one answer (backtracking: no key)
 
 
 def boxed(text: str) -> str | None:
@@ -95,9 +104,13 @@ def _is_number(text: str) -> bool:
 def choice(text: str) -> str | None:
     """A multiple-choice letter A-J: the one after "answer is" (or "answer:"), else an
     answer that is a letter alone ("B", "(B)", "B."), else the last "(B)" in the text."""
-    said = _CHOICE_SAID.findall(text)
+    said = [
+        m.group(1)
+        for m in _CHOICE_SAID.finditer(text)
+        if not (m.group(1) == "I" and _PRONOUN.match(text, m.end()))
+    ]
     if said:
-        return str(said[-1])
+        return said[-1]
     alone = _CHOICE_ALONE.match(text)
     if alone:
         return alone.group(1)
@@ -111,11 +124,20 @@ def exact(text: str) -> str | None:
 
 
 def regex_extractor(pattern: str) -> Callable[[str], str | None]:
-    """The last match of ``pattern`` (its first group when it has groups), stripped."""
-    compiled = re.compile(pattern)
+    """The last match of ``pattern`` (its first group when it has groups), stripped. A
+    request's pattern may backtrack for ever: past ``REGEX_SECONDS`` on an answer, none."""
+    import regex
+
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as exc:
+        raise ValueError(f"answer extractor 'regex:{pattern}': invalid pattern: {exc}") from None
 
     def extract(text: str) -> str | None:
-        found = list(compiled.finditer(text))
+        try:
+            found = list(compiled.finditer(text, timeout=REGEX_SECONDS))
+        except TimeoutError:
+            return None
         if not found:
             return None
         last = found[-1]
@@ -182,10 +204,7 @@ def extractor(spec: str) -> Callable[[str], str | None]:
         return EXTRACTORS[spec]
     kind, _, arg = spec.partition(":")
     if kind == "regex" and arg:
-        try:
-            return regex_extractor(arg)
-        except re.error as exc:
-            raise ValueError(f"answer extractor {spec!r}: invalid pattern: {exc}") from None
+        return regex_extractor(arg)
     if kind == "json" and arg and all(arg.split(".")):
         return json_extractor(arg)
     raise ValueError(f"unknown answer extractor {spec!r}; one of: {', '.join(EXTRACTOR_NAMES)}")

@@ -132,7 +132,8 @@ class Engine(Protocol):
     Optional attributes the loop reads where an engine has them: ``constrains`` (it
     honours ``Sampling.constraint``), ``shares_prefixes`` (a state opened on a prompt that
     a released state read reads only the rest: a prefix cache), ``max_requests`` (the
-    most states open at once; more wait in ``open``)."""
+    most states open at once; more wait in ``open``), ``kv_cells`` (the cache positions
+    all open states share; each reserves its prompt and room, or waits in ``open``)."""
 
     name: str
 

@@ -75,7 +75,7 @@ class Fuser:
         run.outcome.usage = {m.name: ModelUsage() for m in run.models}
         self.members.admit(run)  # without the ejected models
         try:
-            if params.selection.step_rule == "packllm":
+            if params.selection.step_rule == "packllm" and params.method != "vote":
                 # before the run holds any engine state: scoring the prompt opens a
                 # scratch state in every engine, which may have to wait for room
                 await prompt_weights(self.members, run)

@@ -29,7 +29,15 @@ from fusion.members import Members
 from fusion.models import SourceModel
 from fusion.proposals import Proposal, propose
 from fusion.rerank import finish_answer
-from fusion.run import Candidate, Run, content_tokens, group, model_sampling, prompt_ids
+from fusion.run import (
+    Candidate,
+    FusionError,
+    Run,
+    content_tokens,
+    group,
+    model_sampling,
+    prompt_ids,
+)
 from fusion.steps import score_all
 from fusion.types import FinishReason, ScoredCandidate, Segment, VoteSample, VoteTally
 
@@ -54,9 +62,8 @@ async def vote(members: Members, run: Run, grammar_for: SampleGrammar) -> Segmen
     assert v.answer is not None, "vote needs an answer extractor (checked at the edge)"
     key_of = extractor(v.answer)
     samples: list[Sample] = []
-    stopped = "budget"
+    stopped: str | None = None
     for m in run.models:
-        run.outcome.usage[m.name].prompt_tokens = len(prompt_ids(run.prompt, m))
         run.codecs[m.name] = members.codec(run, m)
     for m in draw_order(run):  # each member draws once at most
         left = v.budget - len(samples)
@@ -64,16 +71,22 @@ async def vote(members: Members, run: Run, grammar_for: SampleGrammar) -> Segmen
             break
         if m not in run.models:  # dropped while another member sampled
             continue
-        drawn = await _draw(members, run, m, min(v.k, left), grammar_for)
-        samples += [Sample(p, key_of(p.text)) for p in drawn]
-        if drawn and agreement([key_of(p.text) for p in drawn]) >= v.threshold:
+        drawn = [
+            Sample(p, read_key(key_of, p.text))
+            for p in await _draw(members, run, m, min(v.k, left), grammar_for)
+        ]
+        samples += drawn
+        # one answer agrees with itself: it says nothing about the member's confidence
+        if len(drawn) >= 2 and agreement([s.key for s in drawn]) >= v.threshold:
             stopped = f"agreed: {m.name}"
             break
+    if stopped is None:
+        stopped = "budget" if len(samples) >= v.budget else "every member sampled"
     run.clock.lap("generate")
-    weights = dict(run.params.selection.weights)
-    key, tally, tie = elect(samples, weights, [m.name for m in run.models])
+    key, tally, tie = elect(samples, dict(run.params.selection.weights))
     chosen = [s for s in samples if key is None or s.key == key]
-    scored, best = await _lowest_perplexity(members, run, chosen)
+    voters = {s.proposal.model for s in samples}
+    scored, best = await _lowest_perplexity(members, run, chosen, voters)
     run.clock.lap("score")
     trace = VoteTally(
         tuple(
@@ -91,6 +104,14 @@ async def vote(members: Members, run: Run, grammar_for: SampleGrammar) -> Segmen
     finish: FinishReason = "length" if p.hit_cap and not p.ended else "stop"
     tokens = content_tokens(run, p)
     return finish_answer(run, best.text, p.model, tokens, finish, scored, context, vote=trace)
+
+
+def read_key(key_of: Callable[[str], str | None], text: str) -> str | None:
+    """The extractor's key of ``text``; an extractor that fails on it finds none."""
+    try:
+        return key_of(text)
+    except Exception:  # an odd answer must not fail the request (no key: no vote)
+        return None
 
 
 def draw_order(run: Run) -> list[SourceModel]:
@@ -112,14 +133,14 @@ def agreement(keys: Sequence[str | None]) -> float:
 
 
 def elect(
-    samples: Sequence[Sample], weights: dict[str, float], order: Sequence[str]
+    samples: Sequence[Sample], weights: dict[str, float]
 ) -> tuple[str | None, list[tuple[str, float]], str | None]:
     """The winning key, every key's weighted votes (most first, ties in order of first
     appearance) and how a tie was broken (None: no tie).
 
     A tie between keys goes to the key of the member whose own samples agree most (its
     majority key, among the tied ones), then to the heavier member, then to the member
-    that sampled first (``order`` for members that did not sample)."""
+    that sampled first."""
     votes: dict[str, float] = {}
     for s in samples:
         if s.key is not None:
@@ -157,61 +178,97 @@ def elect(
 async def _draw(
     members: Members, run: Run, m: SourceModel, n: int, grammar_for: SampleGrammar
 ) -> list[Proposal]:
-    """``n`` whole answers of ``m``, sampled at once; its states are released after."""
+    """``n`` whole answers of ``m``, sampled together as far as its engine holds them (its
+    open states and KV cells); each state is released once its answer is written."""
+    ids = prompt_ids(run.prompt, m)
+    run.outcome.usage[m.name].prompt_tokens = len(ids)
+    at_once = _at_once(m, len(ids) + run.params.max_tokens, n)
+    if n > 1 and getattr(m.engine, "shares_prefixes", False):
+        await _read_prompt(members, run, m, ids)
+    drawn: list[Proposal] = []
+    while len(drawn) < n and m in run.models:
+        count = min(at_once, n - len(drawn))
+        drawn += await _draw_some(
+            members, run, m, ids, range(len(drawn), len(drawn) + count), grammar_for
+        )
+    return drawn
+
+
+def _at_once(m: SourceModel, per_state: int, n: int) -> int:
+    """How many of ``n`` states of ``per_state`` cells ``m``'s engine can hold at once (all
+    of them, when it sets no limit): a draw that waited for more would wait for ever."""
+    most = n
+    slots = getattr(m.engine, "max_requests", None)
+    if slots:
+        most = min(most, slots)
+    cells = getattr(m.engine, "kv_cells", None)
+    if cells:
+        most = min(most, cells // min(per_state, cells))
+    return max(1, most)
+
+
+async def _draw_some(
+    members: Members,
+    run: Run,
+    m: SourceModel,
+    ids: list[int],
+    which: range,
+    grammar_for: SampleGrammar,
+) -> list[Proposal]:
+    """Samples ``which`` of ``m``: their states opened one after the other (no other
+    request's draw on ``m`` opens meanwhile), then every answer written at once."""
     params = run.params
     states: list[StateHandle] = []
     rid = uuid.uuid4().hex
-    ids = prompt_ids(run.prompt, m)
-    prompt = len(ids)
 
-    async def open_all(x: SourceModel) -> list[StateHandle]:
+    async def open_all(x: SourceModel) -> None:
         if x is not m:
-            return []
-        async with members.opening(m.name):
-            if n > 1 and getattr(m.engine, "shares_prefixes", False):
-                read = _read_prompt(m, f"{rid}-{m.name}-prime", ids)
-                await asyncio.wait_for(read, m.step_timeout)
-            for i in range(n):
+            return
+        async with members.opening(m.name):  # waiting in line: no deadline
+            for i in which:
                 # a whole answer, no branch or look-ahead beyond it
                 states.append(await m.engine.open(f"{rid}-{m.name}-s{i}", ids, params.max_tokens))
-        return states
 
     async def sample_all(x: SourceModel) -> list[Proposal]:
         if x is not m:
             return []
-        sampling = [sample_sampling(run, m, i) for i in range(n)]
-        grammars = [await grammar_for(m) for _ in range(n)]
+        grammars = [await grammar_for(m) for _ in which]
         return list(
             await asyncio.gather(
                 *(
                     propose(
                         m,
-                        states[i],
+                        state,
                         members.codec(run, m),
                         [m.tokenizer],
                         cap=params.max_tokens,
                         until_boundary=False,
                         user_stops=params.stop,
-                        sampling=dataclasses.replace(sampling[i], constraint=grammars[i]),
+                        sampling=dataclasses.replace(sample_sampling(run, m, i), constraint=g),
                         grammar=run.answer_grammar,
                     )
-                    for i in range(n)
+                    for i, state, g in zip(which, states, grammars, strict=True)
                 )
             )
         )
 
+    prompt = len(ids)
     try:
         await members.each(run, open_all, bounded_by_step=False)
         got = await members.each(
             run,
             sample_all,
-            kind="answer",
-            units=lambda x: prompt + params.max_tokens if x is m else 0,
-            done=lambda x, ps: prompt + max([1, *(p.generated for p in ps)]) if x is m else 0,
+            kind="samples",  # several answers together: their own usual time
+            units=lambda x: prompt + len(which) * params.max_tokens if x is m else 0,
+            done=lambda x, ps: prompt + sum(max(1, p.generated) for p in ps) if x is m else 0,
         )
     finally:
-        for s in states:  # their prompts stay in a prefix cache for the next draw
-            run.releases.append(members.start_release(m.name, s))
+        # released before the next turn opens its states (their prompts stay in a prefix
+        # cache); the request's end waits for them too, should this be cancelled
+        releases = [members.start_release(m.name, state) for state in states]
+        run.releases += releases
+        if releases:
+            await asyncio.shield(asyncio.gather(*releases))
     drawn = got.get(m.name, [])
     for p in drawn:
         run.outcome.usage[m.name].generated_tokens += p.generated
@@ -235,31 +292,46 @@ def sample_sampling(run: Run, m: SourceModel, i: int) -> Sampling:
     return dataclasses.replace(base, seed=base.seed + i * len(run.outcome.usage))
 
 
-async def _read_prompt(m: SourceModel, rid: str, ids: list[int]) -> None:
+async def _read_prompt(members: Members, run: Run, m: SourceModel, ids: list[int]) -> None:
     """Read the prompt once in a state released at once: an engine that keeps released
-    contexts (a prefix cache) then gives each sample's state the prompt for one token."""
-    state = await m.engine.open(rid, ids, 1)
+    contexts (a prefix cache) then gives each sample's state the prompt for one token.
+    Opening waits in line; the read itself has its deadline, as any call."""
+    state: StateHandle | None = None
+
+    async def open_one(x: SourceModel) -> None:
+        nonlocal state
+        if x is m:
+            state = await m.engine.open(f"{uuid.uuid4().hex}-{m.name}-prompt", ids, 1)
+
+    async def read(x: SourceModel) -> None:
+        if x is m and state is not None:
+            await m.engine.generate(state, 1, frozenset(), lambda _: False)
+
     try:
-        await m.engine.generate(state, 1, frozenset(), lambda _: False)
+        await members.each(run, open_one, bounded_by_step=False)
+        await members.each(run, read, kind="prompt", units=lambda x: len(ids) if x is m else 0)
     finally:
-        await m.engine.release(state)
+        if state is not None:
+            await asyncio.shield(members.start_release(m.name, state))
 
 
 async def _lowest_perplexity(
-    members: Members, run: Run, chosen: Sequence[Sample]
+    members: Members, run: Run, chosen: Sequence[Sample], voters: set[str]
 ) -> tuple[tuple[ScoredCandidate, ...], Candidate | None]:
     """The distinct texts of ``chosen`` scored under the members that sampled, and the
-    one with the lowest mean perplexity (one text: taken without scoring)."""
+    one with the lowest mean perplexity. One text is taken without scoring, and so is
+    the first when scoring fails: the vote has its answer already."""
     candidates = group(s.proposal for s in chosen)
     if not candidates:
         return (), None
     if len(candidates) == 1:
-        c = candidates[0]
-        return (_unscored(c),), c
-    voters = {s.proposal.model for s in chosen}
+        return (_unscored(candidates[0]),), candidates[0]
     run.models = [m for m in run.models if m.name in voters]
-    await members.open(run, whole=True)
-    scored, _ = await score_all(members, run, candidates)
+    try:
+        await members.open(run, whole=True)
+        scored, _ = await score_all(members, run, candidates)
+    except FusionError:  # every member that sampled failed to score
+        return tuple(_unscored(c) for c in candidates), candidates[0]
     best = min(range(len(scored)), key=lambda i: scored[i].mean_perplexity)
     return tuple(scored), candidates[best]
 

@@ -190,16 +190,24 @@ async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
     from server.engines import load_models, shutdown_models
 
     selection = _selection(config, args)  # a bad --rule/--leader fails before loading
+    method = args.method or config.fusion.method
+    if method == "vote" and config.fusion.answer is None:
+        print(
+            "fusion-server: method vote needs fusion.answer in the config (an extractor)",
+            file=sys.stderr,
+        )
+        return 2
     models = await load_models(config)
     fuser = _fuser(config, models)
     try:
         params = FusionParams(
-            method=args.method or config.fusion.method,
+            method=method,
             max_tokens=args.max_tokens,
             max_segment_tokens=config.fusion.max_segment_tokens,
             ppl_mode=config.fusion.ppl_mode,
             models=tuple(args.models.split(",")) if args.models else _default_models(config),
             selection=selection,
+            vote=config.fusion.vote.params(config.fusion.answer),
         )
         prompt = (
             Prompt(text=args.prompt)
@@ -255,7 +263,7 @@ async def _calibrate(config: AppConfig, args: argparse.Namespace) -> int:
     if votes is None:
         print(
             "fusion-server: --vote-settings must be k/threshold/budget items, e.g. 4/0.75/8 "
-            "(k and budget 1-64, threshold in (0, 1])",
+            "(k 1-16, budget 1-64, threshold in (0, 1])",
             file=sys.stderr,
         )
         return 2
@@ -316,7 +324,8 @@ def _vote_settings(text: str) -> list[tuple[int, float, int]] | None:
             setting = (int(k), float(threshold), int(budget))
         except ValueError:
             return None
-        if not (1 <= setting[0] <= 64 and 0 < setting[1] <= 1 and 1 <= setting[2] <= 64):
+        # as VoteConfig takes them (a recommendation must load)
+        if not (1 <= setting[0] <= 16 and 0 < setting[1] <= 1 and 1 <= setting[2] <= 64):
             return None
         out.append(setting)
     return out

@@ -141,9 +141,11 @@ class FusionService:
                 raise BadRequest(
                     "fusion.models only applies to the fused model", param="fusion.models"
                 )
-            subset, method = (model,), "cool"
+            # alone it writes as it would alone, or votes on its own samples
+            # (self-consistency); the segment-level methods need several models
+            subset, method = (model,), "vote" if opts.method == "vote" else "cool"
             segment, ppl_mode, base = opts.max_segment_tokens, opts.ppl_mode, cfg.selection
-            vote = VoteParams()
+            vote = self._vote(model, opts, method, subset)
         else:
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
         wanted = cfg.default_max_tokens if max_tokens is None else max_tokens
@@ -171,8 +173,34 @@ class FusionService:
         self, model: str, opts: FusionOptions, method: str, subset: tuple[str, ...] | None
     ) -> VoteParams:
         """The model's extractor and vote settings with the request's on top, checked;
-        method vote needs an extractor."""
+        method vote needs an extractor, and the fields only other methods read are
+        refused under it (and its own under them)."""
         answer, settings = self.config.fusion.variant_vote(model)
+        if method != "vote":
+            for name in ("answer", "vote"):
+                if getattr(opts, name) is not None:
+                    raise BadRequest(
+                        f"fusion.{name} applies to method vote only (this request's method "
+                        f"is {method})",
+                        param=f"fusion.{name}",
+                    )
+            return settings.params(answer)
+        if opts.max_segment_tokens is not None:
+            raise BadRequest(
+                "fusion.max_segment_tokens does not apply to method vote (whole answers)",
+                param="fusion.max_segment_tokens",
+            )
+        unread = (
+            sorted(set(opts.selection.model_fields_set) - {"leader", "weights"})
+            if (opts.selection is not None)
+            else []
+        )
+        if unread:
+            raise BadRequest(
+                f"method vote reads only fusion.selection.leader and weights, not "
+                f"{', '.join(unread)}",
+                param=f"fusion.selection.{unread[0]}",
+            )
         if opts.answer is not None:
             try:
                 extractor(opts.answer)
@@ -180,30 +208,19 @@ class FusionService:
                 raise BadRequest(str(exc), param="fusion.answer") from None
             answer = opts.answer
         if opts.vote is not None:
-            merged = settings.model_dump() | opts.vote.model_dump(exclude_none=True)
+            # given fields only: an explicit null seed asks for fresh samples
+            asked = opts.vote.model_dump(exclude_unset=True)
             try:
-                settings = VoteConfig.model_validate(merged)
+                settings = VoteConfig.model_validate(settings.model_dump() | asked)
             except ValidationError as exc:
                 where = exc.errors()[0]["loc"][:1]
                 param = ".".join(["fusion.vote", *(str(p) for p in where)])
                 raise BadRequest(_first_error(exc), param=param) from None
-        if method != "vote":
-            return settings.params(answer)
         if answer is None:
             raise BadRequest(
                 f"method vote needs an answer extractor in fusion.answer: one of {EXTRACTOR_LIST}",
                 param="fusion.answer",
             )
-        # every sample holds a state at once: an engine that caps its open states must
-        # take a draw whole, or the request would wait for ever
-        for m in self.fuser.select(subset):
-            most = getattr(m.engine, "max_requests", None)
-            if most is not None and min(settings.k, settings.budget) > most:
-                raise BadRequest(
-                    f"fusion.vote.k is {settings.k}; source model {m.name} holds at most "
-                    f"{most} states at once",
-                    param="fusion.vote.k",
-                )
         return settings.params(answer)
 
     def _selection(self, base: SelectionConfig, asked: SelectionOptions | None) -> SelectionPolicy:
@@ -340,10 +357,13 @@ class FusionService:
     ) -> list[Choice]:
         """``n`` choices per prompt; with a seed, each choice of a prompt samples with its
         own (the request's seed for the first), so they differ yet repeat per request."""
-        # the loop gives each source model seed + its index; a stride of that many keeps
-        # every (choice, model) seed distinct
+        # the loop gives each source model seed + its index (and each vote sample of it
+        # seed + index + sample * models); a stride of that many keeps every (choice,
+        # model, sample) seed distinct
         stride = len(self.fuser.select(params.models))
-        sampling = params.sampling
+        if params.method == "vote":
+            stride *= params.vote.budget
+        sampling, vote = params.sampling, params.vote
         choices: list[Choice] = []
         for p_index, prompt in enumerate(prompts):
             fitted = self._fit_context(prompt, params, explicit)
@@ -353,6 +373,8 @@ class FusionService:
                     own = replace(
                         fitted, sampling=replace(sampling, seed=sampling.seed + j * stride)
                     )
+                elif vote.seed is not None and j and params.method == "vote":
+                    own = replace(fitted, vote=replace(vote, seed=vote.seed + j * stride))
                 text = prompt.text if echo and prompt.text else ""
                 choices.append(Choice(len(choices), prompt, own, p_index, text))
         return choices

@@ -89,6 +89,11 @@ class LlamaCppEngine:
         self._cells: Pool | None = None  # KV cells reserved by open requests
 
     @property
+    def kv_cells(self) -> int | None:
+        """KV cells every open state shares (each reserves its prompt and room)."""
+        return None if self.rt is None else self.rt.n_ctx
+
+    @property
     def shares_prefixes(self) -> bool:
         """A released state's context stays for a new state on the same prompt."""
         return self.prefix_cache > 0

@@ -47,6 +47,7 @@ class ScriptedEngine:
         self.name = name
         self.answers = list(answers)
         self.sampled: list[Sampling] = []
+        self.most_open = 0  # the most states open at once
         self.adapter = adapter
         self.script = script
         self.end_id = end_id
@@ -89,6 +90,7 @@ class ScriptedEngine:
         await self._tick()
         st = FakeState(request_id, list(prompt_ids))
         self.states.append(st)
+        self.most_open = max(self.most_open, self.open_states)
         return st
 
     async def generate(

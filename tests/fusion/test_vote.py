@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 
+from fusion.answers import last_number
 from fusion.loop import Fuser
 from fusion.proposals import Proposal
 from fusion.types import FusionOutcome, FusionParams, Prompt, Segment, SelectionPolicy, VoteParams
-from fusion.vote import Sample, agreement, elect
+from fusion.vote import Sample, agreement, elect, read_key
 
 CHAT = Prompt(messages=({"role": "user", "content": "What is 6 times 7?"},))
 LEAD, MID, LAST = "qwen2.5-0.5b", "smollm2-135m", "gemma3-270m"
@@ -111,32 +112,32 @@ def sample(model: str, key: str | None) -> Sample:
 def test_a_tie_goes_to_the_more_self_consistent_member_whatever_its_weight():
     # A (heavier): 3 3 5 6, agrees 50%; B: 4 4 4 9, agrees 75%; 3 and 4 tie at 3 votes
     samples = [*(sample("A", k) for k in "3356"), *(sample("B", k) for k in "4449")]
-    key, tally, tie = elect(samples, {"A": 1.5}, ["A", "B"])
+    key, tally, tie = elect(samples, {"A": 1.5})
     assert dict(tally) == {"3": 3.0, "4": 3.0, "5": 1.5, "6": 1.5, "9": 1.0}
     assert key == "4" and tie is not None and tie.startswith("B")
     # a third member agreeing with itself fully decides a tie between 3 and 4
     c = [sample("C", "3"), sample("C", "3")]
     samples = [sample("A", "3"), sample("A", "4"), *(sample("B", k) for k in "4443"), *c]
-    key, tally, tie = elect(samples, {}, ["A", "B", "C"])
+    key, tally, tie = elect(samples, {})
     assert dict(tally) == {"3": 4.0, "4": 4.0}
     assert key == "3" and tie is not None and tie.startswith("C")
 
 
 def test_without_a_tie_the_weighted_majority_wins_and_no_tie_break_is_named():
     samples = [*(sample("A", k) for k in "3356"), *(sample("B", k) for k in "4449")]
-    assert elect(samples, {"A": 2.0}, ["A", "B"])[::2] == ("3", None)
-    assert elect(samples, {"A": 1.0}, ["A", "B"])[::2] == ("4", None)
-    assert elect([sample("A", None)], {}, ["A"]) == (None, [], None)
+    assert elect(samples, {"A": 2.0})[::2] == ("3", None)
+    assert elect(samples, {"A": 1.0})[::2] == ("4", None)
+    assert elect([sample("A", None)], {}) == (None, [], None)
 
 
 def test_between_equally_self_consistent_members_a_tie_goes_to_the_heavier_then_the_first():
     # A: 3 3 4 6, B: 4 4 3 8 (both 50%); 3 and 4 tie whenever A and B weigh the same
     samples = [*(sample("A", k) for k in "3346"), *(sample("B", k) for k in "4438")]
-    key, tally, tie = elect(samples, {}, ["A", "B"])
+    key, tally, tie = elect(samples, {})
     assert dict(tally)["3"] == dict(tally)["4"] == 3.0
     assert key == "3" and tie is not None and tie.startswith("A")  # A drew first
     c = [sample("C", "4"), sample("C", "3")]  # C, heavier: its votes keep the tie
-    key, tally, tie = elect([*samples, *c], {"C": 2.0}, ["A", "B", "C"])
+    key, tally, tie = elect([*samples, *c], {"C": 2.0})
     assert dict(tally)["3"] == dict(tally)["4"] == 5.0
     assert key == "4" and tie is not None and tie.startswith("C")  # 50% too, heavier
 
@@ -219,3 +220,76 @@ async def test_a_member_that_fails_while_sampling_is_dropped_and_the_others_vote
 )
 def test_agreement_is_the_most_frequent_key_s_share_of_every_answer(keys, share):
     assert agreement(keys) == share
+
+
+async def test_a_single_sample_never_ends_the_sampling_by_agreeing_with_itself(make_model):
+    models = trio(make_model, ["1"], ["2"], ["3"])
+    segments, _ = await run(Fuser(models), params(k=1, budget=8))
+    assert drawn(models) == {MID: 1, LAST: 1, LEAD: 1}
+    assert segments[0].vote is not None and segments[0].vote.stopped == "every member sampled"
+
+
+async def test_a_draw_larger_than_the_engine_holds_at_once_is_taken_in_turns(make_model):
+    models = trio(make_model, ["4", "4", "4", "5", "4", "6"], ["1"] * 4, ["2"] * 4)
+    lead = models[2].engine
+    lead.max_requests = 2  # open states at once
+    _, outcome = await run(Fuser(models), params(k=6, budget=6))
+    assert drawn(models)[LEAD] == 6 and outcome.text == "4"
+    # never more than two of its states open at once, each released after its turn
+    opened = [st for st in lead.states]
+    assert len(opened) >= 6 and all(st.released for st in opened)
+    assert lead.most_open <= 2
+
+
+async def test_kv_cells_limit_how_many_samples_are_open_at_once(make_model):
+    from fusion.vote import _at_once
+
+    m = make_model(LEAD, "x")
+    assert _at_once(m, 100, 8) == 8  # no limits known
+    m.engine.kv_cells = 350
+    assert _at_once(m, 100, 8) == 3
+    m.engine.kv_cells = 50  # one state alone always fits (the engine caps it)
+    assert _at_once(m, 100, 8) == 1
+    m.engine.max_requests = 2
+    m.engine.kv_cells = 10_000
+    assert _at_once(m, 100, 8) == 2
+
+
+async def test_a_request_cancelled_while_sampling_releases_every_state(make_model):
+    import asyncio
+
+    models = trio(make_model, ["1", "2", "3", "4"], ["5"] * 4, ["6"] * 4)
+    for m in models:
+        m.engine.delay = 0.05
+    task = asyncio.ensure_future(run(Fuser(models), params()))
+    await asyncio.sleep(0.12)  # inside the leader's draw
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.2)  # releases run on their own
+    lead = models[2].engine
+    assert lead.states and all(st.released for st in lead.states)
+    assert all(st.released for m in models for st in m.engine.states)
+
+
+async def test_when_scoring_the_winning_texts_fails_the_vote_still_answers(make_model):
+    lead = ["So 42.", "The answer is 42.", "So 42.", "It is 9."]
+    models = trio(make_model, lead, ["1"] * 4, ["2"] * 4, script="The answer is 42.")
+    lead_engine = models[2].engine
+
+    async def broken(*_a, **_k):
+        from fusion.engine import EngineError
+
+        raise EngineError("scoring broke")
+
+    lead_engine.score = broken  # type: ignore[method-assign]
+    segments, outcome = await run(Fuser(models), params(budget=4, threshold=0.5))
+    assert last_number(outcome.text) == "42"
+    assert segments[0].vote is not None and segments[0].vote.key == "42"
+
+
+def test_an_extractor_that_fails_on_an_answer_reads_no_key_there():
+    def boom(text: str) -> str | None:
+        raise OverflowError(text)
+
+    assert read_key(boom, "x") is None

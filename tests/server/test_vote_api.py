@@ -76,17 +76,87 @@ async def test_bad_vote_requests_are_400_naming_the_field(client, fusion, param,
         assert all(n in err["message"] for n in EXTRACTOR_NAMES), err
 
 
-async def test_more_samples_at_once_than_an_engine_holds_states_is_400(client, make_model):
-    models = [make_model("qwen2.5-0.5b", "x", answers=["1"])]
-    models[0].engine.max_requests = 2
+@pytest.mark.parametrize(
+    ("fusion", "param"),
+    [
+        ({"answer": "exact"}, "fusion.answer"),
+        ({"method": "cool", "vote": {"k": 2}}, "fusion.vote"),
+        (
+            {"method": "vote", "answer": "exact", "max_segment_tokens": 8},
+            "fusion.max_segment_tokens",
+        ),
+        (
+            {"method": "vote", "answer": "exact", "selection": {"rule": "leader"}},
+            "fusion.selection.rule",
+        ),
+        (
+            {"method": "vote", "answer": "exact", "selection": {"min_support": 2}},
+            "fusion.selection.min_support",
+        ),
+    ],
+)
+async def test_fields_the_method_does_not_read_are_400_not_ignored(client, fusion, param):
+    async with client() as http:
+        r = await http.post("/v1/chat/completions", json={**CHAT, "fusion": fusion})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+async def test_a_source_model_by_name_votes_on_its_own_samples(client, make_model):
+    models = [make_model("qwen2.5-0.5b", "x", answers=["So 7.", "7", "It is 8.", "7."])]
     async with client(models=models) as http:
-        asked = {**CHAT, "fusion": {"method": "vote", "answer": "last_number", "vote": {"k": 3}}}
-        r = await http.post("/v1/chat/completions", json=asked)
-        asked["fusion"]["vote"] = {"k": 2}
-        ok = await http.post("/v1/chat/completions", json=asked)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "fusion.vote.k", r.text
-    assert "qwen2.5-0.5b" in r.json()["error"]["message"]
-    assert ok.status_code == 200, ok.text
+        body = {
+            **CHAT,
+            "model": "qwen2.5-0.5b",
+            "fusion": {
+                "method": "vote",
+                "answer": "last_number",
+                "vote": {"seed": 3},
+                "trace": True,
+            },
+        }
+        r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    vote = r.json()["choices"][0]["fusion"]["segments"][0]["vote"]
+    assert vote["key"] == "7" and len(vote["samples"]) == 4
+    assert last_number(r.json()["choices"][0]["message"]["content"]) == "7"
+
+
+async def test_n_choices_draw_samples_with_seeds_of_their_own(client, make_model):
+    models = vote_trio(make_model)
+    for seed in (None, 11):  # the method's seed, then the request's
+        for m in models:
+            m.engine.sampled.clear()
+        async with client(models=models) as http:
+            body = {
+                **CHAT,
+                "n": 3,
+                "fusion": {"method": "vote", "answer": "last_number", "vote": {"seed": 5}},
+            }
+            if seed is not None:
+                body["seed"] = seed
+            r = await http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        seeds = [s.seed for m in models for s in m.engine.sampled]
+        assert len(seeds) == len(set(seeds)) >= 12, seeds  # 3 choices x 4+ samples
+
+
+async def test_a_request_s_null_vote_seed_draws_fresh_samples(make_model):
+    config = load_config(None, models=TRIO, fusion={"answer": "last_number", "vote": {"seed": 5}})
+    models = vote_trio(make_model)
+    app = create_app(config, models)
+    async with app.router.lifespan_context(app):
+        await _wait_ready(app)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            for vote, fresh in (({}, False), ({"seed": None}, True)):
+                for m in models:
+                    m.engine.sampled.clear()
+                body = {**CHAT, "fusion": {"method": "vote", "vote": vote}}
+                r = await http.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                seeds = [s.seed for m in models for s in m.engine.sampled]
+                assert seeds and all((x is None) == fresh for x in seeds), (vote, seeds)
 
 
 def vote_trio(make_model):
