@@ -31,9 +31,12 @@ async def gated(members: Members, run: Run, win: Candidate) -> Step:
     return await unscored(members, run, [win], 0, (False,), "gated")
 
 
-def filtered(run: Run, candidates: Sequence[Candidate]) -> tuple[int, tuple[bool, ...]] | None:
-    """The winner of a fused step when the filters alone decide it (``settled``)."""
-    if len(candidates) < 2:
+def filtered(
+    run: Run, candidates: Sequence[Candidate], stopped: bool = False
+) -> tuple[int, tuple[bool, ...]] | None:
+    """The winner of a fused step when the filters alone decide it (``settled``);
+    ``stopped``: a hopeless segment was stopped, so a lone candidate is the leader's."""
+    if len(candidates) < 2 and not (stopped and candidates):
         return None  # one candidate: scored as ever (its trace shows every model's view)
     return settled(
         [(c.text, tuple(p.model for p in c.proposals)) for c in candidates],

@@ -26,7 +26,7 @@ from fusion.models import SourceModel
 from fusion.proposals import Proposal
 from fusion.rerank import FusedAnswer, rerank
 from fusion.run import FusionError, Run, Step, content_tokens, prompt_ids
-from fusion.selection import gate_confident
+from fusion.selection import Hopeless, gate_confident
 from fusion.steps import (
     choose,
     commit_all,
@@ -218,12 +218,18 @@ class Fuser:
             if p is not None and gate_confident(p.own_logprobs, threshold):
                 return await gated(members, run, own[0])
             given = {p.model: p} if p is not None else {}
+        hopeless = None
+        policy = run.params.selection
+        if self.shortcuts and given and Hopeless.applies(policy, run.params.sampling.greedy):
+            others = [m.name for m in run.models if m.name not in given]
+            hopeless = Hopeless(next(iter(given.values())).text, others)
         # 1. every model proposes its segment
-        candidates = await propose_all(members, run, cap, given)
+        candidates = await propose_all(members, run, cap, given, hopeless=hopeless)
         run.clock.lap("generate")
         if not candidates:
             return None
-        decided = filtered(run, candidates) if self.shortcuts else None
+        stopped = hopeless is not None and hopeless.stopped
+        decided = filtered(run, candidates, stopped) if self.shortcuts else None
         if decided is not None:  # no score could change the winner
             return await unscored(members, run, candidates, *decided, "filtered")
         # 2. every model scores every candidate

@@ -9,7 +9,7 @@ off it writes a whole continuation (Rerank).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fusion.engine import GREEDY, Generation, Sampling, StateHandle, TopLogprobs
@@ -39,6 +39,9 @@ class Proposal:
     # constrain it, or it ended where the grammar does not)
     own_top: tuple[TopLogprobs, ...] | None = None  # with ``own_ids``, when the sampling
     # asked for the most likely tokens at each position
+    # stopped before its segment ended: it could no longer win nor help another win
+    # (``gate.Hopeless``); no candidate (empty text, not ended)
+    abandoned: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,11 @@ class _StopCheck:
         user_stops: Sequence[str],
         until_boundary: bool,
         written: str = "",
+        abandon: Callable[[str], bool] | None = None,
     ) -> None:
         self.codec = codec
+        self.abandon = abandon  # told the text so far: True stops it without a candidate
+        self.abandoned = False
         self.tail = codec.tail_text
         self.adapters = adapters
         self.stops = [(s, True) for s in turn_markers if s] + [(s, False) for s in user_stops if s]
@@ -96,6 +102,9 @@ class _StopCheck:
             if p is not None:
                 self.found = StopFound(cut_at=p - len(self.tail))
                 return True
+        if self.abandon is not None and self.abandon(text):
+            self.abandoned = True
+            return True
         return False
 
     def _find(self, text: str, stop: str, turn_marker: bool) -> int | None:
@@ -121,6 +130,7 @@ async def propose(
     written: str = "",
     grammar: AnswerGrammar | None = None,
     alone: bool = False,
+    abandon: Callable[[str], bool] | None = None,
 ) -> Proposal:
     """Generate ``model``'s candidate after the shared text.
 
@@ -130,13 +140,26 @@ async def propose(
     A model writing ``alone`` (a source model by name) ends its candidate where one of
     its tokens ends, so that its answer is the tokens it wrote, as it would be alone."""
     check = _StopCheck(
-        codec, boundary_adapters, model.stop_strings, user_stops, until_boundary, written
+        codec, boundary_adapters, model.stop_strings, user_stops, until_boundary, written, abandon
     )
     try:
         gen = await model.engine.generate(state, cap, model.stop_ids, check, sampling)
     finally:
         if isinstance(sampling.constraint, MemberGrammar):
             sampling.constraint.rewind()
+    if check.abandoned:  # its tokens stay in the engine as look-ahead, as ever
+        return Proposal(
+            model.name,
+            "",
+            False,
+            None,
+            None,
+            len(gen.ids),
+            False,
+            check.seconds,
+            min(gen.reused, len(gen.ids)),
+            abandoned=True,
+        )
     text, ended, own, hit_cap = _candidate(gen, check, cap)
     if alone and own is None and not ended:
         text, own = _own_tokens(check.texts, text)

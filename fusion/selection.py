@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fusion.types import (
@@ -204,6 +204,62 @@ def settled(
     if veto_on and leader_proposed and (negative or leader not in candidates[index][1]):
         return None
     return index, excluded
+
+
+class Hopeless:
+    """Under consensus, a non-leader's segment still being written that can neither win
+    nor help another win, so that it may stop (the step is then ``settled`` on the
+    leader's candidate, as it would be with that segment written out).
+
+    A segment the leader did not write needs ``min_support`` proposers; the leader's
+    always qualifies. Once every other non-leader has finished, a segment whose text so
+    far has left the leader's and each finished one's (a character differs before both
+    end, the last one it wrote aside) will be a different text from all of them, since a
+    candidate is a prefix of what its model writes, or ends the answer with nothing: it
+    has one proposer. Only where nothing but consensus filters without scores: greedy
+    (a stop changes no later draw), no repetition guard, no negative veto margin."""
+
+    def __init__(self, leader_text: str, others: Sequence[str]) -> None:
+        self.leader_text = leader_text
+        self.others = tuple(others)
+        # written on the event loop, read on engines' threads: replaced, never mutated
+        self.finished: dict[str, str] = {}
+        self.stopped = False  # some segment was found hopeless (and stopped)
+
+    @staticmethod
+    def applies(policy: SelectionPolicy, greedy: bool) -> bool:
+        margins = (policy.leader_margin, policy.leader_excess)
+        return (
+            greedy
+            and policy.min_support >= 2
+            and policy.repetition_limit == 0
+            and not any(m is not None and m < 0 for m in margins)
+        )
+
+    def finish(self, model: str, text: str) -> None:
+        self.finished = {**self.finished, model: text}
+
+    def check(self, model: str) -> Callable[[str], bool]:
+        """``model``'s test, told its text so far: True once its segment is hopeless."""
+        peers = [o for o in self.others if o != model]
+
+        def hopeless(text: str) -> bool:
+            done = self.finished
+            if any(o not in done for o in peers):
+                return False
+            if _left(text, self.leader_text) and all(_left(text, done[o]) for o in peers):
+                self.stopped = True
+                return True
+            return False
+
+        return hopeless
+
+
+def _left(text: str, other: str) -> bool:
+    """``text`` (still growing; its last character aside) differs from ``other`` at a
+    character both have."""
+    n = min(len(text) - 1, len(other))
+    return n > 0 and text[:n] != other[:n]
 
 
 def leader_ppl(c: Scored, leader: str, mode: PplMode = "mean") -> float:

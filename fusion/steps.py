@@ -17,7 +17,7 @@ from fusion.members import Members
 from fusion.models import SourceModel
 from fusion.proposals import Proposal, propose
 from fusion.run import Candidate, Run, group, model_sampling, own_logprobs, prompt_ids
-from fusion.selection import Scored, Selection, nll, packllm_weights, select
+from fusion.selection import Hopeless, Scored, Selection, nll, packllm_weights, select
 from fusion.types import ScoredCandidate, perplexity
 
 
@@ -27,9 +27,11 @@ async def propose_all(
     cap: int,
     given: dict[str, Proposal] | None = None,
     only: SourceModel | None = None,
+    hopeless: Hopeless | None = None,
 ) -> list[Candidate]:
     """Every model's candidate; models in ``given`` have proposed already, and with
-    ``only`` that model alone proposes (the gate's leader)."""
+    ``only`` that model alone proposes (the gate's leader). With ``hopeless``, a model
+    whose segment can no longer matter stops writing it (no candidate)."""
     shortest = run.params.method == "cool_shortest"
     adapters = [m.tokenizer for m in run.models]
     known = given or {}
@@ -39,7 +41,7 @@ async def propose_all(
             return known[m.name]
         if only is not None and m is not only:
             return None
-        return await propose(
+        p = await propose(
             m,
             run.states[m.name],
             run.codecs[m.name],
@@ -50,7 +52,11 @@ async def propose_all(
             written=run.written,
             grammar=run.answer_grammar,
             alone=len(run.models) == 1,
+            abandon=hopeless.check(m.name) if hopeless is not None else None,
         )
+        if hopeless is not None:
+            hopeless.finish(m.name, p.text)
+        return p
 
     # a model's first generation in the run also reads its prompt (prefill): its own
     # kind of call, sized by the prompt too; models that proposed already, or were not

@@ -11,6 +11,7 @@ import pytest
 
 from fusion.loop import Fuser
 from fusion.models import SourceModel
+from fusion.selection import Hopeless
 from fusion.types import FusionOutcome, FusionParams, Prompt, Segment, SelectionPolicy
 from tests.conftest import scripted_model
 from tests.fusion.test_loop_policies import CountingEngine
@@ -109,8 +110,8 @@ async def test_the_shortcut_changes_no_text_nor_winner_and_scores_less(
     else:  # Cool+R emits its reranked answer alone: its steps are not seen here
         assert scored <= full_scored
     for i in filtered:  # the trace: every candidate, the excluded marked, the winner not
-        s = short[i]
-        assert len(s.candidates) >= 2 and sum(not c.excluded for c in s.candidates) == 1
+        s = short[i]  # (a segment stopped as hopeless is no candidate)
+        assert s.candidates and sum(not c.excluded for c in s.candidates) == 1
         won = next(c for c in s.candidates if not c.excluded)
         assert s.winner in won.proposers and won.score is not None
 
@@ -123,9 +124,55 @@ async def test_where_the_others_disagree_the_default_takes_the_leaders_without_s
     segments, outcome, calls = await answer(ms, method, selection, shortcuts=True)
     assert outcome.text.startswith("The cat sat on the mat")  # (then the weak pair, off
     # their scripts, agree on " off": they may overrule it)
-    split = [s for s in segments if len({c.text for c in s.candidates}) == 3]
-    assert split and all(s.step == "filtered" and s.winner == QWEN for s in split)
+    split = [s for s in segments if s.step == "filtered"]
+    won = [next(c for c in s.candidates if not c.excluded) for s in split]
+    assert split and all(QWEN in c.proposers for c in won)  # the leader's segment
     assert all(calls[segments.index(s)] == 0 for s in split)
+
+
+async def test_a_weak_members_hopeless_segment_stops_and_changes_nothing(default_adapters):
+    """Under consensus, once one weak member has finished a segment that differs from
+    the leader's, the other's stops where its text leaves both: its segment could not
+    win nor make another win. Same texts and winners; fewer tokens generated."""
+    method, selection = POLICIES["the default (gate, weighted, consensus 2)"]
+    full_ms = models(default_adapters, SCRIPTS["all differ"])
+    full, full_out, _ = await answer(full_ms, method, selection, shortcuts=False)
+    ms = models(default_adapters, SCRIPTS["all differ"])
+    short, out, _ = await answer(ms, method, selection, shortcuts=True)
+    assert [(s.text, s.winner) for s in short] == [(s.text, s.winner) for s in full]
+    weak = (SMOL, GEMMA)
+    full_generated = sum(full_out.usage[n].generated_tokens for n in weak)
+    generated = sum(out.usage[n].generated_tokens for n in weak)
+    assert generated < full_generated
+    # some filtered step lists fewer candidates than the same step did in full
+    assert any(len(a.candidates) < len(b.candidates) for a, b in zip(short, full))
+    # a guard or a negative veto (or sampling) needs every segment: nothing stops there
+    guarded = SelectionPolicy("gate", leader=QWEN, min_support=2, repetition_limit=1)
+    assert not Hopeless.applies(guarded, greedy=True)
+    assert not Hopeless.applies(selection, greedy=False)
+    assert Hopeless.applies(selection, greedy=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "leader", "finished", "hopeless"),
+    [
+        (" The dog", " The cat", {"b": " A bird"}, True),  # left both
+        (" The ca", " The cat", {"b": " A bird"}, False),  # may still be the leader's
+        (" The dog", " The cat", {"b": " The dog ran"}, False),  # may still be b's
+        (" The dog", " The cat", {}, False),  # b still writing: they may agree
+        (" The dog", "", {"b": " A bird"}, False),  # the leader wrote nothing: not sure
+        (" A bird", " The cat", {"b": ""}, False),  # b wrote nothing (or ended): not sure
+        (" The c", " The dog", {"b": " A"}, False),  # the last character may yet change
+    ],
+)
+def test_a_segment_is_hopeless_once_it_has_left_every_finished_one(
+    text, leader, finished, hopeless
+):
+    h = Hopeless(leader, ["a", "b"])
+    for name, t in finished.items():
+        h.finish(name, t)
+    assert h.check("a")(text) is hopeless
+    assert h.stopped is hopeless
 
 
 async def test_where_the_weak_agree_the_step_is_scored(default_adapters):
