@@ -220,9 +220,10 @@ class Fuser:
             given = {p.model: p} if p is not None else {}
         hopeless = None
         policy = run.params.selection
-        if self.shortcuts and given and Hopeless.applies(policy, run.params.sampling.greedy):
+        greedy, grammar = run.params.sampling.greedy, run.params.grammar is not None
+        if self.shortcuts and given and Hopeless.applies(policy, greedy, grammar):
             others = [m.name for m in run.models if m.name not in given]
-            hopeless = Hopeless(next(iter(given.values())).text, others)
+            hopeless = Hopeless(next(iter(given.values())).text, others, policy.min_support)
         # 1. every model proposes its segment
         candidates = await propose_all(members, run, cap, given, hopeless=hopeless)
         run.clock.lap("generate")

@@ -40,7 +40,7 @@ class Proposal:
     own_top: tuple[TopLogprobs, ...] | None = None  # with ``own_ids``, when the sampling
     # asked for the most likely tokens at each position
     # stopped before its segment ended: it could no longer win nor help another win
-    # (``gate.Hopeless``); no candidate (empty text, not ended)
+    # (``selection.Hopeless``); no candidate (empty text, not ended)
     abandoned: bool = False
 
 
@@ -102,9 +102,13 @@ class _StopCheck:
             if p is not None:
                 self.found = StopFound(cut_at=p - len(self.tail))
                 return True
-        if self.abandon is not None and self.abandon(text):
-            self.abandoned = True
-            return True
+        if self.abandon is not None:
+            previous = self.texts[-2] if len(self.texts) > 1 else ""
+            if not text.startswith(previous[:-1]):
+                self.abandon = None  # a decode that rewrote its text: no stop is safe
+            elif self.abandon(text):
+                self.abandoned = True
+                return True
         return False
 
     def _find(self, text: str, stop: str, turn_marker: bool) -> int | None:

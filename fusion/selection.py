@@ -219,18 +219,22 @@ class Hopeless:
     has one proposer. Only where nothing but consensus filters without scores: greedy
     (a stop changes no later draw), no repetition guard, no negative veto margin."""
 
-    def __init__(self, leader_text: str, others: Sequence[str]) -> None:
+    def __init__(self, leader_text: str, others: Sequence[str], min_support: int = 2) -> None:
         self.leader_text = leader_text
         self.others = tuple(others)
+        self.min_support = min_support
         # written on the event loop, read on engines' threads: replaced, never mutated
         self.finished: dict[str, str] = {}
         self.stopped = False  # some segment was found hopeless (and stopped)
 
     @staticmethod
-    def applies(policy: SelectionPolicy, greedy: bool) -> bool:
+    def applies(policy: SelectionPolicy, greedy: bool, grammar: bool = False) -> bool:
+        """Greedy, no grammar (a segment cut to nothing would leave the leader's alone,
+        which is scored), consensus, no repetition guard, no negative veto margin."""
         margins = (policy.leader_margin, policy.leader_excess)
         return (
             greedy
+            and not grammar
             and policy.min_support >= 2
             and policy.repetition_limit == 0
             and not any(m is not None and m < 0 for m in margins)
@@ -246,6 +250,11 @@ class Hopeless:
         def hopeless(text: str) -> bool:
             done = self.finished
             if any(o not in done for o in peers):
+                return False
+            # finished peers that agree on a segment (4+ members): it may win, and the
+            # step is scored, so every segment is written out as without the stop
+            agreed = Counter(t for t in done.values() if t and t != self.leader_text)
+            if any(n >= self.min_support for n in agreed.values()):
                 return False
             if _left(text, self.leader_text) and all(_left(text, done[o]) for o in peers):
                 self.stopped = True

@@ -71,10 +71,10 @@ async def vote(members: Members, run: Run, grammar_for: SampleGrammar) -> Segmen
             break
         if m not in run.models:  # dropped while another member sampled
             continue
-        drawn = [
-            Sample(p, read_key(key_of, p.text))
-            for p in await _draw(members, run, m, min(v.k, left), grammar_for)
-        ]
+        answers = await _draw(members, run, m, min(v.k, left), grammar_for)
+        # off the event loop: a request's own regex may take its time limit per answer
+        keys = await asyncio.to_thread(read_keys, key_of, [p.text for p in answers])
+        drawn = [Sample(p, k) for p, k in zip(answers, keys, strict=True)]
         samples += drawn
         # one answer agrees with itself: it says nothing about the member's confidence
         if len(drawn) >= 2 and agreement([s.key for s in drawn]) >= v.threshold:
@@ -104,6 +104,10 @@ async def vote(members: Members, run: Run, grammar_for: SampleGrammar) -> Segmen
     finish: FinishReason = "length" if p.hit_cap and not p.ended else "stop"
     tokens = content_tokens(run, p)
     return finish_answer(run, best.text, p.model, tokens, finish, scored, context, vote=trace)
+
+
+def read_keys(key_of: Callable[[str], str | None], texts: Sequence[str]) -> list[str | None]:
+    return [read_key(key_of, t) for t in texts]
 
 
 def read_key(key_of: Callable[[str], str | None], text: str) -> str | None:
@@ -258,7 +262,8 @@ async def _draw_some(
         got = await members.each(
             run,
             sample_all,
-            kind="samples",  # several answers together: their own usual time
+            # answers written together: a usual time per number of them at once
+            kind=f"samples{len(which)}",
             units=lambda x: prompt + len(which) * params.max_tokens if x is m else 0,
             done=lambda x, ps: prompt + sum(max(1, p.generated) for p in ps) if x is m else 0,
         )
@@ -278,14 +283,16 @@ async def _draw_some(
 
 def sample_sampling(run: Run, m: SourceModel, i: int) -> Sampling:
     """Sample ``i`` of ``m``: the request's sampling, at the method's temperature when
-    the request's is greedy, with a seed of its own (from the request's or the method's;
-    none: random)."""
+    the request's is greedy, with a seed of its own (the request's or else the method's,
+    plus the member's index and the sample's times the members; none: random)."""
     v = run.params.vote
-    base = model_sampling(run, m)  # seeds offset by the member's index
-    if base.greedy:
+    base = model_sampling(run, m)  # a sampled request's seed carries the member's index
+    offset = list(run.outcome.usage).index(m.name)
+    if base.greedy:  # (which model_sampling leaves without it)
         base = dataclasses.replace(base, temperature=v.temperature)
+        if base.seed is not None:
+            base = dataclasses.replace(base, seed=base.seed + offset)
     if base.seed is None and v.seed is not None:
-        offset = list(run.outcome.usage).index(m.name)
         base = dataclasses.replace(base, seed=v.seed + offset)
     if base.seed is None:
         return base

@@ -185,3 +185,21 @@ async def test_where_the_weak_agree_the_step_is_scored(default_adapters):
         if len(s.candidates) == 2 and any(len(c.proposers) == 2 for c in s.candidates)
     ]
     assert pair and all(segments[i].step == "fused" and calls[i] == 3 for i in pair)
+
+
+def test_with_four_members_two_finished_peers_that_agree_keep_every_segment_written():
+    # c and d agree on " bird": that segment may win, the step is scored, and b's
+    # segment must then be there as without the stop
+    h = Hopeless(" cat", ["b", "c", "d"], min_support=2)
+    h.finish("c", " bird")
+    h.finish("d", " bird")
+    assert h.check("b")(" dog") is False
+    h3 = Hopeless(" cat", ["b", "c", "d"], min_support=3)  # two are not enough there
+    h3.finish("c", " bird")
+    h3.finish("d", " bird")
+    assert h3.check("b")(" dog") is True
+
+
+def test_a_grammar_turns_the_stop_off():
+    policy = POLICIES["the default (gate, weighted, consensus 2)"][1]
+    assert not Hopeless.applies(policy, greedy=True, grammar=True)

@@ -293,3 +293,14 @@ def test_an_extractor_that_fails_on_an_answer_reads_no_key_there():
         raise OverflowError(text)
 
     assert read_key(boom, "x") is None
+
+
+async def test_a_greedy_request_s_seed_still_gives_each_member_and_sample_its_own(make_model):
+    from fusion.engine import Sampling
+
+    models = trio(make_model, ["1", "2", "3", "4"], ["5", "6", "7", "8"], ["9"] * 4)
+    p = params(budget=12)
+    p = FusionParams(**{**p.__dict__, "sampling": Sampling(temperature=0.0, seed=7)})
+    await run(Fuser(models), p)
+    seeds = [s.seed for m in models for s in m.engine.sampled]
+    assert len(seeds) == 12 and len(set(seeds)) == 12
