@@ -55,9 +55,12 @@ class Fuser:
         shortcuts: bool = True,
     ) -> None:
         """``shortcuts=False`` scores every fused step's candidates even where the filters
-        alone decide the winner (same answers, more work: for tests that show it)."""
+        alone decide the winner, and lets every segment be written out (same answers,
+        more work: for tests that show it); ``stop_hopeless`` (on) is the second part
+        alone."""
         self.members = Members(models, window_pieces, faults, listener)
         self.shortcuts = shortcuts
+        self.stop_hopeless = True
         self.models = self.members.models
         self.vocabularies = Vocabularies()  # per member, for grammars
 
@@ -221,7 +224,8 @@ class Fuser:
         hopeless = None
         policy = run.params.selection
         greedy, grammar = run.params.sampling.greedy, run.params.grammar is not None
-        if self.shortcuts and given and Hopeless.applies(policy, greedy, grammar):
+        stop = self.shortcuts and self.stop_hopeless
+        if stop and given and Hopeless.applies(policy, greedy, grammar):
             others = [m.name for m in run.models if m.name not in given]
             hopeless = Hopeless(next(iter(given.values())).text, others, policy.min_support)
         # 1. every model proposes its segment

@@ -74,6 +74,10 @@ async def vote(members: Members, run: Run, grammar_for: SampleGrammar) -> Segmen
         answers = await _draw(members, run, m, min(v.k, left), grammar_for)
         # off the event loop: a request's own regex may take its time limit per answer
         keys = await asyncio.to_thread(read_keys, key_of, [p.text for p in answers])
+        # an answer cut at max_tokens has not said its answer yet (its last number is
+        # often a step's): it does not vote (DeepConf drops such traces, arXiv 2508.15260)
+        cap = run.params.max_tokens
+        keys = [None if p.generated >= cap and not p.ended else k for p, k in zip(answers, keys)]
         drawn = [Sample(p, k) for p, k in zip(answers, keys, strict=True)]
         samples += drawn
         # one answer agrees with itself: it says nothing about the member's confidence

@@ -304,3 +304,14 @@ async def test_a_greedy_request_s_seed_still_gives_each_member_and_sample_its_ow
     await run(Fuser(models), p)
     seeds = [s.seed for m in models for s in m.engine.sampled]
     assert len(seeds) == 12 and len(set(seeds)) == 12
+
+
+async def test_an_answer_cut_at_max_tokens_does_not_vote(make_model):
+    # the leader's answers run past 6 tokens: all cut, none votes; smollm2's end in time
+    long = "Step 1. Step 2. Step 3. Step 4. Step 5. Step 6."
+    models = trio(make_model, [long] * 4, ["It is 7.", "7", "So 7.", "9"], ["2"] * 4)
+    p = FusionParams(**{**params().__dict__, "max_tokens": 6})
+    segments, outcome = await run(Fuser(models), p)
+    vote = segments[0].vote
+    assert vote is not None and [s.key for s in vote.samples][:4] == [None] * 4
+    assert vote.key == "7" and last_number(outcome.text) == "7"

@@ -1004,6 +1004,47 @@ def test_the_shipped_default_gate_runs_its_steps_without_losing_a_model_and_filt
         assert steps == {"gated", "fused"} and decided > 0
 
 
+def test_the_default_stops_hopeless_segments_of_the_real_trio_and_writes_the_same(
+    llama_models,
+):
+    """Issue 24: a weak member's segment that can no longer matter stops (selection.
+    Hopeless). On the real trio, one request at a time, the answers with and without the
+    stop are the same text from the same winners (the stopped member's look-ahead is cut
+    at the commit either way), with fewer tokens written by the weak members."""
+    from fusion.loop import Fuser
+    from fusion.types import FusionOutcome, FusionParams, Prompt
+    from server.config import load_config
+
+    policy = load_config("config.yaml").fusion.selection.policy()
+    models = [llama_models[n] for n in NAMES]
+    prompts = ["Give three tips for learning to cook.", "Write a haiku about the sea."]
+
+    async def one(text: str, stop: bool) -> tuple[list, FusionOutcome]:
+        outcome = FusionOutcome()
+        params = FusionParams(max_tokens=48, selection=policy)
+        prompt = Prompt(messages=({"role": "user", "content": text},))
+        fuser = Fuser(models)
+        fuser.stop_hopeless = stop
+        segments = [s async for s in fuser.run(prompt, params, outcome)]
+        await fuser.close()
+        return segments, outcome
+
+    weak = [n for n in NAMES if n != policy.leader]
+    written = {True: 0, False: 0}
+    fewer = 0
+    for text in prompts:
+        runs = {stop: asyncio.run(one(text, stop)) for stop in (False, True)}
+        (full, full_out), (short, out) = runs[False], runs[True]
+        assert out.text == full_out.text and out.text.strip()
+        assert [(s.text, s.winner, s.step) for s in short] == [
+            (s.text, s.winner, s.step) for s in full
+        ]
+        for stop, (_, o) in runs.items():
+            written[stop] += sum(o.usage[n].generated_tokens for n in weak)
+        fewer += sum(len(a.candidates) < len(b.candidates) for a, b in zip(short, full))
+    assert fewer > 0 and written[True] < written[False]
+
+
 def test_packllm_with_a_request_that_fills_the_cache_does_not_wait_on_itself():
     """Review of issue 21's KV admission: PackLLM's scratch states opened while the run
     held its own states; a run whose reservation took every cell (Rerank, a long answer)
