@@ -8,8 +8,9 @@ with the dotted name of the field.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -50,6 +51,7 @@ from fusion.types import (
 )
 
 EXTRACTOR_LIST = ", ".join(EXTRACTOR_NAMES)
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -735,20 +737,10 @@ class AppConfig(BaseSettings):
             unknown = [n for n in variant.models or [] if n not in names]
             if unknown:
                 raise ValueError(f"{where}.models: unknown source models: {', '.join(unknown)}")
-            try:
-                chosen = self.fusion.variant_selection(name)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                field = ".".join(str(x) for x in err["loc"])
-                raise ValueError(f"{where}.selection.{field}: {err['msg']}") from None
+            chosen = _merged(f"{where}.selection", self.fusion.variant_selection, name)
             for problem in chosen.problems(names):
                 raise ValueError(f"{where}.{problem}")
-            try:
-                self.fusion.variant_vote(name)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                field = ".".join(str(x) for x in err["loc"])
-                raise ValueError(f"{where}.vote.{field}: {err['msg']}") from None
+            _merged(f"{where}.vote", self.fusion.variant_vote, name)
         for name in (self.fusion.name, *self.fusion.variants):
             where = "fusion" if name == self.fusion.name else f"fusion.variants.{name}"
             if self.fusion.variant_method(name) == "vote" and not self.fusion.variant_vote(name)[0]:
@@ -765,6 +757,17 @@ class AppConfig(BaseSettings):
         if env:
             keys.append(env)
         return [k for k in keys if k]
+
+
+def _merged(where: str, merge: Callable[[str], T], name: str) -> T:
+    """Variant ``name``'s settings merged over the fused model's; invalid ones name the
+    field."""
+    try:
+        return merge(name)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"{where}.{field}: {err['msg']}") from None
 
 
 def _format(err: ValidationError, source: str) -> str:
