@@ -14,9 +14,9 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from fusion.answers import extractor
 from fusion.engine import Sampling
@@ -27,7 +27,7 @@ from fusion.models import SourceModel
 from fusion.tools import ToolCall
 from fusion.types import FusionParams, Prompt, Segment, SelectionPolicy, VoteParams
 from server import request_fields
-from server.config import EXTRACTOR_LIST, AppConfig, SelectionConfig, VariantConfig, VoteConfig
+from server.config import EXTRACTOR_LIST, AppConfig, SelectionConfig, VariantConfig
 from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound, Unavailable
 from server.jobs import Choice, Job, chunk, tool_call_chunk, tool_calls
 from server.logprobs import LogprobsAsk, TokenTexts
@@ -43,6 +43,19 @@ from server.structured import grammar_of
 from server.tool_calls import tool_plan
 
 log = logging.getLogger(__name__)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _over(base: M, asked: dict[str, Any], where: str) -> M:
+    """``base``'s settings with a request's ``asked`` ones on top, checked: a 400 naming
+    the first invalid field under ``where``."""
+    try:
+        return type(base).model_validate(base.model_dump() | asked)
+    except ValidationError as exc:
+        field = exc.errors()[0]["loc"][:1]
+        raise BadRequest(_first_error(exc), param=".".join([where, *map(str, field)])) from None
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -210,12 +223,7 @@ class FusionService:
         if opts.vote is not None:
             # given fields only: an explicit null seed asks for fresh samples
             asked = opts.vote.model_dump(exclude_unset=True)
-            try:
-                settings = VoteConfig.model_validate(settings.model_dump() | asked)
-            except ValidationError as exc:
-                where = exc.errors()[0]["loc"][:1]
-                param = ".".join(["fusion.vote", *(str(p) for p in where)])
-                raise BadRequest(_first_error(exc), param=param) from None
+            settings = _over(settings, asked, "fusion.vote")
         if answer is None:
             raise BadRequest(
                 f"method vote needs an answer extractor in fusion.answer: one of {EXTRACTOR_LIST}",
@@ -227,13 +235,7 @@ class FusionService:
         """The model's selection settings with the request's on top, checked."""
         if asked is None:
             return base.policy()
-        merged = base.model_dump() | asked.model_dump(exclude_none=True)
-        try:
-            chosen = SelectionConfig.model_validate(merged)
-        except ValidationError as exc:
-            where = exc.errors()[0]["loc"][:1]
-            param = ".".join(["fusion.selection", *(str(p) for p in where)])
-            raise BadRequest(_first_error(exc), param=param) from None
+        chosen = _over(base, asked.model_dump(exclude_none=True), "fusion.selection")
         for problem in chosen.problems(list(self.models)):
             field_name = problem.split(":", 1)[0]
             raise BadRequest(problem, param=f"fusion.{field_name}")
