@@ -1,6 +1,7 @@
 """Tables from eval/run.py's lm-eval results: per task and system, accuracy with a 95%
-Wilson interval, paired McNemar against the best single source, seconds per answer,
-and (``--ppl``) the outputs' cross-model perplexity.
+Wilson interval, paired McNemar against the best single source (and the ``--against``
+systems: Qwen's self-consistency, say), seconds per answer, and (``--ppl``) the outputs'
+cross-model perplexity.
 
     python eval/report.py --out eval/results [--ppl] [--markdown docs/bench/eval.md]
 
@@ -30,6 +31,7 @@ import json
 import math
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -104,18 +106,28 @@ def table(
     sources: list[str],
     runs: dict[tuple[str, str], float],
     ppl: dict[tuple[str, str, int], dict[str, float]],
+    against: Sequence[str] = (),
 ) -> tuple[str, list[dict[str, Any]]]:
     docs = sorted(set.intersection(*(set(d) for d in systems.values())))
     n = len(docs)
     acc = {s: sum(d[i]["correct"] for i in docs) for s, d in systems.items()}
     singles = [s for s in systems if s in sources]
     best = max(singles, key=lambda s: acc[s]) if singles else None
+    refs = [r for r in against if r in systems]
+
+    def mcnemar(s: str, ref: str) -> tuple[int, int, float]:
+        d, other = systems[s], systems[ref]
+        b = sum(d[i]["correct"] and not other[i]["correct"] for i in docs)
+        c = sum(not d[i]["correct"] and other[i]["correct"] for i in docs)
+        return b, c, mcnemar_exact(b, c)
+
     lines = [
         f"### {task} ({n} questions answered by every system)",
         "",
-        "| system | correct | accuracy | 95% CI | vs best single | McNemar b/c, p | s/answer | "
-        "cross-model ppl (median) |",
-        "|---|--:|--:|---|--:|---|--:|--:|",
+        "| system | correct | accuracy | 95% CI | vs best single | McNemar b/c, p | "
+        + "".join(f"vs {r}: b/c, p | " for r in refs)
+        + "s/answer | cross-model ppl (median) |",
+        "|---|--:|--:|---|--:|---|" + "---|" * len(refs) + "--:|--:|",
     ]
     rows = []
     for s, d in sorted(systems.items(), key=lambda kv: (kv[0] not in sources, -acc[kv[0]])):
@@ -123,14 +135,20 @@ def table(
         row: dict[str, Any] = {"task": task, "system": s, "n": n, "correct": acc[s]}
         delta = p_text = "-"
         if best is not None and s != best:
-            b = sum(d[i]["correct"] and not systems[best][i]["correct"] for i in docs)
-            c = sum(not d[i]["correct"] and systems[best][i]["correct"] for i in docs)
-            p = mcnemar_exact(b, c)
+            b, c, p = mcnemar(s, best)
             delta = f"{100 * (acc[s] - acc[best]) / max(n, 1):+.1f}"
             p_text = f"{b}/{c}, {p:.3f}"
             row |= {"b": b, "c": c, "p": p}
         elif s == best:
             p_text = "(best single)"
+        vs = []
+        for r in refs:
+            if r == s:
+                vs.append("-")
+                continue
+            rb, rc, rp = mcnemar(s, r)
+            vs.append(f"{rb}/{rc}, {rp:.3f}")
+            row[f"vs {r}"] = {"b": rb, "c": rc, "p": rp}
         secs = runs.get((task, s))
         per = f"{secs / n:.1f}" if secs and n else "-"
         # a median only over every (non-empty) answer: a part of them could mislead
@@ -143,7 +161,7 @@ def table(
         )
         lines.append(
             f"| {s} | {acc[s]} | {100 * acc[s] / max(n, 1):.1f}% | {100 * lo:.1f}-{100 * hi:.1f} "
-            f"| {delta} | {p_text} | {per} | {cross} |"
+            f"| {delta} | {p_text} | " + "".join(f"{v} | " for v in vs) + f"{per} | {cross} |"
         )
         rows.append(row)
     return "\n".join(lines), rows
@@ -221,6 +239,12 @@ def main() -> int:
     ap.add_argument("--ppl", action="store_true", help="score the answers (in-process)")
     ap.add_argument("--markdown", type=Path, help="also write the tables here")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument(
+        "--against",
+        type=lambda s: s.split(","),
+        default=[],
+        help="systems to pair every other with too (McNemar columns), e.g. qwen-sc8",
+    )
     args = ap.parse_args()
     from server.config import load_config
 
@@ -233,7 +257,7 @@ def main() -> int:
     runs = read_runs(args.out)
     parts, rows = [], []
     for task in sorted(samples):
-        text, task_rows = table(task, samples[task], sources, runs, ppl)
+        text, task_rows = table(task, samples[task], sources, runs, ppl, args.against)
         parts.append(text)
         rows += task_rows
     report = "\n\n".join(parts) + "\n"

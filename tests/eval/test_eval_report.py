@@ -80,6 +80,23 @@ def test_systems_are_paired_on_the_questions_all_answered_against_the_best_singl
     assert "| fusion | 3 | 75.0% |" in text and "| 2.0 |" in text  # 8 s / 4 questions
 
 
+def test_every_system_is_also_paired_with_each_system_it_is_asked_against(tmp_path):
+    task = "gsm8k_pkg_chat_dev"
+    write_samples(tmp_path, "qwen", task, {0: True, 1: False, 2: False, 3: True})
+    write_samples(tmp_path, "qwen-sc8", task, {0: True, 1: True, 2: False, 3: False})
+    write_samples(tmp_path, "fusion-vote", task, {0: False, 1: True, 2: True, 3: True})
+    samples = report.read_samples(tmp_path)
+    text, rows = report.table(task, samples[task], ["qwen"], {}, {}, ["qwen-sc8", "absent"])
+    by = {r["system"]: r for r in rows}
+    assert (by["fusion-vote"]["b"], by["fusion-vote"]["c"]) == (2, 1)  # against qwen
+    sc = by["fusion-vote"]["vs qwen-sc8"]  # right on 2, 3 where sc8 is not; wrong on 0
+    assert (sc["b"], sc["c"]) == (2, 1) and sc["p"] == report.mcnemar_exact(2, 1)
+    assert (by["qwen"]["vs qwen-sc8"]["b"], by["qwen"]["vs qwen-sc8"]["c"]) == (1, 1)
+    assert "vs qwen-sc8" not in by["qwen-sc8"] and "absent" not in text
+    header, rule = text.splitlines()[2:4]
+    assert "vs qwen-sc8: b/c, p" in header and header.count("|") == rule.count("|")
+
+
 @pytest.mark.parametrize(
     ("said", "targets", "right"),
     [
