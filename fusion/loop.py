@@ -227,9 +227,7 @@ class Fuser:
         stop = self.shortcuts and self.stop_hopeless
         if stop and given and Hopeless.applies(policy, greedy, grammar):
             others = [m.name for m in run.models if m.name not in given]
-            lead = next(iter(given.values()))
-            rerank = run.params.method == "cool_rerank"
-            hopeless = Hopeless(lead.text, others, policy.min_support, lead.ended, not rerank)
+            hopeless = Hopeless(next(iter(given.values())).text, others, policy.min_support)
         # 1. every model proposes its segment
         candidates = await propose_all(members, run, cap, given, hopeless=hopeless)
         run.clock.lap("generate")

@@ -212,32 +212,19 @@ class Hopeless:
     leader's candidate, as it would be with that segment written out).
 
     A segment the leader did not write needs ``min_support`` proposers; the leader's
-    always qualifies and, under consensus, wins whenever no other does. Once every other
-    non-leader has finished, a segment whose text so far has left each finished one's
-    (a character differs before both end, the last one it wrote aside) will be a
-    different text from all of them, since a candidate is a prefix of what its model
-    writes: it can at most join the leader's. A finished one that wrote the leader's
-    segment (or stopped) supports no other, so this one need not leave it. Only where
-    nothing but consensus filters without scores: greedy (a stop changes no later draw),
-    no repetition guard, no negative veto margin. With ``may_join_leader`` off (Cool+R,
-    whose final rerank reads the fused text's log-probs as its proposers wrote them) it
-    must leave the leader's too."""
+    always qualifies. Once every other non-leader has finished, a segment whose text so
+    far has left the leader's and each finished one's (a character differs before both
+    end, the last one it wrote aside) will be a different text from all of them, since a
+    candidate is a prefix of what its model writes, or ends the answer with nothing: it
+    has one proposer. Only where nothing but consensus filters without scores: greedy
+    (a stop changes no later draw), no repetition guard, no negative veto margin."""
 
-    def __init__(
-        self,
-        leader_text: str,
-        others: Sequence[str],
-        min_support: int = 2,
-        leader_ended: bool = False,
-        may_join_leader: bool = True,
-    ) -> None:
-        self.leader = (leader_text, leader_ended)
-        self.may_join_leader = may_join_leader
+    def __init__(self, leader_text: str, others: Sequence[str], min_support: int = 2) -> None:
+        self.leader_text = leader_text
         self.others = tuple(others)
         self.min_support = min_support
-        # written on the event loop, read on engines' threads: replaced, never mutated;
-        # each finished one's candidate (text, ended), None if it stopped without one
-        self.finished: dict[str, tuple[str, bool] | None] = {}
+        # written on the event loop, read on engines' threads: replaced, never mutated
+        self.finished: dict[str, str] = {}
         self.stopped = False  # some segment was found hopeless (and stopped)
 
     @staticmethod
@@ -253,8 +240,8 @@ class Hopeless:
             and not any(m is not None and m < 0 for m in margins)
         )
 
-    def finish(self, model: str, text: str, ended: bool = False, abandoned: bool = False) -> None:
-        self.finished = {**self.finished, model: None if abandoned else (text, ended)}
+    def finish(self, model: str, text: str) -> None:
+        self.finished = {**self.finished, model: text}
 
     def check(self, model: str) -> Callable[[str], bool]:
         """``model``'s test, told its text so far: True once its segment is hopeless."""
@@ -262,15 +249,14 @@ class Hopeless:
 
         def hopeless(text: str) -> bool:
             done = self.finished
-            if not self.leader[0] or any(o not in done for o in peers):
-                return False  # (the leader wrote nothing: not sure its candidate is there)
-            rivals = [c for c in (done[o] for o in peers) if c is not None and c != self.leader]
+            if any(o not in done for o in peers):
+                return False
             # finished peers that agree on a segment (4+ members): it may win, and the
             # step is scored, so every segment is written out as without the stop
-            if any(n >= self.min_support for n in Counter(c for c in rivals if c[0]).values()):
+            agreed = Counter(t for t in done.values() if t and t != self.leader_text)
+            if any(n >= self.min_support for n in agreed.values()):
                 return False
-            left_leader = self.may_join_leader or _left(text, self.leader[0])
-            if left_leader and all(_left(text, t) for t, _ in rivals):
+            if _left(text, self.leader_text) and all(_left(text, done[o]) for o in peers):
                 self.stopped = True
                 return True
             return False

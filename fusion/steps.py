@@ -55,7 +55,7 @@ async def propose_all(
             abandon=hopeless.check(m.name) if hopeless is not None else None,
         )
         if hopeless is not None:
-            hopeless.finish(m.name, p.text, p.ended, p.abandoned)
+            hopeless.finish(m.name, p.text)
         return p
 
     # a model's first generation in the run also reads its prompt (prefill): its own
