@@ -887,6 +887,76 @@ def test_a_gated_commit_of_an_earlier_candidate_keeps_the_sequence_whole(llama_m
     assert got == pytest.approx(plain_logprobs(m.engine, context, enc(" Then")), abs=SHAPE_NOISE)
 
 
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_a_commit_of_another_models_segment_is_read_before_the_next_call(llama_models, name):
+    """``early_commit``: committing tokens that are not in the cache (the leader's
+    segment, a step the others sat out) starts their decode in the background, so the
+    state's next call decodes only its own tokens. The same feed as that call's prelude:
+    the same tokens and log-probs as reading them then. A commit waits for the read
+    before it (one call on a state at a time), and a release stops it."""
+    m = llama_models[name]
+    rt, enc = m.engine.rt, m.tokenizer.encode
+    prompt = m.tokenizer.encode_prompt("Write one sentence about the sea.")
+    first, second = enc(" The waves roll in"), enc(" and the gulls cry")
+    assert 2 <= len(first) <= m.engine.split_below  # one shape either way (split)
+
+    async def run(early: bool) -> tuple[tuple[int, ...], tuple[float, ...], int]:
+        m.engine.early_commit = early
+        state = await m.engine.open(f"early-{early}", prompt)
+        try:
+            await m.engine.generate(state, 2, frozenset(), NEVER)
+            await m.engine.commit(state, first)
+            if early:
+                assert state.reading is not None
+                await asyncio.shield(state.reading)
+                assert not state.book.pending  # read, the row after it kept
+            else:
+                assert state.reading is None and state.book.pending == first
+            before = rt.decoded_tokens
+            gen = await m.engine.generate(state, 4, frozenset(), NEVER)
+            return gen.ids, gen.logprobs, rt.decoded_tokens - before
+        finally:
+            await m.engine.release(state)
+            m.engine.early_commit = True
+
+    lazy, early = asyncio.run(run(False)), asyncio.run(run(True))
+    assert early[:2] == lazy[:2]  # the same tokens and log-probs, exactly
+    assert lazy[2] == len(first) + 3
+    assert early[2] == 3  # its own tokens only (the first one from the kept row)
+
+    async def in_a_row() -> None:
+        state = await m.engine.open("early-twice", prompt)
+        try:
+            await m.engine.generate(state, 2, frozenset(), NEVER)
+            await m.engine.commit(state, first)
+            await m.engine.commit(state, second)  # waits for the first read
+            await m.engine.generate(state, 2, frozenset(), NEVER)
+            end, says = await seq_cells(m.engine, state)()
+            assert end == says and list(state.book.ids) == [*prompt, *first, *second]
+        finally:
+            await m.engine.release(state)
+
+    async def released() -> None:
+        state = await m.engine.open("early-released", prompt)
+        await m.engine.generate(state, 1, frozenset(), NEVER)
+        await m.engine.commit(state, first + second)
+        reading = state.reading
+        assert reading is not None
+        await m.engine.release(state)
+        with contextlib.suppress(EngineError, LlamaError):
+            await reading
+        with pytest.raises(EngineError):
+            await m.engine.generate(state, 1, frozenset(), NEVER)
+        fresh = await m.engine.open("early-after", prompt)  # the engine goes on
+        try:
+            assert len((await m.engine.generate(fresh, 2, frozenset(), NEVER)).ids) == 2
+        finally:
+            await m.engine.release(fresh)
+
+    asyncio.run(in_a_row())
+    asyncio.run(released())
+
+
 def test_a_negative_seed_samples_as_its_wrapped_value(llama_models):
     """Regression (issue 21, item 6): np.random.default_rng(-3) raised on the decode
     thread and the model was dropped; OpenAI's API takes any integer seed."""
