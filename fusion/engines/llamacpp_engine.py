@@ -216,17 +216,37 @@ class LlamaCppEngine:
         return result[0][0], result[1][0]
 
     async def commit(self, state: LlamaState, ids: Sequence[int]) -> None:
-        """Bookkeeping at once; with ``early_commit``, tokens that are not in the cache
-        (another model's segment) start decoding in the background, as the prelude of the
-        state's next call would (the same feeds), so that call finds them read. Under the
-        gate the others' next call is often steps later: meanwhile the leader writes on
-        its own core and they read on the others."""
-        await self._read(state)
-        state.commit(tuple(ids))
-        if self.early_commit and state.book.pending and not state.cancelled:
-            reading = asyncio.ensure_future(self._submit(state, self._ready(state)))
-            reading.add_done_callback(_seen)  # its failure is raised by the next call
-            state.reading = reading
+        """Bookkeeping; with ``early_commit``, tokens that are not in the cache (another
+        model's segment) start decoding in the background, as the prelude of the state's
+        next call would (the same feeds), so that call finds them read. Under the gate the
+        others' next call is often steps later: meanwhile the leader writes on its own
+        core and they read on the others. A commit never waits for an earlier read: it is
+        chained after it (the ledger is touched by one call at a time). A state whose
+        prompt is not read yet is left to its first call, which reads it (and is timed as
+        such)."""
+        ids = tuple(ids)
+        before = state.reading
+        if before is None and not (self.early_commit and state.book.done):
+            state.commit(ids)
+            return
+        if before is None:
+            state.commit(ids)
+            if not state.book.pending or state.cancelled:
+                return
+
+        async def read() -> None:
+            if before is not None:
+                await before  # its failure is this one's (and the next call's)
+                if state.cancelled:  # released: its cells are being freed
+                    return
+                state.commit(ids)
+                if not state.book.pending or state.cancelled or not self.early_commit:
+                    return
+            await self._submit(state, self._ready(state))
+
+        reading = asyncio.ensure_future(read())
+        reading.add_done_callback(_seen)  # its failure is raised by the next call
+        state.reading = reading
 
     async def _read(self, state: LlamaState) -> None:
         """Wait for the state's background decode (one call on a state at a time); its

@@ -892,8 +892,10 @@ def test_a_commit_of_another_models_segment_is_read_before_the_next_call(llama_m
     """``early_commit``: committing tokens that are not in the cache (the leader's
     segment, a step the others sat out) starts their decode in the background, so the
     state's next call decodes only its own tokens. The same feed as that call's prelude:
-    the same tokens and log-probs as reading them then. A commit waits for the read
-    before it (one call on a state at a time), and a release stops it."""
+    the same tokens and log-probs as reading them then. A commit is chained after the
+    read before it without waiting (one job on a state at a time), a prompt not read yet
+    is left to the first call, a release stops it, and a failed read fails the next
+    call."""
     m = llama_models[name]
     rt, enc = m.engine.rt, m.tokenizer.encode
     prompt = m.tokenizer.encode_prompt("Write one sentence about the sea.")
@@ -929,10 +931,25 @@ def test_a_commit_of_another_models_segment_is_read_before_the_next_call(llama_m
         try:
             await m.engine.generate(state, 2, frozenset(), NEVER)
             await m.engine.commit(state, first)
-            await m.engine.commit(state, second)  # waits for the first read
+            first_read = state.reading
+            await m.engine.commit(state, second)  # chained: it does not wait for the read
+            assert first_read is not None and not first_read.done()
+            assert state.reading is not first_read
             await m.engine.generate(state, 2, frozenset(), NEVER)
             end, says = await seq_cells(m.engine, state)()
             assert end == says and list(state.book.ids) == [*prompt, *first, *second]
+        finally:
+            await m.engine.release(state)
+
+    async def prompt_unread() -> None:
+        # a model that sat out the first step: its first call reads its prompt (and is
+        # timed as a first call), the commits before it are bookkeeping only
+        state = await m.engine.open("early-unread", prompt)
+        try:
+            await m.engine.commit(state, first)
+            assert state.reading is None and state.book.pending == [*prompt, *first]
+            gen = await m.engine.generate(state, 1, frozenset(), NEVER)
+            assert len(gen.ids) == 1 and not state.book.pending
         finally:
             await m.engine.release(state)
 
@@ -943,18 +960,36 @@ def test_a_commit_of_another_models_segment_is_read_before_the_next_call(llama_m
         reading = state.reading
         assert reading is not None
         await m.engine.release(state)
-        with contextlib.suppress(EngineError, LlamaError):
-            await reading
+        with contextlib.suppress(EngineError):
+            await reading  # stopped at its next tick, or done before
         with pytest.raises(EngineError):
             await m.engine.generate(state, 1, frozenset(), NEVER)
-        fresh = await m.engine.open("early-after", prompt)  # the engine goes on
+        await asyncio.sleep(0.05)
+        assert rt.free_seqs == rt.n_seq_max  # every sequence is back (or a kept context)
+
+    async def failed(monkeypatch: pytest.MonkeyPatch) -> None:
+        state = await m.engine.open("early-failed", prompt)
         try:
-            assert len((await m.engine.generate(fresh, 2, frozenset(), NEVER)).ids) == 2
+            await m.engine.generate(state, 1, frozenset(), NEVER)
+
+            def broken(st):  # the read's decode fails on the decode thread
+                raise LlamaError("llama_decode returned -1")
+                yield []
+
+            monkeypatch.setattr(m.engine, "_ready", broken)
+            await m.engine.commit(state, first)
+            await m.engine.commit(state, second)  # chained after the failing read
+            with pytest.raises(EngineError, match="returned -1"):  # before its own work
+                await m.engine.generate(state, 1, frozenset(), NEVER)
+            monkeypatch.undo()
         finally:
-            await m.engine.release(fresh)
+            await m.engine.release(state)
 
     asyncio.run(in_a_row())
+    asyncio.run(prompt_unread())
     asyncio.run(released())
+    with pytest.MonkeyPatch.context() as mp:
+        asyncio.run(failed(mp))
 
 
 def test_a_negative_seed_samples_as_its_wrapped_value(llama_models):
