@@ -5,13 +5,11 @@ One process, ``config.yaml``'s models and fused model (llama.cpp, greedy), reque
 by the server's own ``FusionService`` (as ``make serve`` answers them). Per prompt, in
 turn, so machine noise hits all alike: the leader alone (``model: qwen2.5-0.5b``), the
 default ``fusion`` with every fused step scored and every segment written, then with the
-steps the filters decide taken without scoring but every segment written, with a weak
-member's hopeless segment also stopped but commits read at each model's next call
-(llama.cpp's ``early_commit`` off), and ``fusion`` as served (commits read at once in the
-background). Chat prompts and completions prompts; time per output character, each
-system's ratio to the leader alone, the steps by kind, and which texts differ: with every
-step scored, or commits read early, they may part by llama.cpp's rounding
-(docs/BENCHMARKS.md); the hopeless stop alone must change none (exit 1 if so).
+steps the filters decide taken without scoring but every segment written, and ``fusion``
+as served (a weak member's hopeless segment also stops). Chat prompts and completions
+prompts; time per output character, each system's ratio to the leader alone, the steps by
+kind, and which texts differ: with every step scored they may part by llama.cpp's
+rounding (docs/BENCHMARKS.md), the hopeless stop alone must change none (exit 1 if so).
 
     .venv/bin/python bench/cost.py                    # 2 rounds
     .venv/bin/python bench/cost.py --rounds 1 --chat-tokens 32 --completion-tokens 32
@@ -52,7 +50,6 @@ SYSTEMS = (
     "leader alone",
     "fusion, every step scored",
     "fusion, filtered, every segment written",
-    "fusion, filtered + stop, commits read at the next call",
     "fusion (served)",
 )
 
@@ -69,13 +66,10 @@ class Tally:
 
 
 async def one(
-    service: FusionService, job_of: Any, shortcuts: bool, stop: bool = True, early: bool = True
+    service: FusionService, job_of: Any, shortcuts: bool, stop: bool = True
 ) -> tuple[float, str, Counter]:
     service.fuser.shortcuts = shortcuts
     service.fuser.stop_hopeless = stop
-    for m in service.fuser.members.models.values():
-        if hasattr(m.engine, "early_commit"):  # llama.cpp's background read of commits
-            m.engine.early_commit = early
     job = job_of()
     choice = job.choices[0]
     kinds: Counter[str] = Counter()
@@ -101,7 +95,6 @@ async def main() -> int:
     tallies = {(kind, s): Tally() for kind in ("chat", "completions") for s in SYSTEMS}
     differ: list[str] = []
     stop_differ: list[str] = []
-    early_differ: list[str] = []
     rows = []
     try:
         for r in range(args.rounds):
@@ -126,15 +119,14 @@ async def main() -> int:
                         return service.completion_job(req2)
 
                     texts = {}
-                    for system, model, shortcuts, stop, early in (
-                        (SYSTEMS[0], leader, True, True, True),
-                        (SYSTEMS[1], fused, False, False, False),
-                        (SYSTEMS[2], fused, True, False, False),
-                        (SYSTEMS[3], fused, True, True, False),
-                        (SYSTEMS[4], fused, True, True, True),
+                    for system, model, shortcuts, stop in (
+                        (SYSTEMS[0], leader, True, True),
+                        (SYSTEMS[1], fused, False, False),
+                        (SYSTEMS[2], fused, True, False),
+                        (SYSTEMS[3], fused, True, True),
                     ):
                         secs, out, kinds = await one(
-                            service, lambda m=model: job_of(m), shortcuts, stop, early
+                            service, lambda m=model: job_of(m), shortcuts, stop
                         )
                         t = tallies[(kind, system)]
                         t.seconds += secs
@@ -146,17 +138,14 @@ async def main() -> int:
                             {"round": r, "kind": kind, "prompt": text[:40], "system": system}
                             | {"seconds": secs, "chars": len(out), "steps": dict(kinds)}
                         )
-                    if texts[SYSTEMS[1]] != texts[SYSTEMS[4]]:
+                    if texts[SYSTEMS[1]] != texts[SYSTEMS[3]]:
                         differ.append(f"{kind}: {text[:40]!r}")
                     if texts[SYSTEMS[2]] != texts[SYSTEMS[3]]:  # the stop alone: never
                         stop_differ.append(f"{kind}: {text[:40]!r}")
-                    if texts[SYSTEMS[3]] != texts[SYSTEMS[4]]:  # rounding of batched reads
-                        early_differ.append(f"{kind}: {text[:40]!r}")
                     print(
                         f"  round {r + 1} {kind} {text[:30]!r}: "
                         + ", ".join(
-                            f"{s} {x['seconds']:.2f} s"
-                            for s, x in zip(SYSTEMS, rows[-len(SYSTEMS) :])
+                            f"{s} {x['seconds']:.2f} s" for s, x in zip(SYSTEMS, rows[-4:])
                         ),
                         file=sys.stderr,
                     )
@@ -188,9 +177,6 @@ async def main() -> int:
         print(f"- {d}")
     print(f"fused texts that differ with and without the hopeless stop: {len(stop_differ)}")
     for d in stop_differ:
-        print(f"- {d}")
-    print(f"fused texts that differ with commits read early and late: {len(early_differ)}")
-    for d in early_differ:
         print(f"- {d}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}))

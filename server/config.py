@@ -177,13 +177,6 @@ class LlamaCppOptions(_Strict):
         "requests' next tokens) runs one token per llama_decode: on CPUs llama.cpp's batched "
         "matmul costs more than that under 8 tokens (docs/BENCHMARKS.md). 0: never.",
     )
-    early_commit: bool = Field(
-        True,
-        description="Decode a committed segment this model did not write at once, in the "
-        "background, rather than at its next call: while the leader writes its next "
-        "segments alone, the others read the text so far on the free cores, and a step that "
-        "needs them does not wait for it (docs/BENCHMARKS.md, Cost of the default).",
-    )
 
 
 class VllmRemoteOptions(_VllmScoring):

@@ -69,7 +69,6 @@ class LlamaCppEngine:
         prefix_cache: int = 8,
         score_from_ctx_row: bool = True,
         split_below: int = 7,
-        early_commit: bool = True,
     ) -> None:
         self.name = name
         self.gguf = Path(gguf)
@@ -83,8 +82,6 @@ class LlamaCppEngine:
         # off: every branch re-decodes the last context token (tests compare the two)
         self.score_from_ctx_row = score_from_ctx_row
         self.split_below = split_below
-        # a commit of tokens not in the cache starts their decode in the background
-        self.early_commit = early_commit
         self.max_model_len = 0
         self.open_states = 0
         self.rt: LlamaRuntime | None = None
@@ -190,7 +187,6 @@ class LlamaCppEngine:
         should_stop: StopCheck,
         sampling: Sampling = GREEDY,
     ) -> Generation:
-        await self._read(state)
         job = self._generate(state, max_tokens, stop_ids, should_stop, sampling)
         result: Generation = await self._submit(state, job)
         return result
@@ -200,7 +196,6 @@ class LlamaCppEngine:
     ) -> list[list[float]]:
         if not candidates:
             return []
-        await self._read(state)
         job = self._score(state, [tuple(c) for c in candidates])
         result: _Scores = await self._submit(state, job)
         return result[0]
@@ -210,56 +205,12 @@ class LlamaCppEngine:
     ) -> tuple[list[float], list[TopLogprobs]]:
         if not ids:
             return [], []
-        await self._read(state)
         job = self._score(state, [tuple(ids)], top=n)
         result: _Scores = await self._submit(state, job)
         return result[0][0], result[1][0]
 
     async def commit(self, state: LlamaState, ids: Sequence[int]) -> None:
-        """Bookkeeping; with ``early_commit``, tokens that are not in the cache (another
-        model's segment) start decoding in the background, as the prelude of the state's
-        next call would (the same feeds), so that call finds them read. Under the gate the
-        others' next call is often steps later: meanwhile the leader writes on its own
-        core and they read on the others. A commit never waits for an earlier read: it is
-        chained after it (the ledger is touched by one call at a time). A state whose
-        prompt is not read yet is left to its first call, which reads it (and is timed as
-        such)."""
-        ids = tuple(ids)
-        before = state.reading
-        if before is None and not (self.early_commit and state.book.done):
-            state.commit(ids)
-            return
-        if before is None:
-            state.commit(ids)
-            if not state.book.pending or state.cancelled:
-                return
-
-        async def read() -> None:
-            if before is not None:
-                await before  # its failure is this one's (and the next call's)
-                if state.cancelled:  # released: its cells are being freed
-                    return
-                state.commit(ids)
-                if not state.book.pending or state.cancelled or not self.early_commit:
-                    return
-            await self._submit(state, self._ready(state))
-
-        reading = asyncio.ensure_future(read())
-        reading.add_done_callback(_seen)  # its failure is raised by the next call
-        state.reading = reading
-
-    async def _read(self, state: LlamaState) -> None:
-        """Wait for the state's background decode (one call on a state at a time); its
-        failure is this call's. A caller cancelled meanwhile leaves it running, and the
-        state's next call waits for it again."""
-        reading = state.reading
-        if reading is None:
-            return
-        try:
-            await asyncio.shield(reading)
-        finally:
-            if reading.done() and state.reading is reading:
-                state.reading = None
+        state.commit(tuple(ids))
 
     async def release(self, state: LlamaState) -> None:
         if state.cancelled:
@@ -505,12 +456,6 @@ class _Stream:
             else:
                 self.after = log_softmax(rows[r])
         self.done += len(rows)
-
-
-def _seen(future: asyncio.Future[Any]) -> None:
-    """Mark a background call's failure as retrieved (the state's next call raises it)."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _pick(st: LlamaState, row: np.ndarray, sampling: Sampling) -> int:

@@ -24,10 +24,8 @@ gives it its first row after the context.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -54,9 +52,6 @@ class LlamaState:
     history: History = field(default_factory=History)  # what penalties count
     cancelled: bool = False
     cells: int = 0  # KV cells reserved for it at open (given back at release)
-    # the background decode of what was committed (``LlamaCppEngine.early_commit``):
-    # the state's next call (or commit) waits for it first
-    reading: asyncio.Future[Any] | None = None
 
     @classmethod
     def opened(cls, request_id: str, prompt: Sequence[int]) -> LlamaState:
