@@ -10,8 +10,15 @@ as served (a weak member's hopeless segment also stops). Chat prompts and comple
 prompts; time per output character, each system's ratio to the leader alone, the steps by
 kind, and which texts differ: with every step scored they may part by llama.cpp's
 rounding (docs/BENCHMARKS.md), the hopeless stop alone must change none (exit 1 if so).
+``--borrow`` adds the leader alone and the served fusion with every llama.cpp model
+borrowing the idle models' cores when it works alone (``max_threads``); their texts are
+compared with the served ones (past 256 KV cells they may part: docs/BENCHMARKS.md).
+llama.cpp's prefix cache is off unless ``--prefix-cache``: a prompt copied from a kept
+context gets slightly other numbers than one decoded whole, which would part texts by the
+order the systems ran in.
 
     .venv/bin/python bench/cost.py                    # 2 rounds
+    .venv/bin/python bench/cost.py --borrow           # and borrowing idle cores
     .venv/bin/python bench/cost.py --rounds 1 --chat-tokens 32 --completion-tokens 32
 """
 
@@ -52,6 +59,19 @@ SYSTEMS = (
     "fusion, filtered, every segment written",
     "fusion (served)",
 )
+# --borrow: the leader alone and the served fusion again, each llama.cpp model borrowing
+# the idle models' cores when it works alone (``max_threads`` = every CPU)
+OWN = ("leader alone, borrowing", "fusion (served), borrowing")
+
+
+def borrow(models: list[Any], on: bool) -> None:
+    """Let every llama.cpp model borrow idle models' cores, or keep config's setting."""
+    for m in models:
+        rt = getattr(m.engine, "rt", None)
+        if rt is not None and hasattr(rt, "max_threads"):
+            if not hasattr(rt, "served_max_threads"):
+                rt.served_max_threads = rt.max_threads
+            rt.max_threads = max(rt.threads, rt.cpus.cpus) if on else rt.served_max_threads
 
 
 @dataclass
@@ -86,15 +106,33 @@ async def main() -> int:
     ap.add_argument("--chat-tokens", type=int, default=96)
     ap.add_argument("--completion-tokens", type=int, default=64)
     ap.add_argument("--json", type=Path, default=Path("bench/results/cost.json"))
+    ap.add_argument(
+        "--borrow",
+        action="store_true",
+        help="also the leader alone and fusion borrowing idle models' cores (max_threads)",
+    )
+    ap.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="keep config's llama.cpp prefix cache (off by default: a prompt copied from a "
+        "kept context has other numbers than one decoded whole, and would part texts)",
+    )
     args = ap.parse_args()
     config = load_config(args.config)
     models = await load_models(config)
+    if not args.prefix_cache:
+        for m in models:
+            prefix = getattr(getattr(m.engine, "rt", None), "prefix", None)
+            if prefix is not None:
+                prefix.max_entries = 0
     service = FusionService(config, models, Metrics())
     fused = config.fusion.name
     leader = config.fusion.selection.leader or models[0].name
-    tallies = {(kind, s): Tally() for kind in ("chat", "completions") for s in SYSTEMS}
+    systems = SYSTEMS + (OWN if args.borrow else ())
+    tallies = {(kind, s): Tally() for kind in ("chat", "completions") for s in systems}
     differ: list[str] = []
     stop_differ: list[str] = []
+    threads_differ: list[str] = []
     rows = []
     try:
         for r in range(args.rounds):
@@ -119,12 +157,19 @@ async def main() -> int:
                         return service.completion_job(req2)
 
                     texts = {}
-                    for system, model, shortcuts, stop in (
-                        (SYSTEMS[0], leader, True, True),
-                        (SYSTEMS[1], fused, False, False),
-                        (SYSTEMS[2], fused, True, False),
-                        (SYSTEMS[3], fused, True, True),
-                    ):
+                    runs = [
+                        (SYSTEMS[0], leader, True, True, False),
+                        (SYSTEMS[1], fused, False, False, False),
+                        (SYSTEMS[2], fused, True, False, False),
+                        (SYSTEMS[3], fused, True, True, False),
+                    ]
+                    if args.borrow:
+                        runs += [
+                            (OWN[0], leader, True, True, True),
+                            (OWN[1], fused, True, True, True),
+                        ]
+                    for system, model, shortcuts, stop, borrowing in runs:
+                        borrow(models, borrowing)
                         secs, out, kinds = await one(
                             service, lambda m=model: job_of(m), shortcuts, stop
                         )
@@ -142,10 +187,14 @@ async def main() -> int:
                         differ.append(f"{kind}: {text[:40]!r}")
                     if texts[SYSTEMS[2]] != texts[SYSTEMS[3]]:  # the stop alone: never
                         stop_differ.append(f"{kind}: {text[:40]!r}")
+                    for own, served in zip(OWN, (SYSTEMS[0], SYSTEMS[3])):
+                        if own in texts and texts[own] != texts[served]:
+                            threads_differ.append(f"{kind} {served}: {text[:40]!r}")
                     print(
                         f"  round {r + 1} {kind} {text[:30]!r}: "
                         + ", ".join(
-                            f"{s} {x['seconds']:.2f} s" for s, x in zip(SYSTEMS, rows[-4:])
+                            f"{s} {x['seconds']:.2f} s"
+                            for s, x in zip([r[0] for r in runs], rows[-len(runs) :])
                         ),
                         file=sys.stderr,
                     )
@@ -161,11 +210,11 @@ async def main() -> int:
     print("|---|---|---|---|---|---|")
     for kind in ("chat", "completions"):
         base = tallies[(kind, SYSTEMS[0])].per_char()
-        for s in SYSTEMS:
+        for s in systems:
             t = tallies[(kind, s)]
             steps = (
                 "-"
-                if s == SYSTEMS[0]
+                if s in (SYSTEMS[0], OWN[0])
                 else (f"{t.steps['gated']} / {t.steps['filtered']} / {t.steps['fused']}")
             )
             print(
@@ -178,6 +227,10 @@ async def main() -> int:
     print(f"fused texts that differ with and without the hopeless stop: {len(stop_differ)}")
     for d in stop_differ:
         print(f"- {d}")
+    if args.borrow:
+        print(f"texts that differ with and without borrowed cores: {len(threads_differ)}")
+        for d in threads_differ:
+            print(f"- {d}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}))
     print(f"\ncommand: {shlex.join(['.venv/bin/python', *sys.argv])}")

@@ -69,6 +69,21 @@ def lm_eval_command(args: argparse.Namespace, url: str, task: str, system: str) 
     return cmd
 
 
+# each task family's data file and the script that makes it (docs/SELECTION.md)
+DATA = {
+    "gsm8k_pkg": ("eval/data/gsm8k_test.jsonl", "eval/gsm8k_data.py"),
+    "qa_wikidata_pkg": ("eval/data/qa_wikidata.jsonl", "eval/wikidata_data.py"),
+}
+
+
+def missing_data(task: str) -> str | None:
+    """Why ``task`` cannot run here (its data file is not there), or None."""
+    for family, (path, script) in DATA.items():
+        if task.startswith(family) and not (ROOT / path).exists():
+            return f"{path} is missing (made by {script})"
+    return None
+
+
 def done(out: Path, task: str, system: str) -> bool:
     return any((out / system).glob(f"samples_{task}_*.jsonl"))
 
@@ -86,6 +101,14 @@ def main() -> int:
     args = ap.parse_args()
     if shutil.which(args.lm_eval) is None:
         sys.stderr.write(f"{args.lm_eval} not found: pip install lm-eval (in a venv of its own)\n")
+        return 1
+    for task in list(args.tasks):
+        why = missing_data(task)
+        if why is not None:
+            sys.stderr.write(f"left out {task}: {why}\n")
+            args.tasks.remove(task)
+    if not args.tasks:
+        sys.stderr.write("no task has its data: nothing to run\n")
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     proc = None

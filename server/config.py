@@ -138,7 +138,20 @@ class LlamaCppOptions(_Strict):
     """Options of ``engine: llamacpp`` (llama.cpp on the GGUF file, batched across requests)."""
 
     threads: int = Field(
-        1, ge=1, description="llama.cpp threads for this model (decode and batch)."
+        1,
+        ge=1,
+        description="llama.cpp threads this model always has (decode and batch); see "
+        "max_threads for more while the other models are idle.",
+    )
+    max_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Most threads while this process's other llama.cpp models are idle "
+        "(at most the CPUs it may use): a model working alone (Qwen in a gated step, a "
+        "request to one model) then borrows their cores, about 1.5x faster on two cores. "
+        "Past 256 KV cells llama.cpp's numbers then depend on how many models were at work "
+        "at that moment, so a near-tie can go either way between runs. Default: `threads` "
+        "(never borrow).",
     )
     n_ctx: int = Field(
         16384,

@@ -69,6 +69,7 @@ class LlamaCppEngine:
         prefix_cache: int = 8,
         score_from_ctx_row: bool = True,
         split_below: int = 7,
+        max_threads: int | None = None,
     ) -> None:
         self.name = name
         self.gguf = Path(gguf)
@@ -82,6 +83,7 @@ class LlamaCppEngine:
         # off: every branch re-decodes the last context token (tests compare the two)
         self.score_from_ctx_row = score_from_ctx_row
         self.split_below = split_below
+        self.max_threads = max_threads
         self.max_model_len = 0
         self.open_states = 0
         self.rt: LlamaRuntime | None = None
@@ -120,6 +122,7 @@ class LlamaCppEngine:
             name=self.name,
             prefix_entries=self.prefix_cache,
             split_below=self.split_below,
+            max_threads=self.max_threads,
         )
         try:
             check_vocabulary(rt, self.tokenizer_dir, self.name)
@@ -128,11 +131,13 @@ class LlamaCppEngine:
             raise
         self.max_model_len = min(rt.n_ctx_train or rt.n_ctx, rt.n_ctx)
         log.info(
-            "engine %s: llama.cpp loaded %s in %.1f s (%d threads, %d sequences, %d KV cells)",
+            "engine %s: llama.cpp loaded %s in %.1f s (%d to %d threads, %d sequences, "
+            "%d KV cells)",
             self.name,
             self.gguf.name,
             time.monotonic() - started,
             self.threads,
+            rt.max_threads,
             rt.n_seq_max,
             rt.n_ctx,
         )

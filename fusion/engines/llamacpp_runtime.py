@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import os
 import queue
 import threading
 import time
@@ -89,6 +90,145 @@ def logsumexp(rows: np.ndarray, block: int = 16) -> np.ndarray:
     return out
 
 
+def process_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota
+    (``docker --cpus``) when there is one."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    return cpus
+
+
+class CpuShare:
+    """The CPUs of one process, shared at every decode by its llama.cpp runtimes.
+
+    A runtime is *at work* from a job's submission to its end. A runtime with
+    ``max_threads`` above its ``threads`` that is alone at work (the leader of a gated
+    step, a single model's request) decodes with every CPU, up to its ``max_threads``: it
+    borrows the idle models' cores. Runtimes at work side by side decode with their own
+    ``threads`` each. Off by default (``max_threads`` = ``threads``): llama.cpp's numbers
+    do not depend on the thread count while a context holds under 256 KV cells, but past
+    that its flash attention splits a one-token decode's keys among the threads, so the
+    numbers (and a near-tie) then depend on how many models were at work at that moment
+    (docs/BENCHMARKS.md). Turning flash attention off removes that, but makes a
+    token's numbers depend far more on the batch it shares (concurrent requests stop
+    answering as they do alone), so it stays on.
+
+    A decode wider than its runtime's own ``threads`` runs on the share's one *wide*
+    thread, and only when no other decode is running (else it runs narrow, at
+    ``threads``); a narrow decode that starts while the wide one runs waits for it to
+    end. llama.cpp's OpenMP build keeps a thread pool per calling thread, and libgomp
+    cuts its barriers' spinning to almost nothing once its pools hold more threads than
+    the process has CPUs: borrowing on every runtime's own thread made the leader's
+    2-thread decodes 15-35% slower once the weak members had borrowed too. One wide
+    thread keeps the pools at ``cpus`` threads. With spinning barriers, a wide decode must
+    not share the CPUs with another decode: a team member put off a core leaves the other
+    spinning at each of the graph's barriers (seen: a 5 s stall of a first call).
+    """
+
+    def __init__(self, cpus: int) -> None:
+        self.cpus = max(1, cpus)
+        self._jobs: dict[int, int] = {}  # id(runtime) -> jobs submitted and not ended
+        self._lock = threading.Lock()
+        self._decodes = threading.Condition()  # guards the two below
+        self._narrow = 0  # narrow decodes running
+        self._wide_busy = False  # a decode runs on the wide thread
+        self._wide: queue.SimpleQueue[Callable[[], None]] | None = None
+
+    def begin(self, key: int) -> None:
+        with self._lock:
+            self._jobs[key] = self._jobs.get(key, 0) + 1
+
+    def end(self, key: int) -> None:
+        with self._lock:
+            left = self._jobs.get(key, 0) - 1
+            if left > 0:
+                self._jobs[key] = left
+            else:
+                self._jobs.pop(key, None)
+
+    def forget(self, key: int) -> None:
+        with self._lock:
+            self._jobs.pop(key, None)
+
+    def at_work(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+    def threads(self, least: int, most: int) -> int:
+        """Threads a decode of a runtime at work may take, given its floor and ceiling:
+        every CPU when it is alone at work, else its floor."""
+        if self.at_work() > 1:
+            return least
+        return max(least, min(most, self.cpus))
+
+    def try_wide(self) -> bool:
+        """Take the wide thread for one decode (release with ``run_wide``), if no other
+        decode is running."""
+        with self._decodes:
+            if self._wide_busy or self._narrow:
+                return False
+            self._wide_busy = True
+            return True
+
+    def run_narrow(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (a decode on the caller's thread) once no wide decode is running."""
+        with self._decodes:
+            while self._wide_busy:
+                self._decodes.wait()
+            self._narrow += 1
+        try:
+            return fn()
+        finally:
+            with self._decodes:
+                self._narrow -= 1
+
+    def run_wide(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the wide thread (taken with ``try_wide``), wait, then free it."""
+        try:
+            if self._wide is None:
+                calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+                threading.Thread(
+                    target=self._wide_loop, args=(calls,), name="llamacpp-wide", daemon=True
+                ).start()
+                self._wide = calls  # only once its thread runs
+            done = threading.Event()
+            out: list[Any] = []
+
+            def call() -> None:
+                try:
+                    out.append((fn(), None))
+                except BaseException as exc:  # raised again on the caller's thread
+                    out.append((None, exc))
+                finally:
+                    done.set()
+
+            self._wide.put(call)
+            done.wait()
+            value, exc = out[0]
+            if exc is not None:
+                raise exc
+            return value
+        finally:
+            with self._decodes:
+                self._wide_busy = False
+                self._decodes.notify_all()
+
+    @staticmethod
+    def _wide_loop(calls: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            calls.get()()
+
+
+# every runtime of this process shares these (tests may give a runtime its own)
+CPUS = CpuShare(process_cpus())
+
+
 class LlamaRuntime:
     """A loaded GGUF model with one multi-sequence context and its decode thread."""
 
@@ -103,6 +243,8 @@ class LlamaRuntime:
         name: str = "",
         prefix_entries: int = 0,
         split_below: int = 0,
+        max_threads: int | None = None,
+        cpus: CpuShare | None = None,
     ) -> None:
         import llama_cpp as lc
 
@@ -116,6 +258,11 @@ class LlamaRuntime:
         # llama.cpp's batched matmul (llamafile sgemm) costs far more than that for a
         # handful of tokens (docs/BENCHMARKS.md); 0 or 1: never split.
         self.split_below = split_below
+        # threads per decode: ``threads`` at least, more while other runtimes are idle
+        self.threads = threads
+        self.cpus = CPUS if cpus is None else cpus
+        self.max_threads = max(threads, max_threads or threads)
+        self._n_threads = threads  # the context's setting now
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -224,6 +371,7 @@ class LlamaRuntime:
             with contextlib.suppress(RuntimeError):  # the loop may be closed by now
                 loop.call_soon_threadsafe(settle)
 
+        self.cpus.begin(id(self))
         self._queue.put(_Task(job, done, cancelled))
         return future
 
@@ -235,11 +383,13 @@ class LlamaRuntime:
             return None
             yield []  # pragma: no cover - makes this a generator
 
+        self.cpus.begin(id(self))
         self._queue.put(_Task(job(), lambda v, e: None, lambda: False))
 
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
+        self.cpus.forget(id(self))
         lc = self._lc
         lc.llama_batch_free(self._batch)
         lc.llama_batch_free(self._one)
@@ -248,6 +398,12 @@ class LlamaRuntime:
 
     # -- the decode thread ----------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:  # shut down or died: no longer at work either way
+            self.cpus.forget(id(self))
+
+    def _serve(self) -> None:
         while True:
             busy = any(t.feeds for t in self._tasks)
             try:
@@ -299,6 +455,7 @@ class LlamaRuntime:
     def _finish(self, task: _Task, value: Any, exc: BaseException | None) -> None:
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
+        self.cpus.end(id(self))
         if exc is not None:
             task.job.close()
         task.done(value, exc)
@@ -327,15 +484,11 @@ class LlamaRuntime:
         total = sum(n for per_task in outputs for n in per_task)
         started = time.perf_counter()
         n_tokens = self._batch.n_tokens
-        if 2 <= n_tokens <= self.split_below:
-            rc, table = self._decode_split(total)
+        wide = self.cpus.threads(self.threads, self.max_threads)
+        if wide > self.threads and self.cpus.try_wide():
+            rc, table = self.cpus.run_wide(lambda: self._decode(total, n_tokens, wide))
         else:
-            rc = self._lc.llama_decode(self._ctx, self._batch)
-            table = np.empty((0, self.n_vocab), dtype=np.float32)
-            if rc == 0 and total:
-                logits = self._lc.llama_get_logits(self._ctx)
-                table = np.ctypeslib.as_array(logits, shape=(total, self.n_vocab))
-            self.decodes += 1
+            rc, table = self.cpus.run_narrow(lambda: self._decode(total, n_tokens, self.threads))
         self.seconds["decode"] += time.perf_counter() - started
         if rc != 0:
             self._decode_failed(rc, chosen)
@@ -354,6 +507,22 @@ class LlamaRuntime:
             started = time.perf_counter()
             self._step(task, rows)
             self.seconds["jobs"] += time.perf_counter() - started
+
+    def _decode(self, total: int, n_tokens: int, threads: int) -> tuple[int, np.ndarray]:
+        """The filled batch decoded with ``threads`` threads (on the calling thread): its
+        return code and its ``total`` output rows."""
+        if threads != self._n_threads:
+            self._lc.llama_set_n_threads(self._ctx, threads, threads)
+            self._n_threads = threads
+        if 2 <= n_tokens <= self.split_below:
+            return self._decode_split(total)
+        rc = self._lc.llama_decode(self._ctx, self._batch)
+        table = np.empty((0, self.n_vocab), dtype=np.float32)
+        if rc == 0 and total:
+            logits = self._lc.llama_get_logits(self._ctx)
+            table = np.ctypeslib.as_array(logits, shape=(total, self.n_vocab))
+        self.decodes += 1
+        return rc, table
 
     def _fill(self, chosen: list[_Task]) -> list[list[int]]:
         i = 0

@@ -1123,3 +1123,66 @@ def test_the_most_likely_tokens_reported_are_the_rows_own(llama_models):
     for top, row in zip(tops, plain_rows(m.engine, context, cand), strict=True):
         assert [lp for _, lp in top] == pytest.approx([row[t] for t, _ in top], abs=SHAPE_NOISE)
         assert top[-1][1] >= np.sort(row)[-3] - SHAPE_NOISE
+
+
+def test_a_model_working_alone_borrows_the_idle_cores_and_gives_the_same_numbers():
+    """Two runtimes share two CPUs: with ``max_threads`` 2, a decode while the other
+    runtime has no job takes both, one while the other has a job in flight takes one;
+    under 256 KV cells the greedy tokens and every logit are the same bit for bit
+    (llama.cpp sums each output row on one thread, whatever the count). Past 256 cells
+    flash attention splits a one-token decode's keys among the threads and they are not
+    (measured: up to 0.9 in a logit), which is why borrowing is opt-in."""
+    import threading
+
+    from fusion.engines.llamacpp_runtime import CpuShare, LlamaRuntime
+
+    share = CpuShare(2)
+    found = {n: resolve_gguf(DEFAULT_SOURCES[n]).gguf for n in ("smollm2-135m", "gemma3-270m")}
+    kw = {"threads": 1, "max_threads": 2, "n_ctx": 1024, "n_seq_max": 2, "n_batch": 512}
+    rt = LlamaRuntime(found["smollm2-135m"], name="a", cpus=share, **kw)
+    other = LlamaRuntime(found["gemma3-270m"], name="b", cpus=share, **kw)
+    prompt = rt.tokenize("Paris is the capital of France. " * 30 + "The capital of France is")
+    assert 150 < len(prompt) < 240  # with the 6 generated: under 256 cells
+
+    def greedy() -> Generator[list[Feed], list[np.ndarray], tuple[list, list, list]]:
+        seq = rt.take_seq()
+        assert seq is not None
+        threads, tokens, rows = [], [], []
+        try:
+            got = yield [Feed(seq, 0, tuple(prompt), "last")]
+            for i in range(6):
+                threads.append(rt._n_threads)  # the setting of the decode just done
+                row = got[0][-1].copy()
+                rows.append(row)
+                tokens.append(int(row.argmax()))
+                got = yield [Feed(seq, len(prompt) + i, (tokens[-1],), "last")]
+            return threads, tokens, rows
+        finally:
+            rt.drop_from(seq, 0)
+            rt.give_seq(seq)
+
+    release = threading.Event()
+
+    def waiting() -> Job:
+        while not release.is_set():
+            yield []  # a job in flight that decodes nothing yet (waits a tick)
+        return None
+
+    async def run() -> tuple[tuple, tuple, int]:
+        alone = await rt.submit(greedy(), lambda: False)
+        held = other.submit(waiting(), lambda: False)
+        beside = await rt.submit(greedy(), lambda: False)
+        release.set()
+        await held
+        return alone, beside, share.at_work()
+
+    try:
+        alone, beside, left = asyncio.run(run())
+    finally:
+        rt.close()
+        other.close()
+    assert alone[0] == [2] * 6 and beside[0] == [1] * 6
+    assert alone[1] == beside[1]
+    for a, b in zip(alone[2], beside[2]):
+        assert np.array_equal(a, b)
+    assert left == 0  # every job ended is given back
