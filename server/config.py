@@ -148,10 +148,11 @@ class LlamaCppOptions(_Strict):
         ge=1,
         description="Most threads while this process's other llama.cpp models are idle "
         "(at most the CPUs it may use): a model working alone (Qwen in a gated step, a "
-        "request to one model) then borrows their cores, about 1.5x faster on two cores. "
-        "Past 256 KV cells llama.cpp's numbers then depend on how many models were at work "
-        "at that moment, so a near-tie can go either way between runs. Default: `threads` "
-        "(never borrow).",
+        "request to one model) then borrows their cores, about 1.5x faster on two cores; "
+        "the others' decodes wait for such a decode. Once the model's KV cache (all "
+        "requests and kept prefix contexts) holds 256 cells, llama.cpp's numbers depend "
+        "on how many models were at work at that moment, so a near-tie can go either way "
+        "between runs. Default, or below `threads`: `threads` (never borrow).",
     )
     n_ctx: int = Field(
         16384,

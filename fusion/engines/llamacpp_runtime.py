@@ -92,7 +92,8 @@ def logsumexp(rows: np.ndarray, block: int = 16) -> np.ndarray:
 
 def process_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota
-    (``docker --cpus``) when there is one."""
+    (``docker --cpus``; rounded down: a wide decode's spinning barriers must not outrun
+    the quota) when there is one."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
@@ -100,7 +101,7 @@ def process_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     with contextlib.suppress(OSError, ValueError):
         quota, period = cgroup.read_text().split()[:2]
         if quota != "max":
-            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+            cpus = min(cpus, max(1, int(quota) // int(period)))
     return cpus
 
 
@@ -112,24 +113,28 @@ class CpuShare:
     step, a single model's request) decodes with every CPU, up to its ``max_threads``: it
     borrows the idle models' cores. Runtimes at work side by side decode with their own
     ``threads`` each. Off by default (``max_threads`` = ``threads``): llama.cpp's numbers
-    do not depend on the thread count while a context holds under 256 KV cells, but past
-    that its flash attention splits a one-token decode's keys among the threads, so the
-    numbers (and a near-tie) then depend on how many models were at work at that moment
-    (docs/BENCHMARKS.md). Turning flash attention off removes that, but makes a
+    do not depend on the thread count while the model's KV cache (every request's cells
+    and the kept prefix contexts together: one unified cache) uses under 256 cells, but
+    past that its flash attention splits a one-token decode's keys among the threads, so
+    the numbers (and a near-tie) then depend on how many models were at work at that
+    moment (docs/BENCHMARKS.md). Turning flash attention off removes that, but makes a
     token's numbers depend far more on the batch it shares (concurrent requests stop
     answering as they do alone), so it stays on.
 
-    A decode wider than its runtime's own ``threads`` runs on the share's one *wide*
-    thread, and only when no other decode is running (else it runs narrow, at
-    ``threads``); a narrow decode that starts while the wide one runs waits for it to
-    end. llama.cpp's OpenMP build keeps a thread pool per calling thread, and libgomp
-    cuts its barriers' spinning to almost nothing once its pools hold more threads than
-    the process has CPUs: borrowing on every runtime's own thread made the leader's
-    2-thread decodes 15-35% slower once the weak members had borrowed too. One wide
-    thread keeps the pools at ``cpus`` threads. With spinning barriers, a wide decode must
-    not share the CPUs with another decode: a team member put off a core leaves the other
-    spinning at each of the graph's barriers (seen: a 5 s stall of a first call).
+    A wide decode runs on the share's one *wide* thread, and only when no other decode is
+    running (else it runs narrow, at ``threads``); a narrow decode that starts while the
+    wide one runs waits for it to end (any model's: one borrowing model makes the others
+    wait a decode now and then). llama.cpp's OpenMP build keeps a thread pool per calling
+    thread, and libgomp cuts its barriers' spinning to almost nothing once its pools hold
+    more threads than the process has CPUs: borrowing on every runtime's own thread made
+    the leader's 2-thread decodes 12-30% slower once the weak members had borrowed too.
+    One wide thread keeps the pools at ``cpus`` threads (with ``threads: 1``). With
+    spinning barriers, a wide decode must not share the CPUs with another decode: a team
+    member put off a core leaves the other spinning at each of the graph's barriers
+    (seen: a 5 s stall of a first call).
     """
+
+    NARROW_WAIT = 10.0
 
     def __init__(self, cpus: int) -> None:
         self.cpus = max(1, cpus)
@@ -160,36 +165,43 @@ class CpuShare:
         with self._lock:
             return len(self._jobs)
 
-    def threads(self, least: int, most: int) -> int:
-        """Threads a decode of a runtime at work may take, given its floor and ceiling:
-        every CPU when it is alone at work, else its floor."""
-        if self.at_work() > 1:
-            return least
-        return max(least, min(most, self.cpus))
+    def alone(self, key: int) -> bool:
+        """No runtime but ``key``'s is at work."""
+        with self._lock:
+            return self._jobs.keys() <= {key}
 
-    def try_wide(self) -> bool:
-        """Take the wide thread for one decode (release with ``run_wide``), if no other
-        decode is running."""
+    def decode(self, key: int, own: int, most: int, fn: Callable[[int], Any]) -> Any:
+        """Run ``fn(threads)``, a decode of runtime ``key`` whose own threads are ``own``:
+        on the wide thread with every CPU (at most ``most``) when the runtime is alone at
+        work and no other decode runs, else on the caller's thread with ``own`` threads,
+        once no wide decode runs (waiting at most ``NARROW_WAIT`` seconds: a wide decode
+        that never ends must not stop every model)."""
+        wide = min(most, self.cpus)
+        if wide > own and self.alone(key):
+            with self._decodes:
+                taken = not self._wide_busy and not self._narrow
+                if taken:
+                    self._wide_busy = True
+            if taken:
+                return self._run_wide(lambda: fn(wide))
         with self._decodes:
-            if self._wide_busy or self._narrow:
-                return False
-            self._wide_busy = True
-            return True
-
-    def run_narrow(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` (a decode on the caller's thread) once no wide decode is running."""
-        with self._decodes:
-            while self._wide_busy:
-                self._decodes.wait()
+            deadline = time.monotonic() + self.NARROW_WAIT
+            while self._wide_busy and (left := deadline - time.monotonic()) > 0:
+                self._decodes.wait(left)
+            if self._wide_busy:
+                log.warning(
+                    "a wide llama.cpp decode runs past %.0f s: decoding beside it",
+                    self.NARROW_WAIT,
+                )
             self._narrow += 1
         try:
-            return fn()
+            return fn(own)
         finally:
             with self._decodes:
                 self._narrow -= 1
 
-    def run_wide(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the wide thread (taken with ``try_wide``), wait, then free it."""
+    def _run_wide(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the wide thread (taken by ``decode``), wait, then free it."""
         try:
             if self._wide is None:
                 calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -263,6 +275,7 @@ class LlamaRuntime:
         self.cpus = CPUS if cpus is None else cpus
         self.max_threads = max(threads, max_threads or threads)
         self._n_threads = threads  # the context's setting now
+        self._dead = False  # the decode thread has ended
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -371,7 +384,8 @@ class LlamaRuntime:
             with contextlib.suppress(RuntimeError):  # the loop may be closed by now
                 loop.call_soon_threadsafe(settle)
 
-        self.cpus.begin(id(self))
+        if not self._dead:  # a dead loop would never end the job
+            self.cpus.begin(id(self))
         self._queue.put(_Task(job, done, cancelled))
         return future
 
@@ -383,7 +397,8 @@ class LlamaRuntime:
             return None
             yield []  # pragma: no cover - makes this a generator
 
-        self.cpus.begin(id(self))
+        if not self._dead:
+            self.cpus.begin(id(self))
         self._queue.put(_Task(job(), lambda v, e: None, lambda: False))
 
     def close(self) -> None:
@@ -401,6 +416,7 @@ class LlamaRuntime:
         try:
             self._serve()
         finally:  # shut down or died: no longer at work either way
+            self._dead = True
             self.cpus.forget(id(self))
 
     def _serve(self) -> None:
@@ -484,11 +500,9 @@ class LlamaRuntime:
         total = sum(n for per_task in outputs for n in per_task)
         started = time.perf_counter()
         n_tokens = self._batch.n_tokens
-        wide = self.cpus.threads(self.threads, self.max_threads)
-        if wide > self.threads and self.cpus.try_wide():
-            rc, table = self.cpus.run_wide(lambda: self._decode(total, n_tokens, wide))
-        else:
-            rc, table = self.cpus.run_narrow(lambda: self._decode(total, n_tokens, self.threads))
+        rc, table = self.cpus.decode(
+            id(self), self.threads, self.max_threads, lambda n: self._decode(total, n_tokens, n)
+        )
         self.seconds["decode"] += time.perf_counter() - started
         if rc != 0:
             self._decode_failed(rc, chosen)

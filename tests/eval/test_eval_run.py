@@ -38,3 +38,27 @@ def test_a_task_with_its_data_is_kept(tmp_path, monkeypatch):
     assert run.missing_data("qa_wikidata_pkg_heldout") == (
         "eval/data/qa_wikidata.jsonl is missing (made by eval/wikidata_data.py)"
     )
+
+
+def test_make_eval_without_the_wikidata_data_still_runs_gsm8k(tmp_path, monkeypatch, capsys):
+    """The registry lost bigbench==1.0.0: the qa_wikidata task is left out with its reason
+    and the GSM8K tasks run (lm-eval's command is recorded, not run)."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    (tmp_path / "eval" / "data").mkdir(parents=True)
+    (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("{}\n")
+    monkeypatch.setattr(run, "start_server", lambda config: ("proc", "http://127.0.0.1:1"))
+    stopped = []
+    monkeypatch.setattr(run, "stop_server", stopped.append)
+    ran = []
+    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    lm_eval = shutil.which("true")
+    assert lm_eval is not None
+    tasks = "qa_wikidata_pkg_dev,gsm8k_pkg_dev,gsm8k_pkg_chat_dev"
+    argv = ["run.py", "--tasks", tasks, "--systems", "fusion", "--lm-eval", lm_eval]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path / "o")])
+
+    assert run.main() == 0
+    assert "left out qa_wikidata_pkg_dev" in capsys.readouterr().err
+    run_tasks = [cmd[cmd.index("--tasks") + 1] for cmd in ran]
+    assert run_tasks == ["gsm8k_pkg_dev", "gsm8k_pkg_chat_dev"]
+    assert stopped == ["proc"]
