@@ -60,10 +60,12 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def read_samples(out: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
-    """task -> system -> doc_id -> {correct, text, prompt}; the newest file per pair."""
+def read_samples(*outs: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """task -> system -> doc_id -> {correct, text, prompt}, over every output folder (the
+    chunks of one run: their questions together; the newest file per pair wins a doc)."""
     found: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
-    for path in sorted(out.glob("*/samples_*.jsonl")):
+    paths = [p for out in outs for p in sorted(out.glob("*/samples_*.jsonl"))]
+    for path in paths:
         system = path.parent.name
         task = path.name[len("samples_") :].rsplit("_", 1)[0]
         rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -84,19 +86,24 @@ def read_samples(out: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
                 "text": resps[0][0],
                 "prompt": args["gen_args_0"]["arg_0"],
             }
-        found.setdefault(task, {})[system] = docs
+        found.setdefault(task, {}).setdefault(system, {}).update(docs)
     return found
 
 
-def read_runs(out: Path) -> dict[tuple[str, str], float]:
-    """(task, system) -> seconds of its newest run."""
-    path = out / "runs.jsonl"
+def read_runs(*outs: Path) -> dict[tuple[str, str], float]:
+    """(task, system) -> seconds: its newest run in each output folder, summed over the
+    folders (the chunks of one run)."""
     runs: dict[tuple[str, str], float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                runs[(r["task"], r["system"])] = float(r["seconds"])
+    for out in outs:
+        newest: dict[tuple[str, str], float] = {}
+        path = out / "runs.jsonl"
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    newest[(r["task"], r["system"])] = float(r["seconds"])
+        for key, seconds in newest.items():
+            runs[key] = runs.get(key, 0.0) + seconds
     return runs
 
 
@@ -233,7 +240,12 @@ async def score_ppl(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("eval/results"))
+    ap.add_argument(
+        "--out",
+        type=lambda s: [Path(x) for x in s.split(",")],
+        default=[Path("eval/results")],
+        help="eval/run.py's output folder, or several (the chunks of one run), comma-separated",
+    )
     ap.add_argument("--config", default="config.yaml", help="source models (names, --ppl)")
     ap.add_argument("--tasks", type=lambda s: s.split(","), help="default: all found")
     ap.add_argument("--ppl", action="store_true", help="score the answers (in-process)")
@@ -249,12 +261,12 @@ def main() -> int:
     from server.config import load_config
 
     sources = [m.name for m in load_config(args.config).models]
-    samples = read_samples(args.out)
+    samples = read_samples(*args.out)
     if args.tasks:
         samples = {t: v for t, v in samples.items() if t in args.tasks}
-    cache = args.out / "ppl.jsonl"
+    cache = args.out[0] / "ppl.jsonl"
     ppl = asyncio.run(score_ppl(args.config, samples, cache)) if args.ppl else read_ppl(cache)
-    runs = read_runs(args.out)
+    runs = read_runs(*args.out)
     parts, rows = [], []
     for task in sorted(samples):
         text, task_rows = table(task, samples[task], sources, runs, ppl, args.against)

@@ -14,7 +14,9 @@ It starts ``fusion-server serve --config`` itself unless ``--url`` names a runni
 lm-eval lives in a venv of its own (``--lm-eval``, default ``lm_eval`` on PATH). Results go
 to ``--out`` (lm-eval's own layout, with ``--log_samples``), plus ``runs.jsonl`` (task,
 system, questions, seconds); ``eval/report.py`` turns them into the tables. A run whose
-samples file already exists is skipped, so an interrupted sweep resumes.
+samples file already exists is skipped, so an interrupted sweep resumes. A long run can be
+made in chunks, each with its own ``--out`` (``--start 50 --limit 50``: questions 50-99 of
+the task's slice), and reported together (``eval/report.py --out DIR1,DIR2``).
 """
 
 from __future__ import annotations
@@ -64,7 +66,11 @@ def lm_eval_command(args: argparse.Namespace, url: str, task: str, system: str) 
     ]
     if chat:
         cmd.append("--apply_chat_template")
-    if args.limit:
+    if args.start:
+        # a later chunk of the task's questions: lm-eval takes their indices (not --limit)
+        chunk = list(range(args.start, args.start + args.limit))
+        cmd += ["--samples", json.dumps({task: chunk})]
+    elif args.limit:
         cmd += ["--limit", str(args.limit)]
     return cmd
 
@@ -93,12 +99,21 @@ def main() -> int:
     ap.add_argument("--tasks", required=True, type=lambda s: s.split(","))
     ap.add_argument("--systems", required=True, type=lambda s: s.split(","))
     ap.add_argument("--limit", type=int, help="questions per task (default: all)")
+    ap.add_argument(
+        "--start",
+        type=int,
+        default=0,
+        help="first question (index in the task's slice): with --limit, one chunk of a "
+        "longer run; give each chunk its own --out and report them together",
+    )
     ap.add_argument("--config", default="config.yaml", help="server config (if no --url)")
     ap.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     ap.add_argument("--out", type=Path, default=Path("eval/results"))
     ap.add_argument("--lm-eval", default=os.environ.get("LM_EVAL", "lm_eval"))
     ap.add_argument("--concurrency", type=int, default=1, help="lm-eval's num_concurrent")
     args = ap.parse_args()
+    if args.start and not args.limit:
+        ap.error("--start needs --limit (the chunk's size)")
     if shutil.which(args.lm_eval) is None:
         sys.stderr.write(f"{args.lm_eval} not found: pip install lm-eval (in a venv of its own)\n")
         return 1
@@ -129,6 +144,7 @@ def main() -> int:
                     "task": task,
                     "system": system,
                     "limit": args.limit,
+                    "start": args.start,
                     "seconds": round(seconds, 1),
                     "concurrency": args.concurrency,
                     "config": args.config if args.url is None else args.url,

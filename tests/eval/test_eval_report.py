@@ -97,6 +97,33 @@ def test_every_system_is_also_paired_with_each_system_it_is_asked_against(tmp_pa
     assert "vs qwen-sc8: b/c, p" in header and header.count("|") == rule.count("|")
 
 
+def test_the_chunks_of_one_run_are_reported_together(tmp_path):
+    """eval/run.py --start: each chunk in its own folder; the report pairs the systems on
+    every chunk's questions and adds up each system's seconds."""
+    task = "gsm8k_pkg_chat_dev"
+    first, second = tmp_path / "q0", tmp_path / "q2"
+    write_samples(first, "qwen", task, {0: True, 1: False})
+    write_samples(first, "fusion", task, {0: False, 1: False})
+    write_samples(second, "qwen", task, {2: True, 3: False})
+    write_samples(second, "fusion", task, {2: True, 3: True})
+    for out, seconds in ((first, 3.0), (second, 5.0)):
+        (out / "runs.jsonl").write_text(
+            json.dumps({"task": task, "system": "fusion", "seconds": 99.0})
+            + "\n"
+            + json.dumps({"task": task, "system": "fusion", "seconds": seconds})  # newest
+            + "\n"
+        )
+    samples = report.read_samples(first, second)
+    runs = report.read_runs(first, second)
+    assert runs[(task, "fusion")] == 8.0
+    text, rows = report.table(task, samples[task], ["qwen"], runs, {})
+    by = {r["system"]: r for r in rows}
+    assert {r["n"] for r in rows} == {4}
+    assert by["qwen"]["correct"] == 2 and by["fusion"]["correct"] == 2
+    assert (by["fusion"]["b"], by["fusion"]["c"]) == (1, 1)  # right on 3, wrong on 0
+    assert "| fusion | 2 | 50.0% |" in text and "| 2.0 |" in text  # 8 s / 4 questions
+
+
 @pytest.mark.parametrize(
     ("said", "targets", "right"),
     [

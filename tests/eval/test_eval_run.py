@@ -3,8 +3,11 @@ server starts."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
 import sys
+from pathlib import Path
 
 from tests.eval.test_eval_report import load
 
@@ -62,3 +65,13 @@ def test_make_eval_without_the_wikidata_data_still_runs_gsm8k(tmp_path, monkeypa
     run_tasks = [cmd[cmd.index("--tasks") + 1] for cmd in ran]
     assert run_tasks == ["gsm8k_pkg_dev", "gsm8k_pkg_chat_dev"]
     assert stopped == ["proc"]
+
+
+def test_a_chunk_asks_lm_eval_for_its_questions_by_index():
+    args = argparse.Namespace(concurrency=8, lm_eval="lm_eval", out=Path("o"), limit=3, start=50)
+    cmd = run.lm_eval_command(args, "http://127.0.0.1:1", "gsm8k_pkg_chat_dev", "fusion")
+    assert "--limit" not in cmd
+    assert json.loads(cmd[cmd.index("--samples") + 1]) == {"gsm8k_pkg_chat_dev": [50, 51, 52]}
+    args.start = 0
+    cmd = run.lm_eval_command(args, "http://127.0.0.1:1", "gsm8k_pkg_dev", "fusion")
+    assert cmd[cmd.index("--limit") + 1] == "3" and "--samples" not in cmd
