@@ -62,7 +62,8 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 def read_samples(*outs: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
     """task -> system -> doc_id -> {correct, text, prompt}, over every output folder (the
-    chunks of one run: their questions together; the newest file per pair wins a doc)."""
+    chunks of one run: their questions together; for a doc in two files, the later file
+    in folder order, then name (lm-eval's timestamp) order, wins)."""
     found: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     paths = [p for out in outs for p in sorted(out.glob("*/samples_*.jsonl"))]
     for path in paths:
@@ -156,8 +157,9 @@ def table(
             rb, rc, rp = mcnemar(s, r)
             vs.append(f"{rb}/{rc}, {rp:.3f}")
             row[f"vs {r}"] = {"b": rb, "c": rc, "p": rp}
+        # its seconds cover every question it answered (chunks other systems lack too)
         secs = runs.get((task, s))
-        per = f"{secs / n:.1f}" if secs and n else "-"
+        per = f"{secs / len(d):.1f}" if secs and d else "-"
         # a median only over every (non-empty) answer: a part of them could mislead
         wanted = [i for i in docs if d[i]["text"].strip()]
         scored = [ppl[(task, s, i)] for i in wanted if ppl.get((task, s, i))]
@@ -261,12 +263,15 @@ def main() -> int:
     from server.config import load_config
 
     sources = [m.name for m in load_config(args.config).models]
-    samples = read_samples(*args.out)
+    outs = list(dict.fromkeys(args.out))  # a folder named twice counts once
+    samples = read_samples(*outs)
     if args.tasks:
         samples = {t: v for t, v in samples.items() if t in args.tasks}
-    cache = args.out[0] / "ppl.jsonl"
-    ppl = asyncio.run(score_ppl(args.config, samples, cache)) if args.ppl else read_ppl(cache)
-    runs = read_runs(*args.out)
+    # scores found in any folder; --ppl scores the rest and keeps them in the first one
+    ppl = {k: v for out in outs for k, v in read_ppl(out / "ppl.jsonl").items()}
+    if args.ppl:
+        ppl |= asyncio.run(score_ppl(args.config, samples, outs[0] / "ppl.jsonl"))
+    runs = read_runs(*outs)
     parts, rows = [], []
     for task in sorted(samples):
         text, task_rows = table(task, samples[task], sources, runs, ppl, args.against)

@@ -112,6 +112,8 @@ def main() -> int:
     ap.add_argument("--lm-eval", default=os.environ.get("LM_EVAL", "lm_eval"))
     ap.add_argument("--concurrency", type=int, default=1, help="lm-eval's num_concurrent")
     args = ap.parse_args()
+    if args.start < 0 or (args.limit is not None and args.limit < 1):
+        ap.error("--start is a question index (0 or more) and --limit a count (1 or more)")
     if args.start and not args.limit:
         ap.error("--start needs --limit (the chunk's size)")
     if shutil.which(args.lm_eval) is None:

@@ -123,6 +123,19 @@ def test_the_chunks_of_one_run_are_reported_together(tmp_path):
     assert (by["fusion"]["b"], by["fusion"]["c"]) == (1, 1)  # right on 3, wrong on 0
     assert "| fusion | 2 | 50.0% |" in text and "| 2.0 |" in text  # 8 s / 4 questions
 
+    # a system that ran the first chunk only: its seconds are over its own questions
+    write_samples(first, "late", task, {0: True, 1: True})
+    (first / "runs.jsonl").write_text(
+        "".join(
+            json.dumps({"task": task, "system": s, "seconds": x}) + "\n"
+            for s, x in (("fusion", 3.0), ("late", 6.0))
+        )
+    )
+    samples = report.read_samples(first, second)
+    text, rows = report.table(task, samples[task], ["qwen"], report.read_runs(first, second), {})
+    assert {r["n"] for r in rows} == {2}  # paired on the first chunk only
+    assert "| late | 2 | 100.0% |" in text and "| 3.0 |" in text  # 6 s / its 2 questions
+
 
 @pytest.mark.parametrize(
     ("said", "targets", "right"),
