@@ -154,9 +154,16 @@ class FusionService:
                 raise BadRequest(
                     "fusion.models only applies to the fused model", param="fusion.models"
                 )
-            # alone it writes as it would alone, or votes on its own samples
-            # (self-consistency); the segment-level methods need several models
-            subset, method = (model,), "vote" if opts.method == "vote" else "cool"
+            if opts.method in ("rerank", "cool_rerank"):
+                raise BadRequest(
+                    f"fusion.method {opts.method} reranks several source models' whole "
+                    f"answers; `{model}` by name writes alone: method cool, cool_shortest "
+                    f"or vote (its own self-consistency), or ask the fused model "
+                    f"`{cfg.name}`",
+                    param="fusion.method",
+                )
+            # alone it writes its own segments, or votes on its own samples
+            subset, method = (model,), opts.method or "cool"
             segment, ppl_mode, base = opts.max_segment_tokens, opts.ppl_mode, cfg.selection
             vote = self._vote(model, opts, method, subset)
         else:

@@ -260,3 +260,26 @@ async def test_a_variant_is_a_model_name_with_its_own_settings(make_model):
     assert paper.json()["choices"][0]["message"]["content"] == "The cat sat on the rug."
     assert led.json()["choices"][0]["message"]["content"] == "The cat sat on the mat."
     assert set(pair.json()["usage"]["models"]) == {"smollm2-135m", "gemma3-270m"}
+
+
+@pytest.mark.parametrize("method", ["rerank", "cool_rerank"])
+async def test_a_source_model_by_name_refuses_the_rerank_methods(client, method):
+    """Reranking needs several models' whole answers: a source model by name says so
+    (it answered as cool before, its stream and logprobs those of cool)."""
+    body = {**CHAT, "model": "qwen2.5-0.5b", "fusion": {"method": method}}
+    async with client() as http:
+        r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "fusion.method" and method in err["message"], err
+
+
+async def test_a_source_model_by_name_writes_alone_under_cool_shortest(client):
+    async with client() as http:
+        texts = []
+        for method in ("cool", "cool_shortest"):
+            body = {**CHAT, "model": "qwen2.5-0.5b", "fusion": {"method": method}}
+            r = await http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            texts.append(r.json()["choices"][0]["message"]["content"])
+    assert texts[0] and texts[0] == texts[1]
