@@ -156,10 +156,10 @@ class FusionService:
                 )
             if opts.method in ("rerank", "cool_rerank"):
                 raise BadRequest(
-                    f"fusion.method {opts.method} reranks several source models' whole "
-                    f"answers; `{model}` by name writes alone: method cool, cool_shortest "
-                    f"or vote (its own self-consistency), or ask the fused model "
-                    f"`{cfg.name}`",
+                    f"fusion.method {opts.method} is not supported for a source model by "
+                    f"name (`{model}`): it reranks the fused model's whole answers; use "
+                    f"cool, cool_shortest or vote (its own self-consistency), or send it "
+                    f"to the fused model `{cfg.name}`",
                     param="fusion.method",
                 )
             # alone it writes its own segments, or votes on its own samples

@@ -263,18 +263,24 @@ async def test_a_variant_is_a_model_name_with_its_own_settings(make_model):
 
 
 @pytest.mark.parametrize("method", ["rerank", "cool_rerank"])
-async def test_a_source_model_by_name_refuses_the_rerank_methods(client, method):
-    """Reranking needs several models' whole answers: a source model by name says so
-    (it answered as cool before, its stream and logprobs those of cool)."""
-    body = {**CHAT, "model": "qwen2.5-0.5b", "fusion": {"method": method}}
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_source_model_by_name_refuses_the_rerank_methods(client, method, stream):
+    """Reranking is the fused model's: a source model by name says so before any stream
+    starts (it answered as cool before, its stream and logprobs those of cool)."""
+    fusion = {"method": method}
+    chat = {**CHAT, "model": "qwen2.5-0.5b", "stream": stream, "fusion": fusion}
+    text = {"model": "qwen2.5-0.5b", "prompt": "hi", "stream": stream, "fusion": fusion}
     async with client() as http:
-        r = await http.post("/v1/chat/completions", json=body)
-    assert r.status_code == 400, r.text
-    err = r.json()["error"]
-    assert err["param"] == "fusion.method" and method in err["message"], err
+        for path, body in (("/v1/chat/completions", chat), ("/v1/completions", text)):
+            r = await http.post(path, json=body)
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] == "fusion.method" and method in err["message"], err
 
 
-async def test_a_source_model_by_name_writes_alone_under_cool_shortest(client):
+async def test_a_source_model_by_name_runs_cool_shortest_as_asked(client):
+    """The same text as cool (one tokenizer: the same boundaries), counted as the method
+    asked for (it ran as cool before)."""
     async with client() as http:
         texts = []
         for method in ("cool", "cool_shortest"):
@@ -282,4 +288,6 @@ async def test_a_source_model_by_name_writes_alone_under_cool_shortest(client):
             r = await http.post("/v1/chat/completions", json=body)
             assert r.status_code == 200, r.text
             texts.append(r.json()["choices"][0]["message"]["content"])
+        metrics = (await http.get("/metrics")).text
     assert texts[0] and texts[0] == texts[1]
+    assert 'method="cool_shortest",model="qwen2.5-0.5b"' in metrics
