@@ -91,6 +91,21 @@ def read_samples(*outs: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]
     return found
 
 
+def keep(
+    samples: dict[str, dict[str, dict[int, dict[str, Any]]]],
+    tasks: list[str] | None,
+    systems: list[str] | None,
+) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """The tasks and systems asked for (None: all). Systems are paired on the questions
+    every one of them answered, so one that ran a single chunk narrows the table to it
+    unless it is left out."""
+    return {
+        task: {s: v for s, v in by_system.items() if systems is None or s in systems}
+        for task, by_system in samples.items()
+        if tasks is None or task in tasks
+    }
+
+
 def read_runs(*outs: Path) -> dict[tuple[str, str], float]:
     """(task, system) -> seconds: its newest run in each output folder, summed over the
     folders (the chunks of one run)."""
@@ -250,6 +265,11 @@ def main() -> int:
     )
     ap.add_argument("--config", default="config.yaml", help="source models (names, --ppl)")
     ap.add_argument("--tasks", type=lambda s: s.split(","), help="default: all found")
+    ap.add_argument(
+        "--systems",
+        type=lambda s: s.split(","),
+        help="default: all found (a system left out no longer narrows the pairing)",
+    )
     ap.add_argument("--ppl", action="store_true", help="score the answers (in-process)")
     ap.add_argument("--markdown", type=Path, help="also write the tables here")
     ap.add_argument("--json", type=Path, help="also write the rows here")
@@ -264,9 +284,7 @@ def main() -> int:
 
     sources = [m.name for m in load_config(args.config).models]
     outs = list(dict.fromkeys(args.out))  # a folder named twice counts once
-    samples = read_samples(*outs)
-    if args.tasks:
-        samples = {t: v for t, v in samples.items() if t in args.tasks}
+    samples = keep(read_samples(*outs), args.tasks, args.systems)
     # scores found in any folder; --ppl scores the rest and keeps them in the first one
     ppl = {k: v for out in outs for k, v in read_ppl(out / "ppl.jsonl").items()}
     if args.ppl:

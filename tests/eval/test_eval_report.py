@@ -138,6 +138,12 @@ def test_the_chunks_of_one_run_are_reported_together(tmp_path):
     assert per_answer["late"] == "3.0"  # 6 s / its 2 questions
     assert per_answer["fusion"] == "2.0"  # 8 s / its 4 questions, not the 2 paired
 
+    # left out, it no longer narrows the others' pairing to its chunk
+    kept = report.keep(samples, [task], ["qwen", "fusion"])
+    text, rows = report.table(task, kept[task], ["qwen"], report.read_runs(first, second), {})
+    assert {r["system"] for r in rows} == {"qwen", "fusion"} and {r["n"] for r in rows} == {4}
+    assert report.keep(samples, ["other_task"], None) == {}
+
 
 @pytest.mark.parametrize(
     ("said", "targets", "right"),
