@@ -22,13 +22,17 @@ the task's slice), and reported together (``eval/report.py --out DIR1,DIR2``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.server_process import start_server, stop_server
@@ -90,6 +94,57 @@ def missing_data(task: str) -> str | None:
     return None
 
 
+class _Rows:
+    """The few ``datasets.Dataset`` methods a task's ``process_docs`` calls, over a list."""
+
+    def __init__(self, rows: list[Any]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, indices: Iterable[int]) -> _Rows:
+        return _Rows([self.rows[i] for i in indices])
+
+    def filter(self, keep: Callable[[Any], bool]) -> _Rows:
+        return _Rows([r for r in self.rows if keep(r)])
+
+
+def _process_docs(path: Path) -> str | None:
+    """The ``utils`` function a task file (or the one it includes) names as process_docs."""
+    text = path.read_text(encoding="utf-8")
+    named = re.search(r"^process_docs: !function utils\.(\w+)\s*$", text, re.M)
+    if named:
+        return named.group(1)
+    included = re.search(r"^include: (\S+)\s*$", text, re.M)
+    return _process_docs(path.parent / included.group(1)) if included else None
+
+
+def slice_size(task: str) -> int | None:
+    """How many questions ``task`` asks: its data file's rows through its own
+    ``process_docs``. None when that cannot be read here (no task file or data file)."""
+    data = next((path for family, (path, _) in DATA.items() if task.startswith(family)), None)
+    files = [
+        f
+        for f in (ROOT / "eval" / "tasks").glob("*/*.yaml")
+        if re.search(rf"^task: {re.escape(task)}\s*$", f.read_text(encoding="utf-8"), re.M)
+    ]
+    if data is None or not (ROOT / data).exists() or len(files) != 1:
+        return None
+    name = _process_docs(files[0])
+    lines = (ROOT / data).read_text(encoding="utf-8").splitlines()
+    rows = _Rows([json.loads(x) for x in lines if x.strip()])
+    if name is None:
+        return len(rows)
+    utils_file = files[0].parent / "utils.py"
+    spec = importlib.util.spec_from_file_location(f"_eval_{task}_utils", utils_file)
+    if spec is None or spec.loader is None:
+        return None
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    return len(getattr(utils, name)(rows))
+
+
 def done(out: Path, task: str, system: str) -> bool:
     return any((out / system).glob(f"samples_{task}_*.jsonl"))
 
@@ -127,6 +182,21 @@ def main() -> int:
     if not args.tasks:
         sys.stderr.write("no task has its data: nothing to run\n")
         return 1
+    if args.start:
+        for task in args.tasks:
+            size = slice_size(task)
+            if size is not None and args.start >= size:
+                sys.stderr.write(
+                    f"--start {args.start} is past the end of {task}: its questions are "
+                    f"0-{size - 1}\n"
+                )
+                return 1
+            if size is not None and args.start + args.limit > size:
+                sys.stderr.write(
+                    f"--start {args.start} --limit {args.limit} runs past the end of {task} "
+                    f"({size} questions): give --limit {size - args.start}\n"
+                )
+                return 1
     args.out.mkdir(parents=True, exist_ok=True)
     proc = None
     url = args.url

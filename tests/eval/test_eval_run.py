@@ -75,3 +75,47 @@ def test_a_chunk_asks_lm_eval_for_its_questions_by_index():
     args.start = 0
     cmd = run.lm_eval_command(args, "http://127.0.0.1:1", "gsm8k_pkg_dev", "fusion")
     assert cmd[cmd.index("--limit") + 1] == "3" and "--samples" not in cmd
+
+
+def _gsm8k_checkout(tmp_path: Path, rows: int) -> None:
+    """The real task files, and a GSM8K data file of ``rows`` questions."""
+    shutil.copytree(Path("eval/tasks"), tmp_path / "eval" / "tasks")
+    (tmp_path / "eval" / "data").mkdir(parents=True)
+    lines = [json.dumps({"question": f"q{i}", "answer": "#### 1"}) for i in range(rows)]
+    (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_each_tasks_slice_size_comes_from_its_own_process_docs(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _gsm8k_checkout(tmp_path, 1319)
+    assert run.slice_size("gsm8k_pkg_dev") == 597  # questions 3-599
+    assert run.slice_size("gsm8k_pkg_chat_dev") == 597
+    assert run.slice_size("gsm8k_pkg_heldout") == 716  # 600 to the last before the shots
+    assert run.slice_size("gsm8k_pkg") == 1316
+    assert run.slice_size("no_such_task") is None
+    assert run.slice_size("qa_wikidata_pkg_dev") is None  # its data file is not there
+
+
+def test_a_chunk_past_the_end_of_the_slice_is_refused_before_a_server_starts(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _gsm8k_checkout(tmp_path, 1319)
+    started = []
+    monkeypatch.setattr(run, "start_server", lambda config: started.append(config))
+    lm_eval = shutil.which("true")
+    assert lm_eval is not None
+    argv = ["run.py", "--tasks", "gsm8k_pkg_dev", "--systems", "fusion", "--lm-eval", lm_eval]
+    argv += ["--out", str(tmp_path / "o"), "--limit", "50"]
+
+    monkeypatch.setattr(sys, "argv", [*argv, "--start", "550"])
+    assert run.main() == 1
+    assert "runs past the end of gsm8k_pkg_dev (597 questions): give --limit 47" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setattr(sys, "argv", [*argv, "--start", "597"])
+    assert run.main() == 1
+    assert "--start 597 is past the end of gsm8k_pkg_dev: its questions are 0-596" in (
+        capsys.readouterr().err
+    )
+    assert started == []
