@@ -12,6 +12,8 @@ from fusion.grammar import GrammarScores, GrammarSpec
 
 Method = Literal["cool", "cool_shortest", "rerank", "cool_rerank", "vote"]
 METHODS: tuple[Method, ...] = ("cool", "cool_shortest", "rerank", "cool_rerank", "vote")
+# the methods that rerank whole answers of two or more members (fusion/rerank.py)
+RERANKING: tuple[Method, ...] = ("rerank", "cool_rerank")
 PplMode = Literal["mean", "sum"]
 FinishReason = Literal["stop", "length"]
 # how a step chose its segment. "gated": the leader wrote alone (its gate); "fused":

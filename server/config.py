@@ -37,6 +37,7 @@ from fusion.types import (
     DEFAULT_POLICY,
     DEFAULT_VOTE,
     METHODS,
+    RERANKING,
     RULES,
     Aggregate,
     FallbackRule,
@@ -645,6 +646,11 @@ class FusionConfig(_Strict):
             return answer, self.vote
         return answer, VoteConfig.model_validate(self.vote.model_dump() | variant.vote)
 
+    def variant_models(self, name: str) -> list[str] | None:
+        """The source models the fused model or a variant uses; None: all of models:."""
+        variant = self.variants.get(name)
+        return list((variant and variant.models) or self.models or []) or None
+
     def variant_method(self, name: str) -> Method:
         variant = self.variants.get(name)
         return (variant and variant.method) or self.method
@@ -757,7 +763,14 @@ class AppConfig(BaseSettings):
             _merged(f"{where}.vote", self.fusion.variant_vote, name)
         for name in (self.fusion.name, *self.fusion.variants):
             where = "fusion" if name == self.fusion.name else f"fusion.variants.{name}"
-            if self.fusion.variant_method(name) == "vote" and not self.fusion.variant_vote(name)[0]:
+            method = self.fusion.variant_method(name)
+            members = self.fusion.variant_models(name) or names
+            if method in RERANKING and len(members) < 2:
+                raise ValueError(
+                    f"{where}: method {method} reranks the answers of two or more source "
+                    f"models; it has one ({members[0]}): use cool"
+                )
+            if method == "vote" and not self.fusion.variant_vote(name)[0]:
                 raise ValueError(
                     f"{where}.answer: method vote needs an answer extractor ({EXTRACTOR_LIST})"
                 )

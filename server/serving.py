@@ -25,7 +25,14 @@ from fusion.loop import Fuser, FusionError
 from fusion.members import unavailable
 from fusion.models import SourceModel
 from fusion.tools import ToolCall
-from fusion.types import FusionParams, Prompt, Segment, SelectionPolicy, VoteParams
+from fusion.types import (
+    RERANKING,
+    FusionParams,
+    Prompt,
+    Segment,
+    SelectionPolicy,
+    VoteParams,
+)
 from server import request_fields
 from server.config import EXTRACTOR_LIST, AppConfig, SelectionConfig, VariantConfig
 from server.errors import BadRequest, ContextLengthExceeded, ModelNotFound, Unavailable
@@ -93,7 +100,7 @@ class FusionService:
                 "created": created,
                 "owned_by": "fusion-server",
                 "fusion": {
-                    "sources": list((variant and variant.models) or cfg.models or self.models),
+                    "sources": cfg.variant_models(name) or list(self.models),
                     "method": cfg.variant_method(name),
                     "selection": cfg.variant_selection(name).rule,
                 },
@@ -138,13 +145,21 @@ class FusionService:
         cfg = self.config.fusion
         if self.is_fused(model):
             variant = cfg.variants.get(model) or VariantConfig()
-            subset = tuple(opts.models or variant.models or cfg.models or ()) or None
+            subset = tuple(opts.models or cfg.variant_models(model) or ()) or None
             unknown = [n for n in subset or () if n not in self.models]
             if unknown:
                 raise BadRequest(
                     f"unknown source models: {', '.join(unknown)}", param="fusion.models"
                 )
             method = opts.method or cfg.variant_method(model)
+            members = subset or tuple(self.models)
+            if method in RERANKING and len(members) < 2:
+                raise BadRequest(
+                    f"fusion.method {method} reranks the answers of two or more source "
+                    f"models; this request has one ({members[0]}): use cool, or name more "
+                    f"in fusion.models",
+                    param="fusion.models" if opts.models else "fusion.method",
+                )
             segment = opts.max_segment_tokens or variant.max_segment_tokens
             ppl_mode = opts.ppl_mode or variant.ppl_mode
             base = cfg.variant_selection(model)
@@ -154,7 +169,7 @@ class FusionService:
                 raise BadRequest(
                     "fusion.models only applies to the fused model", param="fusion.models"
                 )
-            if opts.method in ("rerank", "cool_rerank"):
+            if opts.method in RERANKING:
                 raise BadRequest(
                     f"fusion.method {opts.method} is not supported for a source model by "
                     f"name (`{model}`): it reranks the fused model's whole answers; use "

@@ -199,6 +199,8 @@ async def test_a_lone_models_steps_count_for_no_policy(client):
         ("{v: {selection: {rule: leader}}}", "fusion.variants.v.selection.leader"),
         ("{v: {selection: {weights: {c: 1}}}}", "fusion.variants.v.selection.weights"),
         ("{v: {method: paper}}", "fusion.variants.v.method"),
+        ("{v: {models: [a], method: rerank}}", "fusion.variants.v: method rerank"),
+        ("{v: {models: [b], method: cool_rerank}}", "fusion.variants.v: method cool_rerank"),
     ],
 )
 def test_invalid_variant_names_the_field(tmp_path, variants, field):
@@ -276,6 +278,33 @@ async def test_a_source_model_by_name_refuses_the_rerank_methods(client, method,
             assert r.status_code == 400, r.text
             err = r.json()["error"]
             assert err["param"] == "fusion.method" and method in err["message"], err
+
+
+def test_a_one_model_fused_model_cannot_rerank(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(MODELS + "fusion: {models: [a], method: rerank}\n")
+    with pytest.raises(ConfigError, match=r"fusion: method rerank .* one \(a\): use cool"):
+        load_config(path)
+    path.write_text(MODELS + "fusion: {models: [a], method: cool}\n")
+    assert load_config(path).fusion.variant_models("fusion") == ["a"]
+
+
+@pytest.mark.parametrize("method", ["rerank", "cool_rerank"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_one_model_subset_refuses_the_rerank_methods(client, method, stream):
+    """Reranking one member's answers chooses nothing (and cool_rerank wrote its answer
+    twice): a 400 before any stream starts; two members rerank."""
+    async with client() as http:
+        for models, status in ((["qwen2.5-0.5b"], 400), (["qwen2.5-0.5b", "gemma3-270m"], 200)):
+            fusion = {"method": method, "models": models}
+            body = {**CHAT, "stream": stream, "fusion": fusion}
+            r = await http.post("/v1/chat/completions", json=body)
+            assert r.status_code == status, r.text
+            if status == 400:
+                err = r.json()["error"]
+                assert err["param"] == "fusion.models", err
+                assert f"fusion.method {method} reranks" in err["message"], err
+                assert "(qwen2.5-0.5b)" in err["message"], err
 
 
 async def test_a_source_model_by_name_runs_cool_shortest_as_asked(client):
