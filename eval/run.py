@@ -25,14 +25,15 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.server_process import start_server, stop_server
@@ -110,39 +111,70 @@ class _Rows:
         return _Rows([r for r in self.rows if keep(r)])
 
 
-def _process_docs(path: Path) -> str | None:
-    """The ``utils`` function a task file (or the one it includes) names as process_docs."""
-    text = path.read_text(encoding="utf-8")
-    named = re.search(r"^process_docs: !function utils\.(\w+)\s*$", text, re.M)
-    if named:
-        return named.group(1)
-    included = re.search(r"^include: (\S+)\s*$", text, re.M)
-    return _process_docs(path.parent / included.group(1)) if included else None
+class _Function(NamedTuple):
+    """A ``!function module.name`` tag, with the folder of the file that holds it (lm-eval
+    looks the module up there)."""
+
+    folder: Path
+    name: str
+
+
+def _task_yaml(path: Path) -> dict[str, Any]:
+    """A task file as lm-eval reads it: its ``include`` files first, its own keys on top."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def function(loader: yaml.SafeLoader, node: yaml.Node) -> _Function:
+        return _Function(path.parent, str(loader.construct_scalar(node)))  # type: ignore[arg-type]
+
+    Loader.add_constructor("!function", function)
+    own = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader) or {}
+    merged: dict[str, Any] = {}
+    included = own.pop("include", None) or []
+    for name in [included] if isinstance(included, str) else included:
+        merged |= _task_yaml(path.parent / name)
+    return merged | own
+
+
+def _tasks() -> dict[str, dict[str, Any]]:
+    """Every task under eval/tasks/, by name."""
+    out = {}
+    for path in sorted((ROOT / "eval" / "tasks").glob("*/*.yaml")):
+        config = _task_yaml(path)
+        if isinstance(config.get("task"), str):
+            out[config["task"]] = config
+    return out
 
 
 def slice_size(task: str) -> int | None:
     """How many questions ``task`` asks: its data file's rows through its own
-    ``process_docs``. None when that cannot be read here (no task file or data file)."""
-    data = next((path for family, (path, _) in DATA.items() if task.startswith(family)), None)
-    files = [
-        f
-        for f in (ROOT / "eval" / "tasks").glob("*/*.yaml")
-        if re.search(rf"^task: {re.escape(task)}\s*$", f.read_text(encoding="utf-8"), re.M)
-    ]
-    if data is None or not (ROOT / data).exists() or len(files) != 1:
+    ``process_docs``, read as lm-eval reads them. None when that cannot be read here
+    (not a task under eval/tasks/, its data file missing or unreadable)."""
+    config = _tasks().get(task)
+    if config is None:
         return None
-    name = _process_docs(files[0])
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    data = files.get(config.get("test_split", "test")) if isinstance(files, dict) else files
+    if not isinstance(data, str) or not (ROOT / data).exists():
+        return None
     lines = (ROOT / data).read_text(encoding="utf-8").splitlines()
-    rows = _Rows([json.loads(x) for x in lines if x.strip()])
-    if name is None:
-        return len(rows)
-    utils_file = files[0].parent / "utils.py"
-    spec = importlib.util.spec_from_file_location(f"_eval_{task}_utils", utils_file)
-    if spec is None or spec.loader is None:
-        return None
-    utils = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(utils)
-    return len(getattr(utils, name)(rows))
+    try:
+        rows = _Rows([json.loads(x) for x in lines if x.strip()])
+        process = config.get("process_docs")
+        if not isinstance(process, _Function):
+            return len(rows)
+        module, _, name = process.name.rpartition(".")
+        spec = importlib.util.spec_from_file_location(
+            f"_eval_{task}_{module}", process.folder / f"{module}.py"
+        )
+        if spec is None or spec.loader is None:
+            return None
+        code = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(code)
+        return len(getattr(code, name)(rows))
+    except (ValueError, LookupError, AttributeError, TypeError, OSError):
+        return None  # data or code this shim does not read as lm-eval would
 
 
 def done(out: Path, task: str, system: str) -> bool:
@@ -185,13 +217,14 @@ def main() -> int:
     if args.start:
         for task in args.tasks:
             size = slice_size(task)
-            if size is not None and args.start >= size:
-                sys.stderr.write(
-                    f"--start {args.start} is past the end of {task}: its questions are "
-                    f"0-{size - 1}\n"
-                )
+            if size is None:
+                sys.stderr.write(f"cannot read how many questions {task} has: chunk unchecked\n")
+                continue
+            if args.start >= size:
+                held = f"its questions are 0-{size - 1}" if size else "it has no questions"
+                sys.stderr.write(f"--start {args.start} is past the end of {task}: {held}\n")
                 return 1
-            if size is not None and args.start + args.limit > size:
+            if args.start + args.limit > size:
                 sys.stderr.write(
                     f"--start {args.start} --limit {args.limit} runs past the end of {task} "
                     f"({size} questions): give --limit {size - args.start}\n"

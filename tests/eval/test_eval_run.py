@@ -94,6 +94,13 @@ def test_each_tasks_slice_size_comes_from_its_own_process_docs(tmp_path, monkeyp
     assert run.slice_size("gsm8k_pkg") == 1316
     assert run.slice_size("no_such_task") is None
     assert run.slice_size("qa_wikidata_pkg_dev") is None  # its data file is not there
+    roles = ["shot"] * 3 + ["dev"] * 5 + ["heldout"] * 2
+    rows = [json.dumps({"input": "x", "target": ["y"], "role": r}) for r in roles]
+    (tmp_path / "eval" / "data" / "qa_wikidata.jsonl").write_text("\n".join(rows) + "\n")
+    assert run.slice_size("qa_wikidata_pkg_dev") == 5  # utils.dev filters by role
+    assert run.slice_size("qa_wikidata_pkg_heldout") == 2  # through its include
+    (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("{}\n" * 100)
+    assert run.slice_size("gsm8k_pkg_dev") is None  # too short for its slice: unreadable
 
 
 def test_a_chunk_past_the_end_of_the_slice_is_refused_before_a_server_starts(
@@ -119,3 +126,22 @@ def test_a_chunk_past_the_end_of_the_slice_is_refused_before_a_server_starts(
         capsys.readouterr().err
     )
     assert started == []
+
+
+def test_the_last_chunk_that_fits_runs_and_a_first_chunk_is_not_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _gsm8k_checkout(tmp_path, 1319)
+    monkeypatch.setattr(run, "start_server", lambda config: ("proc", "http://127.0.0.1:1"))
+    monkeypatch.setattr(run, "stop_server", lambda proc: None)
+    ran = []
+    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    lm_eval = shutil.which("true")
+    assert lm_eval is not None
+    argv = ["run.py", "--tasks", "gsm8k_pkg_dev", "--systems", "fusion", "--lm-eval", lm_eval]
+    for i, chunk in enumerate((["--start", "547", "--limit", "50"], ["--limit", "5000"])):
+        out = ["--out", str(tmp_path / f"o{i}")]
+        monkeypatch.setattr(sys, "argv", [*argv, *out, *chunk])
+        assert run.main() == 0
+    samples = json.loads(ran[0][ran[0].index("--samples") + 1])["gsm8k_pkg_dev"]
+    assert samples[0] == 547 and samples[-1] == 596  # the slice's last question
+    assert ran[1][ran[1].index("--limit") + 1] == "5000"  # lm-eval stops at the end itself
