@@ -93,12 +93,17 @@ class Fuser:
             if params.method == "vote":  # its samples open states of their own
                 yield await vote(self.members, run, lambda m: self._member_grammar(run, m))
                 return
-            await self.members.open(run, whole=params.method == "rerank")
-            if params.method in ("cool", "cool_shortest"):
+            method = params.method
+            if method == "cool_rerank" and len(run.models) < 2:
+                # the others ejected: reranking the one member's answers would write its
+                # answer a second time to choose nothing
+                method = "cool"
+            await self.members.open(run, whole=method == "rerank")
+            if method in ("cool", "cool_shortest"):
                 async with contextlib.aclosing(self._cool(run, emit=True)) as segments:
                     async for seg in segments:
                         yield seg
-            elif params.method == "rerank":
+            elif method == "rerank":
                 yield await rerank(self.members, run, fused=None)
             else:
                 async with contextlib.aclosing(self._cool(run, emit=False)) as segments:

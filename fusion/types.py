@@ -14,6 +14,14 @@ Method = Literal["cool", "cool_shortest", "rerank", "cool_rerank", "vote"]
 METHODS: tuple[Method, ...] = ("cool", "cool_shortest", "rerank", "cool_rerank", "vote")
 # the methods that rerank whole answers of two or more members (fusion/rerank.py)
 RERANKING: tuple[Method, ...] = ("rerank", "cool_rerank")
+
+
+def reranks_alone(method: str, members: Sequence[str]) -> bool:
+    """Whether ``method`` would rerank the answers of fewer than two members (nothing to
+    choose between: the requests and configs that ask it are refused)."""
+    return method in RERANKING and len(members) < 2
+
+
 PplMode = Literal["mean", "sum"]
 FinishReason = Literal["stop", "length"]
 # how a step chose its segment. "gated": the leader wrote alone (its gate); "fused":

@@ -21,6 +21,7 @@ from fusion.types import (
     Prompt,
     Segment,
     SelectionPolicy,
+    reranks_alone,
 )
 from server.cli_flags import add_model_arguments, config_file, overrides
 from server.config import AppConfig, ConfigError, load_config
@@ -162,7 +163,7 @@ def _selection(config: AppConfig, args: argparse.Namespace) -> SelectionPolicy:
 
 
 def _default_models(config: AppConfig) -> tuple[str, ...] | None:
-    return tuple(config.fusion.models) if config.fusion.models else None
+    return tuple(config.fusion.variant_models(config.fusion.name) or ()) or None
 
 
 def _print_trace(seg: Segment) -> None:
@@ -197,6 +198,14 @@ async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    members = args.models.split(",") if args.models else _default_models(config)
+    if reranks_alone(method, members or [m.name for m in config.models]):
+        print(
+            f"fusion-server: method {method} reranks the answers of two or more source "
+            "models; give --models two or more, or use cool",
+            file=sys.stderr,
+        )
+        return 2
     models = await load_models(config)
     fuser = _fuser(config, models)
     try:
@@ -205,7 +214,7 @@ async def _generate(config: AppConfig, args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             max_segment_tokens=config.fusion.max_segment_tokens,
             ppl_mode=config.fusion.ppl_mode,
-            models=tuple(args.models.split(",")) if args.models else _default_models(config),
+            models=tuple(members) if members else None,
             selection=selection,
             vote=config.fusion.vote.params(config.fusion.answer),
         )

@@ -37,7 +37,6 @@ from fusion.types import (
     DEFAULT_POLICY,
     DEFAULT_VOTE,
     METHODS,
-    RERANKING,
     RULES,
     Aggregate,
     FallbackRule,
@@ -49,6 +48,7 @@ from fusion.types import (
     VoteParams,
     each_once,
     repeated,
+    reranks_alone,
 )
 
 EXTRACTOR_LIST = ", ".join(EXTRACTOR_NAMES)
@@ -765,7 +765,7 @@ class AppConfig(BaseSettings):
             where = "fusion" if name == self.fusion.name else f"fusion.variants.{name}"
             method = self.fusion.variant_method(name)
             members = self.fusion.variant_models(name) or names
-            if method in RERANKING and len(members) < 2:
+            if reranks_alone(method, members):
                 raise ValueError(
                     f"{where}: method {method} reranks the answers of two or more source "
                     f"models; it has one ({members[0]}): use cool"

@@ -32,6 +32,7 @@ from fusion.types import (
     Segment,
     SelectionPolicy,
     VoteParams,
+    reranks_alone,
 )
 from server import request_fields
 from server.config import EXTRACTOR_LIST, AppConfig, SelectionConfig, VariantConfig
@@ -100,7 +101,7 @@ class FusionService:
                 "created": created,
                 "owned_by": "fusion-server",
                 "fusion": {
-                    "sources": cfg.variant_models(name) or list(self.models),
+                    "sources": self._sources(name),
                     "method": cfg.variant_method(name),
                     "selection": cfg.variant_selection(name).rule,
                 },
@@ -152,12 +153,13 @@ class FusionService:
                     f"unknown source models: {', '.join(unknown)}", param="fusion.models"
                 )
             method = opts.method or cfg.variant_method(model)
-            members = subset or tuple(self.models)
-            if method in RERANKING and len(members) < 2:
+            members = subset or self._sources(model)
+            if reranks_alone(method, members):
+                asked = f"fusion.method {method}" if opts.method else f"`{model}`'s method {method}"
+                more = ", or name more in fusion.models" if len(self.models) > 1 else ""
                 raise BadRequest(
-                    f"fusion.method {method} reranks the answers of two or more source "
-                    f"models; this request has one ({members[0]}): use cool, or name more "
-                    f"in fusion.models",
+                    f"{asked} reranks the answers of two or more source models; this "
+                    f"request has one ({members[0]}): use cool{more}",
                     param="fusion.models" if opts.models else "fusion.method",
                 )
             segment = opts.max_segment_tokens or variant.max_segment_tokens
@@ -309,8 +311,8 @@ class FusionService:
         return model == self.config.fusion.name or model in self.config.fusion.variants
 
     def _sources(self, fused: str) -> list[str]:
-        variant = self.config.fusion.variants.get(fused)
-        return list((variant and variant.models) or self.config.fusion.models or self.models)
+        """The source models the fused model or a variant uses when a request names none."""
+        return self.config.fusion.variant_models(fused) or list(self.models)
 
     def _logprobs(
         self, req: ChatCompletionRequest | CompletionRequest, top: int | None

@@ -340,3 +340,26 @@ async def test_under_the_gate_two_hung_members_are_dropped_once_the_leader_has_p
         assert "deadline" in (outcome.usage[name].dropped or "")
     assert took < 2.0  # not the hang (60 s)
     await fuser.close()
+
+
+async def test_cool_rerank_left_with_one_member_writes_its_answer_once(make_model):
+    """Its partner ejected, Cool+R has nothing to rerank: it answers as cool, segment by
+    segment, instead of writing the same member's answer a second time to choose it."""
+    models = trio(make_model)[1:]  # a pair: gemma3-270m and qwen2.5-0.5b
+    fuser = Fuser(models, faults=FAST)
+    await answer(fuser, method="cool_rerank")  # learns the usual times
+    models[0].engine.hung = True
+    await answer(fuser, method="cool_rerank")  # gemma3-270m late: ejected
+    assert fuser.members.report()["gemma3-270m"]["state"] == "ejected"
+    segments = []
+    outcome = FusionOutcome()
+    params = FusionParams(method="cool_rerank")
+    async for seg in fuser.run(CHAT, params, outcome):
+        segments.append(seg)
+    alone, _ = await answer(fuser, method="cool")
+    assert outcome.text == alone.text == SCRIPT
+    assert len(segments) > 1  # cool's segments, not one reranked answer
+    assert all("fusion" not in c.proposers for s in segments for c in s.candidates)
+    used = outcome.usage["qwen2.5-0.5b"].generated_tokens
+    assert used == alone.usage["qwen2.5-0.5b"].generated_tokens  # once, not twice
+    await fuser.close()

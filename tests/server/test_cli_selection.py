@@ -39,3 +39,10 @@ def test_generate_refuses_a_rule_without_its_leader(capsys, tmp_path):
     assert "selection.leader" in capsys.readouterr().err
     assert main(["generate", "hi", "--config", "config.yaml", "--leader", "nobody"]) == 2
     assert "unknown source models: nobody" in capsys.readouterr().err
+
+
+def test_generate_refuses_to_rerank_one_model(capsys):
+    for method in ("rerank", "cool_rerank"):
+        args = ["generate", "hi", "--config", "config.yaml", "--method", method]
+        assert main([*args, "--models", "qwen2.5-0.5b"]) == 2  # before any model loads
+        assert f"method {method} reranks the answers of two or more" in capsys.readouterr().err

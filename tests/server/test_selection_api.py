@@ -307,6 +307,43 @@ async def test_a_one_model_subset_refuses_the_rerank_methods(client, method, str
                 assert "(qwen2.5-0.5b)" in err["message"], err
 
 
+async def test_a_one_model_variant_refuses_rerank_naming_where_the_method_came_from(make_model):
+    """A variant of one member asked to rerank: param fusion.method; a fused model whose
+    configured method reranks, asked for one member: param fusion.models, and the message
+    says the method is the model's own."""
+    import httpx
+
+    from server.app import create_app
+    from tests.conftest import _wait_ready
+
+    models = [
+        {"name": "gemma3-270m", "source": "pip:gemma3-270m"},
+        {"name": "qwen2.5-0.5b", "source": "pip:qwen2.5-coder-0.5b-instruct"},
+    ]
+    variants = {"fusion-solo": {"models": ["qwen2.5-0.5b"]}}
+    with pytest.raises(ConfigError, match=r"fusion.variants.fusion-solo: method rerank"):
+        load_config(None, models=models, fusion={"method": "rerank", "variants": variants})
+    variants["fusion-solo"]["method"] = "cool"  # type: ignore[index]
+    config = load_config(None, models=models, fusion={"method": "rerank", "variants": variants})
+    app = create_app(config, weak_pair_and_leader(make_model)[1:])
+    async with app.router.lifespan_context(app):
+        await _wait_ready(app)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            solo = {**CHAT, "model": "fusion-solo", "fusion": {"method": "cool_rerank"}}
+            asked = await http.post("/v1/chat/completions", json=solo)
+            one = {**CHAT, "fusion": {"models": ["gemma3-270m"]}}
+            own = await http.post("/v1/chat/completions", json=one)
+            cool = await http.post("/v1/chat/completions", json={**CHAT, "model": "fusion-solo"})
+    assert asked.status_code == 400 and own.status_code == 400, (asked.text, own.text)
+    assert asked.json()["error"]["param"] == "fusion.method"
+    assert "fusion.method cool_rerank reranks" in asked.json()["error"]["message"]
+    assert own.json()["error"]["param"] == "fusion.models"
+    assert "`fusion`'s method rerank reranks" in own.json()["error"]["message"]
+    assert "(gemma3-270m): use cool, or name more" in own.json()["error"]["message"]
+    assert cool.status_code == 200, cool.text
+
+
 async def test_a_source_model_by_name_runs_cool_shortest_as_asked(client):
     """The same text as cool (one tokenizer: the same boundaries), counted as the method
     asked for (it ran as cool before)."""
