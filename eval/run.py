@@ -80,21 +80,19 @@ def lm_eval_command(args: argparse.Namespace, url: str, task: str, system: str) 
     return cmd
 
 
-# the scripts that make the tasks' data files (docs/SELECTION.md)
-MADE_BY = {
-    "eval/data/gsm8k_test.jsonl": "eval/gsm8k_data.py",
-    "eval/data/qa_wikidata.jsonl": "eval/wikidata_data.py",
+# each task family's data file and the script that makes it (docs/SELECTION.md)
+DATA = {
+    "gsm8k_pkg": ("eval/data/gsm8k_test.jsonl", "eval/gsm8k_data.py"),
+    "qa_wikidata_pkg": ("eval/data/qa_wikidata.jsonl", "eval/wikidata_data.py"),
 }
 
 
 def missing_data(task: str) -> str | None:
-    """Why ``task`` cannot run here (the data file its YAML names is not there), or None."""
-    config = _tasks().get(task)
-    path = None if config is None else _data_file(config)
-    if path is None or (ROOT / path).exists():
-        return None
-    script = MADE_BY.get(path)
-    return f"{path} is missing" + (f" (made by {script})" if script else "")
+    """Why ``task`` cannot run here (its data file is not there), or None."""
+    for family, (path, script) in DATA.items():
+        if task.startswith(family) and not (ROOT / path).exists():
+            return f"{path} is missing (made by {script})"
+    return None
 
 
 class _Rows:
@@ -149,21 +147,16 @@ def _tasks() -> dict[str, dict[str, Any]]:
     return out
 
 
-def _data_file(config: dict[str, Any]) -> str | None:
-    """The local data file a task reads its questions from (its ``dataset_kwargs``'
-    ``data_files`` for its ``test_split``), or None: a task on a Hub dataset."""
-    files = (config.get("dataset_kwargs") or {}).get("data_files")
-    data = files.get(config.get("test_split", "test")) if isinstance(files, dict) else files
-    return data if isinstance(data, str) else None
-
-
 def slice_size(task: str) -> int | None:
     """How many questions ``task`` asks: its data file's rows through its own
     ``process_docs``, read as lm-eval reads them. None when that cannot be read here
     (not a task under eval/tasks/, its data file missing or unreadable)."""
     config = _tasks().get(task)
-    data = None if config is None else _data_file(config)
-    if data is None or not (ROOT / data).exists():
+    if config is None:
+        return None
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    data = files.get(config.get("test_split", "test")) if isinstance(files, dict) else files
+    if not isinstance(data, str) or not (ROOT / data).exists():
         return None
     lines = (ROOT / data).read_text(encoding="utf-8").splitlines()
     try:
