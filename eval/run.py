@@ -80,18 +80,21 @@ def lm_eval_command(args: argparse.Namespace, url: str, task: str, system: str) 
     return cmd
 
 
-# each task family's data file and the script that makes it (docs/SELECTION.md)
-DATA = {
-    "gsm8k_pkg": ("eval/data/gsm8k_test.jsonl", "eval/gsm8k_data.py"),
-    "qa_wikidata_pkg": ("eval/data/qa_wikidata.jsonl", "eval/wikidata_data.py"),
+# the scripts that make the tasks' data files (docs/SELECTION.md)
+MADE_BY = {
+    "eval/data/gsm8k_test.jsonl": "eval/gsm8k_data.py",
+    "eval/data/qa_wikidata.jsonl": "eval/wikidata_data.py",
 }
 
 
 def missing_data(task: str) -> str | None:
-    """Why ``task`` cannot run here (its data file is not there), or None."""
-    for family, (path, script) in DATA.items():
-        if task.startswith(family) and not (ROOT / path).exists():
-            return f"{path} is missing (made by {script})"
+    """Why ``task`` (a task or a tag under eval/tasks/) cannot run here: a data file its
+    YAML names is not there. None when it can, or when it is not ours (lm-eval's own)."""
+    for config in _tasks().get(task, []):
+        path = _data_file(config)
+        if path is not None and not (ROOT / path).exists():
+            script = MADE_BY.get(path)
+            return f"{path} is missing" + (f" (made by {script})" if script else "")
     return None
 
 
@@ -130,6 +133,8 @@ def _task_yaml(path: Path) -> dict[str, Any]:
 
     Loader.add_constructor("!function", function)
     own = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader) or {}
+    if not isinstance(own, dict):
+        raise ValueError(f"{path} is not a mapping")
     merged: dict[str, Any] = {}
     included = own.pop("include", None) or []
     for name in [included] if isinstance(included, str) else included:
@@ -137,26 +142,40 @@ def _task_yaml(path: Path) -> dict[str, Any]:
     return merged | own
 
 
-def _tasks() -> dict[str, dict[str, Any]]:
-    """Every task under eval/tasks/, by name."""
-    out = {}
+def _tasks() -> dict[str, list[dict[str, Any]]]:
+    """Every task and tag under eval/tasks/, by name, as lm-eval indexes them: a task's
+    name to its config, a tag's name to the configs of its tasks. A file that does not
+    read (bad YAML, a missing include) is passed over: lm-eval says what is wrong with it
+    if that task is asked for, and the other tasks still run."""
+    out: dict[str, list[dict[str, Any]]] = {}
     for path in sorted((ROOT / "eval" / "tasks").glob("*/*.yaml")):
-        config = _task_yaml(path)
-        if isinstance(config.get("task"), str):
-            out[config["task"]] = config
+        try:
+            config = _task_yaml(path)
+        except (yaml.YAMLError, OSError, ValueError, RecursionError):
+            continue
+        if not isinstance(config.get("task"), str):
+            continue
+        tags = config.get("tag") or []
+        for name in [config["task"], *([tags] if isinstance(tags, str) else tags)]:
+            out.setdefault(str(name), []).append(config)
     return out
+
+
+def _data_file(config: dict[str, Any]) -> str | None:
+    """The local data file a task reads its questions from (its ``dataset_kwargs``'
+    ``data_files`` for its ``test_split``), or None: a task on a Hub dataset."""
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    data = files.get(config.get("test_split", "test")) if isinstance(files, dict) else files
+    return data if isinstance(data, str) else None
 
 
 def slice_size(task: str) -> int | None:
     """How many questions ``task`` asks: its data file's rows through its own
     ``process_docs``, read as lm-eval reads them. None when that cannot be read here
     (not a task under eval/tasks/, its data file missing or unreadable)."""
-    config = _tasks().get(task)
-    if config is None:
-        return None
-    files = (config.get("dataset_kwargs") or {}).get("data_files")
-    data = files.get(config.get("test_split", "test")) if isinstance(files, dict) else files
-    if not isinstance(data, str) or not (ROOT / data).exists():
+    config = next((c for c in _tasks().get(task, []) if c["task"] == task), None)
+    data = None if config is None else _data_file(config)
+    if data is None or not (ROOT / data).exists():
         return None
     lines = (ROOT / data).read_text(encoding="utf-8").splitlines()
     try:

@@ -14,8 +14,15 @@ from tests.eval.test_eval_report import load
 run = load("eval/run.py")
 
 
+def _checkout(tmp_path: Path) -> None:
+    """The real task files, without their data files."""
+    shutil.copytree(Path("eval/tasks"), tmp_path / "eval" / "tasks")
+    (tmp_path / "eval" / "data").mkdir(parents=True)
+
+
 def test_a_task_without_its_data_is_left_out_and_says_which_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(run, "ROOT", tmp_path)
+    _checkout(tmp_path)
     started = []
     monkeypatch.setattr(run, "start_server", lambda config: started.append(config))
     lm_eval = shutil.which("true")
@@ -34,20 +41,64 @@ def test_a_task_without_its_data_is_left_out_and_says_which_file(tmp_path, monke
 
 def test_a_task_with_its_data_is_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "ROOT", tmp_path)
-    (tmp_path / "eval" / "data").mkdir(parents=True)
+    _checkout(tmp_path)
     (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("{}\n")
     assert run.missing_data("gsm8k_pkg_chat_dev") is None
     assert run.missing_data("gsm8k_pkg_heldout") is None
     assert run.missing_data("qa_wikidata_pkg_heldout") == (
         "eval/data/qa_wikidata.jsonl is missing (made by eval/wikidata_data.py)"
     )
+    assert run.missing_data("gsm8k") is None  # not ours: lm-eval's own task and data
+
+
+def test_a_tag_is_left_out_when_a_task_it_holds_has_no_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _checkout(tmp_path)
+    assert run.missing_data("gsm8k_pkg_all") == (
+        "eval/data/gsm8k_test.jsonl is missing (made by eval/gsm8k_data.py)"
+    )
+    (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("{}\n")
+    assert run.missing_data("gsm8k_pkg_all") is None
+
+
+def test_the_data_file_checked_is_the_one_the_tasks_yaml_names(tmp_path, monkeypatch):
+    """One way to find a task's data (its YAML, as lm-eval reads it), for the check that
+    it is there and for the size of its slice."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _checkout(tmp_path)
+    template = tmp_path / "eval" / "tasks" / "gsm8k_pkg" / "_default_template_yaml"
+    text = template.read_text()
+    assert "test: eval/data/gsm8k_test.jsonl" in text
+    template.write_text(text.replace("eval/data/gsm8k_test.jsonl", "eval/data/other.jsonl"))
+    (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("{}\n")
+    assert run.missing_data("gsm8k_pkg_dev") == "eval/data/other.jsonl is missing"
+    assert run.slice_size("gsm8k_pkg_dev") is None
+    (tmp_path / "eval" / "data" / "other.jsonl").write_text("{}\n" * 5)
+    assert run.missing_data("gsm8k_pkg_dev") is None
+    assert run.slice_size("gsm8k_pkg") == 2  # five rows, the last three are the shots
+
+
+def test_one_unreadable_task_file_does_not_stop_the_others(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _checkout(tmp_path)
+    tasks = tmp_path / "eval" / "tasks"
+    (tasks / "gsm8k_pkg" / "broken.yaml").write_text("task: [unclosed\n")
+    (tasks / "gsm8k_pkg" / "a_list.yaml").write_text("- task: x\n")
+    (tasks / "gsm8k_pkg" / "no_include.yaml").write_text("include: gone.yaml\ntask: y\n")
+    assert run.missing_data("qa_wikidata_pkg_dev") == (
+        "eval/data/qa_wikidata.jsonl is missing (made by eval/wikidata_data.py)"
+    )
+    assert run.missing_data("gsm8k_pkg_dev") == (
+        "eval/data/gsm8k_test.jsonl is missing (made by eval/gsm8k_data.py)"
+    )
+    assert run.missing_data("y") is None  # lm-eval reports its own broken file
 
 
 def test_make_eval_without_the_wikidata_data_still_runs_gsm8k(tmp_path, monkeypatch, capsys):
     """The registry lost bigbench==1.0.0: the qa_wikidata task is left out with its reason
     and the GSM8K tasks run (lm-eval's command is recorded, not run)."""
     monkeypatch.setattr(run, "ROOT", tmp_path)
-    (tmp_path / "eval" / "data").mkdir(parents=True)
+    _checkout(tmp_path)
     (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("{}\n")
     monkeypatch.setattr(run, "start_server", lambda config: ("proc", "http://127.0.0.1:1"))
     stopped = []
@@ -79,8 +130,7 @@ def test_a_chunk_asks_lm_eval_for_its_questions_by_index():
 
 def _gsm8k_checkout(tmp_path: Path, rows: int) -> None:
     """The real task files, and a GSM8K data file of ``rows`` questions."""
-    shutil.copytree(Path("eval/tasks"), tmp_path / "eval" / "tasks")
-    (tmp_path / "eval" / "data").mkdir(parents=True)
+    _checkout(tmp_path)
     lines = [json.dumps({"question": f"q{i}", "answer": "#### 1"}) for i in range(rows)]
     (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("\n".join(lines) + "\n")
 
