@@ -22,6 +22,7 @@ the task's slice), and reported together (``eval/report.py --out DIR1,DIR2``).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.util
 import json
 import os
@@ -88,13 +89,17 @@ MADE_BY = {
 
 
 def missing_data(task: str) -> str | None:
-    """Why ``task`` (a task or a tag under eval/tasks/) cannot run here: a data file its
-    YAML names is not there. None when it can, or when it is not ours (lm-eval's own)."""
-    for config in _tasks().get(task, []):
-        path = _data_file(config)
-        if path is not None and not (ROOT / path).exists():
-            script = MADE_BY.get(path)
-            return f"{path} is missing" + (f" (made by {script})" if script else "")
+    """Why ``task`` cannot run here: a local data file named by the YAML of a task it
+    stands for (a task under eval/tasks/, a tag, or a wildcard over them, as lm-eval
+    matches ``--tasks``) is not there. None when it can, or when it is not ours."""
+    index = _tasks()
+    names = fnmatch.filter(index, task) if any(c in task for c in "*?[") else [task]
+    for name in names:
+        for config in index.get(name, []):
+            for path in sorted({p for paths in _data_files(config).values() for p in paths}):
+                if not (ROOT / path).exists():
+                    script = MADE_BY.get(path)
+                    return f"{path} is missing" + (f" (made by {script})" if script else "")
     return None
 
 
@@ -132,7 +137,7 @@ def _task_yaml(path: Path) -> dict[str, Any]:
         return _Function(path.parent, str(loader.construct_scalar(node)))  # type: ignore[arg-type]
 
     Loader.add_constructor("!function", function)
-    own = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader) or {}
+    own = yaml.load(path.read_bytes(), Loader=Loader) or {}
     if not isinstance(own, dict):
         raise ValueError(f"{path} is not a mapping")
     merged: dict[str, Any] = {}
@@ -143,30 +148,53 @@ def _task_yaml(path: Path) -> dict[str, Any]:
 
 
 def _tasks() -> dict[str, list[dict[str, Any]]]:
-    """Every task and tag under eval/tasks/, by name, as lm-eval indexes them: a task's
-    name to its config, a tag's name to the configs of its tasks. A file that does not
-    read (bad YAML, a missing include) is passed over: lm-eval says what is wrong with it
-    if that task is asked for, and the other tasks still run."""
+    """Every task and tag under eval/tasks/, by name, as lm-eval's task index reads them:
+    a task's name to its config (the first file that names it), a tag's name to its tasks'
+    configs. A file that does not read (bad YAML, a missing include, an odd ``tag``) is
+    passed over, as lm-eval passes it over; the other tasks still run."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted((ROOT / "eval" / "tasks").glob("*/*.yaml")):
+    files = (ROOT / "eval" / "tasks").glob("**/*.yaml")
+    for path in sorted(files, key=lambda p: p.as_posix()):
+        if any(part in ("__pycache__", ".ipynb_checkpoints") for part in path.parts):
+            continue
         try:
             config = _task_yaml(path)
-        except (yaml.YAMLError, OSError, ValueError, RecursionError):
+            name, tags = config.get("task"), config.get("tag") or []
+            tags = [tags] if isinstance(tags, str) else tags
+            if not isinstance(name, str) or name in out:
+                continue
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                continue
+        except Exception:  # as lm-eval: a file it cannot index is skipped
             continue
-        if not isinstance(config.get("task"), str):
-            continue
-        tags = config.get("tag") or []
-        for name in [config["task"], *([tags] if isinstance(tags, str) else tags)]:
-            out.setdefault(str(name), []).append(config)
+        for key in [name, *tags]:
+            out.setdefault(key, []).append(config)
     return out
 
 
-def _data_file(config: dict[str, Any]) -> str | None:
-    """The local data file a task reads its questions from (its ``dataset_kwargs``'
-    ``data_files`` for its ``test_split``), or None: a task on a Hub dataset."""
-    files = (config.get("dataset_kwargs") or {}).get("data_files")
-    data = files.get(config.get("test_split", "test")) if isinstance(files, dict) else files
-    return data if isinstance(data, str) else None
+# the dataset builders that read local files (``dataset_path``), as datasets names them
+LOCAL_BUILDERS = {"json", "csv", "text", "parquet", "arrow"}
+
+
+def _data_files(config: dict[str, Any]) -> dict[str, list[str]]:
+    """The local files a task reads, by split: its ``dataset_kwargs``' ``data_files`` as
+    ``datasets.load_dataset`` takes them (a path, a list, or either per split; bare ones
+    are the train split). Empty for a task on a Hub dataset; URLs and globs are left out
+    (not files this can check)."""
+    kwargs = config.get("dataset_kwargs")
+    files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
+    if config.get("dataset_path") not in LOCAL_BUILDERS or files is None:
+        return {}
+    out = {}
+    for split, paths in (files if isinstance(files, dict) else {"train": files}).items():
+        listed = [paths] if isinstance(paths, str) else paths
+        if isinstance(listed, list):
+            out[str(split)] = [
+                p
+                for p in listed
+                if isinstance(p, str) and "://" not in p and not any(c in p for c in "*?[")
+            ]
+    return out
 
 
 def slice_size(task: str) -> int | None:
@@ -174,9 +202,11 @@ def slice_size(task: str) -> int | None:
     ``process_docs``, read as lm-eval reads them. None when that cannot be read here
     (not a task under eval/tasks/, its data file missing or unreadable)."""
     config = next((c for c in _tasks().get(task, []) if c["task"] == task), None)
-    data = None if config is None else _data_file(config)
-    if data is None or not (ROOT / data).exists():
+    split = None if config is None else config.get("test_split")
+    paths = _data_files(config).get(split, []) if config and isinstance(split, str) else []
+    if len(paths) != 1 or not (ROOT / paths[0]).exists():
         return None
+    data = paths[0]
     lines = (ROOT / data).read_text(encoding="utf-8").splitlines()
     try:
         rows = _Rows([json.loads(x) for x in lines if x.strip()])

@@ -8,6 +8,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.eval.test_eval_report import load
 
@@ -16,7 +17,7 @@ run = load("eval/run.py")
 
 def _checkout(tmp_path: Path) -> None:
     """The real task files, without their data files."""
-    shutil.copytree(Path("eval/tasks"), tmp_path / "eval" / "tasks")
+    shutil.copytree(Path(__file__).parents[2] / "eval" / "tasks", tmp_path / "eval" / "tasks")
     (tmp_path / "eval" / "data").mkdir(parents=True)
 
 
@@ -51,14 +52,92 @@ def test_a_task_with_its_data_is_kept(tmp_path, monkeypatch):
     assert run.missing_data("gsm8k") is None  # not ours: lm-eval's own task and data
 
 
-def test_a_tag_is_left_out_when_a_task_it_holds_has_no_data(tmp_path, monkeypatch):
+def _task(tmp_path: Path, relative: str, text: str) -> None:
+    path = tmp_path / "eval" / "tasks" / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _main(tmp_path, monkeypatch, tasks: str) -> tuple[int, list[Any]]:
+    """eval/run.py's main on ``tasks``, with lm-eval's command and the server recorded."""
+    started: list[Any] = []
+    monkeypatch.setattr(run, "start_server", lambda c: started.append(c) or ("p", "http://x"))
+    monkeypatch.setattr(run, "stop_server", lambda proc: None)
+    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: None)
+    lm_eval = shutil.which("true")
+    assert lm_eval is not None
+    argv = ["run.py", "--tasks", tasks, "--systems", "fusion", "--lm-eval", lm_eval]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path / "o")])
+    return run.main(), started
+
+
+def test_a_tag_is_left_out_when_any_task_it_holds_has_no_data(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _checkout(tmp_path)
-    assert run.missing_data("gsm8k_pkg_all") == (
-        "eval/data/gsm8k_test.jsonl is missing (made by eval/gsm8k_data.py)"
-    )
     (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("{}\n")
     assert run.missing_data("gsm8k_pkg_all") is None
+    _task(
+        tmp_path,
+        "gsm8k_pkg/gsm8k_pkg_more.yaml",
+        "include: gsm8k_pkg.yaml\ntask: gsm8k_pkg_more\n"
+        "dataset_kwargs:\n  data_files:\n    test: eval/data/more.jsonl\n",
+    )
+    assert run.missing_data("gsm8k_pkg_all") == "eval/data/more.jsonl is missing"
+    assert run.missing_data("gsm8k_pkg_dev") is None
+
+    code, started = _main(tmp_path, monkeypatch, "gsm8k_pkg_all")
+    assert code == 1 and started == []  # refused before a server was started
+    assert "left out gsm8k_pkg_all: eval/data/more.jsonl is missing" in capsys.readouterr().err
+
+
+def test_a_wildcard_is_left_out_when_a_task_it_matches_has_no_data(tmp_path, monkeypatch):
+    """lm-eval matches --tasks entries as shell patterns over task and tag names."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _checkout(tmp_path)
+    gsm8k = "eval/data/gsm8k_test.jsonl is missing (made by eval/gsm8k_data.py)"
+    assert run.missing_data("gsm8k_pkg*") == gsm8k
+    assert run.missing_data("gsm8k_pkg_[cd]*_dev") == gsm8k
+    (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("{}\n")
+    assert run.missing_data("gsm8k_pkg*") is None
+    assert run.missing_data("*_dev") == (
+        "eval/data/qa_wikidata.jsonl is missing (made by eval/wikidata_data.py)"
+    )
+
+
+def test_a_task_in_a_nested_folder_is_found(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _checkout(tmp_path)
+    _task(tmp_path, "gsm8k_pkg/extra/x.yaml", "include: ../gsm8k_pkg.yaml\ntask: gsm8k_pkg_x\n")
+    assert run.missing_data("gsm8k_pkg_x") == (
+        "eval/data/gsm8k_test.jsonl is missing (made by eval/gsm8k_data.py)"
+    )
+
+
+def test_every_local_data_file_a_task_names_is_checked(tmp_path, monkeypatch):
+    """Every split and every path in ``data_files`` (datasets loads them all); URLs,
+    globs and Hub datasets are not files to check here."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _checkout(tmp_path)
+    (tmp_path / "eval" / "data" / "a.jsonl").write_text("{}\n")
+    head = "task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+    _task(
+        tmp_path, "t/t.yaml", head + "    train: eval/data/b.jsonl\n    test: eval/data/a.jsonl\n"
+    )
+    assert run.missing_data("t") == "eval/data/b.jsonl is missing"
+    _task(tmp_path, "t/t.yaml", head + "    test: [eval/data/a.jsonl, eval/data/c.jsonl]\n")
+    assert run.missing_data("t") == "eval/data/c.jsonl is missing"
+    _task(
+        tmp_path, "t/t.yaml", "task: t\ndataset_path: json\ndataset_kwargs:\n  data_files: d.json\n"
+    )
+    assert run.missing_data("t") == "d.json is missing"
+    _task(tmp_path, "t/t.yaml", head + "    test: eval/data/*.jsonl\n    train: https://x/y.json\n")
+    assert run.missing_data("t") is None
+    _task(
+        tmp_path,
+        "t/t.yaml",
+        "task: t\ndataset_path: org/set\ndataset_kwargs:\n  data_files: d.json\n",
+    )
+    assert run.missing_data("t") is None  # a file inside a Hub dataset
 
 
 def test_the_data_file_checked_is_the_one_the_tasks_yaml_names(tmp_path, monkeypatch):
@@ -85,6 +164,10 @@ def test_one_unreadable_task_file_does_not_stop_the_others(tmp_path, monkeypatch
     (tasks / "gsm8k_pkg" / "broken.yaml").write_text("task: [unclosed\n")
     (tasks / "gsm8k_pkg" / "a_list.yaml").write_text("- task: x\n")
     (tasks / "gsm8k_pkg" / "no_include.yaml").write_text("include: gone.yaml\ntask: y\n")
+    (tasks / "gsm8k_pkg" / "odd_tag.yaml").write_text("task: z\ntag: 2024\n")
+    (tasks / "gsm8k_pkg" / "odd_include.yaml").write_text("include: 5\ntask: w\n")
+    (tasks / "gsm8k_pkg" / "cycle.yaml").write_text("include: cycle.yaml\ntask: v\n")
+    (tasks / "gsm8k_pkg" / "latin1.yaml").write_bytes(b"task: \xe9\n")
     assert run.missing_data("qa_wikidata_pkg_dev") == (
         "eval/data/qa_wikidata.jsonl is missing (made by eval/wikidata_data.py)"
     )
