@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import glob
 import importlib.util
 import json
 import os
@@ -90,17 +91,27 @@ MADE_BY = {
 
 def missing_data(task: str) -> str | None:
     """Why ``task`` cannot run here: a local data file named by the YAML of a task it
-    stands for (a task under eval/tasks/, a tag, or a wildcard over them, as lm-eval
-    matches ``--tasks``) is not there. None when it can, or when it is not ours."""
+    stands for (a task under eval/tasks/, a tag or group, or a wildcard over them, as
+    lm-eval matches ``--tasks``) is not there. None when it can, or when it is not ours."""
     index = _tasks()
     names = fnmatch.filter(index, task) if any(c in task for c in "*?[") else [task]
     for name in names:
         for config in index.get(name, []):
             for path in sorted({p for paths in _data_files(config).values() for p in paths}):
-                if not (ROOT / path).exists():
+                if not _found(path):
                     script = MADE_BY.get(path)
                     return f"{path} is missing" + (f" (made by {script})" if script else "")
     return None
+
+
+def _found(path: str) -> bool:
+    """Whether a ``data_files`` entry names something here (a glob: at least one file);
+    a URL is taken as found (not checked here)."""
+    if "://" in path:
+        return True
+    if any(c in path for c in "*?["):
+        return bool(glob.glob(str(ROOT / path), recursive=True))
+    return (ROOT / path).is_file()
 
 
 class _Rows:
@@ -127,8 +138,14 @@ class _Function(NamedTuple):
     name: str
 
 
-def _task_yaml(path: Path) -> dict[str, Any]:
-    """A task file as lm-eval reads it: its ``include`` files first, its own keys on top."""
+def _task_yaml(path: Path, seen: set[Path] | None = None) -> dict[str, Any]:
+    """A task file as lm-eval's ``load_yaml`` reads it: its ``include`` files first (their
+    ``task_list`` dropped), its own keys on top; a file twice on the way is an error."""
+    path = path.expanduser().resolve()
+    seen = set() if seen is None else seen
+    if path in seen:
+        raise ValueError(f"include cycle at {path}")
+    seen.add(path)
 
     class Loader(yaml.SafeLoader):
         pass
@@ -137,38 +154,54 @@ def _task_yaml(path: Path) -> dict[str, Any]:
         return _Function(path.parent, str(loader.construct_scalar(node)))  # type: ignore[arg-type]
 
     Loader.add_constructor("!function", function)
-    own = yaml.load(path.read_bytes(), Loader=Loader) or {}
+    own = yaml.load(path.read_bytes(), Loader=Loader)
     if not isinstance(own, dict):
         raise ValueError(f"{path} is not a mapping")
+    if "include" not in own:
+        return own
     merged: dict[str, Any] = {}
-    included = own.pop("include", None) or []
-    for name in [included] if isinstance(included, str) else included:
-        merged |= _task_yaml(path.parent / name)
+    included = own.pop("include")
+    for name in included if isinstance(included, list) else [included]:
+        config = _task_yaml(path.parent / Path(name), seen)
+        config.pop("task_list", None)
+        merged |= config
     return merged | own
 
 
 def _tasks() -> dict[str, list[dict[str, Any]]]:
-    """Every task and tag under eval/tasks/, by name, as lm-eval's task index reads them:
-    a task's name to its config (the first file that names it), a tag's name to its tasks'
-    configs. A file that does not read (bad YAML, a missing include, an odd ``tag``) is
-    passed over, as lm-eval passes it over; the other tasks still run."""
-    out: dict[str, list[dict[str, Any]]] = {}
+    """Every task, tag and group under eval/tasks/, by name, as lm-eval's task index reads
+    them: a task's name to its config (the first file that names it), a tag's or group's
+    name to its tasks' configs. A file that does not index (bad YAML, a missing include, a
+    ``tag`` that is not a name or a list) is passed over, as lm-eval passes it over."""
+    tasks: dict[str, dict[str, Any]] = {}
+    tags: dict[str, list[str]] = {}
+    groups: dict[str, list[str]] = {}
     files = (ROOT / "eval" / "tasks").glob("**/*.yaml")
     for path in sorted(files, key=lambda p: p.as_posix()):
         if any(part in ("__pycache__", ".ipynb_checkpoints") for part in path.parts):
             continue
         try:
             config = _task_yaml(path)
-            name, tags = config.get("task"), config.get("tag") or []
-            tags = [tags] if isinstance(tags, str) else tags
-            if not isinstance(name, str) or name in out:
-                continue
-            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-                continue
-        except Exception:  # as lm-eval: a file it cannot index is skipped
+        except Exception:  # as lm-eval: a file it cannot read is skipped
             continue
-        for key in [name, *tags]:
-            out.setdefault(key, []).append(config)
+        tag = config.get("tag")
+        if tag is not None and not isinstance(tag, str | list | dict):
+            continue  # lm-eval fails on it and skips the file
+        if "class" in config or "group" not in config:
+            name = config.get("task")
+            if isinstance(name, str) and name not in tasks:
+                tasks[name] = config
+                for t in [tag] if isinstance(tag, str) else tag if isinstance(tag, list) else []:
+                    if isinstance(t, str):
+                        tags.setdefault(t, []).append(name)
+        elif isinstance(config["group"], str) and isinstance(config.get("task"), list):
+            members = [t for t in config["task"] if isinstance(t, str)]
+            groups.setdefault(config["group"], members)
+    out = {name: [config] for name, config in tasks.items()}
+    for name, members in tags.items():
+        out.setdefault(name, [tasks[m] for m in members])
+    for name, members in groups.items():  # a group's entries are tasks or tags
+        out.setdefault(name, [c for m in members if m != name for c in out.get(m, [])])
     return out
 
 
@@ -179,21 +212,17 @@ LOCAL_BUILDERS = {"json", "csv", "text", "parquet", "arrow"}
 def _data_files(config: dict[str, Any]) -> dict[str, list[str]]:
     """The local files a task reads, by split: its ``dataset_kwargs``' ``data_files`` as
     ``datasets.load_dataset`` takes them (a path, a list, or either per split; bare ones
-    are the train split). Empty for a task on a Hub dataset; URLs and globs are left out
-    (not files this can check)."""
+    are the train split). Empty for a task on a Hub dataset."""
     kwargs = config.get("dataset_kwargs")
     files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
-    if config.get("dataset_path") not in LOCAL_BUILDERS or files is None:
+    builder = config.get("dataset_path")
+    if not isinstance(builder, str) or builder not in LOCAL_BUILDERS or files is None:
         return {}
     out = {}
     for split, paths in (files if isinstance(files, dict) else {"train": files}).items():
         listed = [paths] if isinstance(paths, str) else paths
         if isinstance(listed, list):
-            out[str(split)] = [
-                p
-                for p in listed
-                if isinstance(p, str) and "://" not in p and not any(c in p for c in "*?[")
-            ]
+            out[str(split)] = [p for p in listed if isinstance(p, str)]
     return out
 
 
@@ -201,14 +230,13 @@ def slice_size(task: str) -> int | None:
     """How many questions ``task`` asks: its data file's rows through its own
     ``process_docs``, read as lm-eval reads them. None when that cannot be read here
     (not a task under eval/tasks/, its data file missing or unreadable)."""
-    config = next((c for c in _tasks().get(task, []) if c["task"] == task), None)
+    config = next((c for c in _tasks().get(task, []) if c.get("task") == task), None)
     split = None if config is None else config.get("test_split")
     paths = _data_files(config).get(split, []) if config and isinstance(split, str) else []
-    if len(paths) != 1 or not (ROOT / paths[0]).exists():
+    if config is None or len(paths) != 1 or "://" in paths[0] or any(c in paths[0] for c in "*?["):
         return None
-    data = paths[0]
-    lines = (ROOT / data).read_text(encoding="utf-8").splitlines()
     try:
+        lines = (ROOT / paths[0]).read_text(encoding="utf-8").splitlines()
         rows = _Rows([json.loads(x) for x in lines if x.strip()])
         process = config.get("process_docs")
         if not isinstance(process, _Function):
@@ -222,8 +250,8 @@ def slice_size(task: str) -> int | None:
         code = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(code)
         return len(getattr(code, name)(rows))
-    except (ValueError, LookupError, AttributeError, TypeError, OSError):
-        return None  # data or code this shim does not read as lm-eval would
+    except Exception:  # data or code this shim does not read as lm-eval would
+        return None
 
 
 def done(out: Path, task: str, system: str) -> bool:

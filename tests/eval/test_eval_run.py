@@ -94,6 +94,8 @@ def test_a_wildcard_is_left_out_when_a_task_it_matches_has_no_data(tmp_path, mon
     """lm-eval matches --tasks entries as shell patterns over task and tag names."""
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _checkout(tmp_path)
+    code, started = _main(tmp_path, monkeypatch, "gsm8k_pkg*")
+    assert code == 1 and started == []
     gsm8k = "eval/data/gsm8k_test.jsonl is missing (made by eval/gsm8k_data.py)"
     assert run.missing_data("gsm8k_pkg*") == gsm8k
     assert run.missing_data("gsm8k_pkg_[cd]*_dev") == gsm8k
@@ -168,6 +170,8 @@ def test_one_unreadable_task_file_does_not_stop_the_others(tmp_path, monkeypatch
     (tasks / "gsm8k_pkg" / "odd_include.yaml").write_text("include: 5\ntask: w\n")
     (tasks / "gsm8k_pkg" / "cycle.yaml").write_text("include: cycle.yaml\ntask: v\n")
     (tasks / "gsm8k_pkg" / "latin1.yaml").write_bytes(b"task: \xe9\n")
+    (tasks / "gsm8k_pkg" / "empty_include.yaml").write_text("include: ''\ntask: u\n")
+    (tasks / "gsm8k_pkg" / "odd_path.yaml").write_text("task: s\ndataset_path: {x: 1}\n")
     assert run.missing_data("qa_wikidata_pkg_dev") == (
         "eval/data/qa_wikidata.jsonl is missing (made by eval/wikidata_data.py)"
     )
@@ -175,6 +179,64 @@ def test_one_unreadable_task_file_does_not_stop_the_others(tmp_path, monkeypatch
         "eval/data/gsm8k_test.jsonl is missing (made by eval/gsm8k_data.py)"
     )
     assert run.missing_data("y") is None  # lm-eval reports its own broken file
+    assert run.missing_data("s*") is None
+
+
+def test_tags_and_groups_are_read_as_lm_eval_reads_them(tmp_path, monkeypatch):
+    """A tag list with a stray non-name still tags the task; a group stands for the tasks
+    and tags it lists; a tag never stands in for a task of the same name."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _checkout(tmp_path)
+    (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("{}\n")
+    local = "dataset_path: json\ndataset_kwargs:\n  data_files: eval/data/gone.jsonl\n"
+    _task(tmp_path, "x/a.yaml", "task: ta\ntag: [1, grp, gsm8k_pkg_dev]\n" + local)
+    _task(tmp_path, "x/g.yaml", "group: gg\ntask: [gsm8k_pkg_dev, grp]\n")
+    _task(tmp_path, "x/h.yaml", "group: hh\ntask: [gsm8k_pkg_chat_dev]\n")
+    gone = "eval/data/gone.jsonl is missing"
+    assert run.missing_data("ta") == gone
+    assert run.missing_data("grp") == gone
+    assert run.missing_data("gg") == gone
+    assert run.missing_data("hh") is None
+    assert run.missing_data("gsm8k_pkg_dev") is None
+
+
+def test_a_data_glob_that_matches_nothing_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _checkout(tmp_path)
+    _task(
+        tmp_path,
+        "t/t.yaml",
+        "task: t\ndataset_path: json\ndataset_kwargs:\n  data_files: d/*.json\n",
+    )
+    assert run.missing_data("t") == "d/*.json is missing"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "one.json").write_text("{}")
+    assert run.missing_data("t") is None
+
+
+def test_a_slice_that_cannot_be_counted_is_not_guessed(tmp_path, monkeypatch):
+    """slice_size gives None (the chunk goes unchecked) rather than a wrong count or a
+    crash: a split that also names a glob, a folder, a compressed file, code that fails."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _checkout(tmp_path)
+    (tmp_path / "eval" / "data" / "a.jsonl").write_text("{}\n" * 10)
+    (tmp_path / "eval" / "data" / "a.jsonl.gz").write_bytes(bytes(range(256)))
+    (tmp_path / "eval" / "data" / "more").mkdir()
+    head = "task: t\ndataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n"
+    _task(tmp_path, "t/t.yaml", head + "    test: eval/data/a.jsonl\n")
+    assert run.slice_size("t") == 10
+    _task(tmp_path, "t/t.yaml", head + "    test: [eval/data/a.jsonl, eval/data/more/*.jsonl]\n")
+    assert run.slice_size("t") is None
+    for path in ["eval/data/more", "eval/data/a.jsonl.gz"]:
+        _task(tmp_path, "t/t.yaml", head + f"    test: {path}\n")
+        assert run.slice_size("t") is None
+    (tmp_path / "eval" / "tasks" / "t" / "code.py").write_text("def docs(d):\n    1 / 0\n")
+    _task(
+        tmp_path,
+        "t/t.yaml",
+        head + "    test: eval/data/a.jsonl\nprocess_docs: !function code.docs\n",
+    )
+    assert run.slice_size("t") is None
 
 
 def test_make_eval_without_the_wikidata_data_still_runs_gsm8k(tmp_path, monkeypatch, capsys):
