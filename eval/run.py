@@ -91,10 +91,10 @@ MADE_BY = {
 
 def missing_data(task: str) -> str | None:
     """Why ``task`` cannot run here: a local data file named by the YAML of a task it
-    stands for (a task under eval/tasks/, a tag or group, or a wildcard over them, as
-    lm-eval matches ``--tasks``) is not there. None when it can, or when it is not ours."""
+    stands for (a task under eval/tasks/, a tag, or a wildcard over them, as lm-eval
+    matches ``--tasks``) is not there. None when it can, or when it is not ours."""
     index = _tasks()
-    names = fnmatch.filter(index, task) if any(c in task for c in "*?[") else [task]
+    names = fnmatch.filter(index, task) if _pattern(task) else [task]
     for name in names:
         for config in index.get(name, []):
             for path in sorted({p for paths in _data_files(config).values() for p in paths}):
@@ -104,14 +104,20 @@ def missing_data(task: str) -> str | None:
     return None
 
 
+def _pattern(name: str) -> bool:
+    """Whether a name is a shell pattern (fnmatch, glob)."""
+    return any(c in name for c in "*?[")
+
+
 def _found(path: str) -> bool:
-    """Whether a ``data_files`` entry names something here (a glob: at least one file);
-    a URL is taken as found (not checked here)."""
+    """Whether a ``data_files`` entry names something here (a glob: at least one file).
+    A URL is not checked here."""
     if "://" in path:
         return True
-    if any(c in path for c in "*?["):
-        return bool(glob.glob(str(ROOT / path), recursive=True))
-    return (ROOT / path).is_file()
+    try:
+        return bool(glob.glob(path, root_dir=ROOT)) if _pattern(path) else (ROOT / path).is_file()
+    except ValueError:  # a path no file system holds (a NUL byte)
+        return False
 
 
 class _Rows:
@@ -169,13 +175,13 @@ def _task_yaml(path: Path, seen: set[Path] | None = None) -> dict[str, Any]:
 
 
 def _tasks() -> dict[str, list[dict[str, Any]]]:
-    """Every task, tag and group under eval/tasks/, by name, as lm-eval's task index reads
-    them: a task's name to its config (the first file that names it), a tag's or group's
-    name to its tasks' configs. A file that does not index (bad YAML, a missing include, a
-    ``tag`` that is not a name or a list) is passed over, as lm-eval passes it over."""
-    tasks: dict[str, dict[str, Any]] = {}
-    tags: dict[str, list[str]] = {}
-    groups: dict[str, list[str]] = {}
+    """Every task and tag under eval/tasks/, by name, as lm-eval's task index reads them
+    (the first file to claim a name has it): a task's name to its config, a tag's to its
+    tasks' configs. Groups are not read (their own keys change their tasks' configs), so
+    a group's name is not ours here. A file that does not read (bad YAML, a missing
+    include) is passed over, as lm-eval passes it over."""
+    claimed: dict[str, str | list[str]] = {}  # a task's name to itself, a tag's to its tasks
+    configs: dict[str, dict[str, Any]] = {}
     files = (ROOT / "eval" / "tasks").glob("**/*.yaml")
     for path in sorted(files, key=lambda p: p.as_posix()):
         if any(part in ("__pycache__", ".ipynb_checkpoints") for part in path.parts):
@@ -184,25 +190,21 @@ def _tasks() -> dict[str, list[dict[str, Any]]]:
             config = _task_yaml(path)
         except Exception:  # as lm-eval: a file it cannot read is skipped
             continue
-        tag = config.get("tag")
-        if tag is not None and not isinstance(tag, str | list | dict):
-            continue  # lm-eval fails on it and skips the file
-        if "class" in config or "group" not in config:
-            name = config.get("task")
-            if isinstance(name, str) and name not in tasks:
-                tasks[name] = config
-                for t in [tag] if isinstance(tag, str) else tag if isinstance(tag, list) else []:
-                    if isinstance(t, str):
-                        tags.setdefault(t, []).append(name)
-        elif isinstance(config["group"], str) and isinstance(config.get("task"), list):
-            members = [t for t in config["task"] if isinstance(t, str)]
-            groups.setdefault(config["group"], members)
-    out = {name: [config] for name, config in tasks.items()}
-    for name, members in tags.items():
-        out.setdefault(name, [tasks[m] for m in members])
-    for name, members in groups.items():  # a group's entries are tasks or tags
-        out.setdefault(name, [c for m in members if m != name for c in out.get(m, [])])
-    return out
+        name, tags = config.get("task"), config.get("tag") or []
+        tags = [tags] if isinstance(tags, str) else tags
+        if "group" in config or not isinstance(name, str) or not isinstance(tags, list):
+            continue
+        if name in claimed:
+            continue
+        claimed[name], configs[name] = name, config
+        for tag in tags:
+            members = claimed.setdefault(tag, []) if isinstance(tag, str) else None
+            if isinstance(members, list):  # not a name a task already has
+                members.append(name)
+    return {
+        key: [configs[n] for n in ([names] if isinstance(names, str) else names)]
+        for key, names in claimed.items()
+    }
 
 
 # the dataset builders that read local files (``dataset_path``), as datasets names them
@@ -233,8 +235,10 @@ def slice_size(task: str) -> int | None:
     config = next((c for c in _tasks().get(task, []) if c.get("task") == task), None)
     split = None if config is None else config.get("test_split")
     paths = _data_files(config).get(split, []) if config and isinstance(split, str) else []
-    if config is None or len(paths) != 1 or "://" in paths[0] or any(c in paths[0] for c in "*?["):
+    if config is None or len(paths) != 1 or config.get("dataset_path") != "json":
         return None
+    if "field" in config["dataset_kwargs"]:
+        return None  # rows under one key of a JSON file, not one per line
     try:
         lines = (ROOT / paths[0]).read_text(encoding="utf-8").splitlines()
         rows = _Rows([json.loads(x) for x in lines if x.strip()])

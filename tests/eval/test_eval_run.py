@@ -116,8 +116,8 @@ def test_a_task_in_a_nested_folder_is_found(tmp_path, monkeypatch):
 
 
 def test_every_local_data_file_a_task_names_is_checked(tmp_path, monkeypatch):
-    """Every split and every path in ``data_files`` (datasets loads them all); URLs,
-    globs and Hub datasets are not files to check here."""
+    """Every split and every path in ``data_files`` (datasets loads them all); a glob
+    that matches, a URL and a file inside a Hub dataset are not reported missing."""
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _checkout(tmp_path)
     (tmp_path / "eval" / "data" / "a.jsonl").write_text("{}\n")
@@ -159,45 +159,50 @@ def test_the_data_file_checked_is_the_one_the_tasks_yaml_names(tmp_path, monkeyp
     assert run.slice_size("gsm8k_pkg") == 2  # five rows, the last three are the shots
 
 
-def test_one_unreadable_task_file_does_not_stop_the_others(tmp_path, monkeypatch):
+def test_a_task_file_that_does_not_read_is_passed_over(tmp_path, monkeypatch):
+    """As lm-eval passes it over: the other tasks are still checked, and its own missing
+    data does not leave out the tag it would have joined."""
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _checkout(tmp_path)
-    tasks = tmp_path / "eval" / "tasks"
-    (tasks / "gsm8k_pkg" / "broken.yaml").write_text("task: [unclosed\n")
-    (tasks / "gsm8k_pkg" / "a_list.yaml").write_text("- task: x\n")
-    (tasks / "gsm8k_pkg" / "no_include.yaml").write_text("include: gone.yaml\ntask: y\n")
-    (tasks / "gsm8k_pkg" / "odd_tag.yaml").write_text("task: z\ntag: 2024\n")
-    (tasks / "gsm8k_pkg" / "odd_include.yaml").write_text("include: 5\ntask: w\n")
-    (tasks / "gsm8k_pkg" / "cycle.yaml").write_text("include: cycle.yaml\ntask: v\n")
-    (tasks / "gsm8k_pkg" / "latin1.yaml").write_bytes(b"task: \xe9\n")
-    (tasks / "gsm8k_pkg" / "empty_include.yaml").write_text("include: ''\ntask: u\n")
-    (tasks / "gsm8k_pkg" / "odd_path.yaml").write_text("task: s\ndataset_path: {x: 1}\n")
-    assert run.missing_data("qa_wikidata_pkg_dev") == (
-        "eval/data/qa_wikidata.jsonl is missing (made by eval/wikidata_data.py)"
-    )
+    gone = "tag: broken\ndataset_path: json\ndataset_kwargs:\n  data_files: gone.json\n"
+    bad = {
+        "bad_yaml": "task: [unclosed\n",
+        "no_include": "include: gone.yaml\ntask: a\n",
+        "odd_include": "include: 5\ntask: b\n",
+        "empty_include": "include: ''\ntask: c\n",
+        "cycle": "include: cycle.yaml\ntask: d\n",
+    }
+    for file, text in bad.items():
+        _task(tmp_path, f"bad/{file}.yaml", text + (gone if "task: [" not in text else ""))
+    _task(tmp_path, "bad/a_list.yaml", "- task: x\n")
+    (tmp_path / "eval" / "tasks" / "bad" / "latin1.yaml").write_bytes(b"task: \xe9\n")
+    assert run.missing_data("broken") is None
     assert run.missing_data("gsm8k_pkg_dev") == (
         "eval/data/gsm8k_test.jsonl is missing (made by eval/gsm8k_data.py)"
     )
-    assert run.missing_data("y") is None  # lm-eval reports its own broken file
-    assert run.missing_data("s*") is None
+    _task(tmp_path, "bad/odd_path.yaml", "task: e\ndataset_path: {x: 1}\n")
+    assert run.missing_data("e") is None  # read, but not a local data set: nothing to check
+    _task(tmp_path, "bad/ok.yaml", "task: f\n" + gone)
+    assert run.missing_data("broken") == "gone.json is missing"  # so the first check can fail
 
 
-def test_tags_and_groups_are_read_as_lm_eval_reads_them(tmp_path, monkeypatch):
-    """A tag list with a stray non-name still tags the task; a group stands for the tasks
-    and tags it lists; a tag never stands in for a task of the same name."""
+def test_a_name_belongs_to_the_first_file_that_claims_it(tmp_path, monkeypatch):
+    """As in lm-eval's index: a later task of a taken name is passed over, and a tag adds
+    nothing to a task that took its name first."""
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _checkout(tmp_path)
     (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("{}\n")
     local = "dataset_path: json\ndataset_kwargs:\n  data_files: eval/data/gone.jsonl\n"
-    _task(tmp_path, "x/a.yaml", "task: ta\ntag: [1, grp, gsm8k_pkg_dev]\n" + local)
-    _task(tmp_path, "x/g.yaml", "group: gg\ntask: [gsm8k_pkg_dev, grp]\n")
-    _task(tmp_path, "x/h.yaml", "group: hh\ntask: [gsm8k_pkg_chat_dev]\n")
     gone = "eval/data/gone.jsonl is missing"
+    _task(tmp_path, "a/0.yaml", "task: gsm8k_pkg_dev\n" + local)
+    assert run.missing_data("gsm8k_pkg_dev") == gone  # a/ sorts before gsm8k_pkg/
+    (tmp_path / "eval" / "tasks" / "a" / "0.yaml").unlink()
+    assert run.missing_data("gsm8k_pkg_dev") is None
+    _task(tmp_path, "z/0.yaml", "task: ta\ntag: [grp, gsm8k_pkg_dev]\n" + local)
+    _task(tmp_path, "z/1.yaml", "task: ta\n")
     assert run.missing_data("ta") == gone
     assert run.missing_data("grp") == gone
-    assert run.missing_data("gg") == gone
-    assert run.missing_data("hh") is None
-    assert run.missing_data("gsm8k_pkg_dev") is None
+    assert run.missing_data("gsm8k_pkg_dev") is None  # the task's name: the tag adds nothing
 
 
 def test_a_data_glob_that_matches_nothing_is_missing(tmp_path, monkeypatch):
@@ -216,7 +221,8 @@ def test_a_data_glob_that_matches_nothing_is_missing(tmp_path, monkeypatch):
 
 def test_a_slice_that_cannot_be_counted_is_not_guessed(tmp_path, monkeypatch):
     """slice_size gives None (the chunk goes unchecked) rather than a wrong count or a
-    crash: a split that also names a glob, a folder, a compressed file, code that fails."""
+    crash: a split that also names a glob, a folder, a compressed file, a JSON file read
+    under one key, code that fails."""
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _checkout(tmp_path)
     (tmp_path / "eval" / "data" / "a.jsonl").write_text("{}\n" * 10)
@@ -230,6 +236,8 @@ def test_a_slice_that_cannot_be_counted_is_not_guessed(tmp_path, monkeypatch):
     for path in ["eval/data/more", "eval/data/a.jsonl.gz"]:
         _task(tmp_path, "t/t.yaml", head + f"    test: {path}\n")
         assert run.slice_size("t") is None
+    _task(tmp_path, "t/t.yaml", head + "    test: eval/data/a.jsonl\n  field: rows\n")
+    assert run.slice_size("t") is None
     (tmp_path / "eval" / "tasks" / "t" / "code.py").write_text("def docs(d):\n    1 / 0\n")
     _task(
         tmp_path,
