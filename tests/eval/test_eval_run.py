@@ -217,6 +217,10 @@ def test_a_data_glob_that_matches_nothing_is_missing(tmp_path, monkeypatch):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "one.json").write_text("{}")
     assert run.missing_data("t") is None
+    for path in ['"d\\0/*.json"', '"d\\0.json"']:  # no file system holds a NUL byte
+        head = "task: t\ndataset_path: json\ndataset_kwargs:\n  data_files: "
+        _task(tmp_path, "t/t.yaml", head + path + "\n")
+        assert run.missing_data("t") == f"d\0{path[4:-1]} is missing"
 
 
 def test_a_slice_that_cannot_be_counted_is_not_guessed(tmp_path, monkeypatch):
