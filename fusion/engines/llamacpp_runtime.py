@@ -316,7 +316,8 @@ class LlamaRuntime:
         self.decodes = 0  # llama_decode calls (tests, stats)
         self.decoded_tokens = 0
         self.max_batch_seqs = 0  # most distinct sequences seen in one decode
-        # decode-thread time: in llama_decode, and in jobs (log-probs, stop checks)
+        # decode-thread time: in llama_decode (with any wait for another model's wide
+        # decode to end, CpuShare.decode), and in jobs (log-probs, stop checks)
         self.seconds = {"decode": 0.0, "jobs": 0.0}
         self._thread = threading.Thread(
             target=self._loop, name=f"llamacpp-{self.name}", daemon=True
