@@ -180,8 +180,8 @@ def _tasks() -> dict[str, list[dict[str, Any]]]:
     tasks' configs. Groups are not read (their own keys change their tasks' configs), so
     a group's name is not ours here. A file that does not read (bad YAML, a missing
     include) is passed over, as lm-eval passes it over."""
-    claimed: dict[str, str | list[str]] = {}  # a task's name to itself, a tag's to its tasks
-    configs: dict[str, dict[str, Any]] = {}
+    configs: dict[str, dict[str, Any]] = {}  # the tasks
+    tagged: dict[str, list[str]] = {}  # a tag's tasks
     files = (ROOT / "eval" / "tasks").glob("**/*.yaml")
     for path in sorted(files, key=lambda p: p.as_posix()):
         if any(part in ("__pycache__", ".ipynb_checkpoints") for part in path.parts):
@@ -194,17 +194,14 @@ def _tasks() -> dict[str, list[dict[str, Any]]]:
         tags = [tags] if isinstance(tags, str) else tags
         if "group" in config or not isinstance(name, str) or not isinstance(tags, list):
             continue
-        if name in claimed:
+        if name in configs or name in tagged:
             continue
-        claimed[name], configs[name] = name, config
+        configs[name] = config
         for tag in tags:
-            members = claimed.setdefault(tag, []) if isinstance(tag, str) else None
-            if isinstance(members, list):  # not a name a task already has
-                members.append(name)
-    return {
-        key: [configs[n] for n in ([names] if isinstance(names, str) else names)]
-        for key, names in claimed.items()
-    }
+            if isinstance(tag, str) and tag not in configs:
+                tagged.setdefault(tag, []).append(name)
+    tasks = {name: [config] for name, config in configs.items()}
+    return tasks | {tag: [configs[n] for n in names] for tag, names in tagged.items()}
 
 
 # the dataset builders that read local files (``dataset_path``), as datasets names them
@@ -233,12 +230,11 @@ def slice_size(task: str) -> int | None:
     ``process_docs``, read as lm-eval reads them. None when that cannot be read here
     (not a task under eval/tasks/, its data file missing or unreadable)."""
     config = next((c for c in _tasks().get(task, []) if c.get("task") == task), None)
-    split = None if config is None else config.get("test_split")
-    paths = _data_files(config).get(split, []) if config and isinstance(split, str) else []
-    if config is None or len(paths) != 1 or config.get("dataset_path") != "json":
+    if config is None:
         return None
-    if "field" in config["dataset_kwargs"]:
-        return None  # rows under one key of a JSON file, not one per line
+    paths = _data_files(config).get(str(config.get("test_split")), [])
+    if len(paths) != 1 or config["dataset_path"] != "json" or "field" in config["dataset_kwargs"]:
+        return None  # not one JSON-lines file (several files, or rows under one JSON key)
     try:
         lines = (ROOT / paths[0]).read_text(encoding="utf-8").splitlines()
         rows = _Rows([json.loads(x) for x in lines if x.strip()])
