@@ -24,20 +24,14 @@ def _checkout(tmp_path: Path) -> None:
 def test_a_task_without_its_data_is_left_out_and_says_which_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _checkout(tmp_path)
-    started = []
-    monkeypatch.setattr(run, "start_server", lambda config: started.append(config))
-    lm_eval = shutil.which("true")
-    assert lm_eval is not None
-    argv = ["run.py", "--tasks", "qa_wikidata_pkg_dev,gsm8k_pkg_chat_dev", "--systems", "fusion"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--lm-eval", lm_eval, "--out", str(tmp_path / "o")])
-
-    assert run.main() == 1
+    main = _Run(tmp_path, monkeypatch)
+    assert main("qa_wikidata_pkg_dev,gsm8k_pkg_chat_dev") == 1
     err = capsys.readouterr().err
     assert "left out qa_wikidata_pkg_dev: eval/data/qa_wikidata.jsonl is missing" in err
     assert "made by eval/wikidata_data.py" in err
     assert "left out gsm8k_pkg_chat_dev: eval/data/gsm8k_test.jsonl is missing" in err
     assert "nothing to run" in err
-    assert started == []  # refused before a server was started
+    assert main.started == []  # refused before a server was started
 
 
 def test_a_task_with_its_data_is_kept(tmp_path, monkeypatch):
@@ -58,17 +52,26 @@ def _task(tmp_path: Path, relative: str, text: str) -> None:
     path.write_text(text)
 
 
-def _main(tmp_path, monkeypatch, tasks: str) -> tuple[int, list[Any]]:
-    """eval/run.py's main on ``tasks``, with lm-eval's command and the server recorded."""
-    started: list[Any] = []
-    monkeypatch.setattr(run, "start_server", lambda c: started.append(c) or ("p", "http://x"))
-    monkeypatch.setattr(run, "stop_server", lambda proc: None)
-    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: None)
-    lm_eval = shutil.which("true")
-    assert lm_eval is not None
-    argv = ["run.py", "--tasks", tasks, "--systems", "fusion", "--lm-eval", lm_eval]
-    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path / "o")])
-    return run.main(), started
+class _Run:
+    """eval/run.py's main, with the server and lm-eval recorded, not started or run."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: Any) -> None:
+        self.tmp_path, self.monkeypatch = tmp_path, monkeypatch
+        self.started: list[Any] = []
+        self.stopped: list[Any] = []
+        self.ran: list[list[str]] = []
+        server = ("proc", "http://127.0.0.1:1")
+        monkeypatch.setattr(run, "start_server", lambda c: self.started.append(c) or server)
+        monkeypatch.setattr(run, "stop_server", self.stopped.append)
+        monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: self.ran.append(cmd))
+
+    def __call__(self, tasks: str, *more: str, out: str = "o") -> int:
+        lm_eval = shutil.which("true")
+        assert lm_eval is not None
+        argv = ["run.py", "--tasks", tasks, "--systems", "fusion", "--lm-eval", lm_eval]
+        out_dir = str(self.tmp_path / out)
+        self.monkeypatch.setattr(sys, "argv", [*argv, "--out", out_dir, *more])
+        return run.main()
 
 
 def test_a_tag_is_left_out_when_any_task_it_holds_has_no_data(tmp_path, monkeypatch, capsys):
@@ -85,8 +88,8 @@ def test_a_tag_is_left_out_when_any_task_it_holds_has_no_data(tmp_path, monkeypa
     assert run.missing_data("gsm8k_pkg_all") == "eval/data/more.jsonl is missing"
     assert run.missing_data("gsm8k_pkg_dev") is None
 
-    code, started = _main(tmp_path, monkeypatch, "gsm8k_pkg_all")
-    assert code == 1 and started == []  # refused before a server was started
+    main = _Run(tmp_path, monkeypatch)
+    assert main("gsm8k_pkg_all") == 1 and main.started == []  # refused before a server
     assert "left out gsm8k_pkg_all: eval/data/more.jsonl is missing" in capsys.readouterr().err
 
 
@@ -94,8 +97,8 @@ def test_a_wildcard_is_left_out_when_a_task_it_matches_has_no_data(tmp_path, mon
     """lm-eval matches --tasks entries as shell patterns over task and tag names."""
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _checkout(tmp_path)
-    code, started = _main(tmp_path, monkeypatch, "gsm8k_pkg*")
-    assert code == 1 and started == []
+    main = _Run(tmp_path, monkeypatch)
+    assert main("gsm8k_pkg*") == 1 and main.started == []
     gsm8k = "eval/data/gsm8k_test.jsonl is missing (made by eval/gsm8k_data.py)"
     assert run.missing_data("gsm8k_pkg*") == gsm8k
     assert run.missing_data("gsm8k_pkg_[cd]*_dev") == gsm8k
@@ -257,22 +260,13 @@ def test_make_eval_without_the_wikidata_data_still_runs_gsm8k(tmp_path, monkeypa
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _checkout(tmp_path)
     (tmp_path / "eval" / "data" / "gsm8k_test.jsonl").write_text("{}\n")
-    monkeypatch.setattr(run, "start_server", lambda config: ("proc", "http://127.0.0.1:1"))
-    stopped = []
-    monkeypatch.setattr(run, "stop_server", stopped.append)
-    ran = []
-    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
-    lm_eval = shutil.which("true")
-    assert lm_eval is not None
-    tasks = "qa_wikidata_pkg_dev,gsm8k_pkg_dev,gsm8k_pkg_chat_dev"
-    argv = ["run.py", "--tasks", tasks, "--systems", "fusion", "--lm-eval", lm_eval]
-    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path / "o")])
+    main = _Run(tmp_path, monkeypatch)
 
-    assert run.main() == 0
+    assert main("qa_wikidata_pkg_dev,gsm8k_pkg_dev,gsm8k_pkg_chat_dev") == 0
     assert "left out qa_wikidata_pkg_dev" in capsys.readouterr().err
-    run_tasks = [cmd[cmd.index("--tasks") + 1] for cmd in ran]
+    run_tasks = [cmd[cmd.index("--tasks") + 1] for cmd in main.ran]
     assert run_tasks == ["gsm8k_pkg_dev", "gsm8k_pkg_chat_dev"]
-    assert stopped == ["proc"]
+    assert main.stopped == ["proc"]
 
 
 def test_a_chunk_asks_lm_eval_for_its_questions_by_index():
@@ -315,40 +309,26 @@ def test_a_chunk_past_the_end_of_the_slice_is_refused_before_a_server_starts(
 ):
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _gsm8k_checkout(tmp_path, 1319)
-    started = []
-    monkeypatch.setattr(run, "start_server", lambda config: started.append(config))
-    lm_eval = shutil.which("true")
-    assert lm_eval is not None
-    argv = ["run.py", "--tasks", "gsm8k_pkg_dev", "--systems", "fusion", "--lm-eval", lm_eval]
-    argv += ["--out", str(tmp_path / "o"), "--limit", "50"]
+    main = _Run(tmp_path, monkeypatch)
 
-    monkeypatch.setattr(sys, "argv", [*argv, "--start", "550"])
-    assert run.main() == 1
+    assert main("gsm8k_pkg_dev", "--limit", "50", "--start", "550") == 1
     assert "runs past the end of gsm8k_pkg_dev (597 questions): give --limit 47" in (
         capsys.readouterr().err
     )
-    monkeypatch.setattr(sys, "argv", [*argv, "--start", "597"])
-    assert run.main() == 1
+    assert main("gsm8k_pkg_dev", "--limit", "50", "--start", "597") == 1
     assert "--start 597 is past the end of gsm8k_pkg_dev: its questions are 0-596" in (
         capsys.readouterr().err
     )
-    assert started == []
+    assert main.started == []
 
 
 def test_the_last_chunk_that_fits_runs_and_a_first_chunk_is_not_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _gsm8k_checkout(tmp_path, 1319)
-    monkeypatch.setattr(run, "start_server", lambda config: ("proc", "http://127.0.0.1:1"))
-    monkeypatch.setattr(run, "stop_server", lambda proc: None)
-    ran = []
-    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
-    lm_eval = shutil.which("true")
-    assert lm_eval is not None
-    argv = ["run.py", "--tasks", "gsm8k_pkg_dev", "--systems", "fusion", "--lm-eval", lm_eval]
+    main = _Run(tmp_path, monkeypatch)
     for i, chunk in enumerate((["--start", "547", "--limit", "50"], ["--limit", "5000"])):
-        out = ["--out", str(tmp_path / f"o{i}")]
-        monkeypatch.setattr(sys, "argv", [*argv, *out, *chunk])
-        assert run.main() == 0
+        assert main("gsm8k_pkg_dev", *chunk, out=f"o{i}") == 0
+    ran = main.ran
     samples = json.loads(ran[0][ran[0].index("--samples") + 1])["gsm8k_pkg_dev"]
     assert samples[0] == 547 and samples[-1] == 596  # the slice's last question
     assert ran[1][ran[1].index("--limit") + 1] == "5000"  # lm-eval stops at the end itself
