@@ -112,8 +112,8 @@ def test_a_wildcard_is_left_out_when_a_task_it_matches_has_no_data(tmp_path, mon
 def test_a_task_in_a_nested_folder_is_found(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _checkout(tmp_path)
-    _task(tmp_path, "gsm8k_pkg/extra/x.yaml", "include: ../gsm8k_pkg.yaml\ntask: gsm8k_pkg_x\n")
-    assert run.missing_data("gsm8k_pkg_x") == (
+    _task(tmp_path, "gsm8k_pkg/extra/x.yaml", "include: ../gsm8k_pkg.yaml\ntask: nested_x\n")
+    assert run.missing_data("nested_x") == (
         "eval/data/gsm8k_test.jsonl is missing (made by eval/gsm8k_data.py)"
     )
 
