@@ -25,6 +25,7 @@ from fusion.engines.vllm_remote_engine import VllmRemoteEngine
 from fusion.loop import Fuser
 from fusion.models import SourceModel, build_source_model
 from fusion.types import FusionOutcome, FusionParams, Prompt
+from tests.fixtures.long_generation import start_a_long_generation
 from tests.fixtures.lookahead import check_the_winners_look_ahead_is_the_next_segment
 
 pytestmark = pytest.mark.integration
@@ -226,12 +227,12 @@ async def _running(url: str) -> float:
 
 async def test_release_closes_the_stream_and_vllm_aborts_the_request(smollm_vllm, model_dirs):
     v = await remote_model(smollm_vllm, model_dirs)
-    st = await v.engine.open("abort", v.tokenizer.encode_prompt("Tell a very long story:"))
-    task = asyncio.ensure_future(v.engine.generate(st, 2000, frozenset(), NEVER))
-    for _ in range(100):  # until vLLM runs it
-        await asyncio.sleep(0.1)
+    st, task = await start_a_long_generation(v, "abort")
+    for _ in range(100):  # its metrics catch up with the stream
         if await _running(smollm_vllm.url) >= 1:
             break
+        await asyncio.sleep(0.1)
+    assert await _running(smollm_vllm.url) >= 1
     await v.engine.release(st)
     with pytest.raises(EngineError, match="released"):
         await asyncio.wait_for(task, 10)

@@ -19,6 +19,7 @@ from tests.fixtures.grammar_checks import (
     check_masking_after_another_models_text,
     valid,
 )
+from tests.fixtures.long_generation import start_a_long_generation
 from tests.fixtures.lookahead import check_the_winners_look_ahead_is_the_next_segment
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -175,9 +176,7 @@ async def test_prefix_cache_makes_a_step_cost_one_segment_of_prefill(vllm_models
 
 async def test_release_aborts_a_running_generation(vllm_models):
     m = vllm_models["smollm2-135m"]
-    st = await m.engine.open("abort", m.tokenizer.encode_prompt("Tell a very long story:"))
-    task = asyncio.ensure_future(m.engine.generate(st, 2000, frozenset(), lambda ids: False))
-    await asyncio.sleep(1.0)
+    st, task = await start_a_long_generation(m, "abort")
     await m.engine.release(st)
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, timeout=10)
