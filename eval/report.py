@@ -60,6 +60,16 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def samples_task(path: Path) -> str | None:
+    """The task of an lm-eval samples file (``samples_{task}_{timestamp}.jsonl``; the
+    timestamp holds no ``_``), None for another file."""
+    name = path.name
+    if not (name.startswith("samples_") and name.endswith(".jsonl")):
+        return None
+    task, sep, _ = name[len("samples_") : -len(".jsonl")].rpartition("_")
+    return task if sep and task else None
+
+
 def read_samples(*outs: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
     """task -> system -> doc_id -> {correct, text, prompt}, over every output folder (the
     chunks of one run: their questions together; for a doc in two files, the later file
@@ -67,8 +77,9 @@ def read_samples(*outs: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]
     found: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     paths = [p for out in outs for p in sorted(out.glob("*/samples_*.jsonl"))]
     for path in paths:
-        system = path.parent.name
-        task = path.name[len("samples_") :].rsplit("_", 1)[0]
+        system, task = path.parent.name, samples_task(path)
+        if task is None:
+            continue
         rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
         filters = {r.get("filter") for r in rows}
         keep = "flexible-extract" if "flexible-extract" in filters else next(iter(filters))

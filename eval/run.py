@@ -39,6 +39,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.server_process import start_server, stop_server
+from eval.report import samples_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,9 +75,10 @@ def lm_eval_command(args: argparse.Namespace, url: str, task: str, system: str) 
     if chat:
         cmd.append("--apply_chat_template")
     if args.start:
-        # a later chunk of the task's questions: lm-eval takes their indices (not --limit)
+        # a later chunk of the task's questions: lm-eval takes their indices (not --limit),
+        # per task (a tag's tasks by their own names)
         chunk = list(range(args.start, args.start + args.limit))
-        cmd += ["--samples", json.dumps({task: chunk})]
+        cmd += ["--samples", json.dumps({name: chunk for name in members(task) or [task]})]
     elif args.limit:
         cmd += ["--limit", str(args.limit)]
     return cmd
@@ -94,14 +96,23 @@ def missing_data(task: str) -> str | None:
     stands for (a task under eval/tasks/, a tag, or a wildcard over them, as lm-eval
     matches ``--tasks``) is not there. None when it can, or when it is not ours."""
     index = _tasks()
-    names = fnmatch.filter(index, task) if _pattern(task) else [task]
-    for name in names:
-        for config in index.get(name, []):
+    for name in members(task):
+        for config in index[name]:
             for path in sorted({p for paths in _data_files(config).values() for p in paths}):
                 if not _found(path):
                     script = MADE_BY.get(path)
                     return f"{path} is missing" + (f" (made by {script})" if script else "")
     return None
+
+
+def members(task: str) -> list[str]:
+    """The tasks under eval/tasks/ a ``--tasks`` entry stands for, as lm-eval expands it:
+    the task itself, a tag's tasks, or those of every name a wildcard matches. Empty when
+    none is ours (lm-eval's own tasks are not read here)."""
+    index = _tasks()
+    names = fnmatch.filter(index, task) if _pattern(task) else [task]
+    found = [str(config["task"]) for name in names for config in index.get(name, [])]
+    return list(dict.fromkeys(found))
 
 
 def _pattern(name: str) -> bool:
@@ -255,7 +266,9 @@ def slice_size(task: str) -> int | None:
 
 
 def done(out: Path, task: str, system: str) -> bool:
-    return any((out / system).glob(f"samples_{task}_*.jsonl"))
+    """Whether ``system`` has samples in ``out`` for every task ``task`` stands for."""
+    have = {samples_task(path) for path in (out / system).glob("samples_*.jsonl")}
+    return all(name in have for name in members(task) or [task])
 
 
 def main() -> int:
@@ -293,6 +306,14 @@ def main() -> int:
         return 1
     if args.start:
         for task in args.tasks:
+            if _pattern(task):
+                sys.stderr.write(
+                    f"--start with a wildcard ({task}): lm-eval takes a chunk per task and "
+                    "may match tasks not under eval/tasks/, which would run whole; name the "
+                    "tasks or a tag\n"
+                )
+                return 1
+        for task in [name for entry in args.tasks for name in members(entry) or [entry]]:
             size = slice_size(task)
             if size is None:
                 sys.stderr.write(f"cannot read how many questions {task} has: chunk unchecked\n")

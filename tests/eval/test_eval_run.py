@@ -332,3 +332,52 @@ def test_the_last_chunk_that_fits_runs_and_a_first_chunk_is_not_checked(tmp_path
     samples = json.loads(ran[0][ran[0].index("--samples") + 1])["gsm8k_pkg_dev"]
     assert samples[0] == 547 and samples[-1] == 596  # the slice's last question
     assert ran[1][ran[1].index("--limit") + 1] == "5000"  # lm-eval stops at the end itself
+
+
+def _samples(out: Path, system: str, *tasks: str) -> None:
+    """lm-eval's samples files of ``tasks`` for ``system`` (their names as it writes them)."""
+    (out / system).mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        (out / system / f"samples_{task}_2026-12-07T18-56-29.895213.jsonl").write_text("{}\n")
+
+
+def test_a_task_is_done_by_its_own_samples_not_by_a_longer_name(tmp_path, monkeypatch, capsys):
+    """gsm8k_pkg_dev's samples file begins with gsm8k_pkg's name: it does not make
+    gsm8k_pkg done, and a resumed sweep runs gsm8k_pkg."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _gsm8k_checkout(tmp_path, 1319)
+    _samples(tmp_path / "o", "fusion", "gsm8k_pkg_dev")
+    main = _Run(tmp_path, monkeypatch)
+    assert main("gsm8k_pkg_dev,gsm8k_pkg") == 0
+    assert [cmd[cmd.index("--tasks") + 1] for cmd in main.ran] == ["gsm8k_pkg"]
+    assert "skip gsm8k_pkg_dev fusion: done" in capsys.readouterr().out
+
+
+def test_a_tag_is_done_when_each_of_its_tasks_is(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _gsm8k_checkout(tmp_path, 1319)
+    tasks = run.members("gsm8k_pkg_all")
+    assert "gsm8k_pkg_dev" in tasks and "gsm8k_pkg_chat_heldout" in tasks
+    _samples(tmp_path / "o", "fusion", *tasks[:-1])
+    main = _Run(tmp_path, monkeypatch)
+    assert main("gsm8k_pkg_all") == 0 and len(main.ran) == 1  # one task has no samples
+    _samples(tmp_path / "o", "fusion", tasks[-1])
+    assert main("gsm8k_pkg_all") == 0 and len(main.ran) == 1  # all done: not run again
+
+
+def test_a_chunk_of_a_tag_asks_for_each_of_its_tasks_questions(tmp_path, monkeypatch, capsys):
+    """lm-eval reads --samples by task name: a tag's chunk names each of its tasks (a
+    tag's name there would run every question of every task)."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _gsm8k_checkout(tmp_path, 1319)
+    main = _Run(tmp_path, monkeypatch)
+    assert main("gsm8k_pkg_all", "--start", "50", "--limit", "3") == 0
+    (cmd,) = main.ran
+    asked = json.loads(cmd[cmd.index("--samples") + 1])
+    assert asked == {task: [50, 51, 52] for task in run.members("gsm8k_pkg_all")}
+    # each of its tasks' slice is checked: the dev slices end at 597 questions
+    assert main("gsm8k_pkg_all", "--start", "596", "--limit", "3", out="o2") == 1
+    assert "runs past the end of gsm8k_pkg_chat_dev (597 questions)" in capsys.readouterr().err
+    assert main("gsm8k_pkg_*", "--start", "50", "--limit", "3", out="o3") == 1
+    assert "--start with a wildcard (gsm8k_pkg_*)" in capsys.readouterr().err
+    assert len(main.ran) == 1 and main.started == ["config.yaml"]  # the first run only
