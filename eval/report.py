@@ -60,6 +60,12 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def chat_task(task: str) -> bool:
+    """Whether a task is asked through chat (lm-eval's ``local-chat-completions`` with
+    ``--apply_chat_template``): its name has ``_chat``; else through completions."""
+    return "_chat" in task
+
+
 def samples_task(path: Path) -> str | None:
     """The task of an lm-eval samples file (``samples_{task}_{timestamp}.jsonl``; the
     timestamp holds no ``_``), None for another file."""
@@ -239,7 +245,7 @@ async def score_ppl(
                 nll: dict[str, float] = {}
                 for m in models:
                     prompt = d["prompt"]
-                    if "_chat" in t:
+                    if chat_task(t):
                         messages = json.loads(prompt) if isinstance(prompt, str) else prompt
                         ids = m.chat_prompt_ids(messages)
                         cand = m.tokenizer.encode(d["text"])

@@ -39,13 +39,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.server_process import start_server, stop_server
-from eval.report import samples_task
+from eval.report import chat_task, read_runs, samples_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def lm_eval_command(args: argparse.Namespace, url: str, task: str, system: str) -> list[str]:
-    chat = "_chat" in task
+    chat = chat_task(task_names(task)[0])  # main refuses an entry mixing the two
     endpoint = "chat/completions" if chat else "completions"
     model_args = ",".join(
         [
@@ -78,7 +78,7 @@ def lm_eval_command(args: argparse.Namespace, url: str, task: str, system: str) 
         # a later chunk of the task's questions: lm-eval takes their indices (not --limit),
         # per task (a tag's tasks by their own names)
         chunk = list(range(args.start, args.start + args.limit))
-        cmd += ["--samples", json.dumps({name: chunk for name in members(task) or [task]})]
+        cmd += ["--samples", json.dumps({name: chunk for name in task_names(task)})]
     elif args.limit:
         cmd += ["--limit", str(args.limit)]
     return cmd
@@ -113,6 +113,12 @@ def members(task: str) -> list[str]:
     names = fnmatch.filter(index, task) if _pattern(task) else [task]
     found = [str(config["task"]) for name in names for config in index.get(name, [])]
     return list(dict.fromkeys(found))
+
+
+def task_names(entry: str) -> list[str]:
+    """The task names lm-eval runs for a ``--tasks`` entry, as far as known here: its
+    tasks under eval/tasks/ (``members``), else the entry itself (lm-eval's own)."""
+    return members(entry) or [entry]
 
 
 def _pattern(name: str) -> bool:
@@ -266,9 +272,14 @@ def slice_size(task: str) -> int | None:
 
 
 def done(out: Path, task: str, system: str) -> bool:
-    """Whether ``system`` has samples in ``out`` for every task ``task`` stands for."""
+    """Whether ``system`` has run ``task`` in ``out``: its samples are there for every
+    task of ours it stands for; for one of lm-eval's own (a task, group, tag or wildcard
+    whose files are named after tasks not known here), its run is in ``runs.jsonl``
+    (written when lm-eval has finished)."""
+    if not members(task):
+        return (task, system) in read_runs(out)
     have = {samples_task(path) for path in (out / system).glob("samples_*.jsonl")}
-    return all(name in have for name in members(task) or [task])
+    return all(name in have for name in members(task))
 
 
 def main() -> int:
@@ -304,16 +315,23 @@ def main() -> int:
     if not args.tasks:
         sys.stderr.write("no task has its data: nothing to run\n")
         return 1
+    for task in args.tasks:
+        if len({chat_task(name) for name in task_names(task)}) > 1:
+            sys.stderr.write(
+                f"{task} holds chat and completion tasks: lm-eval asks one way per run; "
+                "give them as separate --tasks entries\n"
+            )
+            return 1
     if args.start:
         for task in args.tasks:
-            if _pattern(task):
+            if _pattern(task) or not members(task):
                 sys.stderr.write(
-                    f"--start with a wildcard ({task}): lm-eval takes a chunk per task and "
-                    "may match tasks not under eval/tasks/, which would run whole; name the "
-                    "tasks or a tag\n"
+                    f"--start with {task}: lm-eval takes a chunk per task, so --start needs "
+                    "tasks or tags under eval/tasks/ (a wildcard may match lm-eval's own "
+                    "tasks, and a group of lm-eval's would run whole)\n"
                 )
                 return 1
-        for task in [name for entry in args.tasks for name in members(entry) or [entry]]:
+        for task in [name for entry in args.tasks for name in members(entry)]:
             size = slice_size(task)
             if size is None:
                 sys.stderr.write(f"cannot read how many questions {task} has: chunk unchecked\n")

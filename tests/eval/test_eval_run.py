@@ -353,16 +353,51 @@ def test_a_task_is_done_by_its_own_samples_not_by_a_longer_name(tmp_path, monkey
     assert "skip gsm8k_pkg_dev fusion: done" in capsys.readouterr().out
 
 
+def _pair(tmp_path: Path) -> None:
+    """A tag ``pair`` of two completion tasks (GSM8K's dev slice under two names)."""
+    for name in ("pair_a", "pair_b"):
+        _task(
+            tmp_path,
+            f"pair/{name}.yaml",
+            f"include: ../gsm8k_pkg/gsm8k_pkg_dev.yaml\ntask: {name}\ntag: [pair]\n",
+        )
+
+
 def test_a_tag_is_done_when_each_of_its_tasks_is(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _gsm8k_checkout(tmp_path, 1319)
-    tasks = run.members("gsm8k_pkg_all")
-    assert "gsm8k_pkg_dev" in tasks and "gsm8k_pkg_chat_heldout" in tasks
-    _samples(tmp_path / "o", "fusion", *tasks[:-1])
+    _pair(tmp_path)
+    assert run.members("pair") == ["pair_a", "pair_b"]
+    _samples(tmp_path / "o", "fusion", "pair_a")
     main = _Run(tmp_path, monkeypatch)
-    assert main("gsm8k_pkg_all") == 0 and len(main.ran) == 1  # one task has no samples
-    _samples(tmp_path / "o", "fusion", tasks[-1])
-    assert main("gsm8k_pkg_all") == 0 and len(main.ran) == 1  # all done: not run again
+    assert main("pair") == 0 and len(main.ran) == 1  # pair_b has no samples
+    _samples(tmp_path / "o", "fusion", "pair_b")
+    assert main("pair") == 0 and len(main.ran) == 1  # both done: not run again
+
+
+def test_lm_evals_own_task_is_done_by_its_recorded_run(tmp_path, monkeypatch):
+    """lm-eval's gsm8k is not made done by gsm8k_pkg's samples; one of lm-eval's own
+    entries (its files are named after tasks not known here) is done once runs.jsonl
+    has its run."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _gsm8k_checkout(tmp_path, 1319)
+    _samples(tmp_path / "o", "fusion", "gsm8k_pkg", "mmlu_anatomy")
+    main = _Run(tmp_path, monkeypatch)
+    assert main("gsm8k,mmlu") == 0
+    assert [cmd[cmd.index("--tasks") + 1] for cmd in main.ran] == ["gsm8k", "mmlu"]
+    assert main("gsm8k,mmlu") == 0 and len(main.ran) == 2  # recorded: not run again
+    assert run.done(tmp_path / "o", "mmlu", "fusion")
+    assert not run.done(tmp_path / "o", "mmlu", "qwen2.5-0.5b")
+
+
+def test_a_tag_of_chat_and_completion_tasks_is_refused(tmp_path, monkeypatch, capsys):
+    """lm-eval asks one way per run: gsm8k_pkg_all's chat tasks would go through
+    completions without their chat template."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _gsm8k_checkout(tmp_path, 1319)
+    main = _Run(tmp_path, monkeypatch)
+    assert main("gsm8k_pkg_all") == 1 and main.started == []
+    assert "gsm8k_pkg_all holds chat and completion tasks" in capsys.readouterr().err
 
 
 def test_a_chunk_of_a_tag_asks_for_each_of_its_tasks_questions(tmp_path, monkeypatch, capsys):
@@ -370,14 +405,24 @@ def test_a_chunk_of_a_tag_asks_for_each_of_its_tasks_questions(tmp_path, monkeyp
     tag's name there would run every question of every task)."""
     monkeypatch.setattr(run, "ROOT", tmp_path)
     _gsm8k_checkout(tmp_path, 1319)
+    _pair(tmp_path)
     main = _Run(tmp_path, monkeypatch)
-    assert main("gsm8k_pkg_all", "--start", "50", "--limit", "3") == 0
+    assert main("pair", "--start", "50", "--limit", "3") == 0
     (cmd,) = main.ran
     asked = json.loads(cmd[cmd.index("--samples") + 1])
-    assert asked == {task: [50, 51, 52] for task in run.members("gsm8k_pkg_all")}
-    # each of its tasks' slice is checked: the dev slices end at 597 questions
-    assert main("gsm8k_pkg_all", "--start", "596", "--limit", "3", out="o2") == 1
-    assert "runs past the end of gsm8k_pkg_chat_dev (597 questions)" in capsys.readouterr().err
-    assert main("gsm8k_pkg_*", "--start", "50", "--limit", "3", out="o3") == 1
-    assert "--start with a wildcard (gsm8k_pkg_*)" in capsys.readouterr().err
+    assert asked == {"pair_a": [50, 51, 52], "pair_b": [50, 51, 52]}
+    # each of its tasks' slice is checked: the dev slice ends at 597 questions
+    assert main("pair", "--start", "596", "--limit", "3", out="o2") == 1
+    assert "runs past the end of pair_a (597 questions)" in capsys.readouterr().err
+    for entry in ("pair_*", "mmlu"):  # a wildcard; one of lm-eval's own
+        assert main(entry, "--start", "50", "--limit", "3", out="o3") == 1
+        assert f"--start with {entry}: lm-eval takes a chunk per task" in capsys.readouterr().err
     assert len(main.ran) == 1 and main.started == ["config.yaml"]  # the first run only
+
+
+def test_a_samples_files_task_is_read_from_its_name():
+    name = run.samples_task
+    assert name(Path("samples_gsm8k_pkg_dev_2026-12-07T18-56-29.895213.jsonl")) == "gsm8k_pkg_dev"
+    assert name(Path("samples_gsm8k_2026-12-07T18-56-29.jsonl")) == "gsm8k"
+    for other in ("samples_x.jsonl", "results_2026-12-07T18-56-29.json", "samples__1.jsonl"):
+        assert name(Path(other)) is None, other
