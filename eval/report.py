@@ -132,9 +132,11 @@ def read_runs(*outs: Path) -> dict[tuple[str, str], float]:
         path = out / "runs.jsonl"
         if path.is_file():
             for line in path.read_text().splitlines():
-                if line.strip():
+                try:
                     r = json.loads(line)
                     newest[(r["task"], r["system"])] = float(r["seconds"])
+                except (ValueError, TypeError, KeyError):  # blank, or cut off mid-write
+                    continue
         for key, seconds in newest.items():
             runs[key] = runs.get(key, 0.0) + seconds
     return runs

@@ -5,7 +5,8 @@ A *system* is a model name the server serves: a source model alone (``qwen2.5-0.
 the fused model (``fusion``) or one of its variants (``fusion-cool``, ...; config.yaml's
 ``fusion.variants``). Completion tasks go through lm-eval's ``local-completions``
 (``/v1/completions``), tasks whose name has ``_chat`` through ``local-chat-completions``
-with ``--apply_chat_template`` (``/v1/chat/completions``).
+with ``--apply_chat_template`` (``/v1/chat/completions``); a tag or wildcard goes by its
+tasks' names, and is refused when it holds both kinds.
 
     python eval/run.py --tasks gsm8k_pkg_dev,gsm8k_pkg_chat_dev --limit 200 \\
         --systems qwen2.5-0.5b,smollm2-135m,gemma3-270m,fusion,fusion-cool,fusion-cool-rerank
@@ -13,8 +14,8 @@ with ``--apply_chat_template`` (``/v1/chat/completions``).
 It starts ``fusion-server serve --config`` itself unless ``--url`` names a running server.
 lm-eval lives in a venv of its own (``--lm-eval``, default ``lm_eval`` on PATH). Results go
 to ``--out`` (lm-eval's own layout, with ``--log_samples``), plus ``runs.jsonl`` (task,
-system, questions, seconds); ``eval/report.py`` turns them into the tables. A run whose
-samples file already exists is skipped, so an interrupted sweep resumes. A long run can be
+system, questions, seconds); ``eval/report.py`` turns them into the tables. A finished run
+is skipped (``done``), so an interrupted sweep resumes. A long run can be
 made in chunks, each with its own ``--out`` (``--start 50 --limit 50``: questions 50-99 of
 the task's slice), and reported together (``eval/report.py --out DIR1,DIR2``).
 """
@@ -273,10 +274,10 @@ def slice_size(task: str) -> int | None:
 
 def done(out: Path, task: str, system: str) -> bool:
     """Whether ``system`` has run ``task`` in ``out``: its samples are there for every
-    task of ours it stands for; for one of lm-eval's own (a task, group, tag or wildcard
-    whose files are named after tasks not known here), its run is in ``runs.jsonl``
-    (written when lm-eval has finished)."""
-    if not members(task):
+    task of ours it stands for; for a wildcard (it may match lm-eval's tasks too) or one
+    of lm-eval's own (a task, group or tag whose files are named after tasks not known
+    here), its run is in ``runs.jsonl`` (written when lm-eval has finished)."""
+    if _pattern(task) or not members(task):
         return (task, system) in read_runs(out)
     have = {samples_task(path) for path in (out / system).glob("samples_*.jsonl")}
     return all(name in have for name in members(task))

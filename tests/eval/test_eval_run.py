@@ -426,3 +426,42 @@ def test_a_samples_files_task_is_read_from_its_name():
     assert name(Path("samples_gsm8k_2026-12-07T18-56-29.jsonl")) == "gsm8k"
     for other in ("samples_x.jsonl", "results_2026-12-07T18-56-29.json", "samples__1.jsonl"):
         assert name(Path(other)) is None, other
+
+
+def test_a_tag_of_chat_tasks_is_asked_through_chat(tmp_path, monkeypatch, capsys):
+    """Chat or completions goes by the tag's tasks, not by the tag's own name; a wildcard
+    over both kinds is refused as a mixed tag is."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _gsm8k_checkout(tmp_path, 1319)
+    for name in ("talk_a", "talk_b"):
+        _task(
+            tmp_path,
+            f"talk/{name}_chat.yaml",
+            f"include: ../gsm8k_pkg/gsm8k_pkg_chat_dev.yaml\ntask: {name}_chat\ntag: [talk]\n",
+        )
+    main = _Run(tmp_path, monkeypatch)
+    assert main("talk") == 0
+    (cmd,) = main.ran
+    assert cmd[cmd.index("--model") + 1] == "local-chat-completions"
+    assert (
+        "--apply_chat_template" in cmd
+        and "/v1/chat/completions" in cmd[cmd.index("--model_args") + 1]
+    )
+    assert main("gsm8k_pkg*", out="o2") == 1
+    assert "gsm8k_pkg* holds chat and completion tasks" in capsys.readouterr().err
+
+
+def test_a_recorded_run_without_its_samples_is_not_done_for_our_task(tmp_path, monkeypatch):
+    """Our tasks are done by their samples (what the report reads); a wildcard, which may
+    match lm-eval's tasks too, by its recorded run."""
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    _gsm8k_checkout(tmp_path, 1319)
+    out = tmp_path / "o"
+    out.mkdir()
+    rows = [{"task": t, "system": "fusion", "seconds": 1.0} for t in ("gsm8k_pkg_dev", "gsm8k*")]
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"task": "cut')
+    assert not run.done(out, "gsm8k_pkg_dev", "fusion")
+    assert run.done(out, "gsm8k*", "fusion") and not run.done(out, "gsm8k_pkg_d*", "fusion")
+    _samples(out, "fusion", "gsm8k_pkg_dev")
+    assert run.done(out, "gsm8k_pkg_dev", "fusion")
+    assert not run.done(out, "gsm8k_pkg_d*", "fusion")  # its run is not recorded
