@@ -122,6 +122,13 @@ def task_names(entry: str) -> list[str]:
     return members(entry) or [entry]
 
 
+def known_tasks(entry: str) -> list[str]:
+    """The tasks lm-eval runs for a ``--tasks`` entry when all are known here (tasks of
+    ours, by name or tag); empty for a wildcard (it may match lm-eval's tasks too) or one
+    of lm-eval's own."""
+    return [] if _pattern(entry) else members(entry)
+
+
 def _pattern(name: str) -> bool:
     """Whether a name is a shell pattern (fnmatch, glob)."""
     return any(c in name for c in "*?[")
@@ -277,10 +284,11 @@ def done(out: Path, task: str, system: str) -> bool:
     task of ours it stands for; for a wildcard (it may match lm-eval's tasks too) or one
     of lm-eval's own (a task, group or tag whose files are named after tasks not known
     here), its run is in ``runs.jsonl`` (written when lm-eval has finished)."""
-    if _pattern(task) or not members(task):
+    names = known_tasks(task)
+    if not names:
         return (task, system) in read_runs(out)
     have = {samples_task(path) for path in (out / system).glob("samples_*.jsonl")}
-    return all(name in have for name in members(task))
+    return all(name in have for name in names)
 
 
 def main() -> int:
@@ -325,14 +333,14 @@ def main() -> int:
             return 1
     if args.start:
         for task in args.tasks:
-            if _pattern(task) or not members(task):
+            if not known_tasks(task):
                 sys.stderr.write(
                     f"--start with {task}: lm-eval takes a chunk per task, so --start needs "
                     "tasks or tags under eval/tasks/ (a wildcard may match lm-eval's own "
                     "tasks, and a group of lm-eval's would run whole)\n"
                 )
                 return 1
-        for task in [name for entry in args.tasks for name in members(entry)]:
+        for task in [name for entry in args.tasks for name in known_tasks(entry)]:
             size = slice_size(task)
             if size is None:
                 sys.stderr.write(f"cannot read how many questions {task} has: chunk unchecked\n")
