@@ -75,10 +75,13 @@ class VllmServer:
         core: str = "1",
         kv_cache_gib: int = 1,
         logits_processors: Sequence[str] = (),
+        log_requests: bool = False,
     ) -> VllmServer:
         """The deployment command of docs/DEPLOYMENT.md for this CPU, on a free port,
         its engine bound to ``core`` (VLLM_CPU_OMP_THREADS_BIND), with
-        ``--logits-processors`` when given (this checkout importable by the server)."""
+        ``--logits-processors`` when given (this checkout importable by the server) and
+        ``--enable-log-requests`` with ``log_requests`` (a line per request received
+        and per request aborted, in ``log``)."""
         port = free_port()
         env = {
             **os.environ,
@@ -109,6 +112,8 @@ class VllmServer:
         ]
         if logits_processors:
             cmd += ["--logits-processors", *logits_processors]
+        if log_requests:
+            cmd.append("--enable-log-requests")
         return cls(f"http://127.0.0.1:{port}", cmd, env, log)
 
     def start(self) -> None:

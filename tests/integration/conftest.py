@@ -27,9 +27,10 @@ def default_server_url(model_dirs) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def smollm_vllm(model_dirs, tmp_path_factory) -> Iterator[VllmServer]:
-    """SmolLM2 on a real vLLM OpenAI server (core 1), for one test module."""
+    """SmolLM2 on a real vLLM OpenAI server (core 1), for one test module; its log has a
+    line per request received and aborted."""
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    server = VllmServer.for_model(model_dirs["smollm2-135m"], log, core="1")
+    server = VllmServer.for_model(model_dirs["smollm2-135m"], log, core="1", log_requests=True)
     try:
         server.start()
         yield server

@@ -25,7 +25,7 @@ from fusion.engines.vllm_remote_engine import VllmRemoteEngine
 from fusion.loop import Fuser
 from fusion.models import SourceModel, build_source_model
 from fusion.types import FusionOutcome, FusionParams, Prompt
-from tests.fixtures.long_generation import start_a_long_generation
+from tests.fixtures.long_generation import a_long_generation
 from tests.fixtures.lookahead import check_the_winners_look_ahead_is_the_next_segment
 
 pytestmark = pytest.mark.integration
@@ -216,9 +216,11 @@ async def test_a_server_of_another_model_is_refused(smollm_vllm, model_dirs):
 
 
 async def _metric(url: str, name: str) -> float:
-    async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+    """The sum of a metric's samples on a vLLM server's ``/metrics`` (0 when it has none;
+    proxies in the environment ignored)."""
+    async with httpx.AsyncClient(base_url=url, timeout=5, trust_env=False) as http:
         text = (await http.get("/metrics")).text
-    lines = [ln for ln in text.splitlines() if ln.startswith(name)]
+    lines = [ln for ln in text.splitlines() if ln.startswith((f"{name} ", f"{name}{{"))]
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
 
 
@@ -227,29 +229,39 @@ async def _running(url: str) -> float:
 
 
 async def test_release_closes_the_stream_and_vllm_aborts_the_request(smollm_vllm, model_dirs):
-    """The state is released mid-generation: the call fails as released, vLLM counted
-    the tokens it streamed (so its metrics are live), then it computes no more of them and
-    runs nothing. The stream is seen live by its own tokens, not by vLLM's running gauge
-    (a CI run once read 0 there while tokens streamed)."""
+    """The state is released mid-generation: the call fails as released, and vLLM logs
+    the request aborted (its server runs with --enable-log-requests), runs nothing and
+    computes no more tokens. The request is seen live by its own streamed tokens before."""
     url = smollm_vllm.url
     v = await remote_model(smollm_vllm, model_dirs)
-    before = await _metric(url, GENERATED)
-    st, task = await start_a_long_generation(v, "abort")
-    await v.engine.release(st)
-    with pytest.raises(EngineError, match="released"):
-        await asyncio.wait_for(task, 10)
-    streamed = len(st.look.ids)
-    assert 0 < streamed < 2000
+    try:
+        async with a_long_generation(v, "abort") as (st, task):
+            rid = f"generate-tokens-{st.request_id}-0"
+            await v.engine.release(st)
+            with pytest.raises(EngineError, match="released"):
+                await asyncio.wait_for(task, 10)
+            assert 0 < len(st.look.ids) < 2000
+            await _logged(smollm_vllm, f"Request {rid} aborted.")
+        for _ in range(100):
+            if await _running(url) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await _running(url) == 0
+        computed = await _metric(url, GENERATED)
+        await asyncio.sleep(1.5)
+        assert await _metric(url, GENERATED) == computed
+    finally:
+        await v.engine.shutdown()
+
+
+async def _logged(server: VllmServer, line: str) -> None:
+    """Wait (up to 10 s) for ``line`` in the server's log."""
     for _ in range(100):
-        if await _running(url) == 0:
-            break
+        if line in server.log.read_text(errors="replace"):
+            return
         await asyncio.sleep(0.1)
-    assert await _running(url) == 0
-    after = await _metric(url, GENERATED)
-    assert after - before >= streamed, (before, after, streamed)
-    await asyncio.sleep(1.5)
-    assert await _metric(url, GENERATED) == after
-    await v.engine.shutdown()
+    tail = server.log.read_text(errors="replace")[-3000:]
+    raise AssertionError(f"{line!r} is not in the vLLM log; it ends:\n{tail}")
 
 
 async def test_a_fused_answer_streams_with_the_remote_and_a_local_model(

@@ -19,7 +19,7 @@ from tests.fixtures.grammar_checks import (
     check_masking_after_another_models_text,
     valid,
 )
-from tests.fixtures.long_generation import start_a_long_generation
+from tests.fixtures.long_generation import a_long_generation
 from tests.fixtures.lookahead import check_the_winners_look_ahead_is_the_next_segment
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -176,11 +176,17 @@ async def test_prefix_cache_makes_a_step_cost_one_segment_of_prefill(vllm_models
 
 async def test_release_aborts_a_running_generation(vllm_models):
     m = vllm_models["smollm2-135m"]
-    st, task = await start_a_long_generation(m, "abort")
-    await m.engine.release(st)
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, timeout=10)
-    assert not st.live and len(st.ahead) < 2000
+    async with a_long_generation(m, "abort") as (st, task):
+        assert m.engine._llm.get_num_unfinished_requests() == 1
+        await m.engine.release(st)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=10)
+        assert not st.live and len(st.ahead) < 2000
+        for _ in range(100):  # vLLM drops the aborted request at its next step
+            if m.engine._llm.get_num_unfinished_requests() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert m.engine._llm.get_num_unfinished_requests() == 0
 
 
 async def test_concurrent_fused_requests_batch_in_the_engines(vllm_models):
