@@ -81,13 +81,17 @@ class VllmServer:
         its engine bound to ``core`` (VLLM_CPU_OMP_THREADS_BIND), with
         ``--logits-processors`` when given (this checkout importable by the server) and
         ``--enable-log-requests`` with ``log_requests`` (a line per request received
-        and per request aborted, in ``log``)."""
+        and per request aborted, in ``log``: vLLM's logging set to INFO whatever the
+        environment says)."""
         port = free_port()
         env = {
             **os.environ,
             "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
             "VLLM_CPU_OMP_THREADS_BIND": core,
         }
+        if log_requests:
+            env.pop("VLLM_LOGGING_CONFIG_PATH", None)
+            env.update(VLLM_CONFIGURE_LOGGING="1", VLLM_LOGGING_LEVEL="INFO")
         if logits_processors:
             paths = [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
             env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+import uuid
+import warnings
 
 import httpx
 import pytest
@@ -215,38 +218,50 @@ async def test_a_server_of_another_model_is_refused(smollm_vllm, model_dirs):
     await engine.shutdown()
 
 
-async def _metric(url: str, name: str) -> float:
-    """The sum of a metric's samples on a vLLM server's ``/metrics`` (0 when it has none;
-    proxies in the environment ignored)."""
+async def _metric(url: str, name: str) -> float | None:
+    """The sum of a metric's samples on a vLLM server's ``/metrics`` (proxies in the
+    environment ignored). None, with a warning in the run's summary, when the answer is
+    not a 200 holding it: the caller's check is void there, and says so, rather than
+    read 0 (a CI run read 0 for the running gauge while a request streamed)."""
     async with httpx.AsyncClient(base_url=url, timeout=5, trust_env=False) as http:
-        text = (await http.get("/metrics")).text
-    lines = [ln for ln in text.splitlines() if ln.startswith((f"{name} ", f"{name}{{"))]
+        r = await http.get("/metrics")
+    lines = [ln for ln in r.text.splitlines() if ln.startswith((f"{name} ", f"{name}{{"))]
+    if r.status_code != 200 or not lines:
+        warnings.warn(f"vLLM's /metrics (HTTP {r.status_code}) has no {name}", stacklevel=2)
+        return None
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
 
 
-async def _running(url: str) -> float:
+async def _running(url: str) -> float | None:
     return await _metric(url, "vllm:num_requests_running")
 
 
+async def _idle(url: str) -> bool:
+    """vLLM runs no request (or does not say: see ``_metric``)."""
+    return not await _running(url)
+
+
 async def test_release_closes_the_stream_and_vllm_aborts_the_request(smollm_vllm, model_dirs):
-    """The state is released mid-generation: the call fails as released, and vLLM logs
-    the request aborted (its server runs with --enable-log-requests), runs nothing and
-    computes no more tokens. The request is seen live by its own streamed tokens before."""
+    """The state is released mid-generation: the call fails as released, vLLM's log says
+    it aborted the request (its server runs with --enable-log-requests), and its metrics
+    show it running nothing and computing no more tokens. The request is seen live by
+    its own streamed tokens before."""
     url = smollm_vllm.url
     v = await remote_model(smollm_vllm, model_dirs)
     try:
-        async with a_long_generation(v, "abort") as (st, task):
-            rid = f"generate-tokens-{st.request_id}-0"
+        async with a_long_generation(v, f"abort-{uuid.uuid4().hex[:8]}") as (st, task):
+            rid = re.escape(f"generate-tokens-{st.request_id}-")
+            await _logged(smollm_vllm, f"Received request {rid}")
             await v.engine.release(st)
             with pytest.raises(EngineError, match="released"):
                 await asyncio.wait_for(task, 10)
             assert 0 < len(st.look.ids) < 2000
-            await _logged(smollm_vllm, f"Request {rid} aborted.")
+            await _logged(smollm_vllm, rf"Request {rid}\d+ aborted\.")
         for _ in range(100):
-            if await _running(url) == 0:
+            if await _idle(url):
                 break
             await asyncio.sleep(0.1)
-        assert await _running(url) == 0
+        assert await _idle(url)
         computed = await _metric(url, GENERATED)
         await asyncio.sleep(1.5)
         assert await _metric(url, GENERATED) == computed
@@ -254,14 +269,14 @@ async def test_release_closes_the_stream_and_vllm_aborts_the_request(smollm_vllm
         await v.engine.shutdown()
 
 
-async def _logged(server: VllmServer, line: str) -> None:
-    """Wait (up to 10 s) for ``line`` in the server's log."""
+async def _logged(server: VllmServer, pattern: str) -> None:
+    """Wait (up to 10 s) for a line matching ``pattern`` in the server's log."""
     for _ in range(100):
-        if line in server.log.read_text(errors="replace"):
+        if re.search(pattern, server.log.read_text(errors="replace")):
             return
         await asyncio.sleep(0.1)
     tail = server.log.read_text(errors="replace")[-3000:]
-    raise AssertionError(f"{line!r} is not in the vLLM log; it ends:\n{tail}")
+    raise AssertionError(f"no {pattern!r} in the vLLM log; it ends:\n{tail}")
 
 
 async def test_a_fused_answer_streams_with_the_remote_and_a_local_model(
@@ -308,7 +323,7 @@ async def test_a_client_disconnect_mid_answer_brings_the_remotes_running_request
 
     async def watch() -> None:
         while True:
-            running.append(await _running(smollm_vllm.url))
+            running.append(await _running(smollm_vllm.url) or 0)
             if running[-1] >= 1:
                 busy.set()
             await asyncio.sleep(0.02)
@@ -337,14 +352,14 @@ async def test_a_client_disconnect_mid_answer_brings_the_remotes_running_request
             # leaving the block closed the connection mid-answer
             seen_busy = busy.is_set()
             gone = time.monotonic()
-            while remote.engine.open_states or await _running(smollm_vllm.url):
+            while remote.engine.open_states or not await _idle(smollm_vllm.url):
                 assert time.monotonic() - gone < 5, (remote.engine.open_states, running[-5:])
                 await asyncio.sleep(0.05)
             settled = time.monotonic() - gone
             tokens = await _metric(smollm_vllm.url, GENERATED)
             await asyncio.sleep(1.5)
             assert await _metric(smollm_vllm.url, GENERATED) == tokens
-            assert await _running(smollm_vllm.url) == 0
+            assert await _idle(smollm_vllm.url)
     finally:
         watcher.cancel()
         await remote.engine.shutdown()
