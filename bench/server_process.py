@@ -90,7 +90,8 @@ class VllmServer:
             "VLLM_CPU_OMP_THREADS_BIND": core,
         }
         if log_requests:
-            env.pop("VLLM_LOGGING_CONFIG_PATH", None)
+            for name in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_LOGGING_STREAM"):
+                env.pop(name, None)
             env.update(VLLM_CONFIGURE_LOGGING="1", VLLM_LOGGING_LEVEL="INFO")
         if logits_processors:
             paths = [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
